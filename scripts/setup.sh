@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Bring a fresh Debian 12 machine (root) to the point where zeroproxy builds, runs and tests.
+# Idempotent: every step checks first, so a second run takes about a second.
+#
+#   scripts/setup.sh            system packages, kernel headers for bcc, bpffs, .venv
+#   ZP_VENV=/path scripts/setup.sh   put the venv elsewhere
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${ZP_VENV:-$here/.venv}
+stamp_dir=/var/tmp/zeroproxy
+mkdir -p "$stamp_dir"
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+# --- system packages -------------------------------------------------------------------------
+pkgs=(python3-bpfcc bpfcc-tools libbpf1 bpftool linux-headers-amd64 iproute2 nftables iptables
+      python3-venv curl procps util-linux kmod)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # apt's lists may be stale or absent on a fresh machine; refresh at most once an hour.
+    if [ ! -f "$stamp_dir/apt-updated" ] || [ -n "$(find "$stamp_dir/apt-updated" -mmin +60)" ]; then
+        apt-get update -qq
+        touch "$stamp_dir/apt-updated"
+    fi
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- kernel headers for bcc ------------------------------------------------------------------
+# The running kernel ships no headers; Debian's newest linux-headers-*-amd64 works for the
+# socket and TC programs. bcc looks in /lib/modules/$(uname -r)/{build,source}, and Debian
+# splits the headers into an arch dir and a -common dir, so both links are needed.
+kdir=/lib/modules/$(uname -r)
+if [ ! -e "$kdir/build/include" ]; then
+    arch_dir=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | grep -v -e cloud -e rt | sort -V | tail -n 1)
+    [ -n "$arch_dir" ] || { log "no /usr/src/linux-headers-*-amd64 found"; exit 1; }
+    common_dir=${arch_dir%-amd64}-common
+    [ -d "$common_dir" ] || { log "missing $common_dir"; exit 1; }
+    mkdir -p "$kdir"
+    ln -sfn "$arch_dir" "$kdir/build"
+    ln -sfn "$common_dir" "$kdir/source"
+    log "kernel headers: $kdir/build -> $arch_dir"
+fi
+
+# --- bpffs -----------------------------------------------------------------------------------
+if ! mountpoint -q /sys/fs/bpf; then
+    mkdir -p /sys/fs/bpf
+    mount -t bpf bpf /sys/fs/bpf
+    log "mounted bpffs on /sys/fs/bpf"
+fi
+
+# --- Python venv -----------------------------------------------------------------------------
+# bcc only exists as Debian's python3-bpfcc; a .pth file makes it importable from the venv
+# without pulling in the rest of Debian's dist-packages.
+py=${ZP_PYTHON:-python3}
+if [ ! -x "$venv/bin/python" ]; then
+    log "creating $venv"
+    "$py" -m venv "$venv"
+fi
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+mkdir -p "$site/_zeroproxy_bcc"
+ln -sfn /usr/lib/python3/dist-packages/bcc "$site/_zeroproxy_bcc/bcc"
+echo "$site/_zeroproxy_bcc" > "$site/zeroproxy-bcc.pth"
+
+# Reinstall only when the project metadata changed since the last install.
+want=$(sha256sum "$here/pyproject.toml" | cut -d' ' -f1)
+have=$(cat "$venv/.zeroproxy-installed" 2>/dev/null || true)
+if [ "$want" != "$have" ]; then
+    log "installing zeroproxy and its Python dependencies into $venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev]"
+    echo "$want" > "$venv/.zeroproxy-installed"
+fi
+
+"$venv/bin/python" -c 'import bcc' || { log "bcc is not importable from $venv"; exit 1; }
