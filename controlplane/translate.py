@@ -1,0 +1,761 @@
+"""Kubernetes objects -> the service table, with kube-proxy's semantics.
+
+Every source (the YAML file now, the API server later) hands this module the objects it has as
+camelCase dicts, the shape ``kubectl get -o yaml`` prints and ``ApiClient().
+sanitize_for_serialization`` returns. Keeping this a pure function of those dicts means both
+sources get the same semantics and the same error messages, and it can be tested without a
+cluster or a kernel.
+
+Bad input never raises. Each problem becomes an :class:`ObjectError` naming the object and the
+field, and only the smallest sensible unit is dropped: one port of a Service when only that
+port is wrong, the whole object when something it can't work without is wrong (its IP, its
+traffic policy), never anything else.
+
+Semantics followed (kube-proxy's, from the API reference and KEP-1669):
+
+* ClusterIP frontends: every ``spec.clusterIPs`` entry (or ``spec.clusterIP``) x every port.
+  Headless (``clusterIP: None`` or label ``service.kubernetes.io/headless``), ExternalName, and
+  services whose ``service.kubernetes.io/service-proxy-name`` label names another proxy get no
+  frontends.
+* NodePort frontends (address 0.0.0.0 / ::) per IP family of the service for NodePort and
+  LoadBalancer services; ExternalIP frontends for ``spec.externalIPs``; LoadBalancer frontends
+  for ``status.loadBalancer.ingress[].ip`` (not for ``ipMode: Proxy``, where the load balancer
+  itself proxies and the node must not capture the address).
+* EndpointSlices join by the ``kubernetes.io/service-name`` label in the service's namespace;
+  their addressType selects the frontend family; ports match by name and protocol.
+* Endpoint choice: ready ones; if none, serving-and-terminating ones; all of them for
+  ``publishNotReadyAddresses``. With a ``node_name``, a frontend under a ``Local`` traffic
+  policy (internal for ClusterIP, external for the others) makes the same choice among this
+  node's endpoints only, so a node without local endpoints programs the frontend with no
+  backends.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from controlplane.model import (
+    Backend,
+    Frontend,
+    FrontendKind,
+    IPAddress,
+    Protocol,
+    ServiceEntry,
+    ServicePortName,
+    ServiceTable,
+)
+from controlplane.objects import (
+    Fields,
+    ObjectError,
+    ObjectRef,
+    Severity,
+    describe,
+    ip_family,
+    join,
+    parse_endpoint_ip,
+    parse_frontend_ip,
+    parse_ip,
+)
+
+DEFAULT_NODE_PORT_RANGE = (30000, 32767)
+DEFAULT_AFFINITY_TIMEOUT_SECONDS = 10800  # the API server's default for ClientIP affinity
+MAX_AFFINITY_TIMEOUT_SECONDS = 86400  # the API server's upper bound
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+
+# Keys of ServiceEntry.extra, so that consumers don't spell them themselves.
+EXTRA_EXTERNAL_TRAFFIC_POLICY = "externalTrafficPolicy"
+EXTRA_INTERNAL_TRAFFIC_POLICY = "internalTrafficPolicy"
+EXTRA_SESSION_AFFINITY = "sessionAffinity"
+EXTRA_SESSION_AFFINITY_TIMEOUT = "sessionAffinityTimeoutSeconds"
+EXTRA_HEALTH_CHECK_NODE_PORT = "healthCheckNodePort"
+
+API_VERSIONS = {
+    "Service": "v1",
+    "EndpointSlice": "discovery.k8s.io/v1",
+    "Node": "v1",
+    "Pod": "v1",
+    "List": "v1",
+}
+CLUSTER_SCOPED = {"Node"}
+MAX_LIST_DEPTH = 8  # kind: List inside kind: List is legal; a deeper nest is a mistake
+
+PROTOCOLS = {p.name: p for p in Protocol}
+FAMILIES = ("IPv4", "IPv6")
+UNSPECIFIED: dict[str, IPAddress] = {
+    "IPv4": ipaddress.IPv4Address(0),
+    "IPv6": ipaddress.IPv6Address(0),
+}
+EXTERNAL_KINDS = (FrontendKind.NODE_PORT, FrontendKind.EXTERNAL_IP, FrontendKind.LOAD_BALANCER)
+
+ObjectKey = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped kinds
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What NodePort handling needs to know about a node."""
+
+    name: str
+    internal_ips: tuple[IPAddress, ...] = ()
+    external_ips: tuple[IPAddress, ...] = ()
+    pod_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    """A pod as scale-to-zero needs it: which IPs it has, where it runs, what it opted into."""
+
+    namespace: str
+    name: str
+    node_name: str = ""
+    ips: tuple[IPAddress, ...] = ()
+    phase: str = ""
+    terminating: bool = False  # metadata.deletionTimestamp is set
+    labels: tuple[tuple[str, str], ...] = ()
+    annotations: tuple[tuple[str, str], ...] = ()
+
+    def annotation(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.annotations).get(key, default)
+
+
+@dataclass
+class Translation:
+    """The result of one translation: the desired table plus everything that was wrong."""
+
+    table: ServiceTable = field(default_factory=dict)
+    errors: list[ObjectError] = field(default_factory=list)
+    nodes: dict[str, NodeInfo] = field(default_factory=dict)
+    pods: dict[ObjectKey, PodInfo] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> list[ObjectError]:
+        """Only the errors (what was dropped), without the warnings."""
+        return [e for e in self.errors if e.severity is Severity.ERROR]
+
+
+def translate(
+    objects: Iterable[Any],
+    node_name: str = "",
+    *,
+    node_port_range: tuple[int, int] = DEFAULT_NODE_PORT_RANGE,
+    proxy_name: str = "",
+) -> Translation:
+    """Translate Kubernetes objects into a service table; never raises on any input.
+
+    ``node_name`` is the node this agent runs on; it only matters for ``Local`` traffic
+    policies. ``proxy_name`` is the ``service.kubernetes.io/service-proxy-name`` value that
+    means "us"; any other non-empty value means another proxy owns the service.
+    """
+    return _Translator(node_name, node_port_range, proxy_name).run(objects)
+
+
+# --- internal records ------------------------------------------------------------------------
+
+
+@dataclass
+class _Object:
+    kind: str
+    namespace: str
+    name: str
+    body: dict[str, Any]
+    ref: ObjectRef
+
+
+@dataclass
+class _Port:
+    index: int
+    name: str
+    protocol: Protocol
+    port: int
+    node_port: int | None
+
+
+@dataclass
+class _Service:
+    obj: _Object
+    fields: Fields
+    type: str
+    cluster_ips: list[tuple[IPAddress, str]]  # (ip, field path it came from)
+    families: list[str]
+    ports: list[_Port]
+    external_ips: list[tuple[IPAddress, str]]
+    lb_ips: list[tuple[IPAddress, str]]
+    external_policy: str
+    internal_policy: str
+    publish_not_ready: bool
+    extra: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, order=True)
+class _Endpoint:
+    address: IPAddress
+    port: int
+    node_name: str
+    ready: bool
+    serving: bool
+    terminating: bool
+
+    def rank(self) -> tuple[bool, bool, bool, str]:
+        """When two slices list the same address:port, the healthiest copy wins."""
+        return (self.ready, self.serving, not self.terminating, self.node_name)
+
+
+# (port name, protocol, family) -> (address, port) -> endpoint
+_EndpointMap = dict[tuple[str, Protocol, str], dict[tuple[IPAddress, int], _Endpoint]]
+
+
+class _Translator:
+    def __init__(self, node_name: str, node_port_range: tuple[int, int], proxy_name: str) -> None:
+        self.node_name = node_name if isinstance(node_name, str) else ""
+        self.node_port_range = node_port_range
+        self.proxy_name = proxy_name
+        self.out = Translation()
+
+    # -- driver ---------------------------------------------------------------------------------
+
+    def run(self, objects: Iterable[Any]) -> Translation:
+        by_key: dict[tuple[str, str, str], _Object] = {}
+        try:
+            items = list(objects) if objects is not None else []
+        except Exception as e:  # a generator from a source that failed half-way
+            self._internal(ObjectRef("input"), e)
+            items = []
+        for i, raw in enumerate(items):
+            self._collect(raw, f"#{i}", 0, by_key)
+
+        kinds: dict[str, list[_Object]] = {}
+        for obj in by_key.values():
+            kinds.setdefault(obj.kind, []).append(obj)
+        for obj in kinds.get("Node", []):
+            self._guarded(obj.ref, self._node, obj)
+        for obj in kinds.get("Pod", []):
+            self._guarded(obj.ref, self._pod, obj)
+
+        services: dict[ObjectKey, _Service | None] = {}
+        for obj in sorted(kinds.get("Service", []), key=lambda o: (o.namespace, o.name)):
+            # None = known but programs nothing (headless, another proxy's, invalid): slices for
+            # it are expected and not an error.
+            services[(obj.namespace, obj.name)] = self._guarded(obj.ref, self._service, obj)
+
+        endpoints: dict[ObjectKey, _EndpointMap] = {}
+        for obj in sorted(kinds.get("EndpointSlice", []), key=lambda o: (o.namespace, o.name)):
+            self._guarded(obj.ref, self._slice, obj, services, endpoints)
+
+        claimed: dict[tuple[IPAddress, int, Protocol], ServicePortName] = {}
+        for key, svc in services.items():
+            if svc is not None:
+                self._guarded(svc.obj.ref, self._program, svc, endpoints.get(key, {}), claimed)
+        return self.out
+
+    def _guarded(self, ref: ObjectRef, fn: Any, *args: Any) -> Any:
+        """Run one object's step so that a bug in it costs that object, not the whole table."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            self._internal(ref, e)
+            return None
+
+    def _internal(self, ref: ObjectRef, e: Exception) -> None:
+        self.out.errors.append(ObjectError(ref, "", f"internal error while translating: {type(e).__name__}: {e}"))
+
+    def _error(self, ref: ObjectRef, path: str, msg: str, sev: Severity = Severity.ERROR) -> None:
+        self.out.errors.append(ObjectError(ref, path, msg, sev))
+
+    # -- pass 1: flatten Lists, identify, drop duplicates -----------------------------------------
+
+    def _collect(self, raw: Any, location: str, depth: int, by_key: dict[Any, _Object]) -> None:
+        if raw is None:
+            return  # an empty YAML document ("---" followed by nothing) is not a mistake
+        if not isinstance(raw, Mapping):
+            self._error(ObjectRef("", location=location), "", f"must be a mapping, got {describe(raw)}")
+            return
+        kind = raw.get("kind")
+        meta = raw.get("metadata")
+        meta = meta if isinstance(meta, Mapping) else {}
+        name = meta.get("name") if isinstance(meta.get("name"), str) else ""
+        namespace = meta.get("namespace") if isinstance(meta.get("namespace"), str) else ""
+        ref = ObjectRef(kind if isinstance(kind, str) else "", namespace, name, location)
+        if not isinstance(kind, str) or not kind:
+            self._error(ref, "kind", f"must be a non-empty string, got {describe(kind)}")
+            return
+        if kind not in API_VERSIONS:
+            known = ", ".join(sorted(API_VERSIONS))
+            self._error(ref, "kind", f"unknown kind {describe(kind)} (known: {known}); object ignored")
+            return
+        api_version = raw.get("apiVersion")
+        # Missing is accepted: items of an API list response come without apiVersion and kind.
+        if api_version is not None and api_version != API_VERSIONS[kind]:
+            self._error(
+                ref,
+                "apiVersion",
+                f"must be {API_VERSIONS[kind]} for kind {kind}, got {describe(api_version)}",
+            )
+            return
+        if kind == "List":
+            if depth >= MAX_LIST_DEPTH:
+                self._error(ref, "items", f"Lists nested deeper than {MAX_LIST_DEPTH} levels are ignored")
+                return
+            items = raw.get("items")
+            if items is None:
+                return
+            if not isinstance(items, list | tuple):
+                self._error(ref, "items", f"must be a list, got {describe(items)}")
+                return
+            for j, item in enumerate(items):
+                self._collect(item, f"{location}.items[{j}]", depth + 1, by_key)
+            return
+
+        fields = Fields(ref, self.out.errors)
+        if "metadata" in raw and not isinstance(raw.get("metadata"), Mapping):
+            fields.error("metadata", f"must be a mapping, got {describe(raw.get('metadata'))}")
+            return
+        if not name:
+            fields.error("metadata.name", f"must be a non-empty string, got {describe(meta.get('name'))}")
+            return
+        if kind in CLUSTER_SCOPED:
+            namespace = ""
+        else:
+            if meta.get("namespace") is not None and not isinstance(meta.get("namespace"), str):
+                fields.error("metadata.namespace", f"must be a string, got {describe(meta.get('namespace'))}")
+                return
+            namespace = namespace or "default"  # what kubectl apply would do
+        ref = ObjectRef(kind, namespace, name, location)
+        key = (kind, namespace, name)
+        if key in by_key:
+            self._error(
+                ref,
+                "",
+                f"defined more than once (first at {by_key[key].ref.location}); the last one is used",
+                Severity.WARNING,
+            )
+            del by_key[key]  # re-insert so that iteration order follows the winning copy
+        by_key[key] = _Object(kind, namespace, name, dict(raw), ref)
+
+    # -- Nodes and Pods -------------------------------------------------------------------------
+
+    def _node(self, obj: _Object) -> None:
+        f = Fields(obj.ref, self.out.errors)
+        internal: list[IPAddress] = []
+        external: list[IPAddress] = []
+        status = f.mapping(obj.body, "status", "")
+        for i, addr in enumerate(f.sequence(status, "addresses", "status")):
+            path = f"status.addresses[{i}]"
+            if not isinstance(addr, Mapping):
+                f.error(path, f"must be a mapping, got {describe(addr)}")
+                continue
+            typ = f.string(addr, "type", path)
+            if typ not in ("InternalIP", "ExternalIP"):
+                continue  # Hostname, InternalDNS, ExternalDNS: not addresses we can match on
+            ip, why = parse_ip(addr.get("address"))
+            if ip is None:
+                f.error(join(path, "address"), why)
+                continue
+            target = internal if typ == "InternalIP" else external
+            if ip not in target:
+                target.append(ip)
+        spec = f.mapping(obj.body, "spec", "")
+        cidrs_raw: list[tuple[Any, str]] = [
+            (c, f"spec.podCIDRs[{i}]") for i, c in enumerate(f.sequence(spec, "podCIDRs", "spec"))
+        ]
+        if not cidrs_raw and spec.get("podCIDR") is not None:
+            cidrs_raw = [(spec.get("podCIDR"), "spec.podCIDR")]
+        cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for raw, path in cidrs_raw:
+            try:
+                if not isinstance(raw, str):
+                    raise ValueError
+                net = ipaddress.ip_network(raw)
+            except ValueError:
+                f.error(path, f"is not a valid CIDR: {describe(raw)}")
+                continue
+            if net not in cidrs:
+                cidrs.append(net)
+        labels = f.string_map(f.mapping(obj.body, "metadata", ""), "labels", "metadata")
+        self.out.nodes[obj.name] = NodeInfo(
+            obj.name, tuple(internal), tuple(external), tuple(cidrs), tuple(sorted(labels.items()))
+        )
+
+    def _pod(self, obj: _Object) -> None:
+        f = Fields(obj.ref, self.out.errors)
+        meta = f.mapping(obj.body, "metadata", "")
+        spec = f.mapping(obj.body, "spec", "")
+        status = f.mapping(obj.body, "status", "")
+        ips: list[IPAddress] = []
+        raw_ips: list[tuple[Any, str]] = []
+        for i, entry in enumerate(f.sequence(status, "podIPs", "status")):
+            if isinstance(entry, Mapping):
+                raw_ips.append((entry.get("ip"), f"status.podIPs[{i}].ip"))
+            else:
+                f.error(f"status.podIPs[{i}]", f"must be a mapping, got {describe(entry)}")
+        if status.get("podIP") is not None:
+            raw_ips.insert(0, (status.get("podIP"), "status.podIP"))
+        for raw, path in raw_ips:
+            ip, why = parse_ip(raw)
+            if ip is None:
+                f.error(path, why)
+            elif ip not in ips:
+                ips.append(ip)
+        self.out.pods[(obj.namespace, obj.name)] = PodInfo(
+            namespace=obj.namespace,
+            name=obj.name,
+            node_name=f.string(spec, "nodeName", "spec"),
+            ips=tuple(ips),
+            phase=f.string(status, "phase", "status"),
+            terminating=meta.get("deletionTimestamp") is not None,
+            labels=tuple(sorted(f.string_map(meta, "labels", "metadata").items())),
+            annotations=tuple(sorted(f.string_map(meta, "annotations", "metadata").items())),
+        )
+
+    # -- Services -------------------------------------------------------------------------------
+
+    def _service(self, obj: _Object) -> _Service | None:
+        f = Fields(obj.ref, self.out.errors)
+        meta = f.mapping(obj.body, "metadata", "")
+        labels = f.string_map(meta, "labels", "metadata")
+        if HEADLESS_LABEL in labels:
+            return None
+        proxy = labels.get(SERVICE_PROXY_NAME_LABEL, "")
+        if proxy and proxy != self.proxy_name:
+            return None
+        if not isinstance(obj.body.get("spec"), Mapping):
+            f.error("spec", f"must be a mapping, got {describe(obj.body.get('spec'))}; service ignored")
+            return None
+        spec = dict(obj.body["spec"])
+        svc_type = f.string(spec, "type", "spec", "ClusterIP")
+        if svc_type == "ExternalName":
+            return None
+        if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer"):
+            f.error("spec.type", f"unknown service type {describe(svc_type)}; service ignored")
+            return None
+
+        cluster_ips = self._cluster_ips(f, spec)
+        if cluster_ips is None:
+            return None  # headless, or invalid (already reported)
+        families = [ip_family(ip) for ip, _ in cluster_ips]
+        if not families:
+            f.warn(
+                "spec.clusterIP",
+                "missing: the service has no ClusterIP frontend (a file source does not allocate ClusterIPs; set one)",
+            )
+            for i, fam in enumerate(f.sequence(spec, "ipFamilies", "spec")):
+                if fam not in FAMILIES:
+                    f.error(f"spec.ipFamilies[{i}]", f"must be IPv4 or IPv6, got {describe(fam)}")
+                    return None
+                if fam not in families:
+                    families.append(fam)
+            families = families or ["IPv4"]
+
+        external_policy = self._policy(f, spec, "externalTrafficPolicy")
+        internal_policy = self._policy(f, spec, "internalTrafficPolicy")
+        affinity = f.string(spec, "sessionAffinity", "spec", "None")
+        if affinity not in ("None", "ClientIP"):
+            f.error("spec.sessionAffinity", f"must be None or ClientIP, got {describe(affinity)}")
+        affinity_cfg = f.mapping(spec, "sessionAffinityConfig", "spec")
+        client_ip = f.mapping(affinity_cfg, "clientIP", "spec.sessionAffinityConfig")
+        timeout = f.integer(
+            client_ip, "timeoutSeconds", "spec.sessionAffinityConfig.clientIP", 1, MAX_AFFINITY_TIMEOUT_SECONDS
+        )
+        health_port = f.integer(spec, "healthCheckNodePort", "spec", 0, 65535)
+        publish = f.boolean(spec, "publishNotReadyAddresses", "spec", False)
+        if f.failed:
+            f.error("", "service ignored because of the errors above")
+            return None
+
+        extra = {
+            EXTRA_EXTERNAL_TRAFFIC_POLICY: external_policy,
+            EXTRA_INTERNAL_TRAFFIC_POLICY: internal_policy,
+            EXTRA_SESSION_AFFINITY: affinity,
+        }
+        if affinity == "ClientIP":
+            extra[EXTRA_SESSION_AFFINITY_TIMEOUT] = str(timeout or DEFAULT_AFFINITY_TIMEOUT_SECONDS)
+        if health_port:
+            extra[EXTRA_HEALTH_CHECK_NODE_PORT] = str(health_port)
+
+        ports = self._ports(f, spec, svc_type)
+        external_ips = self._addresses(
+            f, [(ip, f"spec.externalIPs[{i}]") for i, ip in enumerate(f.sequence(spec, "externalIPs", "spec"))]
+        )
+        lb_ips: list[tuple[IPAddress, str]] = []
+        if svc_type == "LoadBalancer":
+            status = f.mapping(obj.body, "status", "")
+            lb = f.mapping(status, "loadBalancer", "status")
+            raw: list[tuple[Any, str]] = []
+            for i, ing in enumerate(f.sequence(lb, "ingress", "status.loadBalancer")):
+                path = f"status.loadBalancer.ingress[{i}]"
+                if not isinstance(ing, Mapping):
+                    f.error(path, f"must be a mapping, got {describe(ing)}")
+                elif ing.get("ip") is not None and ing.get("ipMode") != "Proxy":
+                    raw.append((ing.get("ip"), join(path, "ip")))
+            lb_ips = self._addresses(f, raw)
+        return _Service(
+            obj=obj,
+            fields=f,
+            type=svc_type,
+            cluster_ips=cluster_ips,
+            families=families,
+            ports=ports,
+            external_ips=external_ips,
+            lb_ips=lb_ips,
+            external_policy=external_policy,
+            internal_policy=internal_policy,
+            publish_not_ready=bool(publish),
+            extra=tuple(sorted(extra.items())),
+        )
+
+    def _cluster_ips(self, f: Fields, spec: dict[str, Any]) -> list[tuple[IPAddress, str]] | None:
+        """The service's cluster IPs in order, [] when unset, None when headless or invalid."""
+        single = spec.get("clusterIP")
+        many = spec.get("clusterIPs")
+        if single == "None" or (isinstance(many, list) and many[:1] == ["None"]):
+            return None
+        raw: list[tuple[Any, str]] = []
+        if many is not None:
+            if not isinstance(many, list | tuple):
+                f.error("spec.clusterIPs", f"must be a list, got {describe(many)}; service ignored")
+                return None
+            raw = [(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(many)]
+        if not raw and single not in (None, ""):
+            raw = [(single, "spec.clusterIP")]
+        out: list[tuple[IPAddress, str]] = []
+        for value, path in raw:
+            ip, why = parse_frontend_ip(value)
+            if ip is None:
+                f.error(path, f"{why}; service ignored")
+                return None
+            if any(ip_family(ip) == ip_family(o) for o, _ in out):
+                f.error(path, f"a second {ip_family(ip)} address; service ignored")
+                return None
+            out.append((ip, path))
+        if single not in (None, "") and out and single != str(out[0][0]):
+            ip, why = parse_ip(single)
+            if ip != out[0][0]:
+                f.error(
+                    "spec.clusterIP",
+                    f"must equal spec.clusterIPs[0] ({out[0][0]}), got {describe(single)}; service ignored",
+                )
+                return None
+        return out
+
+    def _policy(self, f: Fields, spec: dict[str, Any], key: str) -> str:
+        value = f.string(spec, key, "spec", "Cluster")
+        if value not in ("Cluster", "Local"):
+            f.error(f"spec.{key}", f"must be Cluster or Local, got {describe(value)}")
+        return value
+
+    def _addresses(self, f: Fields, raw: list[tuple[Any, str]]) -> list[tuple[IPAddress, str]]:
+        """Extra VIPs (externalIPs, LB ingress): a bad one drops only itself."""
+        out: list[tuple[IPAddress, str]] = []
+        for value, path in raw:
+            ip, why = parse_frontend_ip(value)
+            if ip is None:
+                f.errors.append(ObjectError(f.ref, path, f"{why}; address ignored"))
+            elif ip not in [o for o, _ in out]:
+                out.append((ip, path))
+        return out
+
+    def _ports(self, f: Fields, spec: dict[str, Any], svc_type: str) -> list[_Port]:
+        ports: list[_Port] = []
+        raw_ports = f.sequence(spec, "ports", "spec")
+        if not raw_ports:
+            f.errors.append(ObjectError(f.ref, "spec.ports", "no ports: the service has no frontends"))
+        lo, hi = self.node_port_range
+        names: dict[str, int] = {}
+        numbers: dict[tuple[int, Protocol], int] = {}
+        node_ports: dict[tuple[int, Protocol], int] = {}
+        for i, raw in enumerate(raw_ports):
+            path = f"spec.ports[{i}]"
+            if not isinstance(raw, Mapping):
+                self._port_error(f, path, f"must be a mapping, got {describe(raw)}")
+                continue
+            # A separate Fields per port: an error here drops this port, not the service.
+            pf = Fields(f.ref, f.errors)
+            name = pf.string(raw, "name", path)
+            proto_name = pf.string(raw, "protocol", path, "TCP")
+            protocol = PROTOCOLS.get(proto_name)
+            if protocol is None and not pf.failed:
+                pf.error(join(path, "protocol"), f"must be TCP, UDP or SCTP, got {describe(proto_name)}")
+            port = pf.integer(raw, "port", path, 1, 65535)
+            if port is None and raw.get("port") is None:
+                pf.error(join(path, "port"), "missing")
+            node_port = None
+            if svc_type in ("NodePort", "LoadBalancer") and raw.get("nodePort") not in (None, 0):
+                node_port = pf.integer(raw, "nodePort", path, lo, hi)
+            if pf.failed or protocol is None or port is None:
+                self._port_error(f, path, "port ignored because of the errors above")
+                continue
+            if name in names:
+                which = f"name {describe(name)}" if name else "no name"
+                self._port_error(f, join(path, "name"), f"{which} again (as spec.ports[{names[name]}]); port ignored")
+                continue
+            if (port, protocol) in numbers:
+                self._port_error(
+                    f,
+                    join(path, "port"),
+                    f"{port}/{protocol.name} again (as spec.ports[{numbers[(port, protocol)]}]); port ignored",
+                )
+                continue
+            if node_port is not None and (node_port, protocol) in node_ports:
+                self._port_error(
+                    f,
+                    join(path, "nodePort"),
+                    f"{node_port}/{protocol.name} again (as "
+                    f"spec.ports[{node_ports[(node_port, protocol)]}]); port ignored",
+                )
+                continue
+            names[name] = i
+            numbers[(port, protocol)] = i
+            if node_port is not None:
+                node_ports[(node_port, protocol)] = i
+            ports.append(_Port(i, name, protocol, port, node_port))
+        return ports
+
+    @staticmethod
+    def _port_error(f: Fields, path: str, message: str) -> None:
+        # Recorded without setting f.failed: the rest of the service stays.
+        f.errors.append(ObjectError(f.ref, path, message))
+
+    # -- EndpointSlices -------------------------------------------------------------------------
+
+    def _slice(
+        self,
+        obj: _Object,
+        services: dict[ObjectKey, _Service | None],
+        endpoints: dict[ObjectKey, _EndpointMap],
+    ) -> None:
+        f = Fields(obj.ref, self.out.errors)
+        meta = f.mapping(obj.body, "metadata", "")
+        labels = f.string_map(meta, "labels", "metadata")
+        label_path = join("metadata.labels", SERVICE_NAME_LABEL)
+        service = labels.get(SERVICE_NAME_LABEL, "")
+        if not service:
+            f.error(label_path, "missing: the slice belongs to no service; slice ignored")
+            return
+        key = (obj.namespace, service)
+        if key not in services:
+            f.warn(label_path, f"Service {obj.namespace}/{service} not found; slice ignored")
+            return
+        family = obj.body.get("addressType")
+        if family == "FQDN":
+            return  # not proxyable; kube-proxy ignores them too
+        if family not in FAMILIES:
+            f.error("addressType", f"must be IPv4, IPv6 or FQDN, got {describe(family)}; slice ignored")
+            return
+        if services[key] is None:
+            return  # headless / another proxy's / invalid: nothing to join, nothing wrong
+
+        ports: list[tuple[str, Protocol, int]] = []
+        for i, raw in enumerate(f.sequence(obj.body, "ports", "")):
+            path = f"ports[{i}]"
+            if not isinstance(raw, Mapping):
+                f.error(path, f"must be a mapping, got {describe(raw)}")
+                continue
+            pf = Fields(f.ref, f.errors)
+            name = pf.string(raw, "name", path)
+            proto_name = pf.string(raw, "protocol", path, "TCP")
+            protocol = PROTOCOLS.get(proto_name)
+            if protocol is None and not pf.failed:
+                pf.error(join(path, "protocol"), f"must be TCP, UDP or SCTP, got {describe(proto_name)}")
+            number = pf.integer(raw, "port", path, 1, 65535)
+            if number is None or protocol is None or pf.failed:
+                continue  # a nil port means "all ports" for non-proxyable uses: nothing for us
+            ports.append((name, protocol, number))
+
+        eps: list[tuple[IPAddress, str, bool, bool, bool]] = []
+        for i, raw in enumerate(f.sequence(obj.body, "endpoints", "")):
+            path = f"endpoints[{i}]"
+            if not isinstance(raw, Mapping):
+                f.error(path, f"must be a mapping, got {describe(raw)}; endpoint ignored")
+                continue
+            ef = Fields(f.ref, f.errors)
+            addresses = ef.sequence(raw, "addresses", path)
+            if not addresses and not ef.failed:
+                ef.error(join(path, "addresses"), "missing or empty; endpoint ignored")
+                continue
+            if ef.failed:
+                continue
+            # Consumers use the first address; the rest are for other kinds of consumers.
+            ip, why = parse_endpoint_ip(addresses[0], family)
+            if ip is None:
+                ef.error(f"{path}.addresses[0]", f"{why}; endpoint ignored")
+                continue
+            cond = ef.mapping(raw, "conditions", path)
+            cpath = join(path, "conditions")
+            ready = ef.boolean(cond, "ready", cpath)
+            serving = ef.boolean(cond, "serving", cpath)
+            terminating = ef.boolean(cond, "terminating", cpath)
+            node = ef.string(raw, "nodeName", path)
+            if ef.failed:
+                ef.errors.append(ObjectError(f.ref, path, "endpoint ignored because of the errors above"))
+                continue
+            # API docs: nil ready and nil serving mean true, nil terminating means false.
+            eps.append((ip, node, ready is not False, serving is not False, terminating is True))
+
+        merged = endpoints.setdefault(key, {})
+        for name, protocol, number in ports:
+            bucket = merged.setdefault((name, protocol, family), {})
+            for ip, node, ready, serving, terminating in eps:
+                ep = _Endpoint(ip, number, node, ready, serving, terminating)
+                old = bucket.get((ip, number))
+                if old is None or ep.rank() > old.rank():
+                    bucket[(ip, number)] = ep
+
+    # -- the table ------------------------------------------------------------------------------
+
+    def _program(
+        self,
+        svc: _Service,
+        endpoints: _EndpointMap,
+        claimed: dict[tuple[IPAddress, int, Protocol], ServicePortName],
+    ) -> None:
+        obj = svc.obj
+        for p in svc.ports:
+            spn = ServicePortName(obj.namespace, obj.name, p.name)
+            frontends: list[tuple[Frontend, str]] = []
+            ppath = f"spec.ports[{p.index}]"
+            for ip, path in svc.cluster_ips:
+                frontends.append((Frontend(ip, p.port, p.protocol, FrontendKind.CLUSTER_IP), path))
+            if p.node_port is not None:
+                for fam in svc.families:
+                    fe = Frontend(UNSPECIFIED[fam], p.node_port, p.protocol, FrontendKind.NODE_PORT)
+                    frontends.append((fe, join(ppath, "nodePort")))
+            for ip, path in svc.external_ips:
+                frontends.append((Frontend(ip, p.port, p.protocol, FrontendKind.EXTERNAL_IP), path))
+            for ip, path in svc.lb_ips:
+                frontends.append((Frontend(ip, p.port, p.protocol, FrontendKind.LOAD_BALANCER), path))
+
+            for fe, path in frontends:
+                # The datapath keys by address:port/protocol, so two kinds on one address clash.
+                slot = (fe.address, fe.port, fe.protocol)
+                owner = claimed.get(slot)
+                if owner is not None:
+                    same = (owner.namespace, owner.name) == (obj.namespace, obj.name)
+                    whose = f"port {owner.port or '(unnamed)'} of this service" if same else f"Service {owner}"
+                    self._error(
+                        obj.ref, path, f"frontend {fe} ({fe.kind.value}) is already used by {whose}; frontend ignored"
+                    )
+                    continue
+                claimed[slot] = spn
+                family = ip_family(fe.address)
+                bucket = endpoints.get((p.name, p.protocol, family), {})
+                backends = self._choose(svc, fe.kind, list(bucket.values()))
+                self.out.table[fe] = ServiceEntry(fe, spn, backends, svc.extra)
+
+    def _choose(self, svc: _Service, kind: FrontendKind, eps: list[_Endpoint]) -> tuple[Backend, ...]:
+        policy = svc.external_policy if kind in EXTERNAL_KINDS else svc.internal_policy
+        if policy == "Local" and self.node_name:
+            eps = [e for e in eps if e.node_name == self.node_name]
+        if not svc.publish_not_ready:
+            ready = [e for e in eps if e.ready]
+            # KEP-1669: when nothing is ready, terminating endpoints that still serve take the
+            # traffic instead of dropping it while a rollout finishes.
+            eps = ready or [e for e in eps if e.serving and e.terminating]
+        return tuple(
+            Backend(e.address, e.port, e.node_name, e.ready, e.serving, e.terminating)
+            for e in sorted(eps, key=lambda e: (e.address.version, e.address, e.port))
+        )
