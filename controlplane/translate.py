@@ -262,7 +262,9 @@ class _Translator:
             return None
 
     def _internal(self, ref: ObjectRef, e: Exception) -> None:
-        self.out.errors.append(ObjectError(ref, "", f"internal error while translating: {type(e).__name__}: {e}"))
+        self.out.errors.append(
+            ObjectError(ref, "", f"internal error while translating: {type(e).__name__}: {e}")
+        )
 
     def _error(self, ref: ObjectRef, path: str, msg: str, sev: Severity = Severity.ERROR) -> None:
         self.out.errors.append(ObjectError(ref, path, msg, sev))
@@ -441,7 +443,8 @@ class _Translator:
         if not families:
             f.warn(
                 "spec.clusterIP",
-                "missing: the service has no ClusterIP frontend (a file source does not allocate ClusterIPs; set one)",
+                "missing: the service has no ClusterIP frontend "
+                "(a file source does not allocate ClusterIPs; set one)",
             )
             for i, fam in enumerate(f.sequence(spec, "ipFamilies", "spec")):
                 if fam not in FAMILIES:
@@ -459,7 +462,11 @@ class _Translator:
         affinity_cfg = f.mapping(spec, "sessionAffinityConfig", "spec")
         client_ip = f.mapping(affinity_cfg, "clientIP", "spec.sessionAffinityConfig")
         timeout = f.integer(
-            client_ip, "timeoutSeconds", "spec.sessionAffinityConfig.clientIP", 1, MAX_AFFINITY_TIMEOUT_SECONDS
+            client_ip,
+            "timeoutSeconds",
+            "spec.sessionAffinityConfig.clientIP",
+            1,
+            MAX_AFFINITY_TIMEOUT_SECONDS,
         )
         health_port = f.integer(spec, "healthCheckNodePort", "spec", 0, 65535)
         publish = f.boolean(spec, "publishNotReadyAddresses", "spec", False)
@@ -479,7 +486,8 @@ class _Translator:
 
         ports = self._ports(f, spec, svc_type)
         external_ips = self._addresses(
-            f, [(ip, f"spec.externalIPs[{i}]") for i, ip in enumerate(f.sequence(spec, "externalIPs", "spec"))]
+            f,
+            [(ip, f"spec.externalIPs[{i}]") for i, ip in enumerate(f.sequence(spec, "externalIPs", "spec"))],
         )
         lb_ips: list[tuple[IPAddress, str]] = []
         if svc_type == "LoadBalancer":
@@ -591,13 +599,16 @@ class _Translator:
                 continue
             if name in names:
                 which = f"name {describe(name)}" if name else "no name"
-                self._port_error(f, join(path, "name"), f"{which} again (as spec.ports[{names[name]}]); port ignored")
+                self._port_error(
+                    f, join(path, "name"), f"{which} again (as spec.ports[{names[name]}]); port ignored"
+                )
                 continue
             if (port, protocol) in numbers:
                 self._port_error(
                     f,
                     join(path, "port"),
-                    f"{port}/{protocol.name} again (as spec.ports[{numbers[(port, protocol)]}]); port ignored",
+                    f"{port}/{protocol.name} again (as spec.ports[{numbers[(port, protocol)]}]); "
+                    "port ignored",
                 )
                 continue
             if node_port is not None and (node_port, protocol) in node_ports:
@@ -735,9 +746,13 @@ class _Translator:
                 owner = claimed.get(slot)
                 if owner is not None:
                     same = (owner.namespace, owner.name) == (obj.namespace, obj.name)
-                    whose = f"port {owner.port or '(unnamed)'} of this service" if same else f"Service {owner}"
+                    whose = (
+                        f"port {owner.port or '(unnamed)'} of this service" if same else f"Service {owner}"
+                    )
                     self._error(
-                        obj.ref, path, f"frontend {fe} ({fe.kind.value}) is already used by {whose}; frontend ignored"
+                        obj.ref,
+                        path,
+                        f"frontend {fe} ({fe.kind.value}) is already used by {whose}; frontend ignored",
                     )
                     continue
                 claimed[slot] = spn

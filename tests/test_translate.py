@@ -40,7 +40,9 @@ CIP, NP, EIP, LB = (
 # --- builders --------------------------------------------------------------------------------
 
 
-def service(name: str = "web", ns: str = "default", labels: dict | None = None, status: Any = None, **spec: Any):
+def service(
+    name: str = "web", ns: str = "default", labels: dict | None = None, status: Any = None, **spec: Any
+):
     spec.setdefault("clusterIP", "10.96.0.1")
     spec.setdefault("ports", [{"name": "http", "port": 80}])
     obj: dict[str, Any] = {
@@ -180,7 +182,12 @@ def test_kind_list_nested_lists_and_api_list_items_without_kind_or_version():
     [
         pytest.param({}, [fe("10.96.0.1", 80)], id="defaults-to-TCP"),
         pytest.param(
-            {"ports": [{"name": "a", "port": 53, "protocol": "UDP"}, {"name": "b", "port": 9, "protocol": "SCTP"}]},
+            {
+                "ports": [
+                    {"name": "a", "port": 53, "protocol": "UDP"},
+                    {"name": "b", "port": 9, "protocol": "SCTP"},
+                ]
+            },
             [fe("10.96.0.1", 53, UDP), fe("10.96.0.1", 9, SCTP)],
             id="udp-and-sctp",
         ),
@@ -240,7 +247,13 @@ def test_load_balancer_ingress_ips_nodeports_and_what_is_skipped():
     }
     t = clean(
         translate(
-            [service(type="LoadBalancer", ports=[{"name": "http", "port": 80, "nodePort": 31080}], status=status)]
+            [
+                service(
+                    type="LoadBalancer",
+                    ports=[{"name": "http", "port": 80, "nodePort": 31080}],
+                    status=status,
+                )
+            ]
         )
     )
     assert set(t.table) == {
@@ -264,7 +277,9 @@ def test_load_balancer_ingress_ips_nodeports_and_what_is_skipped():
             service(type="ExternalName", externalName="db.example.com", clusterIP=None), "", id="ExternalName"
         ),
         pytest.param(service(labels={SERVICE_PROXY_NAME_LABEL: "other-proxy"}), "", id="other-proxy"),
-        pytest.param(service(labels={SERVICE_PROXY_NAME_LABEL: "other-proxy"}), "zeroproxy", id="other-proxy-named"),
+        pytest.param(
+            service(labels={SERVICE_PROXY_NAME_LABEL: "other-proxy"}), "zeroproxy", id="other-proxy-named"
+        ),
     ],
 )
 def test_services_that_are_not_ours_give_no_frontends_and_no_errors(svc: dict, proxy_name: str):
@@ -274,7 +289,9 @@ def test_services_that_are_not_ours_give_no_frontends_and_no_errors(svc: dict, p
 
 
 def test_service_naming_us_as_its_proxy_is_programmed():
-    t = clean(translate([service(labels={SERVICE_PROXY_NAME_LABEL: "zeroproxy"}), eslice()], proxy_name="zeroproxy"))
+    t = clean(
+        translate([service(labels={SERVICE_PROXY_NAME_LABEL: "zeroproxy"}), eslice()], proxy_name="zeroproxy")
+    )
     assert backends(t, fe("10.96.0.1", 80)) == ["10.244.0.1:8080"]
 
 
@@ -444,7 +461,12 @@ def test_endpoint_conditions(conditions: list[dict], publish: bool, used: list[i
 
 def test_backends_record_node_and_conditions():
     t = clean(
-        translate([service(), eslice(endpoints=[ep("10.244.0.1", "n1", ready=False, serving=True, terminating=True)])])
+        translate(
+            [
+                service(),
+                eslice(endpoints=[ep("10.244.0.1", "n1", ready=False, serving=True, terminating=True)]),
+            ]
+        )
     )
     assert t.table[fe("10.96.0.1", 80)].backends == (
         Backend(ip("10.244.0.1"), 8080, node_name="n1", ready=False, serving=True, terminating=True),
@@ -454,7 +476,12 @@ def test_backends_record_node_and_conditions():
 def traffic_policy_objects(**spec: Any) -> list[dict[str, Any]]:
     status = {"loadBalancer": {"ingress": [{"ip": "203.0.113.5"}]}}
     return [
-        service(type="LoadBalancer", ports=[{"name": "http", "port": 80, "nodePort": 30080}], status=status, **spec),
+        service(
+            type="LoadBalancer",
+            ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+            status=status,
+            **spec,
+        ),
         eslice(
             endpoints=[
                 ep("10.244.1.1", "n1"),
@@ -471,10 +498,18 @@ def traffic_policy_objects(**spec: Any) -> list[dict[str, Any]]:
     [
         pytest.param({}, "n1", ["10.244.1.1", "10.244.2.1"], ["10.244.1.1", "10.244.2.1"], id="Cluster"),
         pytest.param(
-            {"internalTrafficPolicy": "Local"}, "n1", ["10.244.1.1"], ["10.244.1.1", "10.244.2.1"], id="iTP-Local"
+            {"internalTrafficPolicy": "Local"},
+            "n1",
+            ["10.244.1.1"],
+            ["10.244.1.1", "10.244.2.1"],
+            id="iTP-Local",
         ),
         pytest.param(
-            {"externalTrafficPolicy": "Local"}, "n2", ["10.244.1.1", "10.244.2.1"], ["10.244.2.1"], id="eTP-Local"
+            {"externalTrafficPolicy": "Local"},
+            "n2",
+            ["10.244.1.1", "10.244.2.1"],
+            ["10.244.2.1"],
+            id="eTP-Local",
         ),
         # This node's endpoint is only terminating: local fallback, as kube-proxy does.
         pytest.param(
@@ -485,7 +520,11 @@ def traffic_policy_objects(**spec: Any) -> list[dict[str, Any]]:
             id="eTP-Local-terminating-fallback",
         ),
         pytest.param(
-            {"externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local"}, "n4", [], [], id="no-local-endpoints"
+            {"externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local"},
+            "n4",
+            [],
+            [],
+            id="no-local-endpoints",
         ),
         pytest.param(
             {"externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local"},
@@ -496,7 +535,9 @@ def traffic_policy_objects(**spec: Any) -> list[dict[str, Any]]:
         ),
     ],
 )
-def test_traffic_policies_choose_local_endpoints(spec: dict, node: str, cluster_ip: list[str], external: list[str]):
+def test_traffic_policies_choose_local_endpoints(
+    spec: dict, node: str, cluster_ip: list[str], external: list[str]
+):
     t = clean(translate(traffic_policy_objects(**spec), node_name=node))
     to_str = [f"{a}:8080" for a in cluster_ip]
     assert backends(t, fe("10.96.0.1", 80)) == to_str
@@ -518,13 +559,23 @@ def test_pods_are_kept_with_annotations_ips_and_node():
             "labels": {"app": "web"},
         },
         "spec": {"nodeName": "node-a"},
-        "status": {"phase": "Running", "podIP": "10.244.1.11", "podIPs": [{"ip": "10.244.1.11"}, {"ip": "fd00::b"}]},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.244.1.11",
+            "podIPs": [{"ip": "10.244.1.11"}, {"ip": "fd00::b"}],
+        },
     }
     terminating = copy.deepcopy(pod)
     terminating["metadata"].update(name="web-1", deletionTimestamp="2026-01-01T00:00:00Z")
     t = clean(translate([pod, terminating]))
     p = t.pods[("shop", "web-0")]
-    assert (p.namespace, p.name, p.node_name, p.phase, p.terminating) == ("shop", "web-0", "node-a", "Running", False)
+    assert (p.namespace, p.name, p.node_name, p.phase, p.terminating) == (
+        "shop",
+        "web-0",
+        "node-a",
+        "Running",
+        False,
+    )
     assert p.ips == (ip("10.244.1.11"), ip("fd00::b"))
     assert p.annotation("zeroproxy.io/scale-to-zero") == "true"
     assert p.annotation("missing", "x") == "x"
@@ -566,7 +617,8 @@ ERROR_CASES = [
     ),
     pytest.param(
         [service(clusterIP="0.0.0.0")],
-        "Service default/web spec.clusterIP: must not be the unspecified address (0.0.0.0 / ::); service ignored",
+        "Service default/web spec.clusterIP: must not be the unspecified address (0.0.0.0 / ::); "
+        "service ignored",
         [],
         id="unspecified-clusterIP",
     ),
@@ -613,7 +665,12 @@ ERROR_CASES = [
         id="lowercase-protocol",
     ),
     pytest.param(
-        [service(type="NodePort", ports=[{"name": "a", "port": 80, "nodePort": 8080}, {"name": "b", "port": 81}])],
+        [
+            service(
+                type="NodePort",
+                ports=[{"name": "a", "port": 80, "nodePort": 8080}, {"name": "b", "port": 81}],
+            )
+        ],
         "Service default/web spec.ports[0].nodePort: must be in 30000..32767, got 8080",
         [fe("10.96.0.1", 81)],
         id="nodePort-out-of-range",
@@ -686,7 +743,10 @@ ERROR_CASES = [
         id="metadata-not-a-mapping",
     ),
     pytest.param(
-        [service(), {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "x"}}],
+        [
+            service(),
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "x"}},
+        ],
         "Deployment x/web kind: unknown kind 'Deployment' (known: EndpointSlice, List, Node, Pod, Service); "
         "object ignored",
         [fe("10.96.0.1", 80)],
@@ -737,14 +797,15 @@ ERROR_CASES = [
     ),
     pytest.param(
         [service(), eslice(endpoints=[ep("10.244.0.1"), ep("fd00::2")])],
-        "EndpointSlice default/web-abc endpoints[1].addresses[0]: fd00::2 is not an IPv4 address (addressType "
-        "IPv4); endpoint ignored",
+        "EndpointSlice default/web-abc endpoints[1].addresses[0]: "
+        "fd00::2 is not an IPv4 address (addressType IPv4); endpoint ignored",
         [fe("10.96.0.1", 80)],
         id="endpoint-address-wrong-family",
     ),
     pytest.param(
         [service(), eslice(endpoints=[ep("10.244.0.1"), ep("127.0.0.1")])],
-        "EndpointSlice default/web-abc endpoints[1].addresses[0]: must not be a loopback address; endpoint ignored",
+        "EndpointSlice default/web-abc endpoints[1].addresses[0]: "
+        "must not be a loopback address; endpoint ignored",
         [fe("10.96.0.1", 80)],
         id="endpoint-address-loopback",
     ),
@@ -777,8 +838,8 @@ ERROR_CASES = [
                 "endpoints": [],
             },
         ],
-        'EndpointSlice default/orphan metadata.labels["kubernetes.io/service-name"]: missing: the slice belongs '
-        "to no service; slice ignored",
+        'EndpointSlice default/orphan metadata.labels["kubernetes.io/service-name"]: '
+        "missing: the slice belongs to no service; slice ignored",
         [fe("10.96.0.1", 80)],
         id="slice-without-service-label",
     ),
@@ -796,7 +857,13 @@ ERROR_CASES = [
         id="bad-node-address",
     ),
     pytest.param(
-        [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "annotations": {"zeroproxy.io/x": True}}}],
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "p", "annotations": {"zeroproxy.io/x": True}},
+            }
+        ],
         'Pod default/p metadata.annotations["zeroproxy.io/x"]: must be a string, got true',
         [],
         id="non-string-annotation",
@@ -805,7 +872,9 @@ ERROR_CASES = [
 
 
 @pytest.mark.parametrize(("objects", "line", "remaining"), ERROR_CASES)
-def test_bad_input_gives_one_line_naming_object_and_field(objects: list, line: str, remaining: list[Frontend]):
+def test_bad_input_gives_one_line_naming_object_and_field(
+    objects: list, line: str, remaining: list[Frontend]
+):
     t = translate(objects)
     # The first error is the precise one; a summary line ("... ignored because of the errors above")
     # may follow it, and it must name the same object.
@@ -820,7 +889,12 @@ def test_error_fields_are_separately_available():
     t = translate([service(ports=[{"name": "a", "port": 80}, {"name": "b", "port": -1}])])
     (err,) = t.problems[:1]
     assert isinstance(err, ObjectError)
-    assert (err.kind, err.namespace, err.name, err.field) == ("Service", "default", "web", "spec.ports[1].port")
+    assert (err.kind, err.namespace, err.name, err.field) == (
+        "Service",
+        "default",
+        "web",
+        "spec.ports[1].port",
+    )
     assert err.severity is Severity.ERROR
 
 
@@ -829,7 +903,9 @@ def test_a_bad_service_does_not_disturb_the_others():
     bad = service("broken", ns="shop", clusterIP="not-an-ip")
     t = translate([*good, bad, eslice("broken-1", svc="broken", ns="shop")])
     assert t.table == translate(good).table
-    assert errors(t) == ["Service shop/broken spec.clusterIP: is not a valid IP address: 'not-an-ip'; service ignored"]
+    assert errors(t) == [
+        "Service shop/broken spec.clusterIP: is not a valid IP address: 'not-an-ip'; service ignored"
+    ]
 
 
 def test_endpointslice_for_unknown_service_is_a_warning_naming_slice_and_label():
@@ -975,7 +1051,9 @@ def test_fuzzed_objects_never_raise_and_only_hurt_their_own_service():
         for frontend, entry in t.table.items():
             assert entry.frontend == frontend
             assert 1 <= frontend.port <= 65535
-            assert list(entry.backends) == sorted(entry.backends, key=lambda b: (b.address.version, b.address, b.port))
+            assert list(entry.backends) == sorted(
+                entry.backends, key=lambda b: (b.address.version, b.address, b.port)
+            )
             if (entry.service.namespace, entry.service.name) != victim:
                 assert base.table[frontend] == entry
         for frontend, entry in base.table.items():
@@ -995,7 +1073,13 @@ def test_fuzzed_objects_never_raise_and_only_hurt_their_own_service():
         [{"kind": "Service", "metadata": {"name": ["x"]}}],
         [{"kind": "Service", "metadata": {"name": "x", "namespace": 5}}],
         [{"kind": "Service", "metadata": {"name": "x", "labels": [1]}, "spec": {"ports": "80"}}],
-        [{"kind": "Service", "metadata": {"name": "x", "labels": {1: 2}}, "spec": {"clusterIPs": "10.0.0.1"}}],
+        [
+            {
+                "kind": "Service",
+                "metadata": {"name": "x", "labels": {1: 2}},
+                "spec": {"clusterIPs": "10.0.0.1"},
+            }
+        ],
         [{"kind": "List", "items": {"a": 1}}],
         [{"kind": "List", "items": [None, 3, {"kind": "List"}]}],
         [{"kind": "EndpointSlice", "metadata": {"name": "s", "labels": {SERVICE_NAME_LABEL: 7}}}],
@@ -1025,12 +1109,26 @@ def test_fuzzed_objects_never_raise_and_only_hurt_their_own_service():
                 "kind": "Node",
                 "metadata": {"name": "n"},
                 "spec": {"podCIDRs": "x", "podCIDR": 3},
-                "status": {"addresses": [None, {"type": "InternalIP"}, {"type": "ExternalIP", "address": "::1%lo"}]},
+                "status": {
+                    "addresses": [None, {"type": "InternalIP"}, {"type": "ExternalIP", "address": "::1%lo"}]
+                },
             }
         ],
         [{"kind": "Pod", "metadata": {"name": "p"}, "status": {"podIPs": [3, {"ip": None}], "podIP": []}}],
-        [{"kind": "Service", "metadata": {"name": "x"}, "spec": {"clusterIPs": [None], "sessionAffinityConfig": 1}}],
-        [{"kind": "Service", "metadata": {"name": "x"}, "spec": {"type": None, "clusterIP": "::ffff:10.0.0.1"}}],
+        [
+            {
+                "kind": "Service",
+                "metadata": {"name": "x"},
+                "spec": {"clusterIPs": [None], "sessionAffinityConfig": 1},
+            }
+        ],
+        [
+            {
+                "kind": "Service",
+                "metadata": {"name": "x"},
+                "spec": {"type": None, "clusterIP": "::ffff:10.0.0.1"},
+            }
+        ],
     ],
 )
 def test_weird_shapes_are_reported_not_raised(objects: Any):
