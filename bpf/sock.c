@@ -1,0 +1,233 @@
+/* Socket-level service translation: cgroup sock_addr hooks rewrite a service address to a
+ * backend once per connect() (and once per datagram for unconnected UDP), and restore the
+ * service address on the way back (recvmsg, getpeername). No per-packet NAT.
+ *
+ * Attach points: connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6. IPv4-mapped IPv6
+ * addresses on dual-stack sockets are translated through the IPv4 tables. */
+#include "lib/lb.h"
+
+/* Turn an inner result into the hook's verdict; the only place that does so. A rejected
+ * connect()/sendmsg() fails with ECONNREFUSED at once, like kube-proxy's REJECT rule. */
+static __always_inline int __sock_verdict(int ret)
+{
+	switch (ret) {
+	case ZP_OK:
+		zp_count(ZP_STAT_XLATE_OK);
+		return 1;
+	case ZP_ENOTSVC:
+		return 1;
+	case ZP_ENOBACKEND:
+		zp_count(ZP_STAT_NO_BACKEND);
+		break;
+	default:
+		zp_count(ZP_STAT_STALE_BACKEND);
+		break;
+	}
+	bpf_set_retval(-ECONNREFUSED);
+	return 0;
+}
+
+static __always_inline __u8 __sock_proto(const struct bpf_sock_addr *ctx)
+{
+	/* ctx->protocol is 0 for sockets created with protocol 0; fall back on the type. */
+	if (ctx->protocol)
+		return (__u8)ctx->protocol;
+	return ctx->type == SOCK_DGRAM ? IPPROTO_UDP : IPPROTO_TCP;
+}
+
+/* ---- IPv4 ------------------------------------------------------------------------------ */
+
+/* Translate an IPv4 destination; *addr / *port are updated in place on success. */
+static __always_inline int
+__sock4_xlate_fwd(struct bpf_sock_addr *ctx, __be32 *addr, __be16 *port)
+{
+	struct lb4_key key;
+	struct lb4_backend be;
+	struct lb_service *svc;
+	struct rnat4_key rkey = {};
+	struct rnat4_value rval = {};
+	int ret;
+
+	svc = lb4_lookup_service(*addr, *port, __sock_proto(ctx), &key);
+	if (!svc)
+		return ZP_ENOTSVC;
+	ret = lb4_select_backend(&key, svc, &be);
+	if (ret < 0)
+		return ret;
+
+	rkey.cookie = bpf_get_socket_cookie(ctx);
+	rkey.address = be.address;
+	rkey.port = be.port;
+	rval.address = *addr;
+	rval.port = *port;
+	rval.rev_nat_id = svc->rev_nat_id;
+	if (zp_rnat4.update(&rkey, &rval) < 0)
+		zp_count(ZP_STAT_RNAT_WRITE);
+
+	*addr = be.address;
+	*port = be.port;
+	return ZP_OK;
+}
+
+/* Restore the service address as the peer/source of a reply from a backend. */
+static __always_inline void __sock4_xlate_rev(struct bpf_sock_addr *ctx, __be32 *addr, __be16 *port)
+{
+	struct rnat4_key rkey = {};
+	struct rnat4_value *rval;
+
+	rkey.cookie = bpf_get_socket_cookie(ctx);
+	rkey.address = *addr;
+	rkey.port = *port;
+	rval = zp_rnat4.lookup(&rkey);
+	if (!rval)
+		return;
+	zp_count(ZP_STAT_RNAT_HIT);
+	*addr = rval->address;
+	*port = rval->port;
+}
+
+static __always_inline int __sock4_fwd(struct bpf_sock_addr *ctx)
+{
+	__be32 addr = ctx->user_ip4;
+	__be16 port = (__be16)ctx->user_port;
+	int ret = __sock4_xlate_fwd(ctx, &addr, &port);
+
+	if (ret == ZP_OK) {
+		ctx->user_ip4 = addr;
+		ctx->user_port = port;
+	}
+	return __sock_verdict(ret);
+}
+
+static __always_inline int __sock4_rev(struct bpf_sock_addr *ctx)
+{
+	__be32 addr = ctx->user_ip4;
+	__be16 port = (__be16)ctx->user_port;
+
+	__sock4_xlate_rev(ctx, &addr, &port);
+	ctx->user_ip4 = addr;
+	ctx->user_port = port;
+	return 1;
+}
+
+int zp_sock4_connect(struct bpf_sock_addr *ctx) { return __sock4_fwd(ctx); }
+int zp_sock4_sendmsg(struct bpf_sock_addr *ctx) { return __sock4_fwd(ctx); }
+int zp_sock4_recvmsg(struct bpf_sock_addr *ctx) { return __sock4_rev(ctx); }
+int zp_sock4_getpeername(struct bpf_sock_addr *ctx) { return __sock4_rev(ctx); }
+
+/* ---- IPv6 ------------------------------------------------------------------------------ */
+
+static __always_inline bool __ip6_is_v4mapped(const __u32 a[4])
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline void __ctx_get_ip6(const struct bpf_sock_addr *ctx, __u32 a[4])
+{
+	/* The verifier only allows 4-byte loads of user_ip6. */
+	a[0] = ctx->user_ip6[0];
+	a[1] = ctx->user_ip6[1];
+	a[2] = ctx->user_ip6[2];
+	a[3] = ctx->user_ip6[3];
+}
+
+static __always_inline void __ctx_set_ip6(struct bpf_sock_addr *ctx, const __u32 a[4])
+{
+	ctx->user_ip6[0] = a[0];
+	ctx->user_ip6[1] = a[1];
+	ctx->user_ip6[2] = a[2];
+	ctx->user_ip6[3] = a[3];
+}
+
+static __always_inline int
+__sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 addr[4], __be16 *port)
+{
+	struct lb6_key key;
+	struct lb6_backend be;
+	struct lb_service *svc;
+	struct rnat6_key rkey = {};
+	struct rnat6_value rval = {};
+	int ret;
+
+	svc = lb6_lookup_service(addr, *port, __sock_proto(ctx), &key);
+	if (!svc)
+		return ZP_ENOTSVC;
+	ret = lb6_select_backend(&key, svc, &be);
+	if (ret < 0)
+		return ret;
+
+	rkey.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(rkey.address, be.address, 16);
+	rkey.port = be.port;
+	__builtin_memcpy(rval.address, addr, 16);
+	rval.port = *port;
+	rval.rev_nat_id = svc->rev_nat_id;
+	if (zp_rnat6.update(&rkey, &rval) < 0)
+		zp_count(ZP_STAT_RNAT_WRITE);
+
+	__builtin_memcpy(addr, be.address, 16);
+	*port = be.port;
+	return ZP_OK;
+}
+
+static __always_inline void __sock6_xlate_rev(struct bpf_sock_addr *ctx, __u32 addr[4], __be16 *port)
+{
+	struct rnat6_key rkey = {};
+	struct rnat6_value *rval;
+
+	rkey.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(rkey.address, addr, 16);
+	rkey.port = *port;
+	rval = zp_rnat6.lookup(&rkey);
+	if (!rval)
+		return;
+	zp_count(ZP_STAT_RNAT_HIT);
+	__builtin_memcpy(addr, rval->address, 16);
+	*port = rval->port;
+}
+
+static __always_inline int __sock6_fwd(struct bpf_sock_addr *ctx)
+{
+	__u32 addr[4];
+	__be16 port = (__be16)ctx->user_port;
+	int ret;
+
+	__ctx_get_ip6(ctx, addr);
+	if (__ip6_is_v4mapped(addr)) {
+		__be32 addr4 = addr[3];
+
+		ret = __sock4_xlate_fwd(ctx, &addr4, &port);
+		addr[3] = addr4;
+	} else {
+		ret = __sock6_xlate_fwd(ctx, addr, &port);
+	}
+	if (ret == ZP_OK) {
+		__ctx_set_ip6(ctx, addr);
+		ctx->user_port = port;
+	}
+	return __sock_verdict(ret);
+}
+
+static __always_inline int __sock6_rev(struct bpf_sock_addr *ctx)
+{
+	__u32 addr[4];
+	__be16 port = (__be16)ctx->user_port;
+
+	__ctx_get_ip6(ctx, addr);
+	if (__ip6_is_v4mapped(addr)) {
+		__be32 addr4 = addr[3];
+
+		__sock4_xlate_rev(ctx, &addr4, &port);
+		addr[3] = addr4;
+	} else {
+		__sock6_xlate_rev(ctx, addr, &port);
+	}
+	__ctx_set_ip6(ctx, addr);
+	ctx->user_port = port;
+	return 1;
+}
+
+int zp_sock6_connect(struct bpf_sock_addr *ctx) { return __sock6_fwd(ctx); }
+int zp_sock6_sendmsg(struct bpf_sock_addr *ctx) { return __sock6_fwd(ctx); }
+int zp_sock6_recvmsg(struct bpf_sock_addr *ctx) { return __sock6_rev(ctx); }
+int zp_sock6_getpeername(struct bpf_sock_addr *ctx) { return __sock6_rev(ctx); }

@@ -1,0 +1,199 @@
+"""Compile, load, attach and pin the socket-level programs; remove them again.
+
+Maps are pinned by the C code itself (BPF_TABLE_PINNED under ZP_PIN_DIR): a new agent compiles
+the same source and bcc opens the existing pins instead of creating maps, so it adopts what the
+previous agent left. Programs are attached with BPF_F_ALLOW_MULTI, new ones first and old ones
+detached after, so there is no instant with no program attached: for that moment both run,
+which is harmless (the second sees a backend address, not a service, and passes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from dataplane import bpfsys
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+PROG_PREFIX = "zp_sock"
+
+# bcc's BPFAttachType values, repeated so this module imports without bcc (cleanup, status).
+CGROUP_INET4_CONNECT = 10
+CGROUP_INET6_CONNECT = 11
+CGROUP_UDP4_SENDMSG = 14
+CGROUP_UDP6_SENDMSG = 15
+CGROUP_UDP4_RECVMSG = 19
+CGROUP_UDP6_RECVMSG = 20
+CGROUP_INET4_GETPEERNAME = 29
+CGROUP_INET6_GETPEERNAME = 30
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+
+SOCK_HOOKS: tuple[tuple[str, int], ...] = (
+    ("zp_sock4_connect", CGROUP_INET4_CONNECT),
+    ("zp_sock4_sendmsg", CGROUP_UDP4_SENDMSG),
+    ("zp_sock4_recvmsg", CGROUP_UDP4_RECVMSG),
+    ("zp_sock4_getpeername", CGROUP_INET4_GETPEERNAME),
+    ("zp_sock6_connect", CGROUP_INET6_CONNECT),
+    ("zp_sock6_sendmsg", CGROUP_UDP6_SENDMSG),
+    ("zp_sock6_recvmsg", CGROUP_UDP6_RECVMSG),
+    ("zp_sock6_getpeername", CGROUP_INET6_GETPEERNAME),
+)
+
+_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
+
+
+def inline_includes(path: Path, _seen: set[Path] | None = None) -> str:
+    """Return path's source with its local "..." includes pasted in.
+
+    bcc rewrites map operations (`m.lookup(&k)`) only in the main source text, not in included
+    headers, so the headers that hold the shared logic are pasted into one text before compiling.
+    """
+    seen = set() if _seen is None else _seen
+    out: list[str] = []
+    for line in path.read_text().splitlines():
+        m = _INCLUDE.match(line)
+        if not m:
+            out.append(line)
+            continue
+        inc = (path.parent / m.group(1)).resolve()
+        if inc not in seen:
+            seen.add(inc)
+            out.append(f"/* ---- {inc.relative_to(BPF_DIR)} ---- */")
+            out.append(inline_includes(inc, seen))
+    return "\n".join(out)
+
+
+def cgroup2_mount() -> Path:
+    """Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[0] == "cgroup2":
+                return Path(left.split()[4])
+    raise RuntimeError("no cgroup2 filesystem is mounted")
+
+
+def bpffs_mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[0] == "bpf" and Path(path).resolve().is_relative_to(left.split()[4]):
+                return True
+    return False
+
+
+def sock_source(pin_dir: Path) -> tuple[str, list[str]]:
+    """The C text and cflags for the socket programs pinned under pin_dir."""
+    text = inline_includes(BPF_DIR / "sock.c")
+    cflags = [f'-DZP_PIN_DIR="{pin_dir}/"', "-Wno-unused-function", "-Wno-macro-redefined"]
+    return text, cflags
+
+
+class SockDatapath:
+    """The socket-level programs of one agent: one cgroup, one pin directory."""
+
+    def __init__(self, cgroup: Path, pin_dir: Path) -> None:
+        self.cgroup = Path(cgroup)
+        self.pin_dir = Path(pin_dir)
+        self.bpf = None  # bcc.BPF once loaded
+        self._fns: dict[str, object] = {}
+
+    def load(self) -> None:
+        """Compile the programs; creates the pinned maps or opens the existing ones."""
+        import bcc  # deferred: importing bcc costs ~0.3 s and CLI helpers don't need it
+
+        if not bpffs_mounted(self.pin_dir.parent):
+            raise RuntimeError(f"{self.pin_dir.parent} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)")
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        (self.pin_dir / "progs").mkdir(exist_ok=True)
+        text, cflags = sock_source(self.pin_dir)
+        self.bpf = bcc.BPF(text=text, cflags=cflags)
+        for name, attach_type in SOCK_HOOKS:
+            self._fns[name] = self.bpf.load_func(
+                name.encode(), bcc.BPFProgType.CGROUP_SOCK_ADDR, attach_type=attach_type
+            )
+
+    def attach(self) -> None:
+        """Attach every hook to the cgroup, replacing programs an earlier agent attached."""
+        if not self.cgroup.is_dir():
+            raise RuntimeError(f"cgroup directory {self.cgroup} does not exist")
+        cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name, attach_type in SOCK_HOOKS:
+                fn = self._fns[name]
+                old = [p for p in bpfsys.attached_progs(cg_fd, attach_type) if p.name.startswith(PROG_PREFIX)]
+                bpfsys.prog_attach(fn.fd, cg_fd, attach_type)
+                for prog in old:
+                    _detach_id(prog.id, cg_fd, attach_type)
+                bpfsys.obj_pin(fn.fd, self.pin_dir / "progs" / name)
+        finally:
+            os.close(cg_fd)
+        log.info("attached %d socket programs to %s", len(SOCK_HOOKS), self.cgroup)
+
+    def table(self, name: str):
+        assert self.bpf is not None, "load() first"
+        return self.bpf[name]
+
+    def close(self) -> None:
+        """Release this process's handles; attachments and pins stay (that's the point)."""
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+def _detach_id(prog_id: int, cg_fd: int, attach_type: int) -> None:
+    try:
+        fd = bpfsys.prog_fd_by_id(prog_id)
+    except bpfsys.BpfError:
+        return
+    try:
+        bpfsys.prog_detach(fd, cg_fd, attach_type)
+    except bpfsys.BpfError as e:
+        log.warning("detach program %d: %s", prog_id, e)
+    finally:
+        os.close(fd)
+
+
+def attached(cgroup: Path) -> list[tuple[int, bpfsys.Prog]]:
+    """zeroproxy programs attached directly to cgroup, as (attach type, program)."""
+    cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return [
+            (attach_type, p)
+            for _, attach_type in SOCK_HOOKS
+            for p in bpfsys.attached_progs(cg_fd, attach_type)
+            if p.name.startswith(PROG_PREFIX)
+        ]
+    finally:
+        os.close(cg_fd)
+
+
+def cleanup(cgroup: Path | None, pin_dir: Path) -> list[str]:
+    """Detach zeroproxy's programs from cgroup and remove every pin under pin_dir.
+
+    Returns what was removed, for the CLI to print. Safe to run twice.
+    """
+    done: list[str] = []
+    if cgroup is not None and Path(cgroup).is_dir():
+        cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for attach_type, prog in attached(Path(cgroup)):
+                _detach_id(prog.id, cg_fd, attach_type)
+                done.append(f"detached {prog.name} (id {prog.id}) from {cgroup}")
+        finally:
+            os.close(cg_fd)
+    if Path(pin_dir).exists():
+        for path in sorted(Path(pin_dir).rglob("*"), reverse=True):
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
+            done.append(f"removed {path}")
+        shutil.rmtree(pin_dir, ignore_errors=True)
+        done.append(f"removed {pin_dir}")
+    return done

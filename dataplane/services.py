@@ -1,0 +1,325 @@
+"""The service table in the kernel: shadow copy, id allocation, ordered difference writes.
+
+A frontend's backends sit in numbered slots (1..count) and its slot 0 holds the count. Writes
+go in phases so that a concurrent connect() never sees a half-written service:
+
+  1. new backends into the backend map
+  2. backend slots 1..count
+  3. slot 0 (the frontend itself: count, rev-NAT id) -- new and changed frontends become visible
+  4. surplus slots of shrunk frontends; slot 0 then slots of removed frontends
+  5. backends no longer referenced
+
+Each phase is one batch write per map. The shadow copy mirrors what the maps hold, so a sync
+writes only what differs; after a failed write it is re-read from the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from controlplane.model import FrontendKind, Protocol, ServiceEntry, ServicePortName
+from dataplane import maps
+
+log = logging.getLogger(__name__)
+
+# Frontend kinds the socket hooks serve: real addresses a local process can connect() to.
+# NodePort frontends (0.0.0.0:port) are matched per node address; see the NodePort design.
+SOCKET_KINDS = (FrontendKind.CLUSTER_IP, FrontendKind.EXTERNAL_IP, FrontendKind.LOAD_BALANCER)
+
+MAX_REV_NAT_ID = 0xFFFF
+MAX_BACKEND_ID = 0xFFFFFFFF
+MAX_SLOTS = 0xFFFF
+
+
+# (packed address, port, protocol): the identity of a frontend or a backend in the maps.
+AddrKey = tuple[bytes, int, int]
+
+
+@dataclass
+class FrontendState:
+    rev_nat_id: int
+    backend_ids: list[int] = field(default_factory=list)  # slot i+1 holds backend_ids[i]
+
+
+@dataclass
+class SyncResult:
+    frontends_written: int = 0
+    frontends_deleted: int = 0
+    backends_written: int = 0
+    backends_deleted: int = 0
+    conflicts: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return any((self.frontends_written, self.frontends_deleted, self.backends_written, self.backends_deleted))
+
+
+class _IdPool:
+    """Smallest free id first, so ids stay dense and are reused after deletes."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.used: set[int] = set()
+        self._next = 1
+
+    def take(self) -> int:
+        while self._next in self.used:
+            self._next += 1
+        if self._next > self.maximum:
+            raise OverflowError(f"all {self.maximum} ids are in use")
+        self.used.add(self._next)
+        return self._next
+
+    def give(self, ident: int) -> None:
+        self.used.discard(ident)
+        self._next = min(self._next, ident)
+
+    def mark(self, ident: int) -> None:
+        self.used.add(ident)
+
+
+class _Family:
+    """Shadow and writers for one address family's service and backend maps."""
+
+    def __init__(self, version: int, svc_table, be_table) -> None:
+        self.version = version
+        self.svc = svc_table
+        self.be = be_table
+        self.KeyT = maps.Lb4Key if version == 4 else maps.Lb6Key
+        self.BackendT = maps.Lb4Backend if version == 4 else maps.Lb6Backend
+        self.frontends: dict[AddrKey, FrontendState] = {}
+        self.backends: dict[AddrKey, int] = {}  # backend -> id
+        self.backend_keys: dict[int, AddrKey] = {}  # id -> backend
+
+    # ---- ctypes conversion --------------------------------------------------------------
+    def svc_key(self, fe: AddrKey, slot: int):
+        k = self.KeyT()
+        ctypes.memmove(k.address, fe[0], len(fe[0]))
+        k.dport = maps.htons(fe[1])
+        k.slot = slot
+        k.proto = fe[2]
+        return k
+
+    def backend_value(self, be: AddrKey):
+        v = self.BackendT()
+        ctypes.memmove(v.address, be[0], len(be[0]))
+        v.port = maps.htons(be[1])
+        v.proto = be[2]
+        return v
+
+    # ---- adoption -----------------------------------------------------------------------
+    def read_kernel(self) -> None:
+        """Rebuild the shadow from the maps (start-up adoption, or after a failed write)."""
+        self.frontends.clear()
+        self.backends.clear()
+        self.backend_keys.clear()
+        for k, v in self.be.items():
+            be = (bytes(v.address), maps.ntohs(v.port), v.proto)
+            self.backends[be] = k.value
+            self.backend_keys[k.value] = be
+        slots: dict[AddrKey, dict[int, int]] = {}
+        heads: dict[AddrKey, tuple[int, int]] = {}
+        for k, v in self.svc.items():
+            fe = (bytes(k.address), maps.ntohs(k.dport), k.proto)
+            if k.slot == 0:
+                heads[fe] = (v.count, v.rev_nat_id)
+            else:
+                slots.setdefault(fe, {})[k.slot] = v.backend_id
+        for fe, (count, rev_nat_id) in heads.items():
+            have = slots.pop(fe, {})
+            # Slots past count are leftovers of an interrupted write; a missing slot reads as
+            # backend id 0. Either way the next sync sees a difference and rewrites it.
+            width = max(count, max(have, default=0))
+            self.frontends[fe] = FrontendState(rev_nat_id, [have.get(i, 0) for i in range(1, width + 1)])
+        for fe, have in slots.items():  # slots without a head: an interrupted delete
+            self.frontends[fe] = FrontendState(0, [0] * max(have))
+
+
+class ServiceMaps:
+    """The kernel's service table for the socket hooks (and later the TC programs)."""
+
+    def __init__(self, datapath) -> None:
+        self.v4 = _Family(4, datapath.table("zp_lb4_svc"), datapath.table("zp_lb4_be"))
+        self.v6 = _Family(6, datapath.table("zp_lb6_svc"), datapath.table("zp_lb6_be"))
+        self.stats_table = datapath.table("zp_stats")
+        self.rev_nat_ids: dict[ServicePortName, int] = {}
+        self._rev_pool = _IdPool(MAX_REV_NAT_ID)
+        self._be_pool = _IdPool(MAX_BACKEND_ID)
+        self.adopt()
+
+    def _fam(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> _Family:
+        return self.v4 if addr.version == 4 else self.v6
+
+    def adopt(self) -> None:
+        """Load the shadow from what the kernel maps hold (an earlier agent's work)."""
+        self._rev_pool = _IdPool(MAX_REV_NAT_ID)
+        self._be_pool = _IdPool(MAX_BACKEND_ID)
+        for fam in (self.v4, self.v6):
+            fam.read_kernel()
+            for ident in fam.backend_keys:
+                self._be_pool.mark(ident)
+            for st in fam.frontends.values():
+                if st.rev_nat_id:
+                    self._rev_pool.mark(st.rev_nat_id)
+        # names are not in the kernel: rev_nat_ids is rebuilt from the frontends at the next sync
+        self.rev_nat_ids = {}
+
+    @property
+    def frontend_count(self) -> int:
+        return len(self.v4.frontends) + len(self.v6.frontends)
+
+    @property
+    def backend_count(self) -> int:
+        return len(self.v4.backends) + len(self.v6.backends)
+
+    def stats(self) -> dict[maps.Stat, int]:
+        out = {}
+        for stat in maps.Stat:
+            per_cpu = self.stats_table[ctypes.c_uint32(stat)]
+            out[stat] = sum(per_cpu)
+        return out
+
+    # ---- the one write path -------------------------------------------------------------
+    def sync(self, entries: Iterable[ServiceEntry]) -> SyncResult:
+        """Make the maps hold exactly these entries (socket kinds only); write differences."""
+        result = SyncResult()
+        desired: dict[tuple[int, AddrKey], tuple[ServiceEntry, list[AddrKey]]] = {}
+        for e in sorted(entries, key=lambda e: (list(SOCKET_KINDS).index(e.frontend.kind)
+                                                 if e.frontend.kind in SOCKET_KINDS else 99, e.frontend)):
+            if e.frontend.kind not in SOCKET_KINDS:
+                continue
+            fe = _addr_key(e.frontend.address, e.frontend.port, e.frontend.protocol)
+            key = (e.frontend.address.version, fe)
+            if key in desired:
+                result.conflicts.append(
+                    f"frontend {e.frontend} of {e.service} is already used by {desired[key][0].service}; ignored"
+                )
+                continue
+            bes = [
+                _addr_key(b.address, b.port, e.frontend.protocol)
+                for b in e.backends
+                if b.address.version == e.frontend.address.version
+            ][:MAX_SLOTS]
+            desired[key] = (e, bes)
+        try:
+            self._apply(desired, result)
+        except Exception:
+            log.exception("service map write failed; re-reading the kernel maps")
+            self.adopt()
+            raise
+        return result
+
+    def _rev_nat_id(self, entry: ServiceEntry, current: FrontendState | None) -> int:
+        name = entry.service
+        if name in self.rev_nat_ids:
+            return self.rev_nat_ids[name]
+        if current is not None and current.rev_nat_id:
+            ident = current.rev_nat_id
+        else:
+            ident = self._rev_pool.take()
+        self.rev_nat_ids[name] = ident
+        return ident
+
+    def _apply(self, desired: dict[tuple[int, AddrKey], tuple[ServiceEntry, list[AddrKey]]],
+               result: SyncResult) -> None:
+        for fam in (self.v4, self.v6):
+            want = {fe: v for (ver, fe), v in desired.items() if ver == fam.version}
+            be_new: list[tuple[int, AddrKey]] = []
+            slot_writes: list[tuple[AddrKey, int, int, int]] = []  # fe, slot, backend id, rev id
+            head_writes: list[tuple[AddrKey, int, int]] = []  # fe, count, rev id
+            deletes: list = []  # ctypes keys, in order
+            new_state: dict[AddrKey, FrontendState] = {}
+
+            for fe, (entry, bes) in want.items():
+                cur = fam.frontends.get(fe)
+                rev = self._rev_nat_id(entry, cur)
+                ids = []
+                for be in bes:
+                    ident = fam.backends.get(be)
+                    if ident is None:
+                        ident = self._be_pool.take()
+                        fam.backends[be] = ident
+                        fam.backend_keys[ident] = be
+                        be_new.append((ident, be))
+                    ids.append(ident)
+                old_ids = cur.backend_ids if cur else []
+                rev_changed = cur is None or cur.rev_nat_id != rev
+                for i, ident in enumerate(ids):
+                    if rev_changed or i >= len(old_ids) or old_ids[i] != ident:
+                        slot_writes.append((fe, i + 1, ident, rev))
+                if rev_changed or len(ids) != len(old_ids) or old_ids[: len(ids)] != ids:
+                    head_writes.append((fe, len(ids), rev))
+                    result.frontends_written += 1
+                for slot in range(len(ids) + 1, len(old_ids) + 1):
+                    deletes.append(fam.svc_key(fe, slot))
+                new_state[fe] = FrontendState(rev, ids)
+
+            for fe, cur in fam.frontends.items():
+                if fe in want:
+                    continue
+                deletes.append(fam.svc_key(fe, 0))
+                deletes.extend(fam.svc_key(fe, s) for s in range(1, len(cur.backend_ids) + 1))
+                result.frontends_deleted += 1
+
+            # phase 1: backends
+            if be_new:
+                _update_batch(fam.be, [ctypes.c_uint32(i) for i, _ in be_new],
+                              [fam.backend_value(be) for _, be in be_new])
+                result.backends_written += len(be_new)
+            # phase 2: slots
+            if slot_writes:
+                _update_batch(fam.svc, [fam.svc_key(fe, s) for fe, s, _, _ in slot_writes],
+                              [maps.LbService(backend_id=b, count=0, rev_nat_id=r) for _, _, b, r in slot_writes])
+            # phase 3: heads
+            if head_writes:
+                _update_batch(fam.svc, [fam.svc_key(fe, 0) for fe, _, _ in head_writes],
+                              [maps.LbService(backend_id=0, count=c, rev_nat_id=r) for _, c, r in head_writes])
+            # phase 4: surplus slots and removed frontends (head before its slots)
+            if deletes:
+                _delete_batch(fam.svc, deletes)
+            # phase 5: unreferenced backends
+            used = {i for st in new_state.values() for i in st.backend_ids}
+            stale = [i for i in fam.backend_keys if i not in used]
+            if stale:
+                _delete_batch(fam.be, [ctypes.c_uint32(i) for i in stale])
+                for i in stale:
+                    del fam.backends[fam.backend_keys.pop(i)]
+                    self._be_pool.give(i)
+                result.backends_deleted += len(stale)
+
+            # free rev-NAT ids no frontend uses any more
+            old_revs = {st.rev_nat_id for st in fam.frontends.values()}
+            fam.frontends = new_state
+            still = {st.rev_nat_id for f in (self.v4, self.v6) for st in f.frontends.values()}
+            for rev in old_revs - still:
+                if rev:
+                    self._rev_pool.give(rev)
+        live = {st.rev_nat_id for f in (self.v4, self.v6) for st in f.frontends.values()}
+        self.rev_nat_ids = {n: i for n, i in self.rev_nat_ids.items() if i in live}
+
+
+def _addr_key(addr, port: int, proto: Protocol | int) -> AddrKey:
+    return (addr.packed, int(port), int(proto))
+
+
+def _update_batch(table, keys: list, values: list) -> None:
+    """Write entries in order; batches keep a large initial load fast."""
+    if len(keys) == 1:
+        table[keys[0]] = values[0]
+        return
+    ktype, vtype = type(keys[0]), type(values[0])
+    table.items_update_batch((ktype * len(keys))(*keys), (vtype * len(values))(*values))
+
+
+def _delete_batch(table, keys: list) -> None:
+    # Deleting one by one keeps the head-before-slots order and tolerates entries that are
+    # already gone (a batch delete stops at the first missing key).
+    for k in keys:
+        try:
+            del table[k]
+        except KeyError:
+            pass
