@@ -262,6 +262,7 @@ class RuncRuntime(ContainerRuntime):
         self._pumps: dict[str, subprocess.Popen[bytes]] = {}
         self._draining: list[subprocess.Popen[bytes]] = []
         self._mu = threading.Lock()
+        self._cgroup_dirs_before = self._existing_cgroup_dirs()
         (self.base_dir / "containers").mkdir(parents=True, exist_ok=True)
         (self.base_dir / "runc").mkdir(parents=True, exist_ok=True)
 
@@ -758,17 +759,32 @@ class RuncRuntime(ContainerRuntime):
             raise RuntimeDriverError("delete_all: " + "; ".join(errors))
 
     def remove_cgroup_parent(self) -> None:
-        """rmdir cgroup_parent (and its empty children) in every hierarchy where runc made it.
+        """rmdir the cgroup directories runc made for cgroup_parent, in every hierarchy.
 
         runc removes each container's own cgroup on delete and after a checkpoint, but not the
-        parents it created on the way.
+        parents it created on the way (in each v1 controller hierarchy and in the v2 one). Only
+        directories that did not exist when this runtime was made are removed, so a parent
+        inside someone else's subtree (a test bed's node cgroup) leaves that subtree alone.
         """
         for mnt in _cgroup_mounts():
             top = mnt / self.cgroup_parent.lstrip("/")
-            if not top.is_dir():
-                continue
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if top.is_dir():
+                for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+            rel = top.relative_to(mnt)
+            for d in (rel, *rel.parents[:-1]):  # parents[-1] is ".", the hierarchy's root
+                if mnt / d in self._cgroup_dirs_before:
+                    break
                 with contextlib.suppress(OSError):
-                    d.rmdir()
-            with contextlib.suppress(OSError):
-                top.rmdir()
+                    (mnt / d).rmdir()
+
+    def _existing_cgroup_dirs(self) -> set[Path]:
+        """cgroup_parent and its ancestors, in every hierarchy, as far as they exist now."""
+        rel = Path(self.cgroup_parent.lstrip("/"))
+        found = set()
+        for mnt in _cgroup_mounts():
+            for d in (rel, *rel.parents):
+                if d != Path(".") and (mnt / d).is_dir():
+                    found.add(mnt / d)
+        return found

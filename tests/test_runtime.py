@@ -425,3 +425,35 @@ def test_delete_running_container_stops_it(runtime: RuncRuntime, pod: Pod, tmp_p
     assert not process_alive(pid)
     assert curl(pod).returncode == 7
     assert not (runtime.base_dir / "containers" / "web").exists()
+
+
+def test_cgroup_parent_inside_someone_elses_subtree(criu: Path, pod: Pod, tmp_path: Path) -> None:
+    """Containers can live under a node's cgroup v2 subtree (where the socket programs attach).
+
+    The container must be in that subtree before and after a restore, and teardown removes
+    only the directories runc made, never the owner's.
+    """
+    v2 = next(m for m in _cgroup_roots() if (m / "cgroup.controllers").exists())
+    owner = v2 / f"zeroproxy-test-owner-{uuid.uuid4().hex[:8]}"
+    owner.mkdir()
+    parent = f"/{owner.name}/node1/containers"
+    rt = RuncRuntime(tmp_path / "rt", criu, cgroup_parent=parent)
+    try:
+        rt.run(busybox_spec(tmp_path, pod))
+        wait_listening(pod)
+        for _ in range(2):
+            pid = rt.pid("web")
+            assert pid is not None
+            assert f"0::{parent}/web\n" in Path(f"/proc/{pid}/cgroup").read_text()
+            rt.checkpoint("web")
+            rt.restore("web")
+            assert_serves(pod)
+        rt.delete_all()
+        assert owner.is_dir()
+        assert not [p for p in owner.iterdir() if p.is_dir()]
+        assert not [m for m in _cgroup_roots() if m != v2 and (m / owner.name).exists()]
+    finally:
+        rt.delete_all()
+        for d in sorted((p for p in owner.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            d.rmdir()
+        owner.rmdir()
