@@ -16,7 +16,9 @@ What the runc implementation takes care of, each learnt the hard way on these ma
   runc no longer holds, nor a /dev/null from a mount namespace that is gone.
 - CRIU runs with `network-lock skip` (a CRIU config file named by the OCI annotation
   `org.criu.config`; runc 1.1.5 has no flag for it): zeroproxy's eBPF state, not iptables,
-  keeps traffic away from a dumping process.
+  keeps traffic away from a dumping process. Restores add `tcp-close` (_write_criu_conf).
+- Restores first drop TIME_WAIT sockets on the app's ports, which would make the bind of an
+  app without SO_REUSEADDR fail (_clear_time_wait).
 
 All methods block (runc and CRIU are subprocesses); asyncio callers use `asyncio.to_thread`.
 Operations on one container are serialised by a lock file, so two processes (agent and CLI)
@@ -521,6 +523,25 @@ class RuncRuntime(ContainerRuntime):
             },
         }
 
+    def _write_criu_conf(self, cid: str, *, restore: bool, tcp_established: bool) -> None:
+        """Write the CRIU config file runc names in `org.criu.config`, for the coming operation.
+
+        runc passes one path for dump and restore alike, and CRIU reads the file at each call,
+        so its content is rewritten (under the container's lock) before each one:
+
+        - network-lock skip, always: no iptables/nftables rule is ever made; zeroproxy's eBPF
+          state keeps traffic away from the process during a dump instead.
+        - tcp-close, on restore without tcp-established: a connection the app still holds but
+          whose peer has gone (TCP_CLOSE, e.g. reset by the client) dumps fine yet makes the
+          restore fail with "Connected TCP socket in image"; restoring it closed is what the
+          app would have seen anyway. Not on dump: there it would let CRIU kill live
+          connections instead of refusing the checkpoint.
+        """
+        lines = ["network-lock skip"]
+        if restore and not tcp_established:
+            lines.append("tcp-close")
+        (self._dir(cid) / "criu.conf").write_text("\n".join(lines) + "\n")
+
     # --- the interface -----------------------------------------------------------------------
 
     def create(self, spec: ContainerSpec) -> None:
@@ -532,9 +553,7 @@ class RuncRuntime(ContainerRuntime):
         t0 = time.monotonic()
         (cdir / "bundle").mkdir(parents=True)
         criu_conf = cdir / "criu.conf"
-        # network-lock skip: no iptables/nftables rule is ever made; our eBPF state keeps
-        # traffic away from the process during a dump instead.
-        criu_conf.write_text("network-lock skip\n")
+        self._write_criu_conf(spec.id, restore=False, tcp_established=spec.tcp_established)
         config = self._oci_config(spec, criu_conf)
         (cdir / "bundle" / "config.json").write_text(json.dumps(config, indent=1))
         self._write_meta(spec.id, phase="created", tcp_established=spec.tcp_established)
@@ -608,8 +627,10 @@ class RuncRuntime(ContainerRuntime):
             # Remembered for restore, which frees these ports from TIME_WAIT (see _clear_time_wait).
             self._write_meta(container_id, listen_ports=_listen_ports(self._pids(container_id)))
             args = ["checkpoint", "--image-path", str(new), "--work-path", str(work)]
-            if self._read_meta(container_id).get("tcp_established"):
+            tcp_established = bool(self._read_meta(container_id).get("tcp_established"))
+            if tcp_established:
                 args.append("--tcp-established")
+            self._write_criu_conf(container_id, restore=False, tcp_established=tcp_established)
             try:
                 self._runc(container_id, *args, container_id, error=CheckpointError, criu_log=work / "dump.log")
             except CheckpointError as e:
@@ -662,8 +683,10 @@ class RuncRuntime(ContainerRuntime):
             "--bundle",
             str(cdir / "bundle"),
         ]
-        if self._read_meta(cid).get("tcp_established"):
+        tcp_established = bool(self._read_meta(cid).get("tcp_established"))
+        if tcp_established:
             args.append("--tcp-established")
+        self._write_criu_conf(cid, restore=True, tcp_established=tcp_established)
         try:
             self._runc_with_stdio(cid, *args, cid, error=RestoreError, criu_log=work / "restore.log")
         except RestoreError:

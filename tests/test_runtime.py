@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -397,6 +398,64 @@ def test_listener_without_reuseaddr_restores_despite_time_wait(runtime: RuncRunt
         runtime.restore("py")
         assert runtime.state("py") == State.RUNNING
     assert_serves(pod)
+
+
+# An app that never closes a connection whose peer went away without a request.
+HOLDER_APP = f"""
+import socket, threading
+held = []
+def serve(c):
+    try:
+        data = c.recv(4096)
+    except OSError:
+        data = b""
+    if not data:
+        held.append(c)
+        return
+    c.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: {len(BODY)}\\r\\n\\r\\n{BODY.strip()}\\n")
+    c.close()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {PORT}))
+s.listen()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+def test_app_holding_a_reset_connection_restores(runtime: RuncRuntime, pod: Pod, tmp_path: Path) -> None:
+    """A socket reset by its peer but still open in the app dumps as TCP_CLOSE; it must restore.
+
+    CRIU dumps it without complaint and then refuses to restore it ("Connected TCP socket in
+    image") unless told tcp-close, which the runtime adds on restore.
+    """
+    fs = rootfs.build_python_rootfs(tmp_path / "rootfs-holder", {"/app/holder.py": HOLDER_APP})
+    spec = ContainerSpec(
+        id="holder",
+        rootfs=fs.path,
+        args=["/usr/bin/python3", "-I", "-B", "/app/holder.py"],
+        netns=pod.path,
+        rootfs_mounts=fs.mounts,
+    )
+    runtime.run(spec)
+    wait_listening(pod)
+    with in_netns(pod.client_path):
+        conn = socket.create_connection((POD_IP, PORT), timeout=10)
+    wait_accepted(pod)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()  # RST
+    for _ in range(200):
+        if not ss(pod.path, "state", "established", "sport", "=", f":{PORT}").strip():
+            break
+        subprocess.run(["sleep", "0.05"], check=True)
+    else:
+        raise AssertionError("the server side never saw the reset")
+
+    runtime.checkpoint("holder")
+    runtime.restore("holder")
+    assert runtime.state("holder") == State.RUNNING
+    assert http_get_until_server_closes(pod) == (200, BODY)
 
 
 def test_wrong_state_and_unknown_container(runtime: RuncRuntime, pod: Pod, tmp_path: Path) -> None:
