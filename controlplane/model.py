@@ -59,6 +59,11 @@ class Frontend:
         addr = f"[{self.address}]" if self.address.version == 6 else str(self.address)
         return f"{addr}:{self.port}/{self.protocol.name}"
 
+    @property
+    def sort_key(self) -> tuple[int, bytes, int, int, str]:
+        """A total order across address families (ipaddress refuses to compare v4 with v6)."""
+        return (self.address.version, self.address.packed, self.port, int(self.protocol), self.kind.value)
+
 
 @dataclass(frozen=True, order=True)
 class Backend:

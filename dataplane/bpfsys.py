@@ -153,3 +153,67 @@ def attached_progs(target_fd: int, attach_type: int) -> list[Prog]:
         finally:
             os.close(fd)
     return out
+
+
+_libbpf.bpf_map_get_next_key.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_libbpf.bpf_map_lookup_elem.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_libbpf.libbpf_num_possible_cpus.argtypes = ()
+
+
+def possible_cpus() -> int:
+    return _check(_libbpf.libbpf_num_possible_cpus(), "count possible CPUs")
+
+
+class PinnedMap:
+    """Read-only view of a pinned map, without bcc (for the CLI and for tests)."""
+
+    def __init__(self, path: Path, key_type: type, value_type: type, per_cpu: bool = False) -> None:
+        self.path = Path(path)
+        self.key_type = key_type
+        self.value_type = value_type
+        self.per_cpu = per_cpu
+        self.fd = obj_get(self.path)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> PinnedMap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _value_buf(self):
+        if self.per_cpu:
+            return (self.value_type * possible_cpus())()
+        return self.value_type()
+
+    def keys(self) -> list:
+        out = []
+        prev = None
+        while True:
+            nxt = self.key_type()
+            ret = _libbpf.bpf_map_get_next_key(
+                self.fd, None if prev is None else ctypes.byref(prev), ctypes.byref(nxt)
+            )
+            if ret < 0:
+                break  # ENOENT: the end (a key deleted under us restarts nothing; good enough for reads)
+            out.append(nxt)
+            prev = nxt
+        return out
+
+    def get(self, key):
+        val = self._value_buf()
+        if _libbpf.bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(val)) < 0:
+            return None
+        return val
+
+    def items(self) -> list[tuple]:
+        out = []
+        for k in self.keys():
+            v = self.get(k)
+            if v is not None:
+                out.append((k, v))
+        return out

@@ -137,7 +137,7 @@ class SockDatapath:
 
     def table(self, name: str):
         assert self.bpf is not None, "load() first"
-        return self.bpf[name]
+        return self.bpf[name.encode()]
 
     def close(self) -> None:
         """Release this process's handles; attachments and pins stay (that's the point)."""

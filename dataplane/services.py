@@ -117,13 +117,17 @@ class _Family:
         self.frontends.clear()
         self.backends.clear()
         self.backend_keys.clear()
+        # bcc's generated types render __be32 as an integer; view every entry through ours.
         for k, v in self.be.items():
+            v = self.BackendT.from_buffer_copy(bytes(v))
             be = (bytes(v.address), maps.ntohs(v.port), v.proto)
             self.backends[be] = k.value
             self.backend_keys[k.value] = be
         slots: dict[AddrKey, dict[int, int]] = {}
         heads: dict[AddrKey, tuple[int, int]] = {}
         for k, v in self.svc.items():
+            k = self.KeyT.from_buffer_copy(bytes(k))
+            v = maps.LbService.from_buffer_copy(bytes(v))
             fe = (bytes(k.address), maps.ntohs(k.dport), k.proto)
             if k.slot == 0:
                 heads[fe] = (v.count, v.rev_nat_id)
@@ -188,10 +192,9 @@ class ServiceMaps:
         """Make the maps hold exactly these entries (socket kinds only); write differences."""
         result = SyncResult()
         desired: dict[tuple[int, AddrKey], tuple[ServiceEntry, list[AddrKey]]] = {}
-        for e in sorted(entries, key=lambda e: (list(SOCKET_KINDS).index(e.frontend.kind)
-                                                 if e.frontend.kind in SOCKET_KINDS else 99, e.frontend)):
-            if e.frontend.kind not in SOCKET_KINDS:
-                continue
+        wanted = [e for e in entries if e.frontend.kind in SOCKET_KINDS]
+        # ClusterIP first: when a ClusterIP and an external address collide, the ClusterIP wins.
+        for e in sorted(wanted, key=lambda e: (SOCKET_KINDS.index(e.frontend.kind), e.frontend.sort_key)):
             fe = _addr_key(e.frontend.address, e.frontend.port, e.frontend.protocol)
             key = (e.frontend.address.version, fe)
             if key in desired:

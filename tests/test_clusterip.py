@@ -1,0 +1,334 @@
+"""Socket-level ClusterIP, end to end: a real agent process, real eBPF in the kernel, real
+traffic between network namespaces. One node, a client pod, three backend pods."""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.model import FrontendKind
+from controlplane.translate import translate
+from dataplane import inspect, maps
+from dataplane.loader import SOCK_HOOKS, attached
+from zeroproxy import nettools
+from zeroproxy.k8sobjects import endpoint_slice, node, service
+from zeroproxy.sandbox import AgentProcess
+from zeroproxy.testbed import Node, Pod, TestBed
+
+VIP4 = "10.96.0.10"
+VIP6 = "fd00:10:96::10"
+DNS4 = "10.96.0.53"
+EMPTY4 = "10.96.0.99"
+EMPTY6 = "fd00:10:96::99"
+TCP_PORT, UDP_PORT = 8080, 5353
+
+
+class Cluster:
+    def __init__(self, bed: TestBed, tmp: Path) -> None:
+        self.bed = bed
+        self.node: Node = bed.add_node("a")
+        self.client: Pod = bed.add_pod(self.node, "client")
+        self.backends: list[Pod] = [bed.add_pod(self.node, f"web-{i}") for i in range(1, 5)]
+        for p in self.backends:
+            p.serve(p.name, tcp=[TCP_PORT], udp=[UDP_PORT])
+        self.agent = AgentProcess(tmp, self.node.cgroup_path, node_name="a")
+
+    def objects(self, web: list[Pod] | None = None, web_port: int = 80, extra: list[dict] | None = None,
+                dns: list[Pod] | None = None) -> list[dict[str, Any]]:
+        web = self.backends[:3] if web is None else web
+        dns = self.backends[:2] if dns is None else dns
+        tcp = [{"name": "http", "port": TCP_PORT, "protocol": "TCP"}]
+        udp = [{"name": "dns", "port": UDP_PORT, "protocol": "UDP"}]
+        return [
+            node("a", [self.node.ip4]),
+            service("web", [VIP4, VIP6], [{"name": "http", "port": web_port, "protocol": "TCP",
+                                            "targetPort": TCP_PORT}], ipFamilyPolicy="RequireDualStack"),
+            endpoint_slice("web", [p.ip4 for p in web], tcp, node_name="a"),
+            endpoint_slice("web", [p.ip6 for p in web], tcp, address_type="IPv6", node_name="a"),
+            service("dns", [DNS4], [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": UDP_PORT}]),
+            endpoint_slice("dns", [p.ip4 for p in dns], udp, node_name="a"),
+            service("empty", [EMPTY4, EMPTY6], [{"name": "http", "port": 80, "protocol": "TCP"}]),
+            *(extra or []),
+        ]
+
+    def apply(self, objects: list[dict[str, Any]], timeout: float = 15.0) -> None:
+        """Write the YAML and wait until the kernel maps hold exactly its translation."""
+        self.agent.write(objects)
+        want = expected_programmed(objects)
+        deadline = time.monotonic() + timeout
+        have: Any = None
+        while time.monotonic() < deadline:
+            have = {s.frontend: sorted(s.backends) for s in inspect.service_list(self.agent.pin_dir)}
+            if have == want:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"maps never matched the file:\nwant {want}\nhave {have}\n"
+                             f"{self.agent.log_text()[-2000:]}")
+
+
+def expected_programmed(objects: list[dict[str, Any]]) -> dict[str, list[str]]:
+    out = {}
+    for fe, entry in translate(objects, "a").table.items():
+        if fe.kind != FrontendKind.CLUSTER_IP:
+            continue
+        out[str(fe)] = sorted(str(b) for b in entry.backends)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, stale_beds_removed: list[str]) -> Iterator[Cluster]:
+    bed = TestBed(prefix="zp")
+    try:
+        c = Cluster(bed, tmp_path_factory.mktemp("clusterip"))
+        try:
+            c.agent.write(c.objects())
+            c.agent.start()
+            yield c
+        finally:
+            c.agent.close()
+    finally:
+        bed.close()
+
+
+@pytest.fixture
+def fresh(cluster: Cluster) -> Cluster:
+    """The cluster with the default objects programmed (tests may change them)."""
+    if cluster.agent.proc is None or cluster.agent.proc.poll() is not None:
+        cluster.agent.start()
+    cluster.apply(cluster.objects())
+    return cluster
+
+
+def names(records: list[dict[str, Any]]) -> collections.Counter[str]:
+    return collections.Counter(r["server_name"] for r in records if r["ok"])
+
+
+def assert_all_ok(records: list[dict[str, Any]]) -> None:
+    bad = [r for r in records if not r["ok"]]
+    assert not bad, f"{len(bad)} of {len(records)} attempts failed, first: {bad[:3]}"
+
+
+# ---- translation at the socket ------------------------------------------------------------------
+
+UDP_VIP4, UDP_VIP6 = "10.96.0.11", "fd00:10:96::11"
+
+
+def with_udp_service(c: Cluster) -> list[dict[str, Any]]:
+    udp = [{"name": "dns", "port": UDP_PORT, "protocol": "UDP"}]
+    return c.objects(extra=[
+        service("web-udp", [UDP_VIP4, UDP_VIP6], [{"name": "dns", "port": 53, "protocol": "UDP",
+                                                   "targetPort": UDP_PORT}]),
+        endpoint_slice("web-udp", [p.ip4 for p in c.backends[:3]], udp),
+        endpoint_slice("web-udp", [p.ip6 for p in c.backends[:3]], udp, address_type="IPv6"),
+    ])
+
+
+@pytest.mark.parametrize(("proto", "vip", "port"), [
+    ("tcp", VIP4, 80), ("tcp", VIP6, 80), ("udp-connected", UDP_VIP4, 53), ("udp-connected", UDP_VIP6, 53),
+])
+def test_connected_traffic_reaches_a_backend_and_peer_is_the_vip(fresh: Cluster, proto: str, vip: str,
+                                                                  port: int) -> None:
+    fresh.apply(with_udp_service(fresh))
+    records = fresh.client.client(nettools.format_target(vip, port), proto=proto, count=30)
+    assert_all_ok(records)
+    for r in records:
+        assert r["server_name"] in {"web-1", "web-2", "web-3"}
+        assert r["getpeername"] == [vip, port], r
+        # the backend saw the client pod's own address: no SNAT on the socket path
+        assert r["peer_seen_by_server"][0] == (fresh.client.ip6 if ":" in vip else fresh.client.ip4)
+
+
+def test_unconnected_udp_reply_comes_from_the_vip(fresh: Cluster) -> None:
+    """A DNS-style client (sendto/recvfrom on an unconnected socket) checks the reply's source;
+    the client itself fails an attempt whose reply source differs from the target."""
+    records = fresh.client.client(nettools.format_target(DNS4, 53), proto="udp-unconnected", count=40)
+    assert_all_ok(records)
+    assert all(r["reply_source"] == [DNS4, 53] for r in records)
+    assert set(names(records)) == {"web-1", "web-2"}
+
+
+def test_unconnected_udp_ipv6(fresh: Cluster) -> None:
+    vip6 = "fd00:10:96::53"
+    udp = [{"name": "dns", "port": UDP_PORT, "protocol": "UDP"}]
+    fresh.apply(fresh.objects(extra=[
+        service("dns6", [vip6], [{"name": "dns", "port": 53, "protocol": "UDP"}]),
+        endpoint_slice("dns6", [p.ip6 for p in fresh.backends[:3]], udp, address_type="IPv6"),
+    ]))
+    records = fresh.client.client(nettools.format_target(vip6, 53), proto="udp-unconnected", count=30)
+    assert_all_ok(records)
+    assert all(r["reply_source"] == [vip6, 53] for r in records)
+
+
+def test_spread_over_three_backends(fresh: Cluster) -> None:
+    records = fresh.client.client(nettools.format_target(VIP4, 80), count=600, concurrency=4)
+    assert_all_ok(records)
+    spread = names(records)
+    assert set(spread) == {"web-1", "web-2", "web-3"}
+    for name, n in spread.items():
+        assert n >= 0.20 * 600, f"{name} got only {n} of 600: {spread}"
+
+
+def test_zero_backends_refuse_fast(fresh: Cluster) -> None:
+    for vip in (EMPTY4, EMPTY6):
+        records = fresh.client.client(nettools.format_target(vip, 80), count=20, timeout=5)
+        assert all(r["error"] == "ECONNREFUSED" for r in records), records[:3]
+        worst = max(r["connect_ms"] for r in records)
+        assert worst < 10, f"connect() to a service without backends took {worst} ms"
+    counters = inspect.stats(fresh.agent.pin_dir)
+    assert counters["no_backend"] >= 40
+
+
+# ---- following the file --------------------------------------------------------------------------
+
+def test_yaml_edits_apply_to_new_connections(fresh: Cluster) -> None:
+    web1, web2, web3, web4 = fresh.backends
+    target = nettools.format_target(VIP4, 80)
+
+    fresh.apply(fresh.objects(web=[web1, web2, web3, web4]))  # add a backend
+    assert set(names(fresh.client.client(target, count=120, concurrency=4))) == {"web-1", "web-2", "web-3",
+                                                                                 "web-4"}
+    fresh.apply(fresh.objects(web=[web1, web4]))  # remove two
+    got = names(fresh.client.client(target, count=100, concurrency=4))
+    assert set(got) == {"web-1", "web-4"}, got
+
+    fresh.apply(fresh.objects(web_port=8000))  # change the service port
+    assert_all_ok(fresh.client.client(nettools.format_target(VIP4, 8000), count=10))
+    old = fresh.client.client(target, count=3, timeout=1)
+    assert not any(r["ok"] for r in old), "the old service port still reaches a backend"
+
+    extra = [service("extra", ["10.96.0.77"], [{"name": "http", "port": 81, "protocol": "TCP"}]),
+             endpoint_slice("extra", [web2.ip4], [{"name": "http", "port": TCP_PORT, "protocol": "TCP"}])]
+    fresh.apply(fresh.objects(extra=extra))  # add a service
+    assert names(fresh.client.client(nettools.format_target("10.96.0.77", 81), count=5)) == {"web-2": 5}
+    fresh.apply(fresh.objects())  # remove it again
+    gone = fresh.client.client(nettools.format_target("10.96.0.77", 81), count=3, timeout=1)
+    assert not any(r["ok"] for r in gone)
+
+
+def test_agent_sigkill_and_restart_loses_no_request(fresh: Cluster, tmp_path: Path) -> None:
+    stop = tmp_path / "stop"
+    argv = nettools.client_argv(nettools.format_target(VIP4, 80), count=0, interval=0.005, timeout=2,
+                                until_file=str(stop))
+    loop = fresh.client.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        fresh.agent.kill()  # SIGKILL: no chance to clean anything up
+        time.sleep(1.0)  # traffic keeps flowing with no agent at all
+        fresh.agent.start()  # adopts the pinned maps, re-attaches, resyncs
+        log = fresh.agent.log_text()
+        assert "adopted" in log and "initial sync done" in log
+        time.sleep(1.0)
+    finally:
+        stop.touch()
+        out, err = loop.communicate(timeout=60)
+    records = nettools.parse_results(out)
+    assert len(records) > 100, (len(records), err[-500:])
+    assert_all_ok(records)
+    # the restarted agent found every entry in place: its first sync rewrote nothing
+    assert "frontends written" not in fresh.agent.log_text()
+    # exactly one set of programs is attached: the old ones were replaced, not stacked
+    progs = attached(fresh.node.cgroup_path)
+    assert len(progs) == len(SOCK_HOOKS), progs
+
+
+# ---- isolation and hygiene -----------------------------------------------------------------------
+
+def test_process_outside_the_cgroup_is_not_translated(fresh: Cluster) -> None:
+    inside = fresh.client.client(nettools.format_target(VIP4, 80), count=3)
+    assert_all_ok(inside)
+    argv = nettools.client_argv(nettools.format_target(VIP4, 80), count=3, timeout=1)
+    proc = fresh.client.run(argv, in_cgroup=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    outside = nettools.parse_results(out)
+    assert len(outside) == 3 and not any(r["ok"] for r in outside), outside
+    # ...while the same process reaches a backend's own address: networking itself works
+    argv = nettools.client_argv(nettools.format_target(fresh.backends[0].ip4, TCP_PORT), count=2)
+    proc = fresh.client.run(argv, in_cgroup=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    assert_all_ok(nettools.parse_results(out))
+
+
+def test_bad_input_is_reported_and_the_rest_keeps_working(fresh: Cluster) -> None:
+    bad = [
+        service("bad-ip", ["10.96.300.1"], [{"name": "http", "port": 80, "protocol": "TCP"}]),
+        service("bad-port", ["10.96.0.81"], [{"name": "http", "port": 70000, "protocol": "TCP"}]),
+        endpoint_slice("no-such-service", ["10.244.1.200"], [{"name": "http", "port": 80, "protocol": "TCP"}],
+                       name="orphan-slice"),
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "odd", "namespace": "default"}},
+    ]
+    fresh.apply(fresh.objects(extra=bad))
+    log = fresh.agent.wait_log("ConfigMap default/odd")
+    assert "Service default/bad-ip spec.clusterIP" in log or "Service default/bad-ip spec.clusterIPs" in log, log
+    assert "Service default/bad-port spec.ports[0].port" in log, log
+    assert "EndpointSlice default/orphan-slice" in log and "no-such-service" in log, log
+    assert_all_ok(fresh.client.client(nettools.format_target(VIP4, 80), count=10))
+
+    # a file that is not YAML at all: logged, and the last good state stays in force
+    fresh.agent.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n")
+    fresh.agent.wait_log("invalid YAML")
+    assert_all_ok(fresh.client.client(nettools.format_target(VIP4, 80), count=10))
+    assert fresh.agent.proc is not None and fresh.agent.proc.poll() is None, "the agent died"
+
+
+def test_no_netfilter_rule_anywhere(fresh: Cluster) -> None:
+    for netns in [None, fresh.node.netns, fresh.client.netns]:
+        prefix = [] if netns is None else ["ip", "netns", "exec", netns]
+        nft = subprocess.run([*prefix, "nft", "list", "ruleset"], capture_output=True, text=True, check=True)
+        if netns is not None:
+            assert nft.stdout.strip() == "", f"nftables rules in {netns}: {nft.stdout}"
+        for tool in ("iptables-save", "ip6tables-save"):
+            out = subprocess.run([*prefix, tool], capture_output=True, text=True, check=True).stdout
+            rules = [ln for ln in out.splitlines() if ln.startswith("-A")]
+            ours = [ln for ln in rules if "10.96." in ln or "fd00:10:96" in ln or "zeroproxy" in ln.lower()]
+            assert not ours, ours
+            if netns is not None:
+                assert not rules, f"{tool} rules in {netns}: {rules}"
+
+
+def test_cli_service_list_and_status(fresh: Cluster) -> None:
+    out = subprocess.run([*_zp(), "service", "list", "--bpffs", str(fresh.agent.pin_dir)],
+                         capture_output=True, text=True, check=True).stdout
+    assert f"{VIP4}:80/TCP" in out and f"[{VIP6}]:80/TCP" in out
+    assert f"{fresh.backends[0].ip4}:{TCP_PORT}" in out
+    assert "connect() is refused" in out  # the empty service
+
+
+def _zp() -> list[str]:
+    import sys
+    return [sys.executable, "-m", "zeroproxy"]
+
+
+# ---- structure checks ----------------------------------------------------------------------------
+
+def test_ctypes_mirrors_match_bcc_structs(tmp_path: Path) -> None:
+    import bcc
+
+    from dataplane.loader import sock_source
+
+    pin = Path("/sys/fs/bpf") / f"zp-sizes-{tmp_path.name[-8:]}"
+    pin.mkdir()
+    b = None
+    try:
+        text, cflags = sock_source(pin)
+        b = bcc.BPF(text=text, cflags=cflags)
+        for name, (key_t, value_t) in maps.MAP_TYPES.items():
+            t = b[name.encode()]
+            assert ctypes.sizeof(key_t) == ctypes.sizeof(t.Key), name
+            assert ctypes.sizeof(value_t) == ctypes.sizeof(t.Leaf), name
+            for field, _ in getattr(key_t, "_fields_", ()):
+                assert getattr(key_t, field).offset == getattr(t.Key, field).offset, (name, field)
+            for field, _ in getattr(value_t, "_fields_", ()):
+                assert getattr(value_t, field).offset == getattr(t.Leaf, field).offset, (name, field)
+        assert set(maps.MAP_PINS.values()) <= {p.name for p in pin.iterdir()}
+    finally:
+        if b is not None:
+            b.cleanup()
+        from dataplane.loader import cleanup
+        cleanup(None, pin)

@@ -1,0 +1,3 @@
+from zeroproxy.cli import main
+
+main()
