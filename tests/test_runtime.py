@@ -458,6 +458,34 @@ def test_app_holding_a_reset_connection_restores(runtime: RuncRuntime, pod: Pod,
     assert http_get_until_server_closes(pod) == (200, BODY)
 
 
+def test_dump_refuses_connection_waiting_in_accept_queue(runtime: RuncRuntime, pod: Pod, tmp_path: Path) -> None:
+    """A connection the app has not accepted yet must not be lost: the checkpoint fails instead."""
+    app = f"import socket, time\ns = socket.socket()\ns.bind(('0.0.0.0', {PORT}))\ns.listen()\ntime.sleep(1e9)\n"
+    fs = rootfs.build_python_rootfs(tmp_path / "rootfs-lazy", {"/app/lazy.py": app})
+    spec = ContainerSpec(
+        id="lazy",
+        rootfs=fs.path,
+        args=["/usr/bin/python3", "-I", "-B", "/app/lazy.py"],
+        netns=pod.path,
+        rootfs_mounts=fs.mounts,
+    )
+    runtime.run(spec)
+    wait_listening(pod)
+    with in_netns(pod.client_path):
+        conn = socket.create_connection((POD_IP, PORT), timeout=10)
+    try:
+        # The handshake completed in the kernel; the connection waits in the listener's queue.
+        assert ss(pod.path, "state", "listening", "sport", "=", f":{PORT}").split()[0] == "1"
+        with pytest.raises(CheckpointError) as exc:
+            runtime.checkpoint("lazy")
+        assert "In-flight connection" in exc.value.reason
+        assert runtime.state("lazy") == State.RUNNING
+        # ... and the queued connection is still there for the app to accept.
+        assert ss(pod.path, "state", "listening", "sport", "=", f":{PORT}").split()[0] == "1"
+    finally:
+        conn.close()
+
+
 def test_wrong_state_and_unknown_container(runtime: RuncRuntime, pod: Pod, tmp_path: Path) -> None:
     runtime.run(busybox_spec(tmp_path, pod))
     wait_listening(pod)
