@@ -32,7 +32,7 @@ flock 9
 # --- runtime and build dependencies from bookworm --------------------------------------------
 pkgs=(runc libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libnl-3-dev libnet1-dev libcap-dev
       libbsd-dev libgnutls28-dev libaio-dev libnftables-dev python3-protobuf pkg-config gcc make
-      xz-utils curl ca-certificates)
+      xz-utils curl ca-certificates dpkg-dev)
 install_missing() {
     local missing=() p
     for p in "$@"; do
