@@ -51,7 +51,7 @@ __sock4_xlate_fwd(struct bpf_sock_addr *ctx, __be32 *addr, __be16 *port)
 	svc = lb4_lookup_service(*addr, *port, __sock_proto(ctx), &key);
 	if (!svc)
 		return ZP_ENOTSVC;
-	ret = lb4_select_backend(&key, svc, &be);
+	ret = lb4_select_backend_sticky(&key, svc, &be, bpf_get_netns_cookie(ctx));
 	if (ret < 0)
 		return ret;
 
@@ -152,7 +152,7 @@ __sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 addr[4], __be16 *port)
 	svc = lb6_lookup_service(addr, *port, __sock_proto(ctx), &key);
 	if (!svc)
 		return ZP_ENOTSVC;
-	ret = lb6_select_backend(&key, svc, &be);
+	ret = lb6_select_backend_sticky(&key, svc, &be, bpf_get_netns_cookie(ctx));
 	if (ret < 0)
 		return ret;
 

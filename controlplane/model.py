@@ -92,6 +92,22 @@ class ServiceEntry:
     # defaults so that older callers keep working.
     extra: tuple[tuple[str, str], ...] = field(default=())
 
+    def extra_value(self, key: str, default: str | None = None) -> str | None:
+        for k, v in self.extra:
+            if k == key:
+                return v
+        return default
+
+    @property
+    def affinity_timeout(self) -> int:
+        """Seconds of ClientIP session affinity; 0 when the service has none."""
+        if self.extra_value("sessionAffinity") != "ClientIP":
+            return 0
+        try:
+            return max(1, min(int(self.extra_value("sessionAffinityTimeoutSeconds") or 10800), 86400))
+        except ValueError:
+            return 10800
+
 
 # The complete desired state: frontend -> entry. A source + translation produces one of these;
 # the dataplane makes the kernel maps equal to it.

@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 # Frontend kinds the socket hooks serve: real addresses a local process can connect() to.
 # NodePort frontends (0.0.0.0:port) are matched per node address; see the NodePort design.
 SOCKET_KINDS = (FrontendKind.CLUSTER_IP, FrontendKind.EXTERNAL_IP, FrontendKind.LOAD_BALANCER)
+# Every kind in conflict order: on a clash the earlier kind keeps the address. NodePort
+# frontends are written once per node address that accepts NodePorts (set_node_port_addresses),
+# so the socket hooks (nodeIP:nodePort, 127.0.0.1:nodePort) and the TC programs match them with
+# one exact lookup.
+ALL_KINDS = (*SOCKET_KINDS, FrontendKind.NODE_PORT)
+EXTERNAL_KINDS = (FrontendKind.NODE_PORT, FrontendKind.EXTERNAL_IP, FrontendKind.LOAD_BALANCER)
+EXTERNAL_TRAFFIC_POLICY = "externalTrafficPolicy"  # key in ServiceEntry.extra (controlplane.translate)
 
 MAX_REV_NAT_ID = 0xFFFF
 MAX_BACKEND_ID = 0xFFFFFFFF
@@ -43,6 +50,8 @@ AddrKey = tuple[bytes, int, int]
 class FrontendState:
     rev_nat_id: int
     backend_ids: list[int] = field(default_factory=list)  # slot i+1 holds backend_ids[i]
+    affinity: int = 0  # ClientIP affinity timeout in seconds, 0 = none (slot 0's backend_id)
+    flags: int = 0  # slot 0's maps.SvcFlag bits (which frontends the TC programs serve, and how)
 
 
 @dataclass
@@ -130,15 +139,16 @@ class _Family:
             v = maps.LbService.from_buffer_copy(bytes(v))
             fe = (bytes(k.address), maps.ntohs(k.dport), k.proto)
             if k.slot == 0:
-                heads[fe] = (v.count, v.rev_nat_id)
+                heads[fe] = (v.count, v.rev_nat_id, v.backend_id, v.flags)
             else:
                 slots.setdefault(fe, {})[k.slot] = v.backend_id
-        for fe, (count, rev_nat_id) in heads.items():
+        for fe, (count, rev_nat_id, affinity, flags) in heads.items():
             have = slots.pop(fe, {})
             # Slots past count are leftovers of an interrupted write; a missing slot reads as
             # backend id 0. Either way the next sync sees a difference and rewrites it.
             width = max(count, max(have, default=0))
-            self.frontends[fe] = FrontendState(rev_nat_id, [have.get(i, 0) for i in range(1, width + 1)])
+            self.frontends[fe] = FrontendState(rev_nat_id, [have.get(i, 0) for i in range(1, width + 1)], affinity,
+                                               flags)
         for fe, have in slots.items():  # slots without a head: an interrupted delete
             self.frontends[fe] = FrontendState(0, [0] * max(have))
 
@@ -150,10 +160,32 @@ class ServiceMaps:
         self.v4 = _Family(4, datapath.table("zp_lb4_svc"), datapath.table("zp_lb4_be"))
         self.v6 = _Family(6, datapath.table("zp_lb6_svc"), datapath.table("zp_lb6_be"))
         self.stats_table = datapath.table("zp_stats")
+        self.affinity_table = datapath.table("zp_lb_affinity")
         self.rev_nat_ids: dict[ServicePortName, int] = {}
         self._rev_pool = _IdPool(MAX_REV_NAT_ID)
         self._be_pool = _IdPool(MAX_BACKEND_ID)
+        self.node_port_addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
         self.adopt()
+
+    def set_node_port_addresses(self, addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
+        """The node addresses that accept NodePort traffic (see dataplane.tc.node_port_addresses).
+
+        Takes effect at the next sync(); with none (the default) NodePort frontends are not
+        programmed at all.
+        """
+        self.node_port_addresses = tuple(sorted(set(addresses), key=lambda a: (a.version, a)))
+
+    def has_local_endpoints(self, service: ServicePortName) -> bool | None:
+        """Whether this node has endpoints for an externalTrafficPolicy: Local service port.
+
+        What healthCheckNodePort reports. None when the service port has no Local frontend here.
+        """
+        rev = self.rev_nat_ids.get(service)
+        local = [st for f in (self.v4, self.v6) for st in f.frontends.values()
+                 if rev is not None and st.rev_nat_id == rev and st.flags & maps.SvcFlag.LOCAL]
+        if not local:
+            return None
+        return any(st.backend_ids for st in local)
 
     def _fam(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> _Family:
         return self.v4 if addr.version == 4 else self.v6
@@ -191,23 +223,26 @@ class ServiceMaps:
     def sync(self, entries: Iterable[ServiceEntry]) -> SyncResult:
         """Make the maps hold exactly these entries (socket kinds only); write differences."""
         result = SyncResult()
-        desired: dict[tuple[int, AddrKey], tuple[ServiceEntry, list[AddrKey]]] = {}
-        wanted = [e for e in entries if e.frontend.kind in SOCKET_KINDS]
+        desired: dict[tuple[int, AddrKey], tuple[ServiceEntry, list[AddrKey], int]] = {}
+        wanted = [e for e in entries if e.frontend.kind in ALL_KINDS]
         # ClusterIP first: when a ClusterIP and an external address collide, the ClusterIP wins.
-        for e in sorted(wanted, key=lambda e: (SOCKET_KINDS.index(e.frontend.kind), e.frontend.sort_key)):
-            fe = _addr_key(e.frontend.address, e.frontend.port, e.frontend.protocol)
-            key = (e.frontend.address.version, fe)
-            if key in desired:
-                result.conflicts.append(
-                    f"frontend {e.frontend} of {e.service} is already used by {desired[key][0].service}; ignored"
-                )
-                continue
-            bes = [
-                _addr_key(b.address, b.port, e.frontend.protocol)
-                for b in e.backends
-                if b.address.version == e.frontend.address.version
-            ][:MAX_SLOTS]
-            desired[key] = (e, bes)
+        for e in sorted(wanted, key=lambda e: (ALL_KINDS.index(e.frontend.kind), e.frontend.sort_key)):
+            flags = _frontend_flags(e)
+            for addr in self._frontend_addresses(e):
+                fe = _addr_key(addr, e.frontend.port, e.frontend.protocol)
+                key = (addr.version, fe)
+                if key in desired:
+                    result.conflicts.append(
+                        f"frontend {e.frontend} ({addr}) of {e.service} is already used by "
+                        f"{desired[key][0].service}; ignored"
+                    )
+                    continue
+                bes = [
+                    _addr_key(b.address, b.port, e.frontend.protocol)
+                    for b in e.backends
+                    if b.address.version == addr.version
+                ][:MAX_SLOTS]
+                desired[key] = (e, bes, flags)
         try:
             self._apply(desired, result)
         except Exception:
@@ -227,17 +262,24 @@ class ServiceMaps:
         self.rev_nat_ids[name] = ident
         return ident
 
-    def _apply(self, desired: dict[tuple[int, AddrKey], tuple[ServiceEntry, list[AddrKey]]],
+    def _frontend_addresses(self, entry: ServiceEntry) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        """The map addresses of a frontend: its own, or for NodePort each node address of its family."""
+        if entry.frontend.kind is not FrontendKind.NODE_PORT:
+            return [entry.frontend.address]
+        return [a for a in self.node_port_addresses if a.version == entry.frontend.address.version]
+
+    def _apply(self, desired: dict[tuple[int, AddrKey], tuple[ServiceEntry, list[AddrKey], int]],
                result: SyncResult) -> None:
         for fam in (self.v4, self.v6):
             want = {fe: v for (ver, fe), v in desired.items() if ver == fam.version}
             be_new: list[tuple[int, AddrKey]] = []
             slot_writes: list[tuple[AddrKey, int, int, int]] = []  # fe, slot, backend id, rev id
-            head_writes: list[tuple[AddrKey, int, int]] = []  # fe, count, rev id
+            head_writes: list[tuple[AddrKey, int, int, int, int]] = []  # fe, count, rev id, affinity, flags
+            left: set[tuple[int, int]] = set()  # (rev id, backend id) pairs that stopped serving
             deletes: list = []  # ctypes keys, in order
             new_state: dict[AddrKey, FrontendState] = {}
 
-            for fe, (entry, bes) in want.items():
+            for fe, (entry, bes, flags) in want.items():
                 cur = fam.frontends.get(fe)
                 rev = self._rev_nat_id(entry, cur)
                 ids = []
@@ -254,12 +296,16 @@ class ServiceMaps:
                 for i, ident in enumerate(ids):
                     if rev_changed or i >= len(old_ids) or old_ids[i] != ident:
                         slot_writes.append((fe, i + 1, ident, rev))
-                if rev_changed or len(ids) != len(old_ids) or old_ids[: len(ids)] != ids:
-                    head_writes.append((fe, len(ids), rev))
+                aff = entry.affinity_timeout
+                head_changed = rev_changed or aff != cur.affinity or flags != cur.flags
+                if head_changed or len(ids) != len(old_ids) or old_ids[: len(ids)] != ids:
+                    head_writes.append((fe, len(ids), rev, aff, flags))
                     result.frontends_written += 1
+                if cur is not None and cur.affinity:
+                    left.update((cur.rev_nat_id, i) for i in set(old_ids) - set(ids))
                 for slot in range(len(ids) + 1, len(old_ids) + 1):
                     deletes.append(fam.svc_key(fe, slot))
-                new_state[fe] = FrontendState(rev, ids)
+                new_state[fe] = FrontendState(rev, ids, aff, flags)
 
             for fe, cur in fam.frontends.items():
                 if fe in want:
@@ -279,11 +325,15 @@ class ServiceMaps:
                               [maps.LbService(backend_id=b, count=0, rev_nat_id=r) for _, _, b, r in slot_writes])
             # phase 3: heads
             if head_writes:
-                _update_batch(fam.svc, [fam.svc_key(fe, 0) for fe, _, _ in head_writes],
-                              [maps.LbService(backend_id=0, count=c, rev_nat_id=r) for _, c, r in head_writes])
+                _update_batch(fam.svc, [fam.svc_key(fe, 0) for fe, *_ in head_writes],
+                              [maps.LbService(backend_id=a, count=c, rev_nat_id=r, flags=f)
+                               for _, c, r, a, f in head_writes])
             # phase 4: surplus slots and removed frontends (head before its slots)
             if deletes:
                 _delete_batch(fam.svc, deletes)
+            # clients stuck to a backend that left the service choose again on their next connect
+            if left:
+                self._forget_affinity(fam.version, left)
             # phase 5: unreferenced backends
             used = {i for st in new_state.values() for i in st.backend_ids}
             stale = [i for i in fam.backend_keys if i not in used]
@@ -303,6 +353,29 @@ class ServiceMaps:
                     self._rev_pool.give(rev)
         live = {st.rev_nat_id for f in (self.v4, self.v6) for st in f.frontends.values()}
         self.rev_nat_ids = {n: i for n, i in self.rev_nat_ids.items() if i in live}
+
+
+    def _forget_affinity(self, family: int, pairs: set[tuple[int, int]]) -> None:
+        stale = []
+        for k, v in self.affinity_table.items():
+            k = maps.AffinityKey.from_buffer_copy(bytes(k))
+            v = maps.AffinityValue.from_buffer_copy(bytes(v))
+            if k.family == family and (k.rev_nat_id, v.backend_id) in pairs:
+                stale.append(k)
+        _delete_batch(self.affinity_table, stale)
+
+
+def _frontend_flags(entry: ServiceEntry) -> int:
+    """slot 0's flags: which frontends the TC programs serve, and how."""
+    kind = entry.frontend.kind
+    if kind not in EXTERNAL_KINDS:
+        return 0
+    flags = maps.SvcFlag.EXTERNAL
+    if kind is FrontendKind.NODE_PORT:
+        flags |= maps.SvcFlag.NODEPORT
+    if dict(entry.extra).get(EXTERNAL_TRAFFIC_POLICY) == "Local":
+        flags |= maps.SvcFlag.LOCAL
+    return int(flags)
 
 
 def _addr_key(addr, port: int, proto: Protocol | int) -> AddrKey:

@@ -318,7 +318,9 @@ def test_ctypes_mirrors_match_bcc_structs(tmp_path: Path) -> None:
     try:
         text, cflags = sock_source(pin)
         b = bcc.BPF(text=text, cflags=cflags)
-        for name, (key_t, value_t) in maps.MAP_TYPES.items():
+        sock_maps = {n: kv for n, kv in maps.MAP_TYPES.items() if n.startswith(("zp_lb", "zp_rnat"))}
+        assert len(sock_maps) == 7
+        for name, (key_t, value_t) in sock_maps.items():
             t = b[name.encode()]
             assert ctypes.sizeof(key_t) == ctypes.sizeof(t.Key), name
             assert ctypes.sizeof(value_t) == ctypes.sizeof(t.Leaf), name
@@ -326,9 +328,47 @@ def test_ctypes_mirrors_match_bcc_structs(tmp_path: Path) -> None:
                 assert getattr(key_t, field).offset == getattr(t.Key, field).offset, (name, field)
             for field, _ in getattr(value_t, "_fields_", ()):
                 assert getattr(value_t, field).offset == getattr(t.Leaf, field).offset, (name, field)
-        assert set(maps.MAP_PINS.values()) <= {p.name for p in pin.iterdir()}
+        assert {maps.MAP_PINS[n] for n in [*sock_maps, "zp_stats"]} <= {p.name for p in pin.iterdir()}
     finally:
         if b is not None:
             b.cleanup()
         from dataplane.loader import cleanup
         cleanup(None, pin)
+
+
+# ---- session affinity ----------------------------------------------------------------------------
+
+def _affinity_objects(c: Cluster, timeout: int, web: list[Pod] | None = None) -> list[dict[str, Any]]:
+    web = c.backends[:3] if web is None else web
+    http = [{"name": "http", "port": TCP_PORT, "protocol": "TCP"}]
+    return c.objects(extra=[
+        service("sticky", ["10.96.0.20"], [{"name": "http", "port": 80, "protocol": "TCP"}],
+                sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": timeout}}),
+        endpoint_slice("sticky", [p.ip4 for p in web], http),
+    ])
+
+
+def test_session_affinity_keeps_a_client_on_one_backend(fresh: Cluster) -> None:
+    fresh.apply(_affinity_objects(fresh, 300))
+    target = nettools.format_target("10.96.0.20", 80)
+    first = names(fresh.client.client(target, count=30))
+    assert len(first) == 1 and sum(first.values()) == 30, first
+    # the sticky backend leaves the service: the client moves on and sticks to a new one
+    (gone,) = first
+    rest = [p for p in fresh.backends[:3] if p.name != gone]
+    fresh.apply(_affinity_objects(fresh, 300, web=rest))
+    second = names(fresh.client.client(target, count=30))
+    assert len(second) == 1 and gone not in second, second
+
+
+def test_session_affinity_expires_after_the_timeout(fresh: Cluster) -> None:
+    fresh.apply(_affinity_objects(fresh, 1))
+    target = nettools.format_target("10.96.0.20", 80)
+    chosen = []
+    for _ in range(12):
+        burst = names(fresh.client.client(target, count=5))
+        assert len(burst) == 1, burst  # sticky within the timeout
+        chosen.append(next(iter(burst)))
+        time.sleep(1.3)  # idle longer than timeoutSeconds: the next connect chooses afresh
+    # 12 fresh random choices among 3 backends all equal has probability 3^-11
+    assert len(set(chosen)) > 1, chosen

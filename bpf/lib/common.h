@@ -25,6 +25,9 @@
 #ifndef ZP_BACKEND_MAP_SIZE
 #define ZP_BACKEND_MAP_SIZE 131072
 #endif
+#ifndef ZP_AFFINITY_MAP_SIZE
+#define ZP_AFFINITY_MAP_SIZE 65536
+#endif
 #ifndef ZP_RNAT_MAP_SIZE
 #define ZP_RNAT_MAP_SIZE 262144
 #endif

@@ -45,6 +45,78 @@ lb4_select_backend(struct lb4_key *key, const struct lb_service *svc, struct lb4
 	return ZP_OK;
 }
 
+/* ClientIP session affinity: the backend this client used last, if still fresh and present. */
+static __always_inline struct lb4_backend *
+lb4_affinity_backend(const struct lb_service *svc, __u64 client, __u32 *backend_id)
+{
+	struct lb_affinity_key akey = {};
+	struct lb_affinity_value *aval;
+	struct lb4_backend *found;
+	__u64 now;
+
+	akey.netns_cookie = client;
+	akey.rev_nat_id = svc->rev_nat_id;
+	akey.family = 4;
+	aval = zp_lb_affinity.lookup(&akey);
+	if (!aval)
+		return NULL;
+	now = bpf_ktime_get_ns();
+	if (now - aval->last_used_ns > (__u64)svc->backend_id * 1000000000ULL)
+		return NULL;
+	found = zp_lb4_be.lookup(&aval->backend_id);
+	if (found) {
+		aval->last_used_ns = now;
+		*backend_id = aval->backend_id;
+	}
+	return found;
+}
+
+static __always_inline void lb_affinity_remember(const struct lb_service *svc, __u64 client, __u8 family,
+						 __u32 backend_id)
+{
+	struct lb_affinity_key akey = {};
+	struct lb_affinity_value aval = {};
+
+	akey.netns_cookie = client;
+	akey.rev_nat_id = svc->rev_nat_id;
+	akey.family = family;
+	aval.last_used_ns = bpf_ktime_get_ns();
+	aval.backend_id = backend_id;
+	zp_lb_affinity.update(&akey, &aval);
+}
+
+/* lb4_select_backend, honouring ClientIP affinity when the service has a timeout (slot 0's
+ * backend_id) and the caller knows the client. */
+static __always_inline int
+lb4_select_backend_sticky(struct lb4_key *key, const struct lb_service *svc, struct lb4_backend *be, __u64 client)
+{
+	struct lb4_backend *found;
+	struct lb_service *slot;
+	__u32 backend_id = 0;
+
+	if (svc->count == 0)
+		return ZP_ENOBACKEND;
+	if (svc->backend_id && client) {
+		found = lb4_affinity_backend(svc, client, &backend_id);
+		if (found) {
+			*be = *found;
+			return ZP_OK;
+		}
+	}
+	key->slot = __lb_pick_slot(svc->count);
+	slot = zp_lb4_svc.lookup(key);
+	if (!slot)
+		return ZP_ESTALE;
+	backend_id = slot->backend_id;
+	found = zp_lb4_be.lookup(&backend_id);
+	if (!found)
+		return ZP_ESTALE;
+	*be = *found;
+	if (svc->backend_id && client)
+		lb_affinity_remember(svc, client, 4, backend_id);
+	return ZP_OK;
+}
+
 static __always_inline struct lb_service *
 lb6_lookup_service(const __u32 addr[4], __be16 port, __u8 proto, struct lb6_key *key)
 {
@@ -73,6 +145,62 @@ lb6_select_backend(struct lb6_key *key, const struct lb_service *svc, struct lb6
 	if (!found)
 		return ZP_ESTALE;
 	*be = *found;
+	return ZP_OK;
+}
+
+
+static __always_inline struct lb6_backend *
+lb6_affinity_backend(const struct lb_service *svc, __u64 client, __u32 *backend_id)
+{
+	struct lb_affinity_key akey = {};
+	struct lb_affinity_value *aval;
+	struct lb6_backend *found;
+	__u64 now;
+
+	akey.netns_cookie = client;
+	akey.rev_nat_id = svc->rev_nat_id;
+	akey.family = 6;
+	aval = zp_lb_affinity.lookup(&akey);
+	if (!aval)
+		return NULL;
+	now = bpf_ktime_get_ns();
+	if (now - aval->last_used_ns > (__u64)svc->backend_id * 1000000000ULL)
+		return NULL;
+	found = zp_lb6_be.lookup(&aval->backend_id);
+	if (found) {
+		aval->last_used_ns = now;
+		*backend_id = aval->backend_id;
+	}
+	return found;
+}
+
+static __always_inline int
+lb6_select_backend_sticky(struct lb6_key *key, const struct lb_service *svc, struct lb6_backend *be, __u64 client)
+{
+	struct lb6_backend *found;
+	struct lb_service *slot;
+	__u32 backend_id = 0;
+
+	if (svc->count == 0)
+		return ZP_ENOBACKEND;
+	if (svc->backend_id && client) {
+		found = lb6_affinity_backend(svc, client, &backend_id);
+		if (found) {
+			*be = *found;
+			return ZP_OK;
+		}
+	}
+	key->slot = __lb_pick_slot(svc->count);
+	slot = zp_lb6_svc.lookup(key);
+	if (!slot)
+		return ZP_ESTALE;
+	backend_id = slot->backend_id;
+	found = zp_lb6_be.lookup(&backend_id);
+	if (!found)
+		return ZP_ESTALE;
+	*be = *found;
+	if (svc->backend_id && client)
+		lb_affinity_remember(svc, client, 6, backend_id);
 	return ZP_OK;
 }
 

@@ -28,7 +28,8 @@ struct lb6_key {
 
 /* Value of both service maps. */
 struct lb_service {
-	__u32 backend_id; /* slot > 0: key into the backend map; slot 0: 0 */
+	__u32 backend_id; /* slot > 0: key into the backend map; slot 0: ClientIP affinity
+			   * timeout in seconds (0 = no session affinity) */
 	__u16 count;      /* slot 0: number of backend slots (0 = reject); slot > 0: 0 */
 	__u16 rev_nat_id; /* service-port id chosen by userspace, same for every slot; never 0 */
 	__u32 flags;      /* ZP_SVC_F_* bits, slot 0 only */
@@ -77,6 +78,21 @@ struct rnat6_value {
 	__u16 rev_nat_id; /* service-port id (for accounting) */
 };
 
+/* Session affinity (sessionAffinity: ClientIP) at the socket: the client is its network
+ * namespace (a pod), identified by bpf_get_netns_cookie(). */
+struct lb_affinity_key {
+	__u64 netns_cookie; /* bpf_get_netns_cookie() of the connecting socket */
+	__u16 rev_nat_id;   /* service-port id */
+	__u8 family;        /* 4 or 6: backend ids are looked up in that family's map */
+	__u8 pad[5];        /* explicit padding, always 0 */
+};
+
+struct lb_affinity_value {
+	__u64 last_used_ns; /* bpf_ktime_get_ns() of the last connection that used it */
+	__u32 backend_id;   /* the backend this client sticks to */
+	__u32 pad;          /* explicit padding, always 0 */
+};
+
 /* Services: frontend (+ slot) -> backend count or backend id. */
 BPF_TABLE_PINNED("hash", struct lb4_key, struct lb_service, zp_lb4_svc, ZP_SVC_MAP_SIZE,
 		 ZP_PIN_DIR "zp_lb4_svc_v1", BPF_F_NO_PREALLOC);
@@ -92,6 +108,10 @@ BPF_TABLE_PINNED("lru_hash", struct rnat4_key, struct rnat4_value, zp_rnat4, ZP_
 		 ZP_PIN_DIR "zp_rnat4_v1");
 BPF_TABLE_PINNED("lru_hash", struct rnat6_key, struct rnat6_value, zp_rnat6, ZP_RNAT_MAP_SIZE,
 		 ZP_PIN_DIR "zp_rnat6_v1");
+/* Session affinity: client + service -> backend; LRU, and userspace removes entries whose
+ * backend left the service. */
+BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_value, zp_lb_affinity,
+		 ZP_AFFINITY_MAP_SIZE, ZP_PIN_DIR "zp_lb_affinity_v1");
 /* Outcome and drop-reason counters, indexed by enum zp_stat. */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, zp_stats, ZP_STAT_MAX, ZP_PIN_DIR "zp_stats_v1");
 
