@@ -20,6 +20,7 @@ MAP_PINS: dict[str, str] = {
     "zp_lb6_be": "zp_lb6_be_v1",
     "zp_rnat4": "zp_rnat4_v1",
     "zp_rnat6": "zp_rnat6_v1",
+    "zp_lb_affinity": "zp_lb_affinity_v1",
     "zp_stats": "zp_stats_v1",
 }
 
@@ -117,6 +118,23 @@ class Rnat6Value(ctypes.Structure):
     )
 
 
+class AffinityKey(ctypes.Structure):
+    _fields_ = (
+        ("netns_cookie", ctypes.c_uint64),
+        ("rev_nat_id", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 5),
+    )
+
+
+class AffinityValue(ctypes.Structure):
+    _fields_ = (
+        ("last_used_ns", ctypes.c_uint64),
+        ("backend_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    )
+
+
 # (map name) -> (key type, value type); the value of zp_stats is per CPU, checked separately.
 MAP_TYPES: dict[str, tuple[type[ctypes.Structure] | type, type[ctypes.Structure] | type]] = {
     "zp_lb4_svc": (Lb4Key, LbService),
@@ -125,6 +143,7 @@ MAP_TYPES: dict[str, tuple[type[ctypes.Structure] | type, type[ctypes.Structure]
     "zp_lb6_be": (ctypes.c_uint32, Lb6Backend),
     "zp_rnat4": (Rnat4Key, Rnat4Value),
     "zp_rnat6": (Rnat6Key, Rnat6Value),
+    "zp_lb_affinity": (AffinityKey, AffinityValue),
 }
 
 
@@ -143,3 +162,125 @@ def addr_bytes(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
 def addr_from(raw: ctypes.Array, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     data = bytes(raw)
     return ipaddress.IPv4Address(data) if version == 4 else ipaddress.IPv6Address(data)
+
+
+# ---- TC path (bpf/lib/{conntrack,nat,nodeport}.h) ----------------------------------------------
+
+MAP_PINS.update({
+    "zp_ct4": "zp_ct4_v1",
+    "zp_snat4": "zp_snat4_v1",
+    "zp_np_cfg": "zp_np_cfg_v1",
+    "zp_np_dev4": "zp_np_dev4_v1",
+    "zp_np_stats": "zp_np_stats_v1",
+})
+
+
+class SvcFlag(enum.IntFlag):
+    """lb_service.flags of a frontend's slot 0; mirrors ZP_SVC_F_* in bpf/lib/nodeport.h."""
+
+    EXTERNAL = 0x1  # served by the TC programs (NodePort, ExternalIP, LoadBalancer IP)
+    LOCAL = 0x2  # externalTrafficPolicy: Local (local backends only, never SNAT)
+    NODEPORT = 0x4  # the frontend address is a node address
+
+
+class NpStat(enum.IntEnum):
+    """Indexes of zp_np_stats; mirrors enum zp_np_stat in bpf/lib/nodeport.h."""
+
+    NEW_FLOW = 0
+    FWD = 1
+    REPLY = 2
+    SNAT_EXHAUSTED = 3
+    NO_BACKEND = 4
+    BACKEND_GONE = 5
+    CT_MISS = 6
+    FIB_FAIL = 7
+    REWRITE_FAIL = 8
+    MAP_WRITE = 9
+    STALE_REPLY = 10
+    STALE_BACKEND = 11
+
+
+NP_STAT_MAX = 16
+
+
+class CtState(enum.IntEnum):
+    """ct4_entry.state; mirrors enum zp_ct_state in bpf/lib/conntrack.h."""
+
+    SYN = 1
+    ESTABLISHED = 2
+    CLOSING = 3
+    UDP = 4
+
+
+class CtFlag(enum.IntFlag):
+    """ct4_entry.flags; mirrors ZP_CT_F_* in bpf/lib/conntrack.h."""
+
+    SNAT = 0x01
+    FIN_FWD = 0x02
+    FIN_REV = 0x04
+
+
+NAT_F_SNAT = 0x01  # nat4_entry.flags: the key's destination is a node address and SNAT port
+
+
+class Tuple4(ctypes.Structure):
+    _fields_ = (
+        ("saddr", ctypes.c_uint8 * 4),
+        ("daddr", ctypes.c_uint8 * 4),
+        ("sport", ctypes.c_uint16),  # network byte order
+        ("dport", ctypes.c_uint16),  # network byte order
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    )
+
+
+class Ct4Entry(ctypes.Structure):
+    _fields_ = (
+        ("expires", ctypes.c_uint64),  # CLOCK_MONOTONIC ns
+        ("backend_addr", ctypes.c_uint8 * 4),
+        ("snat_addr", ctypes.c_uint8 * 4),
+        ("backend_id", ctypes.c_uint32),
+        ("backend_port", ctypes.c_uint16),  # network byte order
+        ("snat_port", ctypes.c_uint16),  # network byte order
+        ("rev_nat_id", ctypes.c_uint16),
+        ("state", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint32),
+    )
+
+
+class Nat4Entry(ctypes.Structure):
+    _fields_ = (
+        ("client_addr", ctypes.c_uint8 * 4),
+        ("frontend_addr", ctypes.c_uint8 * 4),
+        ("client_port", ctypes.c_uint16),  # network byte order
+        ("frontend_port", ctypes.c_uint16),  # network byte order
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    )
+
+
+class NpConfig(ctypes.Structure):
+    _fields_ = (
+        ("snat_port_min", ctypes.c_uint16),  # host byte order
+        ("snat_port_max", ctypes.c_uint16),
+        ("syn_timeout", ctypes.c_uint32),  # seconds
+        ("est_timeout", ctypes.c_uint32),
+        ("close_timeout", ctypes.c_uint32),
+        ("udp_timeout", ctypes.c_uint32),
+    )
+
+
+class NpDev4(ctypes.Structure):
+    _fields_ = (
+        ("addr", ctypes.c_uint8 * 4),
+        ("flags", ctypes.c_uint32),
+    )
+
+
+MAP_TYPES.update({
+    "zp_ct4": (Tuple4, Ct4Entry),
+    "zp_snat4": (Tuple4, Nat4Entry),
+    "zp_np_cfg": (ctypes.c_uint32, NpConfig),
+    "zp_np_dev4": (ctypes.c_uint32, NpDev4),
+})
