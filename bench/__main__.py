@@ -1,0 +1,128 @@
+"""python -m bench: run the service latency benchmark and write results.json/.md and plots."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import client, report
+from bench.topology import MODES
+
+REPO = Path(__file__).resolve().parent.parent
+QUICK = {"services": [1, 1000, 10000], "rounds": 3, "duration": 1.0, "warmup": 0.2}
+FULL = {"services": [1, 1000, 10000, 30000], "rounds": 5, "duration": 3.0, "warmup": 0.3}
+
+EPILOG = """\
+examples:
+  python -m bench --quick                  a few minutes on 2 cores: N = 1, 1000, 10000
+  python -m bench                          full run: N = 1, 1000, 10000, 30000, 5 rounds
+  python -m bench --services 1,100 --rounds 1 --duration 0.5 --out /tmp/b
+  python -m bench --modes direct,zeroproxy --scenarios short
+  python -m bench --render bench-results/X/results.json   re-write the .md and plots
+
+Run as root. Everything the run creates (namespaces, cgroups, nginx processes, rule sets inside
+its own namespaces, BPF programs and pins) is removed at the end, also after a failure.
+"""
+
+
+def _csv(kind: type, allowed: tuple[str, ...] | None = None):
+    def parse(text: str) -> list:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+        if allowed is not None and (bad := [x for x in items if x not in allowed]):
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {','.join(allowed)}")
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        return items
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"short run: {QUICK}")
+    p.add_argument("--services", type=_csv(int), help="service counts N, comma-separated")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per case (medians are over these)")
+    p.add_argument("--duration", type=float, help="seconds each client run measures")
+    p.add_argument("--warmup", type=float, help="seconds each client run discards first")
+    p.add_argument("--threads", type=int, default=4, help="client threads (default 4)")
+    p.add_argument("--modes", type=_csv(str, MODES), default=list(MODES), help="subset of " + ",".join(MODES))
+    p.add_argument("--scenarios", type=_csv(str, client.SCENARIOS), default=list(client.SCENARIOS),
+                   help="subset of " + ",".join(client.SCENARIOS))
+    p.add_argument("--nft-chunk", type=int, default=2000, help="services per nft -f transaction (default 2000)")
+    p.add_argument("--client-cpu", type=int, help="CPU for the client (default: the last one)")
+    p.add_argument("--server-cpu", type=int, help="CPU for the nginx backends (default: the first one)")
+    p.add_argument("--no-bpf-stats", action="store_true", help="skip the kernel.bpf_stats_enabled run")
+    p.add_argument("--no-endpoint-change", action="store_true", help="skip the endpoint-change timing")
+    p.add_argument("--out", type=Path, help="output directory (default bench-results/<UTC time>)")
+    p.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-setup", action="store_true", help="do not run scripts/setup-bench.sh when tools are missing")
+    p.add_argument("--keep-workdir", action="store_true", help="keep the temporary nginx/rules directory")
+    p.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="only re-render an existing results.json")
+    return p
+
+
+def _missing_tools() -> list[str]:
+    missing = [t for t in ("nginx", "gcc", "iptables-restore", "nft", "taskset") if shutil.which(t) is None]
+    missing += [m for m in ("matplotlib", "tqdm", "bcc") if importlib.util.find_spec(m) is None]
+    return missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.render:
+        import json
+
+        results = json.loads(args.render.read_text())
+        for path in report.write_all(results, args.render.parent, plots=not args.no_plots):
+            print(path)
+        return 0
+
+    missing = _missing_tools()
+    if missing and not args.no_setup:
+        print(f"bench: missing {', '.join(missing)}; running scripts/setup-bench.sh", file=sys.stderr)
+        subprocess.run(["bash", str(REPO / "scripts" / "setup-bench.sh")], check=True)
+        if (still := _missing_tools()) and any(m in ("matplotlib", "tqdm", "bcc") for m in still):
+            # the venv gained packages after this interpreter started: start over in it
+            return subprocess.call([sys.executable, "-m", "bench", "--no-setup", *(argv or sys.argv[1:])], cwd=REPO)
+
+    from bench.runner import Config, run
+
+    preset = QUICK if args.quick else FULL
+    cfg = Config(
+        services=args.services or preset["services"],
+        scenarios=args.scenarios,
+        modes=args.modes,
+        rounds=args.rounds or preset["rounds"],
+        duration_s=args.duration or preset["duration"],
+        warmup_s=args.warmup if args.warmup is not None else preset["warmup"],
+        threads=args.threads,
+        client_cpu=args.client_cpu,
+        server_cpu=args.server_cpu,
+        nft_chunk=args.nft_chunk,
+        bpf_stats=not args.no_bpf_stats,
+        endpoint_change=not args.no_endpoint_change,
+        quick=args.quick,
+    )
+    out = args.out or Path("bench-results") / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    results = run(cfg, progress=not args.no_progress, keep_workdir=args.keep_workdir)
+    files = report.write_all(results, out, plots=not args.no_plots)
+    print((out / "results.md").read_text())
+    for path in files:
+        print(f"wrote {path}")
+    problems = results["cleanup"].get("datapath_errors") or results["cleanup"].get("leftover_rules")
+    if problems or not results["cleanup"].get("bed_closed"):
+        print(f"bench: cleanup problems: {results['cleanup']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Turn a results document into files: results.json, results.md and PNG plots.
+
+Kept apart from the runner so that a stored results.json can be re-rendered
+(``python -m bench --render results.json``) after the table layout changes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.topology import DIRECT, IPTABLES, MODES, NFTABLES, ZEROPROXY
+
+SCENARIO_TITLES = {
+    "short": "Short connections (socket + connect + request + reply + close)",
+    "keepalive": "Keep-alive requests (request -> full reply on an open connection)",
+}
+MODE_STYLE = {DIRECT: ("black", "o"), IPTABLES: ("tab:red", "s"), NFTABLES: ("tab:orange", "^"),
+              ZEROPROXY: ("tab:blue", "D")}
+
+
+def write_all(results: dict[str, Any], out: Path, *, plots: bool = True) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "results.json", out / "results.md"]
+    files[0].write_text(json.dumps(results, indent=1) + "\n")
+    files[1].write_text(markdown(results))
+    if plots:
+        files += write_plots(results, out)
+    return files
+
+
+# --- markdown -----------------------------------------------------------------------------------
+
+
+def _f(value: float | None, fmt: str = "{:.0f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _lookup(results: dict[str, Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    return {(s["services"], s["scenario"], s["mode"], s["position"]): s for s in results.get("summary", [])}
+
+
+def _positions(results: dict[str, Any], count: int) -> list[str]:
+    have = {s["position"] for s in results.get("summary", []) if s["services"] == count and s["position"]}
+    return [p for p in ("first", "last") if p in have]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    m = results["machine"]
+    by = _lookup(results)
+    rat = {(r["services"], r["scenario"], r["position"]): r for r in results.get("ratios", [])}
+    counts = sorted({s["services"] for s in results.get("summary", [])})
+    lines = [
+        f"# zeroproxy service latency benchmark ({'quick' if cfg.get('quick') else 'full'} run)",
+        "",
+        f"Machine: {m['cpus']} CPUs ({m['cpu_model']}{', virtualised' if m.get('virtualised') else ''}), "
+        f"{m.get('mem_total_mb')} MB, {m.get('os')}, kernel {m['kernel']}; load average at start "
+        f"{' '.join(m.get('loadavg_at_start', []))}. Run {results['started']} to {results.get('finished', '?')}.",
+        "",
+        f"Client: bench/client.c, {cfg['threads']} threads pinned to CPU {cfg['client_cpu']}; 3 nginx backends "
+        f"pinned to CPU {cfg['server_cpu']}; {cfg['endpoints_per_service']} endpoints per service; "
+        f"{cfg['rounds']} interleaved rounds of {cfg['duration_s']} s (+{cfg['warmup_s']} s warm-up) per case; "
+        "numbers are medians over rounds. `first`/`last` = first/last service in rule order.",
+        "",
+        f"IPVS: {results['notes'].get('ipvs', 'not measured')}.",
+        "",
+    ]
+    for scenario in cfg["scenarios"]:
+        lines += [f"## {SCENARIO_TITLES.get(scenario, scenario)}", ""]
+        rows_lat, rows_rate = [], []
+        for count in counts:
+            d = by.get((count, scenario, DIRECT, None), {})
+            for pos in _positions(results, count):
+                cells = [by.get((count, scenario, mode, pos), {}) for mode in (IPTABLES, NFTABLES, ZEROPROXY)]
+                r = rat.get((count, scenario, pos), {})
+                rows_lat.append([f"{count:,}", pos, _f(d.get("p50_us")),
+                                 *(f"{_f(c.get('p50_us'))} / {_f(c.get('p99_us'))}" for c in cells),
+                                 _x(r.get("zeroproxy_vs_direct_p50")), _x(r.get("iptables_vs_zeroproxy_p50")),
+                                 _x(r.get("nftables_vs_zeroproxy_p50"))])
+                rows_rate.append([f"{count:,}", pos, _f(d.get("rate")), *(_f(c.get("rate")) for c in cells),
+                                  _x(r.get("zeroproxy_vs_direct_rate")), _x(r.get("iptables_vs_zeroproxy_rate")),
+                                  _x(r.get("nftables_vs_zeroproxy_rate"))])
+        lines += ["Latency in µs (p50 / p99; direct: p50):", ""]
+        lines += _table(["services", "service", "direct", "iptables", "nftables", "zeroproxy",
+                         "zeroproxy/direct", "iptables/zeroproxy", "nftables/zeroproxy"], rows_lat)
+        lines += ["", "Requests per second:", ""]
+        lines += _table(["services", "service", "direct", "iptables", "nftables", "zeroproxy",
+                         "zeroproxy/direct", "iptables/zeroproxy", "nftables/zeroproxy"], rows_rate)
+        lines.append("")
+    errors = sum(s["errors"] for s in results.get("summary", []))
+    lines += [f"Failed requests over all runs: {errors}.", ""]
+
+    prog = results.get("programming", [])
+    if prog:
+        lines += ["## Control plane: time to program N services from empty", ""]
+        rows = []
+        for count in sorted({p["services"] for p in prog if p["services"]}):
+            cell = {p["mode"]: p for p in prog if p["services"] == count}
+            mem = next((x for x in results.get("memory", []) if x["services"] == count), {})
+            nft = cell.get(NFTABLES, {})
+            nft_txt = _f(nft.get("seconds"), "{:.2f} s")
+            if nft.get("chunk_s"):
+                nft_txt += f" ({len(nft['chunk_s'])} x <={nft['chunk']} services)"
+            rows.append([f"{count:,}", _f(cell.get(IPTABLES, {}).get("seconds"), "{:.2f} s"), nft_txt,
+                         _f(cell.get(ZEROPROXY, {}).get("seconds"), "{:.3f} s"),
+                         _f(mem.get("rss_kb") and mem["rss_kb"] / 1024, "{:.0f} MB")])
+        lines += _table(["services", "iptables-restore", "nft -f", "zeroproxy ServiceMaps.sync",
+                         "zeroproxy loader RSS"], rows)
+        boot = next((p for p in prog if p["services"] == 0), None)
+        if boot:
+            lines += ["", f"zeroproxy compile + attach (once): {boot['seconds']:.2f} s."]
+        lines.append("")
+
+    change = results.get("endpoint_change", [])
+    if change:
+        lines += ["## Control plane: one endpoint change at N services", "",
+                  "Time until the new rule set / map entries are in the kernel (remove one endpoint of the last "
+                  "service, then add it back; median of the two). Baselines include starting the tool, as "
+                  "kube-proxy does on every sync.", ""]
+        rows = []
+        for count in sorted({c["services"] for c in change}):
+            cell = {}
+            for mode in (IPTABLES, NFTABLES, ZEROPROXY):
+                vals = [c["seconds"] for c in change if c["services"] == count and c["mode"] == mode]
+                cell[mode] = sorted(vals)[len(vals) // 2] if vals else None
+            rows.append([f"{count:,}", *(_f(cell[m] and cell[m] * 1000, "{:.1f} ms") for m in
+                                         (IPTABLES, NFTABLES, ZEROPROXY))])
+        lines += _table(["services", "iptables-restore --noflush", "nft -f", "zeroproxy"], rows)
+        lines.append("")
+
+    stats = [s for s in results.get("bpf_stats", []) if s["run_cnt"]]
+    if stats:
+        lines += ["## eBPF program cost (kernel.bpf_stats_enabled=1, short connections to the last service)", ""]
+        rows = [[f"{s['services']:,}", s["program"], f"{s['run_cnt']:,}", _f(s["ns_per_run"])] for s in stats]
+        lines += _table(["services", "program", "runs", "ns per run"], rows)
+        lines.append("")
+
+    lines += ["## Versions", ""]
+    lines += [f"- {k}: {v}" for k, v in results.get("tools", {}).items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+
+def _series(results: dict[str, Any], scenario: str, mode: str, key: str) -> tuple[list[int], list[float]]:
+    """One line per mode: the last service (first when N = 1 has only one) at each N."""
+    by = _lookup(results)
+    xs, ys = [], []
+    for count in sorted({s["services"] for s in results.get("summary", [])}):
+        if mode == DIRECT:
+            s = by.get((count, scenario, DIRECT, None))
+        else:
+            s = by.get((count, scenario, mode, "last")) or by.get((count, scenario, mode, "first"))
+        if s and s.get(key) is not None:
+            xs.append(count)
+            ys.append(s[key])
+    return xs, ys
+
+
+def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on these machines
+    import matplotlib.pyplot as plt
+
+    scenarios = results["config"]["scenarios"]
+    files = []
+    for key, ylabel, name in (("p50_us", "p50 latency (µs)", "latency.png"),
+                              ("rate", "requests per second", "throughput.png")):
+        fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4.2), squeeze=False)
+        for ax, scenario in zip(axes[0], scenarios, strict=True):
+            for mode in MODES:
+                xs, ys = _series(results, scenario, mode, key)
+                if xs:
+                    color, marker = MODE_STYLE[mode]
+                    ax.plot(xs, ys, marker=marker, color=color, label=mode)
+            ax.set_xscale("log")
+            ax.set_xlabel("services (last service in rule order)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(scenario)
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"zeroproxy bench — {results['machine']['cpus']} CPUs, kernel {results['machine']['kernel']}")
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+
+    prog = [p for p in results.get("programming", []) if p["services"]]
+    if prog:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for mode in (IPTABLES, NFTABLES, ZEROPROXY):
+            pts = sorted((p["services"], p["seconds"]) for p in prog if p["mode"] == mode)
+            if pts:
+                color, marker = MODE_STYLE[mode]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=mode)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("services")
+        ax.set_ylabel("seconds to program from empty")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / "programming.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files

@@ -1,0 +1,474 @@
+"""Run every scenario at every service count and collect the results document.
+
+Order of work per service count N: program every mode with the same N services (timing each
+load: that is the control-plane scenario), record the loader's memory, then run the client
+against each case -- direct, and first / last service of every service mode -- for each
+scenario, ``rounds`` times, rotating the case order every round so that slow drifts of a shared
+machine hit every mode alike (A B C D, B C D A, ...). After that: one zeroproxy run with
+``kernel.bpf_stats_enabled=1`` for per-program cost, and one endpoint change per mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import SCHEMA, client, rules
+from bench.services import Service, make_services
+from bench.topology import CLUSTER_CIDR, DIRECT, IPTABLES, MODES, NFTABLES, ZEROPROXY, Topology, timed
+from zeroproxy.testbed import NETNS_DIR, TestBed, cleanup_stale
+
+log = logging.getLogger(__name__)
+
+BED_PREFIX = "zpbench"
+BPF_STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+FIRST, LAST = "first", "last"
+SERVICE_MODES = (IPTABLES, NFTABLES, ZEROPROXY)
+
+
+@dataclass
+class Config:
+    """Everything that shapes a run; stored verbatim in the results so runs can be compared."""
+
+    services: list[int]
+    scenarios: list[str] = field(default_factory=lambda: list(client.SCENARIOS))
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    rounds: int = 3
+    duration_s: float = 2.0
+    warmup_s: float = 0.3
+    threads: int = 4
+    endpoints_per_service: int = 3
+    client_cpu: int | None = None
+    server_cpu: int | None = None
+    nft_chunk: int = 2000
+    bpf_stats: bool = True
+    endpoint_change: bool = True
+    quick: bool = False
+
+
+@dataclass
+class Case:
+    """One thing the client is pointed at: a mode and, for service modes, which service."""
+
+    mode: str
+    position: str | None  # FIRST / LAST; None for direct
+
+    @property
+    def label(self) -> str:
+        return self.mode if self.position is None else f"{self.mode}/{self.position}"
+
+
+def default_cpus() -> tuple[int | None, int | None]:
+    """Client on the last CPU, servers on the first; no pinning on a one-CPU machine."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return cpus[-1], cpus[0]
+
+
+def cases_for(count: int, modes: Sequence[str]) -> list[Case]:
+    out = [Case(DIRECT, None)] if DIRECT in modes else []
+    positions = [FIRST] if count == 1 else [FIRST, LAST]  # with one service they are the same
+    out += [Case(m, p) for m in SERVICE_MODES if m in modes for p in positions]
+    return out
+
+
+def rotated(items: Sequence[Case], k: int) -> list[Case]:
+    k %= max(len(items), 1)
+    return [*items[k:], *items[:k]]
+
+
+# --- machine and tool description ---------------------------------------------------------------
+
+
+def _cmd_version(argv: Sequence[str]) -> str:
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc})"
+    text = (proc.stdout or proc.stderr).strip().splitlines()
+    return text[0] if text else "unknown"
+
+
+def _dpkg_version(package: str) -> str:
+    return _cmd_version(["dpkg-query", "-W", "-f=${Version}", package])
+
+
+def tool_versions() -> dict[str, str]:
+    repo = Path(__file__).resolve().parent.parent
+    commit = _cmd_version(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+    dirty = _cmd_version(["git", "-C", str(repo), "status", "--porcelain", "--", "bench", "bpf", "dataplane"])
+    return {
+        "zeroproxy": commit + (" (bench/bpf/dataplane modified)" if dirty not in ("", "unknown") else ""),
+        "client": client.version(),
+        "nginx": _cmd_version(["nginx", "-v"]),
+        "iptables": _cmd_version(["iptables-restore", "--version"]),
+        "nft": _cmd_version(["nft", "--version"]),
+        "bcc": "python3-bpfcc " + _dpkg_version("python3-bpfcc"),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def ipvs_status() -> str:
+    """Whether IPVS could be a column; the answer goes into the results instead of a column."""
+    config = Path("/proc/config.gz")
+    if Path("/proc/net/ip_vs").exists():
+        return "available in this kernel but not measured"
+    if config.exists():
+        import gzip
+
+        text = gzip.decompress(config.read_bytes()).decode(errors="replace")
+        if re.search(r"^CONFIG_IP_VS=[ym]", text, re.M):
+            return "built as a module in this kernel but not loaded; not measured"
+        return "not measured: this kernel is built without IPVS (CONFIG_IP_VS is not set)"
+    return "not measured: /proc/net/ip_vs is absent"
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    mem = re.search(r"^MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text(), re.M)
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "cpu_model": model.group(1).strip() if model else "unknown",
+        "virtualised": bool(re.search(r"^flags\s*:.*\bhypervisor\b", cpuinfo, re.M)),
+        "mem_total_mb": int(mem.group(1)) // 1024 if mem else None,
+        "os": _os_release(),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def _os_release() -> str:
+    with contextlib.suppress(OSError):
+        m = re.search(r'^PRETTY_NAME="?([^"\n]+)', Path("/etc/os-release").read_text(), re.M)
+        if m:
+            return m.group(1)
+    return "unknown"
+
+
+# --- bpf_stats ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def bpf_stats_enabled() -> Iterator[None]:
+    """kernel.bpf_stats_enabled=1 for the block, then the previous value (it costs a few ns a run)."""
+    old = BPF_STATS_SYSCTL.read_text().strip()
+    BPF_STATS_SYSCTL.write_text("1")
+    try:
+        yield
+    finally:
+        BPF_STATS_SYSCTL.write_text(old)
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+class Progress:
+    """tqdm when it is installed and wanted; a no-op otherwise (the smoke test runs quietly)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def step(self, text: str, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(text[:60])
+            self.bar.update(n)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(text[:60])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def total_steps(cfg: Config) -> int:
+    runs = sum(len(cases_for(n, cfg.modes)) for n in cfg.services) * len(cfg.scenarios) * cfg.rounds
+    extra = len(cfg.services) * (1 + int(cfg.bpf_stats) + int(cfg.endpoint_change))
+    return runs + extra
+
+
+def run(cfg: Config, *, progress: bool = True, keep_workdir: bool = False) -> dict[str, Any]:
+    """Build the topology, run everything, tear it all down; return the results document."""
+    if os.geteuid() != 0:
+        raise SystemExit("the benchmark builds network namespaces and cgroups: run it as root")
+    if cfg.client_cpu is None and cfg.server_cpu is None:
+        cfg.client_cpu, cfg.server_cpu = default_cpus()
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "started": _now(),
+        "machine": machine(),
+        "tools": tool_versions(),
+        "config": asdict(cfg),
+        "notes": {
+            "ipvs": ipvs_status(),
+            "topology": "client pod -> its own node -> underlay bridge -> backend node -> nginx pod; one client "
+                        "node per mode (rules / programs installed there), shared backends",
+            "iptables": f"kube-proxy-shaped rules via {_cmd_version(['iptables-restore', '--version'])}, "
+                        "in the ipt node's netns only",
+            "nftables": f"kube-proxy-shaped table 'ip {rules.NFT_TABLE}' via nft -f in chunks of {cfg.nft_chunk} "
+                        "services per transaction, in the nft node's netns only",
+            "zeroproxy": "cgroup sock_addr programs attached to the zp node's cgroup; services written by "
+                         "dataplane.ServiceMaps from a separate process (bench.zpctl)",
+        },
+        "runs": [],
+        "programming": [],
+        "endpoint_change": [],
+        "memory": [],
+        "bpf_stats": [],
+        "cleanup": {},
+    }
+    binary = client.build()
+    cleanup_stale(BED_PREFIX)
+    bar = Progress(total_steps(cfg), progress)
+    workdir = Path(tempfile.mkdtemp(prefix="zpbench-"))
+    bed = TestBed(prefix=BED_PREFIX)
+    topo = Topology(bed, workdir, modes=cfg.modes, server_cpu=cfg.server_cpu, nft_chunk=cfg.nft_chunk)
+    try:
+        bar.note("building the topology")
+        topo.build()
+        if cfg.endpoints_per_service != len(topo.endpoints):
+            raise ValueError("endpoints_per_service must equal the number of backend pods")
+        if ZEROPROXY in cfg.modes:
+            info = topo.start_zeroproxy()
+            results["programming"].append({"services": 0, "mode": ZEROPROXY, "what": "compile+attach",
+                                           "seconds": info["load_s"] + info["attach_s"], **_pick(info)})
+        for count in cfg.services:
+            _run_count(cfg, topo, binary, count, results, bar)
+    finally:
+        bar.close()
+        results["cleanup"]["datapath_errors"] = topo.teardown()
+        try:
+            results["cleanup"]["leftover_rules"] = topo.leftover_rules()
+        except Exception as exc:
+            results["cleanup"]["leftover_rules"] = {"error": str(exc)}
+        bed.close()
+        results["cleanup"]["bed_closed"] = bed_removed(bed)
+        if not keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["finished"] = _now()
+    results["summary"] = summarise(results["runs"])
+    results["ratios"] = ratios(results["summary"])
+    return results
+
+
+def bed_removed(bed: TestBed) -> bool:
+    """True when none of the bed's namespaces or cgroups is left."""
+    netns = [p for p in NETNS_DIR.glob(f"{bed.id}-*")]
+    return not netns and not bed.cgroup_root.exists()
+
+
+def _run_count(cfg: Config, topo: Topology, binary: Path, count: int, results: dict[str, Any],
+               bar: Progress) -> None:
+    services = make_services(count, topo.endpoints)
+    bar.note(f"N={count}: programming")
+    _program(cfg, topo, services, results)
+    bar.step(f"N={count}: programmed")
+    cases = cases_for(count, cfg.modes)
+    for scenario in cfg.scenarios:
+        for rnd in range(cfg.rounds):
+            for case in rotated(cases, rnd):
+                bar.note(f"N={count} {scenario} r{rnd + 1} {case.label}")
+                rec = run_case(cfg, topo, binary, services, case, scenario)
+                rec.update(services=count, round=rnd)
+                results["runs"].append(rec)
+                bar.step(f"N={count} {scenario} r{rnd + 1} {case.label}")
+    if cfg.bpf_stats and ZEROPROXY in cfg.modes:
+        bar.note(f"N={count}: bpf_stats")
+        results["bpf_stats"].extend(measure_bpf_stats(cfg, topo, binary, services))
+        bar.step(f"N={count}: bpf_stats")
+    if cfg.endpoint_change:
+        bar.note(f"N={count}: endpoint change")
+        results["endpoint_change"].extend(measure_endpoint_change(cfg, topo, services))
+        bar.step(f"N={count}: endpoint change")
+
+
+def _program(cfg: Config, topo: Topology, services: list[Service], results: dict[str, Any]) -> None:
+    count = len(services)
+    if IPTABLES in cfg.modes:
+        info = topo.load_iptables(services)
+        results["programming"].append({"services": count, "mode": IPTABLES, "what": "iptables-restore", **info})
+    if NFTABLES in cfg.modes:
+        info = topo.load_nftables(services)
+        results["programming"].append({"services": count, "mode": NFTABLES, "what": "nft -f (chunked)", **info})
+    if ZEROPROXY in cfg.modes:
+        info = topo.load_zeroproxy(count)
+        results["programming"].append({"services": count, "mode": ZEROPROXY, "what": "ServiceMaps.sync",
+                                       "seconds": info["sync_s"], **_pick(info)})
+        results["memory"].append({"services": count, "process": "bench.zpctl (datapath + ServiceMaps)",
+                                  "rss_kb": info["rss_kb"], "hwm_kb": info["hwm_kb"]})
+
+
+def target_of(case: Case, services: Sequence[Service], endpoints: Sequence[tuple[str, int]]) -> list[str]:
+    if case.position is None:
+        return [f"{ip}:{port}" for ip, port in endpoints]
+    svc = services[0] if case.position == FIRST else services[-1]
+    return [svc.target]
+
+
+def run_case(cfg: Config, topo: Topology, binary: Path, services: Sequence[Service], case: Case,
+             scenario: str) -> dict[str, Any]:
+    """One client run; returns the client's JSON plus what was measured."""
+    targets = target_of(case, services, topo.endpoints)
+    argv = client.argv(binary, targets, scenario=scenario, threads=cfg.threads, duration=cfg.duration_s,
+                       warmup=cfg.warmup_s, cpu=cfg.client_cpu)
+    pod = topo.clients[case.mode]
+    out = pod.check_output(argv, timeout=cfg.duration_s + cfg.warmup_s + 60)
+    result = client.parse(out)
+    result.update(mode=case.mode, position=case.position, scenario=scenario, targets=targets)
+    return result
+
+
+def measure_bpf_stats(cfg: Config, topo: Topology, binary: Path,
+                      services: Sequence[Service]) -> list[dict[str, Any]]:
+    """Average run time per call of each zeroproxy program under short-connection load."""
+    case = Case(ZEROPROXY, LAST if len(services) > 1 else FIRST)
+    with bpf_stats_enabled():
+        before = topo.prog_stats()
+        rec = run_case(cfg, topo, binary, services, case, "short")
+        after = topo.prog_stats()
+    out = []
+    for name, (ns1, cnt1) in after.items():
+        ns0, cnt0 = before.get(name, (0, 0))
+        runs = cnt1 - cnt0
+        out.append({"services": len(services), "program": name, "run_cnt": runs, "run_time_ns": ns1 - ns0,
+                    "ns_per_run": (ns1 - ns0) / runs if runs else None, "client_requests": rec["requests"]})
+    return out
+
+
+def measure_endpoint_change(cfg: Config, topo: Topology, services: list[Service]) -> list[dict[str, Any]]:
+    """Time to apply "the last service lost one endpoint", and to put it back, per mode.
+
+    zeroproxy: ServiceMaps.sync of the whole re-translated table (in process). iptables: what
+    kube-proxy's partial sync restores (KUBE-SERVICES in full plus the changed chains, --noflush).
+    nftables: one small transaction on the changed chains. Both baselines include starting the
+    tool, as kube-proxy does each sync. Once each call returns, new connections use the change.
+    """
+    svc = services[-1]
+    shrunk = Service(svc.index, svc.vip, svc.port, svc.endpoints[:-1])
+    out: list[dict[str, Any]] = []
+    steps: list[tuple[str, str, Callable[[], float]]] = []
+    if ZEROPROXY in cfg.modes:
+        steps += [
+            (ZEROPROXY, "remove", lambda: topo.change_zeroproxy(svc.index, shrunk.endpoints)["sync_s"]),
+            (ZEROPROXY, "add", lambda: topo.change_zeroproxy(svc.index, svc.endpoints)["sync_s"]),
+        ]
+    if IPTABLES in cfg.modes:
+        steps += [
+            (IPTABLES, "remove", lambda: _ipt_partial(topo, services, svc, shrunk)),
+            (IPTABLES, "add", lambda: _ipt_partial(topo, services, shrunk, svc)),
+        ]
+    if NFTABLES in cfg.modes:
+        steps += [
+            (NFTABLES, "remove", lambda: _nft_partial(topo, svc, shrunk)),
+            (NFTABLES, "add", lambda: _nft_partial(topo, shrunk, svc)),
+        ]
+    for mode, what, fn in steps:
+        out.append({"services": len(services), "mode": mode, "change": f"{what} one endpoint of the last service",
+                    "seconds": fn()})
+    return out
+
+
+def _ipt_partial(topo: Topology, services: list[Service], old: Service, new: Service) -> float:
+    path = topo.workdir / "iptables.partial"
+    current = [new if s.index == new.index else s for s in services]
+    path.write_text(rules.iptables_partial(current, old, new, CLUSTER_CIDR))
+    return timed(topo.bed, topo.nodes[IPTABLES].netns, ["iptables-restore", "--noflush", str(path)])
+
+
+def _nft_partial(topo: Topology, old: Service, new: Service) -> float:
+    path = topo.workdir / "nft.partial"
+    path.write_text(rules.nft_update_service(old, new, CLUSTER_CIDR))
+    return timed(topo.bed, topo.nodes[NFTABLES].netns, ["nft", "-f", str(path)])
+
+
+# --- summaries ----------------------------------------------------------------------------------
+
+
+def _pick(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if k not in ("ok",)}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Medians over rounds per (N, scenario, mode, position)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["services"], r["scenario"], r["mode"], r["position"]), []).append(r)
+    out = []
+    for (count, scenario, mode, position), rs in sorted(groups.items(), key=lambda kv: _group_order(kv[0])):
+        lat = [r["latency_us"] for r in rs]
+        conn = [r["connect_us"] for r in rs]
+        out.append({
+            "services": count, "scenario": scenario, "mode": mode, "position": position, "rounds": len(rs),
+            "p50_us": _median([x.get("p50") for x in lat]),
+            "p90_us": _median([x.get("p90") for x in lat]),
+            "p99_us": _median([x.get("p99") for x in lat]),
+            "mean_us": _median([x.get("mean") for x in lat]),
+            "connect_p50_us": _median([x.get("p50") for x in conn]),
+            "rate": _median([r["rate"] for r in rs]),
+            "requests": sum(r["requests"] for r in rs),
+            "errors": sum(r["errors"] for r in rs),
+        })
+    return out
+
+
+def _group_order(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    count, scenario, mode, position = key
+    return (count, client.SCENARIOS.index(scenario) if scenario in client.SCENARIOS else 9,
+            MODES.index(mode) if mode in MODES else 9, position or "")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def ratios(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """zeroproxy/direct, iptables/zeroproxy and nftables/zeroproxy for p50 and rate."""
+    by = {(s["services"], s["scenario"], s["mode"], s["position"]): s for s in summary}
+    out = []
+    keys = sorted({(s["services"], s["scenario"], s["position"]) for s in summary if s["position"]},
+                  key=lambda k: (k[0], client.SCENARIOS.index(k[1]) if k[1] in client.SCENARIOS else 9, k[2]))
+    for count, scenario, position in keys:
+        d = by.get((count, scenario, DIRECT, None), {})
+        z = by.get((count, scenario, ZEROPROXY, position), {})
+        i = by.get((count, scenario, IPTABLES, position), {})
+        n = by.get((count, scenario, NFTABLES, position), {})
+        out.append({
+            "services": count, "scenario": scenario, "position": position,
+            "zeroproxy_vs_direct_p50": _ratio(z.get("p50_us"), d.get("p50_us")),
+            "zeroproxy_vs_direct_rate": _ratio(z.get("rate"), d.get("rate")),
+            "iptables_vs_zeroproxy_p50": _ratio(i.get("p50_us"), z.get("p50_us")),
+            "iptables_vs_zeroproxy_rate": _ratio(i.get("rate"), z.get("rate")),
+            "nftables_vs_zeroproxy_p50": _ratio(n.get("p50_us"), z.get("p50_us")),
+            "nftables_vs_zeroproxy_rate": _ratio(n.get("rate"), z.get("rate")),
+        })
+    return out
+

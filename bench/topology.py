@@ -1,0 +1,304 @@
+"""The benchmark's cluster: shared nginx backends, and one node + client pod per mode.
+
+Layout (all built with the test bed, so it is torn down even when a run fails)::
+
+    client-direct  -> node direct --+
+    client-ipt     -> node ipt    --+-- underlay bridge -- node be -- be-0, be-1, be-2 (nginx)
+    client-nft     -> node nft    --+
+    client-zp      -> node zp     --+
+
+Every mode takes the same path (pod -> its node -> underlay -> backend node -> backend pod),
+like a ClusterIP whose endpoints run on another node. Each mode gets its own client node so
+its datapath is installed once per service count and modes can be interleaved run by run
+without reloading anything: kube-proxy-shaped rules sit in the ``ipt`` / ``nft`` node's
+namespace (where kube-proxy puts them, hooked at PREROUTING), zeroproxy's socket programs on the
+``zp`` node's cgroup (where its agent attaches), and the ``direct`` node has neither, which also
+keeps conntrack off its path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import rules
+from bench.services import Service
+from zeroproxy.testbed import Node, Pod, TestBed
+
+log = logging.getLogger(__name__)
+
+DIRECT, IPTABLES, NFTABLES, ZEROPROXY = "direct", "iptables", "nftables", "zeroproxy"
+MODES = (DIRECT, IPTABLES, NFTABLES, ZEROPROXY)
+NODE_NAMES = {DIRECT: "direct", IPTABLES: "ipt", NFTABLES: "nft", ZEROPROXY: "zp"}
+BACKEND_PORT = 80
+CLUSTER_CIDR = "10.244.0.0/16"  # every node's pod CIDR (10.244.N.0/24) lies inside it
+REPO = Path(__file__).resolve().parent.parent
+
+BACKEND_SYSCTLS = {
+    # The server closes short connections first, so TIME_WAIT lands on the backend; when a
+    # client address reaches the same backend again through another VIP within 60 s, PAWS drops
+    # the SYN and each connection waits out a 1 s retransmit. Not keeping TIME_WAIT avoids it.
+    "net.ipv4.tcp_max_tw_buckets": "0",
+    "net.core.somaxconn": "4096",
+    "net.ipv4.tcp_max_syn_backlog": "4096",
+}
+CLIENT_SYSCTLS = {
+    "net.ipv4.ip_local_port_range": "1024 65000",  # fewer port reuses within conntrack's memory
+}
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 600s;
+    default_type text/plain;
+    server {{
+        listen {port} backlog=4096;
+        location / {{ return 200 "{name}\\n"; }}
+    }}
+}}
+"""
+
+
+def set_sysctls(bed: TestBed, netns: str, values: dict[str, str]) -> None:
+    """Set namespace-local sysctls (sysctl(8) writes /proc/sys/net of the netns it runs in)."""
+    bed.run_in_netns(netns, ["sysctl", "-q", "-w", *(f"{k}={v}" for k, v in values.items())])
+
+
+def timed(bed: TestBed, netns: str, argv: Sequence[str], timeout: float = 1800.0) -> float:
+    """Run a command in a bed namespace and return its wall time in seconds."""
+    t0 = time.perf_counter()
+    bed.run_in_netns(netns, argv, timeout=timeout)
+    return time.perf_counter() - t0
+
+
+class Topology:
+    """Builds the layout above inside ``bed`` and owns the per-mode datapaths."""
+
+    def __init__(self, bed: TestBed, workdir: Path, *, modes: Sequence[str] = MODES, backends: int = 3,
+                 server_cpu: int | None = None, nft_chunk: int = 2000) -> None:
+        self.bed = bed
+        self.workdir = workdir
+        self.modes = tuple(modes)
+        self.backend_count = backends
+        self.server_cpu = server_cpu
+        self.nft_chunk = nft_chunk
+        self.backend_node: Node | None = None
+        self.backends: list[Pod] = []
+        self.nodes: dict[str, Node] = {}
+        self.clients: dict[str, Pod] = {}
+        self.pin_dir = Path("/sys/fs/bpf") / f"{bed.id}-bench"
+        self.zpctl: subprocess.Popen[str] | None = None
+        self.nft_loaded = False
+        self.ipt_loaded = False
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [(p.ip4, BACKEND_PORT) for p in self.backends]
+
+    # -- building --------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        self.backend_node = self.bed.add_node("be")
+        for i in range(self.backend_count):
+            pod = self.bed.add_pod(self.backend_node, f"be-{i}")
+            set_sysctls(self.bed, pod.netns, BACKEND_SYSCTLS)
+            self._start_nginx(pod)
+            self.backends.append(pod)
+        for mode in self.modes:
+            node = self.bed.add_node(NODE_NAMES[mode])
+            pod = self.bed.add_pod(node, f"client-{NODE_NAMES[mode]}")
+            set_sysctls(self.bed, pod.netns, CLIENT_SYSCTLS)
+            self.nodes[mode] = node
+            self.clients[mode] = pod
+        for pod in self.backends:
+            self._wait_listening(pod)
+
+    def _start_nginx(self, pod: Pod) -> None:
+        d = self.workdir / f"nginx-{pod.name}"
+        d.mkdir()
+        conf = d / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=d, port=BACKEND_PORT, name=pod.name))
+        argv = ["nginx", "-e", str(d / "error.log"), "-p", str(d), "-c", str(conf)]
+        if self.server_cpu is not None:
+            argv = ["taskset", "-c", str(self.server_cpu), *argv]
+        pod.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def _wait_listening(self, pod: Pod, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.bed.run_in_netns(pod.netns, ["ss", "-Hltn", f"sport = :{BACKEND_PORT}"]).stdout
+            if out.strip():
+                return
+            time.sleep(0.05)
+        err = (self.workdir / f"nginx-{pod.name}" / "error.log")
+        raise RuntimeError(f"nginx in {pod.name} did not listen within {timeout} s: "
+                           f"{err.read_text() if err.exists() else 'no error log'}")
+
+    # -- iptables --------------------------------------------------------------------------------
+
+    def load_iptables(self, services: Sequence[Service]) -> dict[str, Any]:
+        """Replace the ipt node's rules with ``services`` (one iptables-restore, timed)."""
+        node = self.nodes[IPTABLES]
+        path = self.workdir / "iptables.rules"
+        path.write_text(rules.iptables_restore(services, CLUSTER_CIDR))
+        self.ipt_loaded = True  # set first: a failed load may still have left rules to remove
+        seconds = timed(self.bed, node.netns, ["iptables-restore", str(path)])
+        path.unlink()
+        return {"seconds": seconds, "rules": rules.iptables_rule_count(services)}
+
+    def unload_iptables(self) -> float:
+        if not self.ipt_loaded:
+            return 0.0
+        path = self.workdir / "iptables.flush"
+        path.write_text(rules.iptables_flush())
+        seconds = timed(self.bed, self.nodes[IPTABLES].netns, ["iptables-restore", str(path)])
+        self.ipt_loaded = False
+        return seconds
+
+    # -- nftables --------------------------------------------------------------------------------
+
+    def load_nftables(self, services: Sequence[Service]) -> dict[str, Any]:
+        """Replace the nft node's table with ``services``, ``nft_chunk`` services per transaction.
+
+        One transaction for all services grows far worse than linearly (30 000 services took
+        279 s with nftables 1.0.6; 10 000 took 69 s here), while chunks of a few thousand keep
+        each ``nft -f`` short. The chunk times are returned so the report shows what was done.
+        """
+        self.unload_nftables()
+        node = self.nodes[NFTABLES]
+        path = self.workdir / "nft.rules"
+        self.nft_loaded = True
+        path.write_text(rules.nft_base(CLUSTER_CIDR))
+        base = timed(self.bed, node.netns, ["nft", "-f", str(path)])
+        chunks = []
+        for i in range(0, len(services), self.nft_chunk):
+            path.write_text(rules.nft_services(services[i:i + self.nft_chunk], CLUSTER_CIDR))
+            chunks.append(timed(self.bed, node.netns, ["nft", "-f", str(path)]))
+        path.unlink()
+        return {"seconds": base + sum(chunks), "base_s": base, "chunk_s": chunks, "chunk": self.nft_chunk,
+                "chains": rules.nft_chain_count(services)}
+
+    def unload_nftables(self) -> float:
+        if not self.nft_loaded:
+            return 0.0
+        seconds = timed(self.bed, self.nodes[NFTABLES].netns, ["nft", "delete", "table", "ip", rules.NFT_TABLE])
+        self.nft_loaded = False
+        return seconds
+
+    # -- zeroproxy -------------------------------------------------------------------------------
+
+    def _zp(self, **cmd: Any) -> dict[str, Any]:
+        assert self.zpctl is not None and self.zpctl.stdin and self.zpctl.stdout
+        self.zpctl.stdin.write(_json_line(cmd))
+        self.zpctl.stdin.flush()
+        line = self.zpctl.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench.zpctl exited ({self.zpctl.wait()}) during {cmd['op']}")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise RuntimeError(f"bench.zpctl {cmd['op']} failed: {reply.get('error')}")
+        return reply
+
+    def start_zeroproxy(self) -> dict[str, Any]:
+        """Start the loader process and attach the programs to the zp node's cgroup."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        self.zpctl = subprocess.Popen([sys.executable, "-m", "bench.zpctl"], cwd=REPO, env=env, text=True,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        return self._zp(op="load", cgroup=str(self.nodes[ZEROPROXY].cgroup_path), pin_dir=str(self.pin_dir))
+
+    def load_zeroproxy(self, count: int) -> dict[str, Any]:
+        return self._zp(op="sync", count=count, endpoints=self.endpoints)
+
+    def change_zeroproxy(self, index: int, endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:
+        return self._zp(op="change", index=index, endpoints=list(endpoints))
+
+    def prog_stats(self) -> dict[str, tuple[int, int]]:
+        """(run_time_ns, run_cnt) of each pinned zeroproxy program (needs bpf_stats_enabled)."""
+        from dataplane import bpfsys
+
+        out = {}
+        progs = self.pin_dir / "progs"
+        for pin in sorted(progs.iterdir()) if progs.is_dir() else []:
+            fd = bpfsys.obj_get(pin)
+            try:
+                info = bpfsys.prog_info(fd)
+            finally:
+                os.close(fd)
+            out[pin.name] = (info.run_time_ns, info.run_cnt)
+        return out
+
+    def stop_zeroproxy(self) -> list[str]:
+        """Stop the loader, detach the programs and remove the pins."""
+        from dataplane import loader
+
+        if self.zpctl is not None:
+            with contextlib.suppress(Exception):
+                assert self.zpctl.stdin is not None
+                self.zpctl.stdin.write(_json_line({"op": "quit"}))
+                self.zpctl.stdin.close()
+            try:
+                self.zpctl.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.zpctl.kill()
+                self.zpctl.wait()
+            with contextlib.suppress(Exception):
+                assert self.zpctl.stdout is not None
+                self.zpctl.stdout.close()
+            self.zpctl = None
+        cgroup = self.nodes[ZEROPROXY].cgroup_path if ZEROPROXY in self.nodes else None
+        return loader.cleanup(cgroup, self.pin_dir)
+
+    # -- teardown --------------------------------------------------------------------------------
+
+    def teardown(self) -> list[str]:
+        """Remove the baselines' rules and zeroproxy's programs; the bed removes the rest.
+
+        Each step runs even if an earlier one failed; the errors are returned for the report.
+        """
+        errors: list[str] = []
+        steps = [("iptables", self.unload_iptables), ("nftables", self.unload_nftables),
+                 ("zeroproxy", self.stop_zeroproxy)]
+        for name, step in steps:
+            if name == ZEROPROXY or name in self.nodes:
+                try:
+                    step()
+                except Exception as exc:
+                    log.warning("removing the %s datapath failed: %s", name, exc)
+                    errors.append(f"{name}: {exc}")
+        return errors
+
+    def leftover_rules(self) -> dict[str, str]:
+        """What iptables-save / nft list ruleset still show in the client nodes (should be empty)."""
+        out = {}
+        for mode, node in self.nodes.items():
+            nft = self.bed.run_in_netns(node.netns, ["nft", "list", "ruleset"]).stdout
+            ipt = self.bed.run_in_netns(node.netns, ["iptables-save"]).stdout
+            kube = [line for line in (nft + ipt).splitlines() if "KUBE" in line or rules.NFT_TABLE in line]
+            if kube:
+                out[mode] = "\n".join(kube[:5])
+        return out
+
+
+def _json_line(obj: dict[str, Any]) -> str:
+    return json.dumps(obj) + "\n"

@@ -1,0 +1,105 @@
+"""The zeroproxy side of the benchmark, in its own process: load, attach, program services.
+
+It runs apart from the orchestrator so that its resident memory is what an agent holding the
+datapath and the service table would use (bcc and LLVM included), not the orchestrator's
+matplotlib and bookkeeping. The orchestrator talks to it with one JSON object per line on
+stdin/stdout; every reply carries the process's current and peak RSS.
+
+Commands (``op``):
+  load    {"cgroup", "pin_dir"}      compile, attach to the cgroup, pin under pin_dir
+  sync    {"count", "endpoints"}     cold-program ``count`` services (maps emptied first, untimed)
+  change  {"index", "endpoints"}     replace one service's endpoints, all others unchanged
+  quit
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _rss_kb() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return {"rss_kb": out.get("VmRSS", 0), "hwm_kb": out.get("VmHWM", 0)}
+
+
+class Controller:
+    """Holds one SockDatapath and its ServiceMaps, like an agent would."""
+
+    def __init__(self) -> None:
+        self.datapath: Any = None
+        self.maps: Any = None
+        self.services: list[Any] = []
+
+    def load(self, cgroup: str, pin_dir: str) -> dict[str, Any]:
+        from dataplane.loader import SockDatapath
+        from dataplane.services import ServiceMaps
+
+        t0 = time.perf_counter()
+        self.datapath = SockDatapath(Path(cgroup), Path(pin_dir))
+        self.datapath.load()
+        t1 = time.perf_counter()
+        self.datapath.attach()
+        t2 = time.perf_counter()
+        self.maps = ServiceMaps(self.datapath)
+        return {"load_s": t1 - t0, "attach_s": t2 - t1}
+
+    def sync(self, count: int, endpoints: list[list[Any]]) -> dict[str, Any]:
+        from bench.services import make_services, service_entries
+
+        self.maps.sync([])  # cold start: nothing programmed, as when iptables-restore starts empty
+        self.services = make_services(count, [tuple(e) for e in endpoints])
+        entries = service_entries(self.services)
+        t0 = time.perf_counter()
+        result = self.maps.sync(entries)
+        elapsed = time.perf_counter() - t0
+        return {"sync_s": elapsed, "frontends": self.maps.frontend_count,
+                "frontends_written": result.frontends_written, "backends": self.maps.backend_count}
+
+    def change(self, index: int, endpoints: list[list[Any]]) -> dict[str, Any]:
+        """One endpoint change among N services: what an agent does on an EndpointSlice update."""
+        from bench.services import Service, service_entries
+
+        old = self.services[index]
+        self.services[index] = Service(old.index, old.vip, old.port, tuple(tuple(e) for e in endpoints))
+        t0 = time.perf_counter()
+        entries = service_entries(self.services)  # the agent re-translates its whole table too
+        result = self.maps.sync(entries)
+        elapsed = time.perf_counter() - t0
+        return {"sync_s": elapsed, "frontends_written": result.frontends_written}
+
+
+def main() -> None:
+    # The protocol gets its own copy of stdout; fd 1 then points at stderr, so anything bcc or
+    # clang prints cannot corrupt a reply line.
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    ctl = Controller()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        cmd = json.loads(line)
+        op = cmd.pop("op")
+        try:
+            if op == "quit":
+                break
+            reply: dict[str, Any] = getattr(ctl, op)(**cmd)
+            reply["ok"] = True
+        except Exception as exc:  # reported to the orchestrator, which stops the run
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        reply.update(_rss_kb())
+        proto.write(json.dumps(reply) + "\n")
+    if ctl.datapath is not None:
+        ctl.datapath.close()  # handles only: attachments and pins stay until cleanup()
+
+
+if __name__ == "__main__":
+    main()
