@@ -1,0 +1,122 @@
+/* Reverse translation of replies, and SNAT source-port allocation.
+ *
+ * zp_snat4 is keyed by the tuple a reply carries when it comes back (backend -> client for a
+ * local backend, backend -> node address:SNAT port for a SNATed one) and says what to restore.
+ * For SNATed flows the entry is also the port reservation: inserting it with BPF_NOEXIST is the
+ * atomic "take this port", and an entry whose flow has expired may be taken over. */
+#ifndef ZP_NAT_H
+#define ZP_NAT_H
+
+#include "conntrack.h"
+
+#define ZP_ENOSNATPORT  (-EADDRNOTAVAIL) /* every SNAT port tried was in use */
+
+#ifndef ZP_NAT_MAP_SIZE
+#define ZP_NAT_MAP_SIZE 131072
+#endif
+/* Attempts to find a free SNAT port: one hashed, the rest random. Bounded for the verifier. */
+#ifndef ZP_SNAT_TRIES
+#define ZP_SNAT_TRIES 16
+#endif
+
+#define ZP_NAT_F_SNAT 0x01 /* the key's destination is a node address and SNAT port */
+
+struct nat4_entry {
+	__be32 client_addr;   /* the client's IPv4 (the reply's new destination), network byte order */
+	__be32 frontend_addr; /* the frontend IPv4 the client used (the reply's new source), network order */
+	__be16 client_port;   /* the client's port, network byte order */
+	__be16 frontend_port; /* the frontend port, network byte order */
+	__u8 flags;           /* ZP_NAT_F_* */
+	__u8 pad[3];          /* explicit padding, always 0 */
+};
+
+/* Reply tuple -> original client and frontend; LRU, entries are validated against zp_ct4. */
+BPF_TABLE_PINNED("lru_hash", struct tuple4, struct nat4_entry, zp_snat4, ZP_NAT_MAP_SIZE,
+		 ZP_PIN_DIR "zp_snat4_v1");
+
+/* The client tuple of the flow a reverse entry belongs to. */
+static __always_inline void nat4_ct_key(const struct nat4_entry *nat, __u8 proto, struct tuple4 *key)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	key->saddr = nat->client_addr;
+	key->daddr = nat->frontend_addr;
+	key->sport = nat->client_port;
+	key->dport = nat->frontend_port;
+	key->proto = proto;
+}
+
+/* Whether the reservation rkey -> nat belongs to no live flow any more. */
+static __always_inline bool __snat4_stale(const struct tuple4 *rkey, __u64 now)
+{
+	struct nat4_entry *old = zp_snat4.lookup((void *)rkey);
+	struct ct4_entry *ct;
+	struct tuple4 ckey;
+
+	if (!old)
+		return true; /* evicted meanwhile */
+	nat4_ct_key(old, rkey->proto, &ckey);
+	ct = zp_ct4.lookup(&ckey);
+	return !ct || ct->expires <= now || ct->snat_addr != rkey->daddr || ct->snat_port != rkey->dport;
+}
+
+static __always_inline __u32 __snat4_hash(const struct tuple4 *fwd)
+{
+	__u32 h = fwd->saddr ^ fwd->daddr ^ ((__u32)fwd->sport << 16 | fwd->dport) ^ fwd->proto;
+
+	h ^= h >> 16;
+	h *= 0x7feb352d;
+	h ^= h >> 15;
+	h *= 0x846ca68b;
+	h ^= h >> 16;
+	return h;
+}
+
+/* Reserve a source port on rkey->daddr towards rkey->saddr:sport for the flow fwd; on success
+ * rkey->dport holds it. The first try is a hash of the flow (stable across retransmits), then
+ * random ports; a port held by a dead flow is taken over. ZP_ENOSNATPORT when all tries fail. */
+static __always_inline int snat4_alloc(const struct np_config *cfg, const struct tuple4 *fwd,
+				       struct tuple4 *rkey, const struct nat4_entry *nat, __u64 now)
+{
+	__u32 min = cfg->snat_port_min;
+	__u32 range = (__u32)cfg->snat_port_max - min + 1;
+	__u32 port = __snat4_hash(fwd) % range;
+
+	for (int i = 0; i < ZP_SNAT_TRIES; i++) {
+		rkey->dport = bpf_htons((__u16)(min + port));
+		if (zp_snat4.insert(rkey, (struct nat4_entry *)nat) == 0)
+			return ZP_OK;
+		if (__snat4_stale(rkey, now) && zp_snat4.update(rkey, (struct nat4_entry *)nat) == 0)
+			return ZP_OK;
+		port = bpf_get_prandom_u32() % range;
+	}
+	return ZP_ENOSNATPORT;
+}
+
+/* The reply tuple under which a flow's reverse entry is stored. */
+static __always_inline void nat4_reply_key(const struct tuple4 *fwd, const struct ct4_entry *ct,
+					   struct tuple4 *rkey)
+{
+	__builtin_memset(rkey, 0, sizeof(*rkey));
+	rkey->saddr = ct->backend_addr;
+	rkey->sport = ct->backend_port;
+	rkey->proto = fwd->proto;
+	if (ct->flags & ZP_CT_F_SNAT) {
+		rkey->daddr = ct->snat_addr;
+		rkey->dport = ct->snat_port;
+	} else {
+		rkey->daddr = fwd->saddr;
+		rkey->dport = fwd->sport;
+	}
+}
+
+/* Forget a flow: its entry and its reverse entry (which frees a SNAT port at once). */
+static __always_inline void nat4_forget(const struct tuple4 *fwd, const struct ct4_entry *ct)
+{
+	struct tuple4 rkey;
+
+	nat4_reply_key(fwd, ct, &rkey);
+	zp_snat4.delete(&rkey);
+	zp_ct4.delete((void *)fwd);
+}
+
+#endif

@@ -1,0 +1,488 @@
+"""The TC programs under BPF_PROG_TEST_RUN: crafted packets + map state -> verdict and headers.
+
+The programs run in the kernel on packets built here, inside a test-bed node's namespace (so
+bpf_fib_lookup sees real routes and, thanks to permanent neighbour entries, known MACs). Each
+case is a list of steps; a step sends one packet through the ingress or egress program and
+checks the verdict, every rewritten header field, the checksums, and the counters that moved.
+Flows carry over between the steps of a case (SYN, then the reply, then the next packet), and
+every case starts from empty conntrack and SNAT maps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.model import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
+from dataplane import loader, maps
+from dataplane.conntrack import read_flows, read_reverse
+from dataplane.services import ServiceMaps
+from dataplane.tc import CtTimeouts, NodeDatapath, in_netns, prog_test_run
+from zeroproxy.testbed import TestBed
+
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7
+
+CLIENT = "192.168.100.101"
+NODE_B = "192.168.100.12"
+POD_A = "10.244.1.10"
+POD_B = "10.244.2.10"
+POD_B2 = "10.244.2.11"
+EXT_IP = "192.168.200.10"
+CLUSTER_IP = "10.96.0.10"
+MAC_CLIENT = "02:00:00:00:00:c1"
+MAC_NODE_B = "02:00:00:00:00:0b"
+MAC_POD_A = "02:00:00:00:00:a1"
+SNAT_PORTS = (61000, 65535)
+DEFAULT_TIMEOUTS = CtTimeouts()
+TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
+
+# ---- packets -------------------------------------------------------------------------------
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+@dataclass
+class Pkt:
+    """An Ethernet/IPv4/TCP-or-UDP packet, built and parsed with real checksums."""
+
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    proto: int = TCP
+    flags: int = SYN
+    payload: bytes = b"hello"
+    smac: str = "02:00:00:00:00:01"
+    dmac: str = "02:00:00:00:00:02"
+    udp_csum_zero: bool = False
+    frag: bool = False
+
+    def build(self) -> bytes:
+        src, dst = socket.inet_aton(self.src), socket.inet_aton(self.dst)
+        if self.proto == TCP:
+            l4 = struct.pack("!HHIIBBHHH", self.sport, self.dport, 1, 0, 5 << 4, self.flags, 65535, 0, 0)
+        else:
+            l4 = struct.pack("!HHHH", self.sport, self.dport, 8 + len(self.payload), 0)
+        l4 += self.payload
+        pseudo = src + dst + struct.pack("!BBH", 0, self.proto, len(l4))
+        check = _csum(pseudo + l4)
+        if self.proto == UDP and self.udp_csum_zero:
+            check = 0
+        elif self.proto == UDP and check == 0:
+            check = 0xFFFF
+        off = 16 if self.proto == TCP else 6
+        l4 = l4[:off] + struct.pack("!H", check) + l4[off + 2:]
+        frag = 0x2000 if self.frag else 0  # MF
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, frag, 64, self.proto, 0, src, dst)
+        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        return _mac(self.dmac) + _mac(self.smac) + b"\x08\x00" + ip + l4
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A packet as the program left it."""
+
+    dmac: str
+    smac: str
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    ip_csum_ok: bool
+    l4_csum_ok: bool
+    l4_csum: int
+
+
+def parse(frame: bytes) -> Seen:
+    ip = frame[14:34]
+    proto = ip[9]
+    src, dst = socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])
+    total = struct.unpack("!H", ip[2:4])[0]
+    l4 = frame[34:14 + total]
+    sport, dport = struct.unpack("!HH", l4[:4])
+    off = 16 if proto == TCP else 6
+    l4_csum = struct.unpack("!H", l4[off:off + 2])[0]
+    pseudo = ip[12:20] + struct.pack("!BBH", 0, proto, len(l4))
+    l4_ok = (proto == UDP and l4_csum == 0) or _csum(pseudo + l4) == 0
+    return Seen(frame[0:6].hex(":"), frame[6:12].hex(":"), src, sport, dst, dport, _csum(ip) == 0, l4_ok, l4_csum)
+
+
+# ---- the kernel side ---------------------------------------------------------------------------
+
+
+@dataclass
+class Rig:
+    """A node namespace with the TC programs loaded and the service maps in reach."""
+
+    bed: TestBed
+    datapath: NodeDatapath
+    services: ServiceMaps
+    netns: str
+    node_ip: str
+    eth0: int
+    eth0_mac: str
+    lxc: int
+    lxc_mac: str
+    pin_dir: Path
+
+    def run(self, direction: str, pkt: Pkt) -> tuple[int, bytes]:
+        prog = "zp_np4_ingress" if direction == "in" else "zp_np4_egress"
+        with in_netns(self.netns):
+            return prog_test_run(self.datapath.prog_fd(prog), pkt.build(), ifindex=self.eth0)
+
+    def stats(self) -> dict[maps.NpStat, int]:
+        return self.datapath.stats()
+
+    def configure(self, snat_ports: tuple[int, int] = SNAT_PORTS, timeouts: CtTimeouts = DEFAULT_TIMEOUTS) -> None:
+        self.datapath.snat_ports = snat_ports
+        self.datapath.timeouts = timeouts
+        self.datapath.write_config()
+
+    def reset(self) -> None:
+        for name in ("zp_ct4", "zp_snat4"):
+            table = self.datapath.table(name)
+            for k in list(table.keys()):
+                del table[k]
+        self.configure()
+
+
+@pytest.fixture(scope="module")
+def rig(stale_beds_removed: list[str]) -> Iterator[Rig]:
+    bed = TestBed(prefix="zp")
+    pin_dir = Path(f"/sys/fs/bpf/zp-test-{bed.id}/a")
+    datapath = None
+    try:
+        node = bed.add_node("a")
+        bed.add_node("b")
+        pod = bed.add_pod(node, "a1", ip4=POD_A)
+        ipr = bed.iproute(node.netns)
+        eth0 = node.ifindex("eth0")
+        lxc = pod.host_ifindex
+        # Permanent neighbours: fib lookups then return known MACs without any ARP.
+        for dst, mac, index in ((CLIENT, MAC_CLIENT, eth0), (NODE_B, MAC_NODE_B, eth0), (POD_A, MAC_POD_A, lxc)):
+            ipr.neigh("replace", dst=dst, lladdr=mac, ifindex=index, state=0x80)  # NUD_PERMANENT
+        datapath = NodeDatapath(pin_dir, ["eth0"], netns=node.netns,
+                                map_sizes={"ZP_CT_MAP_SIZE": 4096, "ZP_NAT_MAP_SIZE": 4096})
+        datapath.load()
+        datapath.attach()  # fills the device map; the filters themselves are not exercised here
+        services = ServiceMaps(datapath)
+        services.set_node_port_addresses([ipaddress.ip_address(node.ip4)])
+        link = {i: ipr.get_links(i)[0].get_attr("IFLA_ADDRESS") for i in (eth0, lxc)}
+        yield Rig(bed, datapath, services, node.netns, node.ip4, eth0, link[eth0], lxc, link[lxc], pin_dir)
+    finally:
+        if datapath is not None:
+            datapath.close()
+        loader.cleanup(None, pin_dir.parent)
+        bed.close()
+
+
+def _entry(kind: FrontendKind, addr: str, port: int, proto: Protocol, backends: list[str],
+           name: str, local: bool = False) -> ServiceEntry:
+    extra = (("externalTrafficPolicy", "Local" if local else "Cluster"),)
+    return ServiceEntry(
+        Frontend(ipaddress.ip_address(addr), port, proto, kind),
+        ServicePortName("default", name),
+        tuple(Backend(ipaddress.ip_address(b), 8080) for b in backends),
+        extra,
+    )
+
+
+def services(web: list[str], *, udp: list[str] | None = None, ext: list[str] | None = None,
+             local: list[str] | None = None) -> list[ServiceEntry]:
+    """The service table of a case: NodePort 30080/TCP is `web`, the others are optional."""
+    out = [
+        _entry(FrontendKind.NODE_PORT, "0.0.0.0", 30080, Protocol.TCP, web, "web"),
+        _entry(FrontendKind.CLUSTER_IP, CLUSTER_IP, 80, Protocol.TCP, web, "web"),
+    ]
+    if udp is not None:
+        out.append(_entry(FrontendKind.NODE_PORT, "0.0.0.0", 30053, Protocol.UDP, udp, "dns"))
+    if ext is not None:
+        out.append(_entry(FrontendKind.EXTERNAL_IP, EXT_IP, 80, Protocol.TCP, ext, "ext"))
+    if local is not None:
+        out.append(_entry(FrontendKind.NODE_PORT, "0.0.0.0", 30081, Protocol.TCP, local, "loc", local=True))
+    return out
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """Send pkt through one program; expect a verdict and header fields (None = unchanged)."""
+
+    direction: str  # "in" (ingress program) or "out" (egress program)
+    pkt: Pkt | Callable[[dict[str, Any]], Pkt]  # a callable gets what earlier steps recorded
+    verdict: int
+    src: str | None = None
+    sport: int | tuple[int, int] | None = None  # a (lo, hi) range for SNAT ports
+    dst: str | None = None
+    dport: int | None = None
+    dmac: str | None = None
+    smac: str | None = None
+    stats: dict[maps.NpStat, int] = field(default_factory=dict)  # counters that must move by this much
+    record: str | None = None  # remember the output's source port under this name
+    sync: list[ServiceEntry] | None = None  # service table to program before this step
+    config: dict[str, Any] | None = None  # Rig.configure() arguments before this step
+    unchanged: bool = False  # the packet must come out byte for byte as it went in
+
+
+def c2n(sport: int = 40000, flags: int = SYN, port: int = 30080, proto: int = TCP, dst: str = "") -> Pkt:
+    """Client -> node address (the node's IP is filled in at run time when dst is "")."""
+    return Pkt(CLIENT, sport, dst, port, proto=proto, flags=flags)
+
+
+def case_remote_tcp() -> list[Step]:
+    """NodePort to a remote backend: DNAT + SNAT, the reply un-NATed and sent to the client."""
+    return [
+        Step("in", c2n(), TC_ACT_REDIRECT, src="NODE", sport=SNAT_PORTS, dst=POD_B, dport=8080, dmac=MAC_NODE_B,
+             smac="ETH0", stats={maps.NpStat.NEW_FLOW: 1}, record="snat", sync=services([POD_B])),
+        Step("in", lambda r: Pkt(POD_B, 8080, "NODE", r["snat"], flags=SYN | ACK), TC_ACT_REDIRECT, src="NODE",
+             sport=30080, dst=CLIENT, dport=40000, dmac=MAC_CLIENT, smac="ETH0", stats={maps.NpStat.REPLY: 1}),
+        Step("in", c2n(flags=ACK), TC_ACT_REDIRECT, src="NODE", sport="snat", dst=POD_B, dport=8080,
+             stats={maps.NpStat.FWD: 1}),
+    ]
+
+
+def case_local_tcp() -> list[Step]:
+    """NodePort to a local backend: DNAT only (client IP kept), reply fixed at egress."""
+    return [
+        Step("in", c2n(), TC_ACT_REDIRECT, src=CLIENT, sport=40000, dst=POD_A, dport=8080, dmac=MAC_POD_A,
+             smac="LXC", stats={maps.NpStat.NEW_FLOW: 1}, sync=services([POD_A])),
+        Step("out", Pkt(POD_A, 8080, CLIENT, 40000, flags=SYN | ACK), TC_ACT_OK, src="NODE", sport=30080,
+             dst=CLIENT, dport=40000, stats={maps.NpStat.REPLY: 1}),
+    ]
+
+
+def case_udp() -> list[Step]:
+    """UDP NodePort to a remote backend, including a datagram without a checksum."""
+    zero = Pkt(CLIENT, 5353, "NODE", 30053, proto=UDP, udp_csum_zero=True)
+    return [
+        Step("in", c2n(5353, port=30053, proto=UDP), TC_ACT_REDIRECT, src="NODE", sport=SNAT_PORTS, dst=POD_B,
+             dport=8080, stats={maps.NpStat.NEW_FLOW: 1}, record="snat", sync=services([POD_B], udp=[POD_B])),
+        Step("in", lambda r: Pkt(POD_B, 8080, "NODE", r["snat"], proto=UDP), TC_ACT_REDIRECT, src="NODE",
+             sport=30053, dst=CLIENT, dport=5353, stats={maps.NpStat.REPLY: 1}),
+        Step("in", zero, TC_ACT_REDIRECT, src="NODE", sport="snat", dst=POD_B, dport=8080,
+             stats={maps.NpStat.FWD: 1}),
+    ]
+
+
+def case_external_ip() -> list[Step]:
+    """An ExternalIP behaves like a NodePort on its own address and the service port."""
+    return [
+        Step("in", Pkt(CLIENT, 40001, EXT_IP, 80), TC_ACT_REDIRECT, src="NODE", sport=SNAT_PORTS, dst=POD_B,
+             dport=8080, stats={maps.NpStat.NEW_FLOW: 1}, record="snat", sync=services([POD_A], ext=[POD_B])),
+        Step("in", lambda r: Pkt(POD_B, 8080, "NODE", r["snat"], flags=SYN | ACK), TC_ACT_REDIRECT, src=EXT_IP,
+             sport=80, dst=CLIENT, dport=40001, stats={maps.NpStat.REPLY: 1}),
+    ]
+
+
+def case_pass_through() -> list[Step]:
+    """Not ours: other ports, a ClusterIP from outside, fragments, unrelated replies."""
+    table = services([POD_B])
+    return [
+        Step("in", c2n(port=22), TC_ACT_OK, unchanged=True, sync=table),
+        Step("in", Pkt(CLIENT, 40000, CLUSTER_IP, 80), TC_ACT_OK, unchanged=True),
+        Step("in", Pkt(CLIENT, 40000, "NODE", 30080, frag=True), TC_ACT_OK, unchanged=True),
+        Step("out", Pkt(POD_A, 8080, CLIENT, 40000, flags=ACK), TC_ACT_OK, unchanged=True),
+        Step("in", Pkt(POD_B, 8080, "NODE", 61000, flags=ACK), TC_ACT_OK, unchanged=True),
+    ]
+
+
+def case_midstream_without_flow() -> list[Step]:
+    """A TCP segment of a flow we never saw is dropped, not sent to some backend."""
+    return [Step("in", c2n(flags=ACK), TC_ACT_SHOT, stats={maps.NpStat.CT_MISS: 1}, sync=services([POD_B]))]
+
+
+def case_backend_set_changes() -> list[Step]:
+    """An established flow keeps its backend while it exists, whatever else changes."""
+    steps = [Step("in", c2n(), TC_ACT_REDIRECT, dst=POD_B, record="snat", sync=services([POD_B])),
+             Step("in", c2n(flags=ACK), TC_ACT_REDIRECT, dst=POD_B, sport="snat",
+                  sync=services([POD_A, POD_B2, POD_B]))]
+    steps += [Step("in", c2n(flags=ACK), TC_ACT_REDIRECT, dst=POD_B, sport="snat") for _ in range(20)]
+    return steps
+
+
+def case_backend_deleted() -> list[Step]:
+    """A flow whose backend is deleted is dropped mid-stream; its next SYN starts over elsewhere."""
+    return [
+        Step("in", c2n(), TC_ACT_REDIRECT, dst=POD_B, sync=services([POD_B])),
+        Step("in", c2n(flags=ACK), TC_ACT_SHOT, stats={maps.NpStat.BACKEND_GONE: 1}, sync=services([POD_A])),
+        Step("in", c2n(flags=ACK), TC_ACT_SHOT, stats={maps.NpStat.CT_MISS: 1}),
+        Step("in", c2n(), TC_ACT_REDIRECT, src=CLIENT, dst=POD_A, stats={maps.NpStat.NEW_FLOW: 1}),
+    ]
+
+
+def case_snat_exhausted() -> list[Step]:
+    """Two SNAT ports: two flows get one each (colliding hashes are retried), the third is
+    dropped and counted; closing one flow (RST, no close grace here) frees its port."""
+    small = {"snat_ports": (61000, 61001), "timeouts": CtTimeouts(closing=0)}
+    return [
+        Step("in", c2n(41000), TC_ACT_REDIRECT, dst=POD_B, sport=(61000, 61001), record="p0",
+             sync=services([POD_B]), config=small),
+        Step("in", c2n(41001), TC_ACT_REDIRECT, dst=POD_B, sport=(61000, 61001)),
+        Step("in", c2n(41002), TC_ACT_SHOT, stats={maps.NpStat.SNAT_EXHAUSTED: 1}),
+        Step("in", c2n(41000, flags=RST | ACK), TC_ACT_REDIRECT, dst=POD_B, sport="p0"),
+        Step("in", c2n(41002), TC_ACT_REDIRECT, dst=POD_B, sport="p0", stats={maps.NpStat.NEW_FLOW: 1}),
+    ]
+
+
+def case_closed_flow_frees_port() -> list[Step]:
+    """FIN both ways closes a flow; once its grace time is over the port is reusable."""
+    small = {"snat_ports": (61000, 61000), "timeouts": CtTimeouts(closing=0)}
+    return [
+        Step("in", c2n(42000), TC_ACT_REDIRECT, sport=61000, sync=services([POD_B]), config=small),
+        Step("in", Pkt(POD_B, 8080, "NODE", 61000, flags=SYN | ACK), TC_ACT_REDIRECT, dst=CLIENT),
+        Step("in", c2n(42001), TC_ACT_SHOT, stats={maps.NpStat.SNAT_EXHAUSTED: 1}),
+        Step("in", c2n(42000, flags=FIN | ACK), TC_ACT_REDIRECT, sport=61000),
+        Step("in", c2n(42001), TC_ACT_SHOT, stats={maps.NpStat.SNAT_EXHAUSTED: 1}),  # half closed: still in use
+        Step("in", Pkt(POD_B, 8080, "NODE", 61000, flags=FIN | ACK), TC_ACT_REDIRECT, dst=CLIENT),
+        Step("in", c2n(42001), TC_ACT_REDIRECT, sport=61000, stats={maps.NpStat.NEW_FLOW: 1}),
+    ]
+
+
+def case_expired_reply() -> list[Step]:
+    """A reply after its flow expired is left alone (the node answers it with RST)."""
+    gone = {"timeouts": CtTimeouts(syn=0)}
+    return [
+        Step("in", c2n(43000), TC_ACT_REDIRECT, record="snat", sync=services([POD_B]), config=gone),
+        Step("in", lambda r: Pkt(POD_B, 8080, "NODE", r["snat"], flags=SYN | ACK), TC_ACT_OK, unchanged=True,
+             stats={maps.NpStat.STALE_REPLY: 1}),
+    ]
+
+
+def case_no_backend() -> list[Step]:
+    """No backend: a NodePort (here eTP=Local without local endpoints) goes to the node's
+    stack, which refuses; an ExternalIP is dropped."""
+    return [
+        Step("in", c2n(port=30081), TC_ACT_OK, unchanged=True, stats={maps.NpStat.NO_BACKEND: 1},
+             sync=services([POD_B], ext=[], local=[])),
+        Step("in", Pkt(CLIENT, 40000, EXT_IP, 80), TC_ACT_SHOT, stats={maps.NpStat.NO_BACKEND: 1}),
+    ]
+
+
+def case_local_policy() -> list[Step]:
+    """externalTrafficPolicy Local never SNATs: the backend sees the client."""
+    return [Step("in", c2n(port=30081), TC_ACT_REDIRECT, src=CLIENT, sport=40000, dst=POD_A, dport=8080,
+                 sync=services([POD_B], local=[POD_A]))]
+
+
+CASES = {
+    "remote-tcp": case_remote_tcp,
+    "local-tcp": case_local_tcp,
+    "udp": case_udp,
+    "external-ip": case_external_ip,
+    "pass-through": case_pass_through,
+    "midstream-without-flow": case_midstream_without_flow,
+    "backend-set-changes": case_backend_set_changes,
+    "backend-deleted": case_backend_deleted,
+    "snat-exhausted": case_snat_exhausted,
+    "closed-flow-frees-port": case_closed_flow_frees_port,
+    "expired-reply": case_expired_reply,
+    "no-backend": case_no_backend,
+    "local-policy": case_local_policy,
+}
+
+
+def _resolve(rig: Rig, value: Any, recorded: dict[str, Any]) -> Any:
+    if value == "NODE":
+        return rig.node_ip
+    if value == "ETH0":
+        return rig.eth0_mac
+    if value == "LXC":
+        return rig.lxc_mac
+    if isinstance(value, str) and value in recorded:
+        return recorded[value]
+    return value
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tc_program_table(rig: Rig, name: str) -> None:
+    rig.reset()
+    recorded: dict[str, Any] = {}
+    for i, step in enumerate(CASES[name]()):
+        where = f"{name} step {i}"
+        if step.config is not None:
+            rig.configure(**step.config)
+        if step.sync is not None:
+            rig.services.sync(step.sync)
+        pkt = step.pkt(recorded) if callable(step.pkt) else step.pkt
+        pkt.src, pkt.dst = _resolve(rig, pkt.src, recorded), _resolve(rig, pkt.dst, recorded) or rig.node_ip
+        before = rig.stats()
+        verdict, out = rig.run(step.direction, pkt)
+        after = rig.stats()
+        assert verdict == step.verdict, f"{where}: verdict {verdict}, expected {step.verdict}"
+        moved = {s: after[s] - before[s] for s in maps.NpStat if after[s] != before[s]}
+        for stat, delta in step.stats.items():
+            assert moved.get(stat, 0) == delta, f"{where}: {stat.name} moved {moved}"
+        if step.unchanged:
+            assert out == pkt.build(), f"{where}: the packet was modified"
+            continue
+        if verdict == TC_ACT_SHOT:
+            continue
+        seen = parse(out)
+        assert seen.ip_csum_ok and seen.l4_csum_ok, f"{where}: bad checksum in {seen}"
+        if pkt.proto == UDP and pkt.udp_csum_zero:
+            assert seen.l4_csum == 0, f"{where}: a UDP datagram without checksum got one"
+        for attr in ("src", "dst", "dport", "dmac", "smac"):
+            want = _resolve(rig, getattr(step, attr), recorded)
+            if want is not None:
+                assert getattr(seen, attr) == want, f"{where}: {attr} {getattr(seen, attr)}, expected {want}"
+        sport = _resolve(rig, step.sport, recorded)
+        if isinstance(sport, tuple):
+            assert sport[0] <= seen.sport <= sport[1], f"{where}: SNAT port {seen.sport} outside {sport}"
+        elif sport is not None:
+            assert seen.sport == sport, f"{where}: sport {seen.sport}, expected {sport}"
+        if step.record:
+            recorded[step.record] = seen.sport
+
+
+def test_conntrack_reader_shows_flows(rig: Rig) -> None:
+    """The reader behind the CLI shows the client, frontend, backend, SNAT and state of a flow."""
+    rig.reset()
+    rig.services.sync(services([POD_B]))
+    verdict, out = rig.run("in", c2n(44000, dst=rig.node_ip))
+    assert verdict == TC_ACT_REDIRECT
+    snat_port = parse(out).sport
+    rig.run("in", Pkt(POD_B, 8080, rig.node_ip, snat_port, flags=SYN | ACK))
+    flows = read_flows(rig.pin_dir)
+    assert [(f.proto, f.client, f.frontend, f.backend, f.snat, f.state) for f in flows] == [
+        ("TCP", f"{CLIENT}:44000", f"{rig.node_ip}:30080", f"{POD_B}:8080", f"{rig.node_ip}:{snat_port}",
+         "ESTABLISHED")]
+    assert 0 < flows[0].expires_in_s <= DEFAULT_TIMEOUTS.established
+    rev = read_reverse(rig.pin_dir)
+    assert [(e.reply_from, e.reply_to, e.client, e.frontend, e.snat) for e in rev] == [
+        (f"{POD_B}:8080", f"{rig.node_ip}:{snat_port}", f"{CLIENT}:44000", f"{rig.node_ip}:30080", True)]
+
+
+def test_map_mirrors_match_bcc(rig: Rig) -> None:
+    """Each ctypes mirror of a TC map key/value has the size bcc generated from the C struct."""
+    for name in ("zp_ct4", "zp_snat4", "zp_np_cfg", "zp_np_dev4"):
+        table = rig.datapath.table(name)
+        key_t, value_t = maps.MAP_TYPES[name]
+        assert ctypes.sizeof(key_t) == ctypes.sizeof(table.Key), name
+        assert ctypes.sizeof(value_t) == ctypes.sizeof(table.Leaf), name
+    assert len(maps.NpStat) <= maps.NP_STAT_MAX
+    for name in ("zp_ct4", "zp_snat4", "zp_np_cfg", "zp_np_dev4", "zp_np_stats"):
+        assert (rig.pin_dir / maps.MAP_PINS[name]).exists(), name
