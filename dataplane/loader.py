@@ -112,7 +112,7 @@ class SockDatapath:
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         (self.pin_dir / "progs").mkdir(exist_ok=True)
         text, cflags = sock_source(self.pin_dir)
-        self.bpf = bcc.BPF(text=text, cflags=cflags)
+        self.bpf = bcc.BPF(text=text.encode(), cflags=cflags)
         for name, attach_type in SOCK_HOOKS:
             self._fns[name] = self.bpf.load_func(
                 name.encode(), bcc.BPFProgType.CGROUP_SOCK_ADDR, attach_type=attach_type

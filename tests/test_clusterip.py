@@ -317,7 +317,7 @@ def test_ctypes_mirrors_match_bcc_structs(tmp_path: Path) -> None:
     b = None
     try:
         text, cflags = sock_source(pin)
-        b = bcc.BPF(text=text, cflags=cflags)
+        b = bcc.BPF(text=text.encode(), cflags=cflags)
         sock_maps = {n: kv for n, kv in maps.MAP_TYPES.items() if n.startswith(("zp_lb", "zp_rnat"))}
         assert len(sock_maps) == 7
         for name, (key_t, value_t) in sock_maps.items():
