@@ -1,0 +1,267 @@
+"""NodePort, ExternalIP, LoadBalancer IP and externalTrafficPolicy, end to end in a two-node bed.
+
+An external host on the underlay talks to node A; backends run in pods on A and on B. Each node
+has its own "agent": the socket programs on its cgroup subtree, the TC programs on its eth0, its
+own pin directory, and its service maps programmed from the same Kubernetes objects through
+the real translation with its own node name, as the agent process will do it.
+"""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.model import ServicePortName
+from controlplane.translate import translate
+from dataplane import loader, maps, tc
+from dataplane.conntrack import read_flows, read_reverse
+from dataplane.loader import SockDatapath
+from dataplane.services import ServiceMaps
+from zeroproxy.k8sobjects import endpoint_slice, node, service
+from zeroproxy.testbed import External, Node, Pod, TestBed
+
+WEB_PORT, DNS_PORT, ECHO_PORT = 8080, 5353, 9000
+NP_WEB, NP_DNS, NP_LOCAL, NP_ECHO, NP_SELF = 30080, 30053, 30081, 30090, 30085
+EXT_IP, LB_IP = "192.168.200.10", "192.168.200.20"
+SELF_VIP = "10.96.1.30"
+
+
+@dataclass
+class NodeAgent:
+    """What the agent does for one node, run in the test process."""
+
+    node: Node
+    pin_dir: Path
+    sock: SockDatapath
+    tc: tc.NodeDatapath
+    maps: ServiceMaps
+
+    def apply(self, objects: list[dict[str, Any]]) -> None:
+        table = translate(objects, self.node.name).table
+        result = self.maps.sync(table.values())
+        assert not result.conflicts, result.conflicts
+
+
+class Cluster:
+    def __init__(self, bed: TestBed) -> None:
+        self.bed = bed
+        self.a: Node = bed.add_node("a")
+        self.b: Node = bed.add_node("b")
+        self.a1: Pod = bed.add_pod(self.a, "a1")
+        self.b1: Pod = bed.add_pod(self.b, "b1")
+        self.echo: Pod = bed.add_pod(self.b, "echo")
+        self.client: External = bed.add_external("client")
+        for ip in (EXT_IP, LB_IP):  # the "load balancer" / upstream router sends these to node A
+            self.client.add_route(f"{ip}/32", via=self.a.ip4)
+        for pod in (self.a1, self.b1):
+            pod.serve(pod.name, tcp=[WEB_PORT], udp=[DNS_PORT], family="4")
+        self.echo.serve("echo", tcp=[ECHO_PORT], echo=True, family="4")
+        self.agents: dict[str, NodeAgent] = {}
+
+    def start_agent(self, n: Node) -> NodeAgent:
+        pin_dir = Path(f"/sys/fs/bpf/zp-test-{self.bed.id}/{n.name}")
+        sock = SockDatapath(n.cgroup_path, pin_dir)
+        self.agents[n.name] = None  # type: ignore[assignment]  # cleanup knows the pin dir from here
+        sock.load()
+        sock.attach()
+        datapath = tc.NodeDatapath(pin_dir, ["eth0"], netns=n.netns)
+        datapath.load()
+        datapath.attach()
+        maps = ServiceMaps(sock)
+        maps.set_node_port_addresses(tc.node_port_addresses([], tc.local_addresses(n.netns)))
+        agent = NodeAgent(n, pin_dir, sock, datapath, maps)
+        self.agents[n.name] = agent
+        agent.apply(self.objects())
+        return agent
+
+    def objects(self) -> list[dict[str, Any]]:
+        web_ports = [
+            {"name": "http", "port": 80, "targetPort": WEB_PORT, "protocol": "TCP", "nodePort": NP_WEB},
+            {"name": "dns", "port": 53, "targetPort": DNS_PORT, "protocol": "UDP", "nodePort": NP_DNS},
+        ]
+        http = [{"name": "http", "port": WEB_PORT, "protocol": "TCP"}]
+        dns = [{"name": "dns", "port": DNS_PORT, "protocol": "UDP"}]
+        return [
+            node("a", [self.a.ip4]),
+            node("b", [self.b.ip4]),
+            {**service("web", ["10.96.1.10"], web_ports, type="LoadBalancer", externalIPs=[EXT_IP]),
+             "status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}},
+            endpoint_slice("web", [self.a1.ip4], http + dns, name="web-a", node_name="a"),
+            endpoint_slice("web", [self.b1.ip4], http + dns, name="web-b", node_name="b"),
+            service("local", ["10.96.1.20"], [{"name": "http", "port": 80, "targetPort": WEB_PORT,
+                                               "protocol": "TCP", "nodePort": NP_LOCAL}],
+                    type="NodePort", externalTrafficPolicy="Local"),
+            endpoint_slice("local", [self.b1.ip4], http, node_name="b"),
+            service("echo", ["10.96.1.40"], [{"name": "echo", "port": 80, "targetPort": ECHO_PORT,
+                                              "protocol": "TCP", "nodePort": NP_ECHO}], type="NodePort"),
+            endpoint_slice("echo", [self.echo.ip4], [{"name": "echo", "port": ECHO_PORT, "protocol": "TCP"}],
+                           node_name="b"),
+            service("self", [SELF_VIP], [{"name": "http", "port": 80, "targetPort": WEB_PORT,
+                                          "protocol": "TCP", "nodePort": NP_SELF}], type="NodePort"),
+            endpoint_slice("self", [self.a1.ip4], http, node_name="a"),
+        ]
+
+    def close(self) -> None:
+        for name, agent in self.agents.items():
+            n = self.bed.nodes[name]
+            if agent is not None:
+                agent.tc.detach()
+                agent.tc.close()
+                agent.sock.close()
+            loader.cleanup(n.cgroup_path, Path(f"/sys/fs/bpf/zp-test-{self.bed.id}/{name}"))
+        loader.cleanup(None, Path(f"/sys/fs/bpf/zp-test-{self.bed.id}"))
+
+
+@pytest.fixture(scope="module")
+def cluster(stale_beds_removed: list[str]) -> Iterator[Cluster]:
+    bed = TestBed(prefix="zp")
+    c = None
+    try:
+        c = Cluster(bed)
+        c.start_agent(c.a)
+        c.start_agent(c.b)
+        yield c
+    finally:
+        if c is not None:
+            c.close()
+        bed.close()
+
+
+def _served(results: list[dict[str, Any]]) -> collections.Counter[str]:
+    return collections.Counter(r["server_name"] for r in results)
+
+
+def _failures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in results if not r["ok"]]
+
+
+def test_nodeport_tcp_local_and_remote_backends(cluster: Cluster) -> None:
+    """300 connections to node A's NodePort reach both backends; A's backend sees the client,
+    B's backend sees node A (SNAT); the conntrack reader shows the SNATed flows."""
+    c = cluster
+    before = c.agents["a"].tc.stats()
+    results = c.client.client(f"{c.a.ip4}:{NP_WEB}", count=300, concurrency=10)
+    assert _failures(results) == []
+    after = c.agents["a"].tc.stats()
+    assert after[maps.NpStat.NEW_FLOW] - before[maps.NpStat.NEW_FLOW] == 300  # each one went through TC
+    served = _served(results)
+    assert set(served) == {"a1", "b1"} and min(served.values()) >= 60, served
+    peers = {(r["server_name"], r["peer_seen_by_server"][0]) for r in results}
+    assert peers == {("a1", c.client.ip4), ("b1", c.a.ip4)}
+    # the servers answered on their own address: the translation happened on the way in
+    assert {tuple(r["server_local"]) for r in results} == {(c.a1.ip4, WEB_PORT), (c.b1.ip4, WEB_PORT)}
+
+    flows = [f for f in read_flows(c.agents["a"].pin_dir) if f.frontend == f"{c.a.ip4}:{NP_WEB}"]
+    assert {f.backend for f in flows} == {f"{c.a1.ip4}:{WEB_PORT}", f"{c.b1.ip4}:{WEB_PORT}"}
+    assert all(f.client.startswith(c.client.ip4 + ":") for f in flows)
+    assert {f.snat is not None for f in flows if f.backend.startswith(c.b1.ip4 + ":")} == {True}
+    assert {f.snat for f in flows if f.backend.startswith(c.a1.ip4 + ":")} == {None}
+    assert {f.state for f in flows} <= {"CLOSING", "ESTABLISHED"}
+    snat = [e for e in read_reverse(c.agents["a"].pin_dir) if e.snat]
+    assert snat and all(e.reply_to.startswith(c.a.ip4 + ":") for e in snat)
+
+
+def test_nodeport_udp(cluster: Cluster) -> None:
+    """UDP NodePort; a connected client only accepts replies from node A's NodePort, so every
+    success proves the reverse translation."""
+    c = cluster
+    results = c.client.client(f"{c.a.ip4}:{NP_DNS}", proto="udp-connected", count=100, concurrency=4)
+    assert _failures(results) == []
+    served = _served(results)
+    assert set(served) == {"a1", "b1"}, served
+    peers = {(r["server_name"], r["peer_seen_by_server"][0]) for r in results}
+    assert peers == {("a1", c.client.ip4), ("b1", c.a.ip4)}
+    unconnected = c.client.client(f"{c.a.ip4}:{NP_DNS}", proto="udp-unconnected", count=20)
+    assert _failures(unconnected) == []
+    assert {tuple(r["reply_source"]) for r in unconnected} == {(c.a.ip4, NP_DNS)}
+
+
+@pytest.mark.parametrize("address", [EXT_IP, LB_IP], ids=["external-ip", "lb-ip"])
+def test_external_and_load_balancer_ips(cluster: Cluster, address: str) -> None:
+    """ExternalIPs and LB ingress IPs behave like a NodePort, on the service port."""
+    c = cluster
+    results = c.client.client(f"{address}:80", count=60, concurrency=4)
+    assert _failures(results) == []
+    assert set(_served(results)) == {"a1", "b1"}
+    peers = {(r["server_name"], r["peer_seen_by_server"][0]) for r in results}
+    assert peers == {("a1", c.client.ip4), ("b1", c.a.ip4)}
+    udp = c.client.client(f"{address}:53", proto="udp-connected", count=20)
+    assert _failures(udp) == []
+
+
+def test_external_traffic_policy_local(cluster: Cluster) -> None:
+    """eTP=Local: node B (local endpoint) serves with the client's IP preserved; node A (none)
+    refuses; the dataplane tells which node has local endpoints (for healthCheckNodePort)."""
+    c = cluster
+    on_b = c.client.client(f"{c.b.ip4}:{NP_LOCAL}", count=30, concurrency=3)
+    assert _failures(on_b) == []
+    assert {(r["server_name"], r["peer_seen_by_server"][0]) for r in on_b} == {("b1", c.client.ip4)}
+    on_a = c.client.client(f"{c.a.ip4}:{NP_LOCAL}", count=10)
+    assert {r["error"] for r in on_a} == {"ECONNREFUSED"}
+    name = ServicePortName("default", "local", "http")
+    assert c.agents["a"].maps.has_local_endpoints(name) is False
+    assert c.agents["b"].maps.has_local_endpoints(name) is True
+    assert c.agents["a"].maps.has_local_endpoints(ServicePortName("default", "web", "http")) is None
+
+
+@pytest.mark.parametrize("target", ["loopback", "node-ip"])
+def test_nodeport_from_the_node_itself(cluster: Cluster, target: str) -> None:
+    """127.0.0.1:<nodePort> and <nodeIP>:<nodePort> from a process on the node (socket hooks)."""
+    c = cluster
+    addr = "127.0.0.1" if target == "loopback" else c.a.ip4
+    results = c.a.client(f"{addr}:{NP_WEB}", count=40, concurrency=2)
+    assert _failures(results) == []
+    assert set(_served(results)) == {"a1", "b1"}
+    udp = c.a.client(f"{addr}:{NP_DNS}", proto="udp-connected", count=20)
+    assert _failures(udp) == []
+
+
+@pytest.mark.parametrize("target", ["cluster-ip", "node-port"])
+def test_hairpin(cluster: Cluster, target: str) -> None:
+    """A pod reaching its own Service lands on itself and gets its reply."""
+    c = cluster
+    addr, port = (SELF_VIP, 80) if target == "cluster-ip" else (c.a.ip4, NP_SELF)
+    results = c.a1.client(f"{addr}:{port}", count=20)
+    assert _failures(results) == []
+    assert set(_served(results)) == {"a1"}
+    assert {tuple(r["getpeername"]) for r in results} == {(addr, port)}
+
+
+def test_thousand_concurrent_echo_connections_remote_backend(cluster: Cluster) -> None:
+    """1000 concurrent TCP connections through node A to a backend on B, 64 KiB echoed on each."""
+    c = cluster
+    before = c.agents["a"].tc.stats()
+    results = c.client.client(f"{c.a.ip4}:{NP_ECHO}", count=1000, concurrency=1000, echo_bytes=65536,
+                              timeout=60.0)
+    assert len(results) == 1000
+    assert _failures(results) == []
+    after = c.agents["a"].tc.stats()
+    moved = {s: after[s] - before[s] for s in maps.NpStat if after[s] != before[s]}
+    assert moved[maps.NpStat.NEW_FLOW] == 1000 and maps.NpStat.SNAT_EXHAUSTED not in moved, moved
+    ports = {f.snat for f in read_flows(c.agents["a"].pin_dir) if f.backend == f"{c.echo.ip4}:{ECHO_PORT}"}
+    assert len(ports) >= 1000  # every flow got its own SNAT port
+
+
+def _run(host: Node | External, argv: list[str]) -> str:
+    return host.check_output(argv, in_cgroup=False)
+
+
+def test_no_netfilter_rules_and_clean_detach(cluster: Cluster) -> None:
+    """Nothing went through netfilter; detaching leaves no program on the devices."""
+    c = cluster
+    for n in (c.a, c.b):
+        assert _run(n, ["nft", "list", "ruleset"]).strip() == ""
+        assert [line for line in _run(n, ["iptables-save"]).splitlines() if line.startswith("-A")] == []
+    host = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
+    assert str(NP_WEB) not in host and c.a.ip4 not in host
+    for n in (c.a, c.b):
+        assert tc.attached(["eth0"], n.netns) == {"eth0": ["ingress:zp_np4_ingress", "egress:zp_np4_egress"]}
+    agent = c.agents["b"]
+    agent.tc.detach()
+    assert tc.attached(["eth0"], c.b.netns) == {"eth0": []}
