@@ -22,29 +22,6 @@ lb4_lookup_service(__be32 addr, __be16 port, __u8 proto, struct lb4_key *key)
 	return zp_lb4_svc.lookup(key);
 }
 
-/* Choose a backend of the service found by lb4_lookup_service (key still holds its frontend).
- * Returns ZP_OK and fills *be, or ZP_ENOBACKEND / ZP_ESTALE. */
-static __always_inline int
-lb4_select_backend(struct lb4_key *key, const struct lb_service *svc, struct lb4_backend *be)
-{
-	struct lb_service *slot;
-	struct lb4_backend *found;
-	__u32 backend_id;
-
-	if (svc->count == 0)
-		return ZP_ENOBACKEND;
-	key->slot = __lb_pick_slot(svc->count);
-	slot = zp_lb4_svc.lookup(key);
-	if (!slot)
-		return ZP_ESTALE;
-	backend_id = slot->backend_id;
-	found = zp_lb4_be.lookup(&backend_id);
-	if (!found)
-		return ZP_ESTALE;
-	*be = *found;
-	return ZP_OK;
-}
-
 /* ClientIP session affinity: the backend this client used last, if still fresh and present. */
 static __always_inline struct lb4_backend *
 lb4_affinity_backend(const struct lb_service *svc, __u64 client, __u32 *backend_id)
@@ -117,6 +94,14 @@ lb4_select_backend_sticky(struct lb4_key *key, const struct lb_service *svc, str
 	return ZP_OK;
 }
 
+/* Choose a backend of the service found by lb4_lookup_service (key still holds its frontend),
+ * without affinity. Returns ZP_OK and fills *be, or ZP_ENOBACKEND / ZP_ESTALE. */
+static __always_inline int
+lb4_select_backend(struct lb4_key *key, const struct lb_service *svc, struct lb4_backend *be)
+{
+	return lb4_select_backend_sticky(key, svc, be, 0);
+}
+
 static __always_inline struct lb_service *
 lb6_lookup_service(const __u32 addr[4], __be16 port, __u8 proto, struct lb6_key *key)
 {
@@ -126,28 +111,6 @@ lb6_lookup_service(const __u32 addr[4], __be16 port, __u8 proto, struct lb6_key 
 	key->proto = proto;
 	return zp_lb6_svc.lookup(key);
 }
-
-static __always_inline int
-lb6_select_backend(struct lb6_key *key, const struct lb_service *svc, struct lb6_backend *be)
-{
-	struct lb_service *slot;
-	struct lb6_backend *found;
-	__u32 backend_id;
-
-	if (svc->count == 0)
-		return ZP_ENOBACKEND;
-	key->slot = __lb_pick_slot(svc->count);
-	slot = zp_lb6_svc.lookup(key);
-	if (!slot)
-		return ZP_ESTALE;
-	backend_id = slot->backend_id;
-	found = zp_lb6_be.lookup(&backend_id);
-	if (!found)
-		return ZP_ESTALE;
-	*be = *found;
-	return ZP_OK;
-}
-
 
 static __always_inline struct lb6_backend *
 lb6_affinity_backend(const struct lb_service *svc, __u64 client, __u32 *backend_id)
@@ -202,6 +165,14 @@ lb6_select_backend_sticky(struct lb6_key *key, const struct lb_service *svc, str
 	if (svc->backend_id && client)
 		lb_affinity_remember(svc, client, 6, backend_id);
 	return ZP_OK;
+}
+
+/* Choose a backend of the service found by lb6_lookup_service (key still holds its frontend),
+ * without affinity. Returns ZP_OK and fills *be, or ZP_ENOBACKEND / ZP_ESTALE. */
+static __always_inline int
+lb6_select_backend(struct lb6_key *key, const struct lb_service *svc, struct lb6_backend *be)
+{
+	return lb6_select_backend_sticky(key, svc, be, 0);
 }
 
 #endif
