@@ -248,6 +248,28 @@ def test_thousand_concurrent_echo_connections_remote_backend(cluster: Cluster) -
     assert len(ports) >= 1000  # every flow got its own SNAT port
 
 
+def test_restarted_agent_adopts_flows_and_replaces_filters(cluster: Cluster) -> None:
+    """A new agent compiles again, adopts the pinned conntrack and replaces the filters in place:
+    flows survive, exactly one program per hook stays, and traffic keeps working."""
+    c = cluster
+    old = c.agents["a"]
+    # expired entries are listed too (only a packet or the LRU removes them), so nothing can
+    # disappear between the two reads except by the restart itself
+    flows_before = {(f.client, f.frontend, f.backend, f.snat) for f in read_flows(old.pin_dir)}
+    assert flows_before
+    new = tc.NodeDatapath(old.pin_dir, ["eth0"], netns=c.a.netns)
+    new.load()
+    new.attach()
+    old.tc.close()
+    old.tc = new
+    flows_after = {(f.client, f.frontend, f.backend, f.snat) for f in read_flows(old.pin_dir)}
+    assert flows_before == flows_after
+    assert tc.attached(["eth0"], c.a.netns) == {"eth0": ["ingress:zp_np4_ingress", "egress:zp_np4_egress"]}
+    results = c.client.client(f"{c.a.ip4}:{NP_WEB}", count=40, concurrency=4)
+    assert _failures(results) == []
+    assert set(_served(results)) == {"a1", "b1"}
+
+
 def _run(host: Node | External, argv: list[str]) -> str:
     return host.check_output(argv, in_cgroup=False)
 

@@ -25,7 +25,7 @@ from controlplane.model import Backend, Frontend, FrontendKind, Protocol, Servic
 from dataplane import loader, maps
 from dataplane.conntrack import read_flows, read_reverse
 from dataplane.services import ServiceMaps
-from dataplane.tc import CtTimeouts, NodeDatapath, in_netns, prog_test_run
+from dataplane.tc import CtTimeouts, NodeDatapath, in_netns, node_port_addresses, prog_test_run
 from zeroproxy.testbed import TestBed
 
 TC_ACT_OK = 0
@@ -486,3 +486,20 @@ def test_map_mirrors_match_bcc(rig: Rig) -> None:
     assert len(maps.NpStat) <= maps.NP_STAT_MAX
     for name in ("zp_ct4", "zp_snat4", "zp_np_cfg", "zp_np_dev4", "zp_np_stats"):
         assert (rig.pin_dir / maps.MAP_PINS[name]).exists(), name
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ([], ["10.244.1.1", "127.0.0.1", "192.168.100.11", "fd00:192::b"]),
+    (["192.168.100.0/24"], ["192.168.100.11"]),
+    (["127.0.0.0/8", "fd00:192::/64"], ["127.0.0.1", "fd00:192::b"]),
+    (["primary"], ["192.168.100.11"]),
+    (["::1/128"], []),
+])
+def test_node_port_addresses(spec: list[str], expected: list[str]) -> None:
+    """kube-proxy's nodePortAddresses: all local addresses, CIDR-selected ones, or `primary`;
+    never IPv6 loopback or link-local addresses."""
+    local = [ipaddress.ip_address(a) for a in
+             ("127.0.0.1", "::1", "10.244.1.1", "192.168.100.11", "fd00:192::b", "fe80::1")]
+    primary = [ipaddress.ip_address("192.168.100.11")]
+    got = node_port_addresses(spec, local, primary)
+    assert got == [ipaddress.ip_address(a) for a in expected]
