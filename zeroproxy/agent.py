@@ -1,8 +1,14 @@
-"""The node agent: source of Kubernetes objects -> translation -> sync loop -> kernel maps.
+"""The node agent: source of Kubernetes objects -> change tracker -> sync loop -> kernel maps.
 
-The watch side (a source plus translate()) and the map-writing side (ServiceMaps) meet at one
-interface, the desired ServiceTable. Handlers only store the newest table and request a sync;
-the sync runner writes what differs.
+The watch side (a source feeding the :class:`ChangeTracker`) and the map-writing side
+(:class:`ServiceMaps`) meet at one interface, the desired :data:`ServiceTable`. Source
+handlers only record changes and request a sync; the sync runner, never more often than the
+min sync period, translates the services that changed (all of them after a failure: a full
+sync) and hands the table to the map side, which writes only what differs from its shadow.
+
+Nothing is written before every watched kind was listed once, so a restarting agent never
+removes entries it simply has not heard about yet: the maps adopted from the previous agent
+keep serving until the first complete sync, and stale entries go exactly then.
 """
 
 from __future__ import annotations
@@ -10,96 +16,218 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from controlplane.changes import ChangeTracker, ServiceKey
+from controlplane.config import Config
 from controlplane.filesource import FileSource
-from controlplane.model import ServiceTable
+from controlplane.health import HealthServer, ProxyHealth, ServiceHealth, ServiceHealthServers
+from controlplane.metrics import DatapathCollector, Metrics, pin_stats
+from controlplane.model import FrontendKind
 from controlplane.sync import SyncRunner
-from controlplane.translate import translate
+from controlplane.translate import EXTRA_EXTERNAL_TRAFFIC_POLICY, EXTRA_HEALTH_CHECK_NODE_PORT
 from dataplane.loader import SockDatapath
 from dataplane.services import ServiceMaps
 
 log = logging.getLogger("zeroproxy.agent")
 
-DEFAULT_BPFFS_DIR = Path("/sys/fs/bpf/zeroproxy")
-
-
-@dataclass
-class AgentConfig:
-    source: str  # "file:PATH"
-    cgroup: Path
-    bpffs_dir: Path = DEFAULT_BPFFS_DIR
-    node_name: str = field(default_factory=socket.gethostname)
-    devices: tuple[str, ...] = ()
-    min_sync_interval: float = 0.1
-    max_sync_interval: float = 60.0
-    retry_interval: float = 1.0
-    poll_interval: float = 0.3
+AgentConfig = Config  # the name earlier callers used
+FULL_SYNC_PERIOD = 3600.0  # re-translate everything this often even without failures (kube-proxy: 1 h)
+SERVICE_MAPS = ("zp_lb4_svc", "zp_lb6_svc", "zp_lb4_be", "zp_lb6_be")
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.datapath = SockDatapath(config.cgroup, config.bpffs_dir)
+        self.datapath = SockDatapath(config.cgroup, config.bpffs)
         self.maps: ServiceMaps | None = None
-        self.desired: ServiceTable | None = None  # None until the source delivered a full set
+        kube = config.source == "kubernetes"
+        required = ["Service", "EndpointSlice"] + (["Node"] if kube else []) + (
+            ["Pod"] if kube and config.watch_pods else [])
+        self.tracker = ChangeTracker(config.node_name, proxy_name=config.proxy_name, required_kinds=required)
         self.runner = SyncRunner(
             self._sync,
-            min_interval=config.min_sync_interval,
-            max_interval=config.max_sync_interval,
-            retry_interval=config.retry_interval,
+            min_interval=config.min_sync_period,
+            max_interval=config.sync_period,
+            retry_interval=config.retry_period,
         )
-        self._logged_errors: set[str] = set()
+        self.metrics = Metrics()
+        self.health = ProxyHealth(config.effective_health_timeout, lambda: self.tracker.queued_since,
+                                  lambda: not self.tracker.node_deleting)
+        self.service_health = ServiceHealthServers(config.health_check_node_port_address, self.health)
+        self._need_full = True  # the first sync is full; so is the one after any failure
+        self._last_full = float("-inf")
         self._source: Any = None
+        self._servers: list[Any] = []
         self.synced = asyncio.Event()
 
-    # ---- watch side -------------------------------------------------------------------
+    # ---- watch side: handlers only record -----------------------------------------------------
+
     def on_objects(self, objects: list[dict[str, Any]]) -> None:
-        """A source delivered a complete, new set of objects."""
-        started = time.monotonic()
-        tr = translate(objects, self.config.node_name)
-        errors = {str(e): e for e in tr.errors}
-        for text in sorted(errors.keys() - self._logged_errors):
-            sev = errors[text].severity.name
-            (log.error if sev == "ERROR" else log.warning)("invalid input: %s", text)
-        self._logged_errors = set(errors)
-        self.desired = tr.table
-        log.info(
-            "source: %d objects -> %d frontends (%d problems) in %.0f ms",
-            len(objects), len(tr.table), len(tr.problems), (time.monotonic() - started) * 1000,
-        )
+        """The file source delivered a complete, new set of objects."""
+        changed = self.tracker.replace_all(objects)
+        log.info("source: %d objects, %d changed", len(objects), changed)
         self.runner.request()
 
-    # ---- map side ---------------------------------------------------------------------
+    def on_list(self, kind: str, objects: list[dict[str, Any]], received: float) -> None:
+        """A watcher (re)listed a kind: the objects are all there is of it."""
+        first = kind not in self.tracker.listed_kinds
+        changed = self.tracker.replace(kind, objects, received)
+        log.info("%s: %s of %d objects, %d changed", kind, "initial list" if first else "relist", len(objects),
+                 changed)
+        if changed or self.tracker.synced:
+            self.runner.request()
+
+    def on_event(self, kind: str, event: str, obj: dict[str, Any], received: float) -> None:
+        self.metrics.watch_events.labels(kind, event).inc()
+        meta = obj.get("metadata") or {}
+        name = f"{meta.get('namespace')}/{meta.get('name')}" if meta.get("namespace") else meta.get("name")
+        if event == "DELETED":
+            changed = self.tracker.delete(kind, obj, received)
+        else:
+            changed = self.tracker.upsert(kind, obj, received)
+        if changed:
+            log.info("%s %s %s", kind, name, event.lower())
+            self.runner.request()
+        else:
+            log.debug("%s %s %s: nothing a proxy reads changed", kind, name, event.lower())
+
+    def on_status(self, kind: str, what: str, detail: str) -> None:
+        if what == "relist":
+            self.metrics.relists.labels(kind).inc()
+        elif what.endswith("_error"):
+            self.metrics.errors.labels(what.removesuffix("_error")).inc()
+
+    # ---- map side -----------------------------------------------------------------------------
+
     def _sync(self) -> None:
-        if self.desired is None or self.maps is None:
-            return  # nothing is written before the source's first complete read
+        if self.maps is None or not self.tracker.synced:
+            return  # nothing is written before the initial lists: the adopted maps keep serving
         started = time.monotonic()
-        result = self.maps.sync(self.desired.values())
-        for c in result.conflicts:
-            log.error("frontend conflict: %s", c)
-        if result.changed:
-            log.info(
-                "sync: %d frontends written, %d deleted; %d backends written, %d deleted; "
-                "now %d frontends, %d backends (%.1f ms)",
-                result.frontends_written, result.frontends_deleted, result.backends_written,
-                result.backends_deleted, self.maps.frontend_count, self.maps.backend_count,
-                (time.monotonic() - started) * 1000,
-            )
+        full = self._need_full or started - self._last_full > FULL_SYNC_PERIOD
+        mode = "full" if full else "partial"
+        try:
+            plan = self.tracker.plan(full=full)
+            self.tracker.apply(plan)
+            result = None
+            if full or plan.changes:
+                # The map side diffs the table against its shadow of the kernel: it writes only
+                # the frontends of the services in this plan (or whatever a failure left wrong).
+                result = self.maps.sync(self.tracker.table.values())
+        except Exception:
+            self._need_full = True
+            self.metrics.errors.labels("sync").inc()
+            raise
+        self._need_full = False
+        if full:
+            self._last_full = started
+        now = time.time()
+        self.tracker.mark_programmed()
+        self.health.updated()
+        elapsed = time.monotonic() - started
+        self.metrics.observe_sync(mode, elapsed, result, now)
+        self.metrics.observe_programming(plan.trigger_times.values(), now)
+        self.metrics.services_changed.inc(len(plan.changes))
+        self._update_gauges()
+        if result is not None:
+            for c in result.conflicts:
+                log.error("frontend conflict: %s", c)
+            if not result.changed and full:
+                log.info("sync (full): %d services translated, the maps already hold them (%.1f ms)",
+                         len(plan.keys), elapsed * 1000)
+            elif result.changed:
+                log.info(
+                    "sync (%s): %d services changed of %d translated; %d frontends written, %d deleted; "
+                    "%d backends written, %d deleted; now %d frontends, %d backends (%.1f ms)",
+                    mode, len(plan.changes), len(plan.keys), result.frontends_written, result.frontends_deleted,
+                    result.backends_written, result.backends_deleted, self.maps.frontend_count,
+                    self.maps.backend_count, elapsed * 1000)
+        if plan.changes:
+            self._update_service_health(plan.changes.keys())
         if not self.synced.is_set():
             log.info("initial sync done")
             self.synced.set()
 
-    # ---- lifecycle --------------------------------------------------------------------
-    def _make_source(self):
-        kind, _, arg = self.config.source.partition(":")
-        if kind == "file" and arg:
-            return FileSource(arg, self.on_objects, poll_interval=self.config.poll_interval)
-        raise ValueError(f"--source {self.config.source!r}: expected file:PATH")
+    def _update_gauges(self) -> None:
+        assert self.maps is not None
+        self.metrics.services.set(len(self.tracker.state))
+        self.metrics.frontends.set(self.maps.frontend_count)
+        self.metrics.backends.set(self.maps.backend_count)
+        self.metrics.invalid_objects.set(self.tracker.problem_count)
+
+    def _update_service_health(self, changed: Any = None) -> None:
+        """healthCheckNodePort listeners for eTP=Local services, with this node's ready endpoints."""
+        services: dict[int, ServiceHealth] = {}
+        for key, entries in self.tracker.state.items():
+            port, local = _health_check(key, entries.values(), self.config.node_name)
+            if port:
+                services[port] = ServiceHealth(key[0], key[1], local)
+        self.service_health.update(services)
+
+    def _map_fill(self) -> dict[str, tuple[int, int]]:
+        """Entries per service/backend map from the shadow (no syscalls), capacity from bcc."""
+        maps = self.maps
+        if maps is None:
+            return {}
+        out = {}
+        for name, fam in (("zp_lb4_svc", maps.v4), ("zp_lb6_svc", maps.v6)):
+            used = sum(1 + len(st.backend_ids) for st in fam.frontends.values())
+            out[name] = (used, int(self.datapath.table(name).max_entries))
+        for name, fam in (("zp_lb4_be", maps.v4), ("zp_lb6_be", maps.v6)):
+            out[name] = (len(fam.backends), int(self.datapath.table(name).max_entries))
+        return out
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def _make_source(self) -> Any:
+        source = self.config.source
+        if source.startswith("file:") and len(source) > 5:
+            return FileSource(source[5:], self.on_objects, poll_interval=self.config.poll_period)
+        if source == "kubernetes":
+            from controlplane.kubesource import KubeSource, load_configuration, resources
+
+            cfg = load_configuration(self.config.kubeconfig, self.config.api_server)
+            log.info("watching the Kubernetes API at %s as node %s", cfg.host, self.config.node_name)
+            return KubeSource(cfg, resources(self.config.node_name, watch_pods=self.config.watch_pods),
+                              self.on_list, self.on_event, self.on_status)
+        raise ValueError(f"source {source!r}: expected kubernetes or file:PATH")
+
+    async def _serve(self) -> None:
+        """Start the health and metrics servers, retrying a bind that fails (port still taken by
+        the previous agent, say) instead of dying: the dataplane matters more than the probes."""
+        wanted = []
+        if self.config.healthz_bind_address:
+            wanted.append(("healthz", self.config.healthz_bind_address))
+        if self.config.metrics_bind_address:
+            self.metrics.add_collector(DatapathCollector(pin_stats(self.config.bpffs), self._map_fill))
+            wanted.append(("metrics", self.config.metrics_bind_address))
+        failed_before: set[str] = set()
+        while wanted:
+            for item in list(wanted):
+                what, address = item
+                try:
+                    if what == "healthz":
+                        self._servers.append(HealthServer(address, self.health))
+                    else:
+                        self.metrics.serve(address)
+                        self._servers.append(self.metrics)
+                    wanted.remove(item)
+                except OSError as e:
+                    self.metrics.errors.labels("health" if what == "healthz" else "metrics").inc()
+                    if what not in failed_before:
+                        log.error("%s server: cannot listen on %s: %s; retrying every 5s", what, address,
+                                  e.strerror or e)
+                    failed_before.add(what)
+            if wanted:
+                await asyncio.sleep(5)
+
+    async def _watch_pending(self) -> None:
+        """Keep the pending-age gauge current between syncs (a scrape must see a stuck queue)."""
+        while True:
+            queued = self.tracker.queued_since
+            self.metrics.pending.set(0.0 if queued is None else time.monotonic() - queued)
+            await asyncio.sleep(0.5)
 
     async def run(self) -> None:
         self._source = self._make_source()
@@ -107,21 +235,44 @@ class Agent:
         self.maps = ServiceMaps(self.datapath)
         log.info(
             "adopted %d frontends, %d backends from %s",
-            self.maps.frontend_count, self.maps.backend_count, self.config.bpffs_dir,
+            self.maps.frontend_count, self.maps.backend_count, self.config.bpffs,
         )
         self.datapath.attach()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        tasks = [asyncio.create_task(self._source.run()), asyncio.create_task(self.runner.run())]
+        tasks = [asyncio.create_task(self._source.run()), asyncio.create_task(self.runner.run()),
+                 asyncio.create_task(self._watch_pending()), asyncio.create_task(self._serve())]
+        self.runner.request()
         try:
             await stop.wait()
         finally:
             log.info("stopping; programs and maps stay in place for the next agent")
             self._source.stop()
             self.runner.stop()
+            tasks[2].cancel()
+            tasks[3].cancel()
+            await asyncio.wait(tasks, timeout=10)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.service_health.close()
+            for server in self._servers:
+                server.close()
             self.datapath.close()
+
+
+def _health_check(key: ServiceKey, entries: Any, node_name: str) -> tuple[int, int]:
+    """(healthCheckNodePort, ready local endpoints) of a service; port 0 when it has none."""
+    port = 0
+    local: set[Any] = set()
+    for entry in entries:
+        extra = dict(entry.extra)
+        if extra.get(EXTRA_EXTERNAL_TRAFFIC_POLICY) != "Local" or not extra.get(EXTRA_HEALTH_CHECK_NODE_PORT):
+            continue
+        port = int(extra[EXTRA_HEALTH_CHECK_NODE_PORT])
+        if entry.frontend.kind is FrontendKind.CLUSTER_IP:
+            continue  # eTP filters only external frontends; their backends are this node's
+        local.update(b.address for b in entry.backends if b.ready and b.node_name == node_name)
+    return port, len(local)

@@ -10,17 +10,32 @@ import socket
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from controlplane.config import Config
 
 DEFAULT_BPFFS = "/sys/fs/bpf/zeroproxy"
 
 EPILOG = """\
 examples:
   zeroproxy demo                                   # a sandbox on this machine: pods, services, traffic
+  zeroproxy agent --kubeconfig ~/.kube/config --cgroup /sys/fs/cgroup/kubepods
+  zeroproxy agent --config /etc/zeroproxy/config.yaml   # fields like KubeProxyConfiguration
   zeroproxy agent --source file:cluster.yaml --cgroup /sys/fs/cgroup/kubepods
   zeroproxy service list                           # what this node has programmed
   zeroproxy status                                 # attachments and datapath counters
   zeroproxy cleanup --cgroup /sys/fs/cgroup/kubepods
   zeroproxy print-bpf                              # the C text handed to bcc
+"""
+
+
+AGENT_EPILOG = """\
+examples:
+  zeroproxy agent --kubeconfig ~/.kube/config --node-name node-1
+  zeroproxy agent --config /etc/zeroproxy/config.yaml --master https://10.0.0.1:6443
+  zeroproxy agent --source file:cluster.yaml --cgroup /sys/fs/cgroup/kubepods --bpffs /sys/fs/bpf/zeroproxy
+  zeroproxy agent --config config.yaml --print-config   # the effective configuration
 """
 
 
@@ -33,6 +48,15 @@ def _default_cgroup() -> str:
         return "/sys/fs/cgroup"
 
 
+def _duration(text: str) -> float:
+    from controlplane.config import parse_duration_flag
+
+    try:
+        return parse_duration_flag(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -41,23 +65,70 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def agent_config(args: argparse.Namespace) -> Config:
+    """Defaults < --config file < flags; raises ConfigError naming every bad field."""
+    from controlplane import config as cfgmod
+
+    base = cfgmod.Config(cgroup=Path(_default_cgroup()))
+    cfg = cfgmod.load_file(args.config, base) if args.config else base
+    overrides = {
+        "source": args.source,
+        "cgroup": Path(args.cgroup) if args.cgroup else None,
+        "bpffs": Path(args.bpffs) if args.bpffs else None,
+        "node_name": args.node_name,
+        "devices": tuple(d for d in args.devices.split(",") if d) if args.devices is not None else None,
+        "kubeconfig": args.kubeconfig,
+        "api_server": args.master,
+        "proxy_name": args.proxy_name,
+        "healthz_bind_address": args.healthz_bind_address,
+        "metrics_bind_address": args.metrics_bind_address,
+        "health_timeout": args.health_timeout,
+        "health_check_node_port_address": args.healthcheck_nodeport_address,
+        "cluster_cidr": tuple(c for c in args.cluster_cidr.split(",") if c) if args.cluster_cidr is not None
+        else None,
+        "node_port_addresses": tuple(c for c in args.nodeport_addresses.split(",") if c)
+        if args.nodeport_addresses is not None else None,
+        "sync_period": args.sync_period,
+        "min_sync_period": args.min_sync_period,
+        "watch_pods": args.watch_pods,
+    }
+    problems = []
+    checks = {"source": cfgmod._source, "healthz_bind_address": cfgmod.parse_bind_address,
+              "metrics_bind_address": cfgmod.parse_bind_address, "api_server": cfgmod._api_server,
+              "health_check_node_port_address": cfgmod._ip,
+              "cluster_cidr": lambda v: cfgmod._cidr_list(v, comma_string=False),
+              "node_port_addresses": lambda v: cfgmod._cidr_list(v, comma_string=False)}
+    for attr, check in checks.items():
+        if overrides[attr] is not None:
+            try:
+                overrides[attr] = check(overrides[attr])
+            except ValueError as e:
+                problems.append(f"--{_FLAG_OF.get(attr, attr.replace('_', '-'))}: {e}")
+    if problems:
+        raise cfgmod.ConfigError(problems)
+    return cfgmod.validate(cfg.with_overrides(**overrides))
+
+
+_FLAG_OF = {"api_server": "master", "health_check_node_port_address": "healthcheck-nodeport-address",
+            "node_port_addresses": "nodeport-addresses"}
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     import uvloop
 
-    from zeroproxy.agent import Agent, AgentConfig
+    from controlplane.config import ConfigError, dump
+    from zeroproxy.agent import Agent
 
-    cfg = AgentConfig(
-        source=args.source,
-        cgroup=Path(args.cgroup),
-        bpffs_dir=Path(args.bpffs),
-        node_name=args.node_name,
-        devices=tuple(d for d in args.devices.split(",") if d),
-        min_sync_interval=args.min_sync_period,
-        max_sync_interval=args.sync_period,
-    )
-    if not cfg.source.startswith("file:"):
-        print(f"zeroproxy agent: --source {cfg.source!r}: expected file:PATH", file=sys.stderr)
+    try:
+        cfg = agent_config(args)
+    except ConfigError as e:
+        print(f"zeroproxy agent: invalid configuration:\n{e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(dump(cfg), sort_keys=False), end="")
+        return 0
     agent = Agent(cfg)
     uvloop.run(agent.run())
     return 0
@@ -137,24 +208,54 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory on a bpf filesystem for pinned maps and programs (default %(default)s)")
 
     a = sub.add_parser("agent", help="run the node agent", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  zeroproxy agent --source file:cluster.yaml --cgroup "
-                              "/sys/fs/cgroup/unified/kubepods --bpffs /sys/fs/bpf/zeroproxy")
-    a.add_argument("--source", required=True,
-                   help="where Services/EndpointSlices/Nodes come from: file:PATH (multi-document Kubernetes "
-                        "YAML, re-read when it changes)")
-    a.add_argument("--cgroup", default=_default_cgroup(),
+                       epilog=AGENT_EPILOG)
+    a.add_argument("--config", metavar="FILE",
+                   help="config file (YAML, fields like KubeProxyConfiguration; see docs/controlplane.md); "
+                        "flags given on the command line override it")
+    a.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration (defaults, file, flags) as a config file and exit")
+    a.add_argument("--source", default=None,
+                   help="where Services/EndpointSlices/Nodes come from: 'kubernetes' (list+watch the API "
+                        "server; the default) or file:PATH (multi-document Kubernetes YAML, re-read when it "
+                        "changes)")
+    a.add_argument("--kubeconfig", default=None,
+                   help="kubeconfig for --source kubernetes (default: in-cluster config inside a pod, else "
+                        "$KUBECONFIG or ~/.kube/config)")
+    a.add_argument("--master", default=None, metavar="URL",
+                   help="API server URL, overriding the kubeconfig's or the in-cluster one (a kube-proxy "
+                        "replacement cannot rely on the kubernetes Service VIP)")
+    a.add_argument("--cgroup", default=None,
                    help="cgroup v2 directory whose processes (and descendants) get service translation at the "
-                        "socket (default: the cgroup2 root, %(default)s)")
-    bpffs_arg(a)
-    a.add_argument("--node-name", default=os.environ.get("NODE_NAME", socket.gethostname()),
+                        f"socket (default: the cgroup2 root, {_default_cgroup()})")
+    a.add_argument("--bpffs", default=None,
+                   help=f"directory on a bpf filesystem for pinned maps and programs (default {DEFAULT_BPFFS})")
+    a.add_argument("--node-name", default=None,
                    help="this node's name as in Node objects and EndpointSlice nodeName (default: $NODE_NAME or "
-                        "the hostname, %(default)s)")
-    a.add_argument("--devices", default="",
+                        f"the hostname, {os.environ.get('NODE_NAME') or socket.gethostname()})")
+    a.add_argument("--devices", default=None,
                    help="comma-separated node devices for NodePort/ExternalIP programs (TC); empty = none")
-    a.add_argument("--min-sync-period", type=float, default=0.1,
-                   help="minimum seconds between two syncs; bursts of changes coalesce (default %(default)s)")
-    a.add_argument("--sync-period", type=float, default=60.0,
-                   help="maximum seconds between two syncs: periodic reconcile (default %(default)s)")
+    a.add_argument("--proxy-name", default=None,
+                   help="the service.kubernetes.io/service-proxy-name value that means zeroproxy; services "
+                        "labelled with any other value are left to that proxy (default: only unlabelled ones)")
+    a.add_argument("--healthz-bind-address", default=None, metavar="IP:PORT",
+                   help="/healthz and /livez, kube-proxy compatible; empty disables (default 0.0.0.0:10256)")
+    a.add_argument("--metrics-bind-address", default=None, metavar="IP:PORT",
+                   help="Prometheus /metrics; empty disables (default 127.0.0.1:10249)")
+    a.add_argument("--health-timeout", type=_duration, default=None,
+                   help="/healthz fails when a change waited longer than this (default 2 x --sync-period)")
+    a.add_argument("--healthcheck-nodeport-address", default=None, metavar="IP",
+                   help="address the healthCheckNodePort servers of externalTrafficPolicy=Local services "
+                        "listen on (default 0.0.0.0)")
+    a.add_argument("--cluster-cidr", default=None, help="comma-separated pod CIDRs of the cluster")
+    a.add_argument("--nodeport-addresses", default=None,
+                   help="comma-separated CIDRs: NodePorts answer only on node addresses inside them")
+    a.add_argument("--min-sync-period", type=_duration, default=None,
+                   help="minimum time between two syncs, e.g. 100ms or 0.1; bursts of changes coalesce "
+                        "(default 100ms)")
+    a.add_argument("--sync-period", type=_duration, default=None,
+                   help="maximum time between two syncs, e.g. 60s (default 60s)")
+    a.add_argument("--watch-pods", action="store_const", const=True, default=None,
+                   help="also watch this node's Pods (scale to zero needs them)")
     a.set_defaults(func=cmd_agent)
 
     c = sub.add_parser("cleanup", help="detach zeroproxy's programs and remove its pins")

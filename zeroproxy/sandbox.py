@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,15 +19,24 @@ from zeroproxy.k8sobjects import dump
 BPFFS_ROOT = Path("/sys/fs/bpf")
 
 
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (fixed ports would collide between runs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class AgentProcess:
-    """`zeroproxy agent --source file:...` as a child process, with its YAML file and log.
+    """`zeroproxy agent` as a child process, with its source (a YAML file or a kubeconfig) and log.
 
     Runs in the host's netns (the socket programs work on the cgroup, whatever the netns).
-    close() kills it, detaches its programs and removes its pins, even after a failure.
+    Its health and metrics servers listen on free loopback ports (``healthz_url``,
+    ``metrics_url``), kept across restarts. close() kills it, detaches its programs and
+    removes its pins, even after a failure.
     """
 
     def __init__(self, workdir: Path, cgroup: Path, *, node_name: str = "node-a",
-                 extra_args: Iterable[str] = (), name: str = "agent") -> None:
+                 extra_args: Iterable[str] = (), name: str = "agent", kubeconfig: Path | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cgroup = Path(cgroup)
@@ -35,8 +45,19 @@ class AgentProcess:
         self.pin_dir = BPFFS_ROOT / f"zp-{name}-{uuid.uuid4().hex[:8]}"
         self.source = self.workdir / "cluster.yaml"
         self.log_path = self.workdir / f"{name}.log"
+        self.kubeconfig = kubeconfig  # set: --source kubernetes with this kubeconfig
+        self.healthz_port = free_port()
+        self.metrics_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
+
+    @property
+    def healthz_url(self) -> str:
+        return f"http://127.0.0.1:{self.healthz_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def write(self, objects: Iterable[dict[str, Any]]) -> None:
         """Replace the source file atomically, as an editor or `kubectl get -o yaml >` would."""
@@ -48,12 +69,15 @@ class AgentProcess:
         os.replace(tmp, self.source)
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "zeroproxy", "agent", "--source", f"file:{self.source}",
+        source = ["--source", "kubernetes", "--kubeconfig", str(self.kubeconfig)] if self.kubeconfig else [
+            "--source", f"file:{self.source}"]
+        return [sys.executable, "-m", "zeroproxy", "agent", *source,
                 "--cgroup", str(self.cgroup), "--bpffs", str(self.pin_dir), "--node-name", self.node_name,
-                "--min-sync-period", "0.05", *self.extra_args]
+                "--min-sync-period", "0.05", "--healthz-bind-address", f"127.0.0.1:{self.healthz_port}",
+                "--metrics-bind-address", f"127.0.0.1:{self.metrics_port}", *self.extra_args]
 
     def start(self, wait_synced: bool = True, timeout: float = 60.0) -> None:
-        if not self.source.exists():
+        if self.kubeconfig is None and not self.source.exists():
             self.write([])
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")

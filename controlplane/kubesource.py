@@ -1,0 +1,443 @@
+"""The Kubernetes API as a source: list, then watch from the list's resourceVersion, per kind.
+
+One watcher thread per resource (Services, discovery.k8s.io/v1 EndpointSlices, this node's
+Node, optionally this node's Pods) runs the informer protocol of client-go's reflector:
+
+1. **list** (paged, ``limit=500``) and hand the complete set to ``on_list`` -- the consumer
+   replaces what it had for that kind, so a relist also catches deletions it never saw;
+2. **watch** from the list's resourceVersion with ``allowWatchBookmarks``, handing each
+   ADDED/MODIFIED/DELETED to ``on_event`` and moving the resourceVersion on with every event
+   and BOOKMARK, so a watch that times out or breaks resumes where it stopped;
+3. on **410 Gone** (the resourceVersion was compacted away, e.g. after the apiserver restarted)
+   go back to 1 immediately -- once, not in a loop: the new list's version is current;
+4. on any other failure (apiserver gone, connection refused, TLS, 5xx) wait with a capped
+   exponential backoff plus jitter and retry the watch from the last version, or the list if
+   none was completed yet. The dataplane keeps its last good state meanwhile; nothing here
+   ever tells the consumer "everything is gone" because the apiserver is.
+
+Watchers talk HTTP through the official client's ``ApiClient.call_api`` (auth, TLS, token
+refresh for bound service-account tokens) but read the JSON themselves with
+``_preload_content=False``: objects arrive as the camelCase dicts the translation takes, there
+is no typed model to build and throw away, and Status objects the 1.20 apiserver returns that
+newer typed clients cannot parse do no harm.
+
+The callbacks run on the agent's asyncio loop (``loop.call_soon_threadsafe``): handlers stay
+single-threaded like the rest of the control plane, the threads only do blocking I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("zeroproxy.kubesource")
+
+LIST_PAGE_SIZE = 500
+WATCH_TIMEOUT_RANGE = (300, 600)  # seconds, randomised like client-go so watches don't all renew at once
+CONNECT_TIMEOUT = 10.0
+READ_SLACK = 30.0  # a read may wait this much longer than the watch's own timeout before we give up
+BACKOFF_INITIAL = 0.5
+BACKOFF_CAP = 30.0
+
+OnList = Callable[[str, list[dict[str, Any]], float], None]  # kind, objects, received (wall time)
+OnEvent = Callable[[str, str, dict[str, Any], float], None]  # kind, ADDED/MODIFIED/DELETED, object, received
+OnStatus = Callable[[str, str, str], None]  # kind, what ("relist", "watch_error", ...), detail
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One collection to list and watch."""
+
+    kind: str
+    api_version: str
+    path: str  # collection URL path, e.g. /api/v1/services
+    field_selector: str = ""
+
+    @property
+    def plural(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+def resources(node_name: str, *, watch_pods: bool = False) -> list[Resource]:
+    """What the agent watches. Node and Pods are restricted to this node, as kube-proxy does:
+    every node watching every Node would cost the apiserver O(nodes^2) for nothing."""
+    out = [
+        Resource("Service", "v1", "/api/v1/services"),
+        Resource("EndpointSlice", "discovery.k8s.io/v1", "/apis/discovery.k8s.io/v1/endpointslices"),
+        Resource("Node", "v1", "/api/v1/nodes", f"metadata.name={node_name}"),
+    ]
+    if watch_pods:
+        out.append(Resource("Pod", "v1", "/api/v1/pods", f"spec.nodeName={node_name}"))
+    return out
+
+
+def load_configuration(kubeconfig: str = "", api_server: str = "") -> Any:
+    """A client ``Configuration``: in-cluster config inside a pod, else a kubeconfig.
+
+    Order: an explicit ``kubeconfig``; in-cluster (a service-account token is mounted and
+    ``KUBERNETES_SERVICE_HOST`` or ``api_server`` says where the apiserver is); then
+    ``$KUBECONFIG`` / ``~/.kube/config``. ``api_server`` replaces the server address in every
+    case: a kube-proxy replacement cannot reach the in-cluster ``kubernetes`` Service VIP
+    before it runs itself, so the DaemonSet names the apiserver explicitly.
+    """
+    from kubernetes import client, config
+    from kubernetes.config import incluster_config
+
+    cfg = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg, persist_config=False)
+    elif os.path.exists(incluster_config.SERVICE_TOKEN_FILENAME) and (
+        os.environ.get(incluster_config.SERVICE_HOST_ENV_NAME) or api_server
+    ):
+        environ = dict(os.environ)
+        if api_server:
+            url = urllib.parse.urlsplit(api_server)
+            environ[incluster_config.SERVICE_HOST_ENV_NAME] = url.hostname or ""
+            environ[incluster_config.SERVICE_PORT_ENV_NAME] = str(url.port or 443)
+        incluster_config.InClusterConfigLoader(
+            token_filename=incluster_config.SERVICE_TOKEN_FILENAME,
+            cert_filename=incluster_config.SERVICE_CERT_FILENAME,
+            environ=environ,
+        ).load_and_set(cfg)
+    else:
+        config.load_kube_config(client_configuration=cfg, persist_config=False)
+    if api_server:
+        cfg.host = api_server.rstrip("/")
+    return cfg
+
+
+class Gone(Exception):
+    """410: the resourceVersion we hold is older than what the apiserver still has."""
+
+
+class WatchError(Exception):
+    """The apiserver answered, but not with something we can continue from."""
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter, reset by a success."""
+
+    def __init__(self, initial: float = BACKOFF_INITIAL, cap: float = BACKOFF_CAP) -> None:
+        self.initial = initial
+        self.cap = cap
+        self.failures = 0
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.initial * (2 ** self.failures))
+        self.failures += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclass
+class WatcherStats:
+    """Counters a test or /metrics can read; written by the watcher thread only."""
+
+    lists: int = 0
+    relists_gone: int = 0  # lists caused by 410 Gone
+    watches: int = 0
+    events: int = 0
+    bookmarks: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    resource_version: str = ""
+
+
+class Watcher:
+    """List + watch one resource in a thread; see the module docstring for the protocol."""
+
+    def __init__(self, resource: Resource, configuration: Any, loop: asyncio.AbstractEventLoop,
+                 on_list: OnList, on_event: OnEvent, on_status: OnStatus | None = None, *,
+                 backoff: Backoff | None = None, watch_timeout: tuple[int, int] = WATCH_TIMEOUT_RANGE) -> None:
+        from kubernetes import client
+
+        self.resource = resource
+        self.api = client.ApiClient(configuration)  # own connection pool: one stuck watch stalls nothing else
+        self.loop = loop
+        self.on_list = on_list
+        self.on_event = on_event
+        self.on_status = on_status
+        self.backoff = backoff or Backoff()
+        self.watch_timeout = watch_timeout
+        self.stats = WatcherStats()
+        self._stop = threading.Event()
+        self._response: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"watch-{resource.plural}", daemon=True)
+        self._failing = False  # an outage is logged once when it starts and once when it ends
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the thread: wakes a backoff sleep and unblocks a read by shutting the socket down."""
+        self._stop.set()
+        resp = self._response
+        if resp is not None:
+            try:
+                resp.shutdown()
+            except Exception:
+                pass
+        self._thread.join(timeout)
+        self.api.close()
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        rv = ""
+        while not self._stop.is_set():
+            try:
+                if not rv:
+                    rv = self._list()
+                rv = self._watch(rv)
+            except Gone as e:
+                self.stats.relists_gone += 1
+                log.warning("%s: watch from resourceVersion %s: 410 Gone (%s); relisting",
+                            self.resource.kind, rv, e)
+                self._status("relist", str(e))
+                rv = ""
+            except Exception as e:
+                if self._stop.is_set():
+                    break
+                what = "list" if not rv else "watch"
+                reason = _reason(e)
+                self.stats.errors[reason] = self.stats.errors.get(reason, 0) + 1
+                delay = self.backoff.next()
+                if not self._failing:
+                    log.warning("%s: %s failed: %s; retrying with backoff (next in %.1fs, at most %.0fs); "
+                                "the dataplane keeps its last state", self.resource.kind, what, _short(e), delay,
+                                self.backoff.cap)
+                else:
+                    log.debug("%s: %s failed again: %s; next try in %.1fs", self.resource.kind, what, _short(e),
+                              delay)
+                self._failing = True
+                self._status(f"{what}_error", reason)
+                self._stop.wait(delay)
+
+    def _recovered(self) -> None:
+        self.backoff.reset()
+        if self._failing:
+            self._failing = False
+            log.info("%s: apiserver reachable again", self.resource.kind)
+
+    def _request(self, query: list[tuple[str, str]], read_timeout: float) -> Any:
+        if self.resource.field_selector:
+            query.append(("fieldSelector", self.resource.field_selector))
+        return self.api.call_api(
+            self.resource.path, "GET", query_params=query,
+            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+            _preload_content=False, _return_http_data_only=True,
+            _request_timeout=(CONNECT_TIMEOUT, read_timeout),
+        )
+
+    def _list(self) -> str:
+        """A complete, paged list; returns its resourceVersion after handing the objects over."""
+        from kubernetes.client import ApiException
+
+        items: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            query = [("limit", str(LIST_PAGE_SIZE))]
+            if token:
+                query.append(("continue", token))
+            try:
+                resp = self._request(query, 60.0)
+            except ApiException as e:
+                if e.status == 410 and token:
+                    # The continue token expired mid-list: start over, it is not a watch 410.
+                    items, token = [], ""
+                    continue
+                raise
+            try:
+                body = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+            for obj in body.get("items") or []:
+                # List items come without kind/apiVersion; the translation needs kind.
+                obj.setdefault("kind", self.resource.kind)
+                obj.setdefault("apiVersion", self.resource.api_version)
+                _trim(obj)
+                items.append(obj)
+            meta = body.get("metadata") or {}
+            token = meta.get("continue") or ""
+            if not token:
+                rv = str(meta.get("resourceVersion") or "")
+                break
+        if not rv:
+            raise WatchError("list response has no resourceVersion")
+        self.stats.lists += 1
+        self.stats.resource_version = rv
+        log.info("%s: listed %d at resourceVersion %s", self.resource.kind, len(items), rv)
+        self._deliver(self.on_list, self.resource.kind, items, time.time())
+        self._recovered()
+        return rv
+
+    def _watch(self, rv: str) -> str:
+        """Watch until the server ends the stream; returns the resourceVersion to resume from."""
+        timeout = random.randint(*self.watch_timeout)
+        query = [("watch", "true"), ("resourceVersion", rv), ("allowWatchBookmarks", "true"),
+                 ("timeoutSeconds", str(timeout))]
+        from kubernetes.client import ApiException
+
+        try:
+            resp = self._request(query, timeout + READ_SLACK)
+        except ApiException as e:
+            if e.status == 410:
+                raise Gone(f"HTTP 410: {_status_message(e.body)}") from None
+            raise
+        self._response = resp
+        self.stats.watches += 1
+        started = time.monotonic()
+        got_any = False
+        try:
+            for line in _lines(resp):
+                if self._stop.is_set():
+                    break
+                event = json.loads(line)
+                kind = event.get("type")
+                obj = event.get("object") or {}
+                if kind == "ERROR":
+                    code = obj.get("code")
+                    if code == 410:
+                        raise Gone(obj.get("message") or "too old resource version")
+                    raise WatchError(f"watch error {code}: {obj.get('message')}")
+                new_rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+                if kind == "BOOKMARK":
+                    self.stats.bookmarks += 1
+                elif kind in ("ADDED", "MODIFIED", "DELETED"):
+                    obj.setdefault("kind", self.resource.kind)
+                    obj.setdefault("apiVersion", self.resource.api_version)
+                    _trim(obj)
+                    self.stats.events += 1
+                    self._deliver(self.on_event, self.resource.kind, kind, obj, time.time())
+                else:
+                    log.warning("%s: unknown watch event type %r ignored", self.resource.kind, kind)
+                    continue
+                if new_rv:
+                    rv = new_rv
+                    self.stats.resource_version = rv
+                if not got_any:
+                    got_any = True
+                    self._recovered()
+        finally:
+            self._response = None
+            resp.release_conn()
+        if not got_any and time.monotonic() - started < 1.0 and not self._stop.is_set():
+            # A stream that ends at once without a byte is a server going away (or refusing to
+            # serve us), not a watch timeout: back off instead of spinning.
+            raise WatchError("watch stream closed immediately")
+        if got_any or time.monotonic() - started >= 1.0:
+            self._recovered()
+        return rv
+
+    def _deliver(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the agent is going away
+            self._stop.set()
+
+    def _status(self, what: str, detail: str) -> None:
+        if self.on_status is not None:
+            self._deliver(self.on_status, self.resource.kind, what, detail)
+
+
+class KubeSource:
+    """All watchers of the agent, started and stopped together."""
+
+    def __init__(self, configuration: Any, resources: list[Resource], on_list: OnList, on_event: OnEvent,
+                 on_status: OnStatus | None = None, *, backoff_cap: float = BACKOFF_CAP) -> None:
+        self.configuration = configuration
+        self.resources = resources
+        self.on_list = on_list
+        self.on_event = on_event
+        self.on_status = on_status
+        self.backoff_cap = backoff_cap
+        self.watchers: dict[str, Watcher] = {}
+        self._stopped = asyncio.Event()
+
+    async def run(self) -> None:
+        """Start the watcher threads and wait for :meth:`stop` (the FileSource interface)."""
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        for res in self.resources:
+            w = Watcher(res, self.configuration, loop, self.on_list, self.on_event, self.on_status,
+                        backoff=Backoff(cap=self.backoff_cap))
+            self.watchers[res.kind] = w
+            w.start()
+        try:
+            await self._stopped.wait()
+        finally:
+            await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.watchers.values()))
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _lines(resp: Any) -> Iterator[bytes]:
+    """Split a chunked watch body into its newline-terminated JSON documents."""
+    pending = b""
+    for chunk in resp.stream(amt=65536, decode_content=True):
+        pending += chunk
+        while True:
+            end = pending.find(b"\n")
+            if end < 0:
+                break
+            line, pending = pending[:end], pending[end + 1:]
+            if line.strip():
+                yield line
+    if pending.strip():
+        yield pending
+
+
+def _trim(obj: dict[str, Any]) -> None:
+    """Drop managedFields: the largest part of most objects and of no use to a proxy."""
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+
+
+def _status_message(body: Any) -> str:
+    try:
+        return str(json.loads(body).get("message"))
+    except (TypeError, ValueError, AttributeError):
+        return str(body)[:200]
+
+
+def _reason(e: BaseException) -> str:
+    """A small fixed vocabulary for metrics labels: never an unbounded error text."""
+    from kubernetes.client import ApiException
+
+    if isinstance(e, ApiException):
+        return f"http_{e.status}" if e.status else "tls"  # the client reports TLS failures as status 0
+    if isinstance(e, WatchError):
+        return "protocol"
+    if isinstance(e, json.JSONDecodeError):
+        return "decode"
+    name = type(e).__name__
+    if "Timeout" in name:
+        return "timeout"
+    if "SSL" in name:
+        return "tls"
+    return "connection"
+
+
+def _short(e: BaseException) -> str:
+    from kubernetes.client import ApiException
+
+    if isinstance(e, ApiException):
+        return f"HTTP {e.status}: {_status_message(e.body)}"
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}"
