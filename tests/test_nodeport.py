@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +247,77 @@ def test_thousand_concurrent_echo_connections_remote_backend(cluster: Cluster) -
     assert moved[maps.NpStat.NEW_FLOW] == 1000 and maps.NpStat.SNAT_EXHAUSTED not in moved, moved
     ports = {f.snat for f in read_flows(c.agents["a"].pin_dir) if f.backend == f"{c.echo.ip4}:{ECHO_PORT}"}
     assert len(ports) >= 1000  # every flow got its own SNAT port
+
+
+# A client that keeps one connection open and echoes 100 bytes each time it reads a line.
+_STEP_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+def echo():
+    data = b"x" * 100
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("closed")
+        got += chunk
+    return got == data
+for _ in sys.stdin:
+    try:
+        print("ok" if echo() else "bad", flush=True)
+    except OSError as e:
+        print("error " + type(e).__name__, flush=True)
+"""
+
+
+def test_flow_keeps_backend_and_is_not_moved_when_it_goes(cluster: Cluster) -> None:
+    """One long TCP connection through node A: it survives a backend being added (it stays on
+    its own backend), and when its backend is deleted its packets are dropped rather than sent
+    to the other backend mid-stream."""
+    c = cluster
+    # backends of this service only (a backend address:port shared with another service stays,
+    # and so would the flow: it would not be sent elsewhere either)
+    first = c.bed.add_pod(c.b, "sticky1")
+    echo2 = c.bed.add_pod(c.a, "sticky2")
+    for pod in (first, echo2):
+        pod.serve(pod.name, tcp=[ECHO_PORT], echo=True, family="4")
+    port = [{"name": "echo", "port": 80, "targetPort": ECHO_PORT, "protocol": "TCP", "nodePort": 30095}]
+    ep_port = [{"name": "echo", "port": ECHO_PORT, "protocol": "TCP"}]
+
+    def apply(pods: list[Pod]) -> None:
+        objs = [service("sticky", ["10.96.1.50"], port, type="NodePort"),
+                *(endpoint_slice("sticky", [p.ip4], ep_port, name=f"sticky-{p.name}", node_name=p.node.name)
+                  for p in pods)]
+        for agent in c.agents.values():
+            agent.apply(c.objects() + objs)
+
+    apply([first])
+    proc = c.client.run([sys.executable, "-c", _STEP_CLIENT, c.a.ip4, "30095"], stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def step() -> str:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        return proc.stdout.readline().strip()
+
+    try:
+        assert step() == "ok"
+        apply([first, echo2])  # another backend appears: the flow stays where it is
+        assert [step() for _ in range(5)] == ["ok"] * 5
+        before = c.agents["a"].tc.stats()
+        apply([echo2])  # the flow's backend is deleted
+        assert step().startswith("error")
+        moved = c.agents["a"].tc.stats()[maps.NpStat.BACKEND_GONE] - before[maps.NpStat.BACKEND_GONE]
+        assert moved == 1
+        # new connections go to the backend that is left
+        assert _failures(c.client.client(f"{c.a.ip4}:30095", count=5, echo_bytes=1000)) == []
+    finally:
+        proc.kill()
+        proc.communicate()
+        for agent in c.agents.values():
+            agent.apply(c.objects())
 
 
 def test_restarted_agent_adopts_flows_and_replaces_filters(cluster: Cluster) -> None:
