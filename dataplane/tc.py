@@ -263,7 +263,7 @@ class NodeDatapath:
             raise RuntimeError(f"{self.pin_dir.parent} is not on a bpf filesystem")
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         text, cflags = nodeport_source(self.pin_dir, self.map_sizes)
-        self.bpf = bcc.BPF(text=text, cflags=cflags)
+        self.bpf = bcc.BPF(text=text.encode(), cflags=cflags)
         for name in (INGRESS_PROG, EGRESS_PROG):
             self._fns[name] = self.bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS)
         self.write_config()
@@ -280,7 +280,7 @@ class NodeDatapath:
 
     def table(self, name: str):
         assert self.bpf is not None, "load() first"
-        return self.bpf[name]
+        return self.bpf[name.encode()]  # bcc warns on str names
 
     def attach(self) -> None:
         """Register the devices and put both programs on each, replacing earlier filters."""
