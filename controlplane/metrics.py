@@ -76,6 +76,8 @@ class Metrics:
             self.writes.labels(what)
         for kind in ("sync", "watch", "list", "health", "metrics"):
             self.errors.labels(kind)
+        for resource in ("Service", "EndpointSlice", "Node"):
+            self.relists.labels(resource)
         self._server: Any = None
         self._thread: Any = None
 

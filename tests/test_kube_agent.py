@@ -1,0 +1,447 @@
+"""The agent on the real Kubernetes API, end to end: a real kube-apiserver + etcd (DevCluster), a
+real agent process watching it, real eBPF in the kernel, real traffic between network namespaces.
+
+One DevCluster, one test bed and one agent serve the whole module (each start costs seconds);
+every test works in a namespace of its own, so the objects of one test never meet another's.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from dataplane import inspect
+from zeroproxy import nettools
+from zeroproxy.devcluster import DevCluster
+from zeroproxy.k8sobjects import endpoint_slice
+from zeroproxy.sandbox import AgentProcess
+from zeroproxy.testbed import Node, Pod, TestBed
+
+pytestmark = pytest.mark.timeout(900)  # a fresh machine builds kube-apiserver in the first fixture
+
+PORT = 8080
+HEALTH_TIMEOUT = 2.0  # short, so a stuck agent shows within the test; real default is 2 x syncPeriod
+HTTP = [{"name": "http", "port": PORT, "protocol": "TCP"}]
+
+
+class Env:
+    def __init__(self, cluster: DevCluster, bed: TestBed, tmp: Path) -> None:
+        self.cluster = cluster
+        self.api = cluster.api_client()
+        self.core = client.CoreV1Api(self.api)
+        self.disc = client.DiscoveryV1Api(self.api)
+        self.node: Node = bed.add_node("a")
+        self.client: Pod = bed.add_pod(self.node, "client")
+        self.backends: list[Pod] = [bed.add_pod(self.node, f"web-{i}") for i in range(1, 5)]
+        for p in self.backends:
+            p.serve(p.name, tcp=[PORT])
+        self.agent = AgentProcess(tmp, self.node.cgroup_path, node_name="a", kubeconfig=cluster.kubeconfig_path,
+                                  extra_args=["--health-timeout", f"{HEALTH_TIMEOUT}s",
+                                              "--healthcheck-nodeport-address", "127.0.0.1"])
+
+    # ---- the API side -----------------------------------------------------------------------------
+
+    def namespace(self) -> str:
+        name = f"zp-{uuid.uuid4().hex[:8]}"
+        self.core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        return name
+
+    def create_service(self, ns: str, name: str, port: int = 80, labels: dict[str, str] | None = None,
+                       **spec: Any) -> dict[str, Any]:
+        body = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels or {}},
+                "spec": {"ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": PORT}],
+                         **spec}}
+        return _json(self.core.create_namespaced_service(ns, body, _preload_content=False))
+
+    def replace_service(self, ns: str, name: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        svc = _json(self.core.read_namespaced_service(name, ns, _preload_content=False))
+        change(svc)
+        return _json(self.core.replace_namespaced_service(name, ns, svc, _preload_content=False))
+
+    def delete_service(self, ns: str, name: str) -> None:
+        # 1.20 answers with a Status the typed client cannot parse: read it raw.
+        self.core.delete_namespaced_service(name, ns, _preload_content=False).data
+
+    def put_slice(self, ns: str, svc: str, endpoints: list[tuple[Pod, dict[str, bool], str]],
+                  name: str | None = None) -> None:
+        """Create or replace a slice whose endpoints are (pod, conditions, nodeName)."""
+        body = endpoint_slice(svc, [], HTTP, namespace=ns, name=name or f"{svc}-1")
+        body["endpoints"] = [{"addresses": [pod.ip4], "conditions": cond, "nodeName": node}
+                             for pod, cond, node in endpoints]
+        try:
+            self.disc.create_namespaced_endpoint_slice(ns, body, _preload_content=False).data
+        except client.ApiException as e:
+            if e.status != 409:
+                raise
+            old = _json(self.disc.read_namespaced_endpoint_slice(body["metadata"]["name"], ns,
+                                                                 _preload_content=False))
+            body["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+            self.disc.replace_namespaced_endpoint_slice(body["metadata"]["name"], ns, body,
+                                                        _preload_content=False).data
+
+    def delete_slice(self, ns: str, name: str) -> None:
+        self.disc.delete_namespaced_endpoint_slice(name, ns, _preload_content=False).data
+
+    # ---- the kernel side --------------------------------------------------------------------------
+
+    def programmed(self) -> dict[str, list[str]]:
+        return {s.frontend: sorted(s.backends) for s in inspect.service_list(self.agent.pin_dir)}
+
+    def wait_programmed(self, frontend: str, backends: list[Pod] | None, timeout: float = 20.0) -> None:
+        """Wait until the maps hold ``frontend`` with exactly these backends (None: not at all)."""
+        want = None if backends is None else sorted(f"{p.ip4}:{PORT}" for p in backends)
+        deadline = time.monotonic() + timeout
+        have: Any = None
+        while time.monotonic() < deadline:
+            have = self.programmed().get(frontend)
+            if have == want:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{frontend}: want {want}, maps hold {have}\n{self.agent.log_text()[-3000:]}")
+
+    def traffic(self, vip: str, port: int = 80, count: int = 60, timeout: float = 2.0) -> list[dict[str, Any]]:
+        return self.client.client(nettools.format_target(vip, port), count=count, concurrency=4, timeout=timeout)
+
+    # ---- the agent's servers ------------------------------------------------------------------------
+
+    def get(self, url: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics as "name{labels}" -> value."""
+        status, text = self.get(self.agent.metrics_url)
+        assert status == 200
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+
+def _json(resp: Any) -> dict[str, Any]:
+    try:
+        return json.loads(resp.data)
+    finally:
+        resp.release_conn()
+
+
+def ok_names(records: list[dict[str, Any]]) -> collections.Counter[str]:
+    bad = [r for r in records if not r["ok"]]
+    assert not bad, f"{len(bad)} of {len(records)} attempts failed, first: {bad[:3]}"
+    return collections.Counter(r["server_name"] for r in records)
+
+
+READY = {"ready": True, "serving": True, "terminating": False}
+NOT_READY = {"ready": False, "serving": False, "terminating": False}
+TERMINATING = {"ready": False, "serving": True, "terminating": True}
+TERMINATING_NOT_SERVING = {"ready": False, "serving": False, "terminating": True}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, stale_beds_removed: list[str]) -> Iterator[Env]:
+    with DevCluster() as cluster:
+        bed = TestBed(prefix="zp")
+        try:
+            e = Env(cluster, bed, tmp_path_factory.mktemp("kube-agent"))
+            try:
+                e.agent.start()
+                yield e
+            finally:
+                e.agent.close()
+                e.api.close()
+        finally:
+            bed.close()
+
+
+@pytest.fixture
+def agent_env(env: Env) -> Env:
+    """The module's Env with the apiserver and the agent running (an earlier test may have stopped them)."""
+    if not env.cluster.apiserver_running:
+        env.cluster.start_apiserver()
+    if env.agent.proc is None or env.agent.proc.poll() is not None:
+        env.agent.start()
+    return env
+
+
+def test_services_and_slices_follow_the_api(agent_env: Env) -> None:
+    e = agent_env
+    ns = e.namespace()
+    web1, web2, web3, web4 = e.backends
+    vip = e.create_service(ns, "web")["spec"]["clusterIP"]
+    fe = f"{vip}:80/TCP"
+    e.wait_programmed(fe, [])  # a service without slices: a frontend that refuses
+    refused = e.traffic(vip, count=5)
+    assert all(r["error"] == "ECONNREFUSED" for r in refused), refused
+
+    e.put_slice(ns, "web", [(p, READY, "a") for p in (web1, web2, web3)])
+    e.wait_programmed(fe, [web1, web2, web3])
+    assert set(ok_names(e.traffic(vip, count=90))) == {"web-1", "web-2", "web-3"}
+
+    e.put_slice(ns, "web", [(web1, READY, "a"), (web4, READY, "a")])  # update: swap backends
+    e.wait_programmed(fe, [web1, web4])
+    assert set(ok_names(e.traffic(vip, count=60))) == {"web-1", "web-4"}
+
+    e.put_slice(ns, "web", [(web2, READY, "a")], name="web-2")  # a second slice adds to the first
+    e.wait_programmed(fe, [web1, web2, web4])
+
+    e.replace_service(ns, "web", lambda s: s["spec"]["ports"][0].update(port=8000))  # change the port
+    e.wait_programmed(f"{vip}:8000/TCP", [web1, web2, web4])
+    e.wait_programmed(fe, None)
+    assert set(ok_names(e.traffic(vip, 8000, count=30))) == {"web-1", "web-2", "web-4"}
+    old = e.traffic(vip, 80, count=3, timeout=1)
+    assert not any(r["ok"] for r in old), "the old service port still reaches a backend"
+
+    e.delete_slice(ns, "web-1")
+    e.delete_slice(ns, "web-2")
+    e.wait_programmed(f"{vip}:8000/TCP", [])
+    assert all(r["error"] == "ECONNREFUSED" for r in e.traffic(vip, 8000, count=5))
+
+    e.delete_service(ns, "web")
+    e.wait_programmed(f"{vip}:8000/TCP", None)
+
+
+def test_terminating_endpoints_serve_only_when_none_is_ready(agent_env: Env) -> None:
+    e = agent_env
+    ns = e.namespace()
+    web1, web2, web3, _ = e.backends
+    vip = e.create_service(ns, "roll")["spec"]["clusterIP"]
+    fe = f"{vip}:80/TCP"
+    # A rollout's last moment: nothing ready, one old pod still serving while it terminates.
+    e.put_slice(ns, "roll", [(web1, TERMINATING, "a"), (web2, TERMINATING_NOT_SERVING, "a"),
+                             (web3, NOT_READY, "a")])
+    e.wait_programmed(fe, [web1])
+    assert ok_names(e.traffic(vip, count=20)) == {"web-1": 20}
+    # The new pod becomes ready: terminating endpoints stop getting new connections.
+    e.put_slice(ns, "roll", [(web1, TERMINATING, "a"), (web3, READY, "a")])
+    e.wait_programmed(fe, [web3])
+    assert ok_names(e.traffic(vip, count=20)) == {"web-3": 20}
+
+
+def test_service_of_another_proxy_is_ignored(agent_env: Env) -> None:
+    e = agent_env
+    ns = e.namespace()
+    web1 = e.backends[0]
+    other = e.create_service(ns, "theirs", labels={"service.kubernetes.io/service-proxy-name": "other-proxy"})
+    ours = e.create_service(ns, "ours")
+    for name in ("theirs", "ours"):
+        e.put_slice(ns, name, [(web1, READY, "a")])
+    e.wait_programmed(f"{ours['spec']['clusterIP']}:80/TCP", [web1])
+    # Both synced together (same namespace, same moment); the labelled one was left alone.
+    assert f"{other['spec']['clusterIP']}:80/TCP" not in e.programmed()
+    assert not any(r["ok"] for r in e.traffic(other["spec"]["clusterIP"], count=3, timeout=1))
+    # Dropping the label hands it to us.
+    e.replace_service(ns, "theirs", lambda s: s["metadata"].pop("labels"))
+    e.wait_programmed(f"{other['spec']['clusterIP']}:80/TCP", [web1])
+
+
+def test_health_check_node_port_counts_local_ready_endpoints(agent_env: Env) -> None:
+    e = agent_env
+    ns = e.namespace()
+    web1, web2, _, _ = e.backends
+    svc = e.create_service(ns, "lb", type="LoadBalancer", externalTrafficPolicy="Local")
+    hcnp = svc["spec"]["healthCheckNodePort"]
+    url = f"http://127.0.0.1:{hcnp}/"
+    e.put_slice(ns, "lb", [(web1, READY, "a"), (web2, READY, "b")])
+    e.wait_programmed(f"{svc['spec']['clusterIP']}:80/TCP", [web1, web2])  # ClusterIP: every node's
+
+    def wait_health(code: int, local: int) -> dict[str, Any]:
+        deadline = time.monotonic() + 20
+        got: Any = None
+        while time.monotonic() < deadline:
+            try:
+                got = e.get(url)
+            except OSError as err:  # not listening yet
+                got = err
+            if isinstance(got, tuple) and got[0] == code and json.loads(got[1])["localEndpoints"] == local:
+                return json.loads(got[1])
+            time.sleep(0.1)
+        raise AssertionError(f"healthCheckNodePort {hcnp}: want {code}/{local}, got {got}")
+
+    body = wait_health(200, 1)
+    assert body["service"] == {"namespace": ns, "name": "lb"} and body["serviceProxyHealthy"] is True
+    e.put_slice(ns, "lb", [(web1, NOT_READY, "a"), (web2, READY, "b")])  # no ready endpoint here
+    wait_health(503, 0)
+    e.delete_service(ns, "lb")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            e.get(url)
+        except OSError:
+            break  # the listener closed with its service
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"healthCheckNodePort {hcnp} still listening after the service was deleted")
+
+
+def _counter(metrics: dict[str, float], name: str, **labels: str) -> float:
+    inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return metrics.get(f"{name}{{{inner}}}" if inner else name, 0.0)
+
+
+def test_apiserver_restart_converges_without_rewriting_unchanged_services(agent_env: Env) -> None:
+    e = agent_env
+    ns = e.namespace()
+    web1, web2, web3, _ = e.backends
+    vips = {}
+    for i in range(5):
+        vips[i] = e.create_service(ns, f"s{i}")["spec"]["clusterIP"]
+        e.put_slice(ns, f"s{i}", [(web1, READY, "a"), (web2, READY, "a")])
+    for vip in vips.values():
+        e.wait_programmed(f"{vip}:80/TCP", [web1, web2])
+    before = e.metrics()
+
+    outages = e.agent.log_text().count("retrying with backoff")
+    e.cluster.stop_apiserver(kill=True)  # mid-watch, no goodbye
+    e.agent.wait_log("retrying with backoff", count=outages + 1)
+    assert set(ok_names(e.traffic(vips[0], count=20))) <= {"web-1", "web-2"}  # dataplane keeps serving
+    e.cluster.start_apiserver()
+    e.put_slice(ns, "s4", [(web3, READY, "a")])  # the one change made after the outage
+    e.wait_programmed(f"{vips[4]}:80/TCP", [web3], timeout=60)  # watchers may still be backing off
+    assert ok_names(e.traffic(vips[4], count=10)) == {"web-3": 10}
+    after = e.metrics()
+
+    def delta(what: str) -> float:
+        return (_counter(after, "zeroproxy_map_writes_total", what=what)
+                - _counter(before, "zeroproxy_map_writes_total", what=what))
+
+    # Only s4's frontend was rewritten: the relist brought back the other services unchanged
+    # and the change tracker dropped them before the map side saw them.
+    assert delta("frontends_written") == 1, e.agent.log_text()[-3000:]
+    assert delta("frontends_deleted") == 0
+    assert _counter(after, "zeroproxy_syncs_total", mode="full") == _counter(before, "zeroproxy_syncs_total",
+                                                                              mode="full")
+    for i in range(4):
+        assert e.programmed()[f"{vips[i]}:80/TCP"] == sorted(f"{p.ip4}:{PORT}" for p in (web1, web2))
+
+
+def test_forced_410_relists_once_without_flapping(agent_env: Env) -> None:
+    e = agent_env
+    ns = e.namespace()
+    web1, web2, _, _ = e.backends
+    vip = e.create_service(ns, "gone")["spec"]["clusterIP"]
+    e.put_slice(ns, "gone", [(web1, READY, "a")])
+    e.wait_programmed(f"{vip}:80/TCP", [web1])
+    before = e.metrics()
+    # Writes no watcher sees move etcd past every watcher's resourceVersion; compaction then makes
+    # those versions unreadable and a restarted apiserver's watch cache starts after them.
+    for i in range(3):
+        e.core.create_namespaced_config_map(ns, {"metadata": {"name": f"bump-{i}"}}, _preload_content=False)
+    gones = e.agent.log_text().count("410 Gone")
+    e.cluster.compact_etcd()
+    e.cluster.restart_apiserver()
+    e.agent.wait_log("410 Gone", count=gones + 1, timeout=60)
+    e.put_slice(ns, "gone", [(web2, READY, "a")])  # the relisted watch still delivers
+    e.wait_programmed(f"{vip}:80/TCP", [web2], timeout=60)
+    time.sleep(3)  # a flapping watcher would relist again and again in this time
+    after = e.metrics()
+    for kind in ("Service", "EndpointSlice"):
+        relists = (_counter(after, "zeroproxy_watch_relists_total", resource=kind)
+                   - _counter(before, "zeroproxy_watch_relists_total", resource=kind))
+        assert relists == 1, (kind, relists, e.agent.log_text()[-3000:])
+    log = e.agent.log_text()
+    assert len(re.findall(r"Service: relist of \d+ objects", log)) >= 1
+    assert ok_names(e.traffic(vip, count=10)) == {"web-2": 10}
+
+
+def test_agent_sigkill_restart_under_traffic_keeps_stale_until_resync(agent_env: Env, tmp_path: Path) -> None:
+    e = agent_env
+    ns = e.namespace()
+    web1, web2, web3, _ = e.backends
+    keep = e.create_service(ns, "keep")["spec"]["clusterIP"]
+    stale = e.create_service(ns, "stale")["spec"]["clusterIP"]
+    e.put_slice(ns, "keep", [(web1, READY, "a"), (web2, READY, "a")])
+    e.put_slice(ns, "stale", [(web3, READY, "a")])
+    e.wait_programmed(f"{keep}:80/TCP", [web1, web2])
+    e.wait_programmed(f"{stale}:80/TCP", [web3])
+
+    stop = tmp_path / "stop"
+    argv = nettools.client_argv(nettools.format_target(keep, 80), count=0, interval=0.005, timeout=2,
+                                until_file=str(stop))
+    loop = e.client.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        e.agent.kill()  # SIGKILL: no chance to clean anything up
+        e.delete_service(ns, "stale")  # ...and the world changes while no agent watches
+        e.cluster.stop_apiserver()
+        e.agent.start(wait_synced=False)
+        e.agent.wait_log("retrying with backoff", timeout=60)
+        # The new agent adopted the maps and cannot list: the stale service must stay (it might
+        # still exist for all the agent knows) and the agent must say it is stuck.
+        deadline = time.monotonic() + HEALTH_TIMEOUT + 10
+        while True:
+            status, body = e.get(e.agent.healthz_url + "/healthz")
+            if status == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert status == 503, body
+        report = json.loads(body)
+        assert set(report) == {"lastUpdated", "currentTime", "nodeEligible"} and report["lastUpdated"] == ""
+        assert e.get(e.agent.healthz_url + "/livez")[0] == 503
+        assert e.programmed()[f"{stale}:80/TCP"] == [f"{web3.ip4}:{PORT}"]
+        assert "initial sync done" not in e.agent.log_text()
+
+        e.cluster.start_apiserver()
+        e.agent.wait_log("initial sync done", timeout=60)
+        e.wait_programmed(f"{stale}:80/TCP", None, timeout=1)  # removed by the resync itself
+        status, body = e.get(e.agent.healthz_url + "/healthz")
+        assert status == 200 and json.loads(body)["lastUpdated"] != "", body
+        time.sleep(1.0)
+    finally:
+        stop.touch()
+        out, err = loop.communicate(timeout=60)
+    records = nettools.parse_results(out)
+    assert len(records) > 100, (len(records), err[-500:])
+    names = ok_names(records)  # zero failed requests across the kill, the outage and the restart
+    assert set(names) == {"web-1", "web-2"}
+    log = e.agent.log_text()
+    assert re.search(r"sync \(full\): [^\n]*frontends written, 1 deleted;", log), log[-3000:]
+
+
+def test_metrics_expose_the_listed_series(agent_env: Env) -> None:
+    e = agent_env
+    ns = e.namespace()
+    vip = e.create_service(ns, "m")["spec"]["clusterIP"]
+    e.put_slice(ns, "m", [(e.backends[0], READY, "a")])
+    e.wait_programmed(f"{vip}:80/TCP", [e.backends[0]])
+    e.traffic(vip, count=5)
+    e.delete_slice(ns, "m-1")
+    e.wait_programmed(f"{vip}:80/TCP", [])
+    e.traffic(vip, count=3)  # refused: a no_backend drop in the datapath
+    m = e.metrics()
+    names = {k.split("{")[0] for k in m}
+    for series in (
+        "zeroproxy_sync_proxy_rules_duration_seconds_bucket",
+        "zeroproxy_network_programming_duration_seconds_bucket",
+        "zeroproxy_sync_proxy_rules_last_timestamp_seconds",
+        "zeroproxy_services_programmed",
+        "zeroproxy_frontends_programmed",
+        "zeroproxy_backends_programmed",
+        "zeroproxy_map_fill_ratio",
+        "zeroproxy_datapath_drops_total",
+        "zeroproxy_errors_total",
+        "zeroproxy_watch_relists_total",
+    ):
+        assert series in names, series
+    assert _counter(m, "zeroproxy_datapath_drops_total", reason="no_backend") >= 3
+    assert _counter(m, "zeroproxy_datapath_events_total", event="xlate_ok") >= 5
+    assert _counter(m, "zeroproxy_network_programming_duration_seconds_count") >= 2
+    assert m["zeroproxy_frontends_programmed"] == len(e.programmed())
+    assert 0 < _counter(m, "zeroproxy_map_fill_ratio", map="zp_lb4_svc") < 1
+    assert _counter(m, "zeroproxy_errors_total", kind="sync") == 0
