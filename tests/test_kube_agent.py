@@ -72,7 +72,7 @@ class Env:
 
     def delete_service(self, ns: str, name: str) -> None:
         # 1.20 answers with a Status the typed client cannot parse: read it raw.
-        self.core.delete_namespaced_service(name, ns, _preload_content=False).data
+        _json(self.core.delete_namespaced_service(name, ns, _preload_content=False))
 
     def put_slice(self, ns: str, svc: str, endpoints: list[tuple[Pod, dict[str, bool], str]],
                   name: str | None = None) -> None:
@@ -81,18 +81,18 @@ class Env:
         body["endpoints"] = [{"addresses": [pod.ip4], "conditions": cond, "nodeName": node}
                              for pod, cond, node in endpoints]
         try:
-            self.disc.create_namespaced_endpoint_slice(ns, body, _preload_content=False).data
+            _json(self.disc.create_namespaced_endpoint_slice(ns, body, _preload_content=False))
         except client.ApiException as e:
             if e.status != 409:
                 raise
             old = _json(self.disc.read_namespaced_endpoint_slice(body["metadata"]["name"], ns,
                                                                  _preload_content=False))
             body["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
-            self.disc.replace_namespaced_endpoint_slice(body["metadata"]["name"], ns, body,
-                                                        _preload_content=False).data
+            _json(self.disc.replace_namespaced_endpoint_slice(body["metadata"]["name"], ns, body,
+                                                              _preload_content=False))
 
     def delete_slice(self, ns: str, name: str) -> None:
-        self.disc.delete_namespaced_endpoint_slice(name, ns, _preload_content=False).data
+        _json(self.disc.delete_namespaced_endpoint_slice(name, ns, _preload_content=False))
 
     # ---- the kernel side --------------------------------------------------------------------------
 

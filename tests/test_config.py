@@ -1,0 +1,136 @@
+"""The agent's config file and flags: KubeProxyConfiguration-shaped fields, flags over file, and
+errors that name the field -- checked through the real CLI as an operator would hit them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controlplane import config
+from controlplane.config import ConfigError, parse, parse_duration
+
+HEADER = {"apiVersion": config.API_VERSION, "kind": config.KIND}
+
+
+def doc(**fields: object) -> dict[str, object]:
+    return {**HEADER, **fields}
+
+
+def test_defaults_mirror_kube_proxy() -> None:
+    cfg = parse(doc())
+    assert cfg.healthz_bind_address == "0.0.0.0:10256"
+    assert cfg.metrics_bind_address == "127.0.0.1:10249"
+    assert cfg.source == "kubernetes"
+    assert cfg.effective_health_timeout == 2 * cfg.sync_period  # kube-proxy's rule
+
+
+def test_every_field_parses() -> None:
+    cfg = parse(doc(
+        clusterCIDR="10.244.0.0/16,fd00:10:244::/56",
+        nodePortAddresses=["192.168.0.0/16", "::1/128"],
+        healthzBindAddress="127.0.0.1:20256",
+        metricsBindAddress="[::1]:20249",
+        conntrack={"maxPerCore": 0, "min": 131072, "tcpEstablishedTimeout": "24h0m0s",
+                   "tcpCloseWaitTimeout": "1h", "udpTimeout": "30s", "udpStreamTimeout": "2m"},
+        syncPeriod="30s", minSyncPeriod="500ms",
+        clientConnection={"kubeconfig": "/etc/kubernetes/zp.conf"},
+        source="file:/tmp/x.yaml", cgroup="/sys/fs/cgroup/kubepods", bpffs="/sys/fs/bpf/zp",
+        nodeName="node-1", devices=["eth0", "eth1"], apiServer="https://10.0.0.1:6443",
+        proxyName="zeroproxy", healthTimeout="5s", healthCheckNodePortAddress="10.0.0.5", watchPods=True,
+    ))
+    assert cfg.cluster_cidr == ("10.244.0.0/16", "fd00:10:244::/56")
+    assert cfg.node_port_addresses == ("192.168.0.0/16", "::1/128")
+    assert cfg.metrics_bind_address == "[::1]:20249"
+    assert cfg.conntrack.min == 131072 and cfg.conntrack.tcp_established_timeout == 86400
+    assert cfg.conntrack.tcp_close_wait_timeout == 3600 and cfg.conntrack.udp_stream_timeout == 120
+    assert (cfg.sync_period, cfg.min_sync_period, cfg.effective_health_timeout) == (30, 0.5, 5)
+    assert cfg.kubeconfig == "/etc/kubernetes/zp.conf"
+    assert cfg.cgroup == Path("/sys/fs/cgroup/kubepods") and cfg.devices == ("eth0", "eth1")
+    assert (cfg.node_name, cfg.api_server, cfg.proxy_name, cfg.watch_pods) == (
+        "node-1", "https://10.0.0.1:6443", "zeroproxy", True)
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"syncPeriode": "30s"}, "syncPeriode: unknown field"),
+    ({"conntrack": {"tcpTimeout": "1s"}}, "conntrack.tcpTimeout: unknown field"),
+    ({"mode": "iptables"}, "mode: a KubeProxyConfiguration field zeroproxy has no use for"),
+    ({"iptables": {"masqueradeAll": True}}, "iptables: a KubeProxyConfiguration field"),
+    ({"clientConnection": {"qps": 5}}, "clientConnection.qps: not supported"),
+    ({"syncPeriod": 30}, "syncPeriod: must be a duration string"),
+    ({"syncPeriod": "30 seconds"}, "syncPeriod: must be a duration like"),
+    ({"minSyncPeriod": "-1s"}, "minSyncPeriod: must be a duration"),
+    ({"healthzBindAddress": "10256"}, "healthzBindAddress: must be \"IP:port\""),
+    ({"metricsBindAddress": "localhost:10249"}, "metricsBindAddress: 'localhost' is not an IP address"),
+    ({"metricsBindAddress": "::1:10249"}, "metricsBindAddress: an IPv6 address must be in brackets"),
+    ({"healthzBindAddress": "0.0.0.0:70000"}, "healthzBindAddress: port must be 0..65535"),
+    ({"clusterCIDR": "10.244.0.0/33"}, "clusterCIDR: [0] '10.244.0.0/33' is not a CIDR"),
+    ({"nodePortAddresses": "10.0.0.0/8"}, "nodePortAddresses: must be a list of CIDRs"),
+    ({"source": "api"}, "source: must be \"kubernetes\" or \"file:PATH\""),
+    ({"watchPods": "yes"}, "watchPods: must be true or false"),
+    ({"conntrack": {"min": -1}}, "conntrack.min: must be a non-negative integer"),
+    ({"apiServer": "10.0.0.1:6443"}, "apiServer: must be a URL"),
+    ({"nodeName": "a", "hostnameOverride": "b"}, "hostnameOverride: conflicts with nodeName"),
+    ({"syncPeriod": "1s", "minSyncPeriod": "2s"}, "minSyncPeriod: 2.0s is longer than syncPeriod"),
+    ({"apiVersion": "kubeproxy.config.k8s.io/v1alpha1"}, "apiVersion: must be zeroproxy.io/v1alpha1"),
+])
+def test_bad_fields_are_named(fields: dict[str, object], named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse(doc(**fields))
+    assert named in str(err.value)
+
+
+def test_all_problems_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse({"kind": config.KIND, "bogus": 1, "syncPeriod": "x"})
+    text = str(err.value)
+    assert "bogus: unknown field" in text and "syncPeriod:" in text and "apiVersion: missing" in text
+    assert len(err.value.problems) == 3
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("30s", 30), ("1m30s", 90), ("500ms", 0.5), ("24h0m0s", 86400), ("1.5h", 5400), ("0", 0), ("250us", 250e-6),
+])
+def test_go_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_printed_config_parses_back(tmp_path: Path) -> None:
+    cfg = parse(doc(syncPeriod="45s", minSyncPeriod="250ms", nodeName="n1", devices=["eth0"],
+                    clusterCIDR="10.244.0.0/16", conntrack={"udpTimeout": "30s"}))
+    again = parse(yaml.safe_load(yaml.safe_dump(config.dump(cfg))))
+    assert again == cfg
+
+
+def _agent(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zeroproxy", "agent", *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_cli_flags_override_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(doc(syncPeriod="30s", minSyncPeriod="1s", nodeName="from-file",
+                                       metricsBindAddress="127.0.0.1:19999", source="file:/tmp/objects.yaml")))
+    out = _agent("--config", str(path), "--print-config", "--node-name", "from-flag", "--min-sync-period", "50ms")
+    assert out.returncode == 0, out.stderr
+    effective = yaml.safe_load(out.stdout)
+    assert effective["nodeName"] == "from-flag"  # flag wins
+    assert effective["minSyncPeriod"] == "50ms"  # flag wins
+    assert effective["syncPeriod"] == "30s"  # file wins over the default
+    assert effective["metricsBindAddress"] == "127.0.0.1:19999"
+    assert effective["healthzBindAddress"] == "0.0.0.0:10256"  # default
+
+
+def test_cli_rejects_a_bad_file_naming_file_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(doc(healthzBindAdress="0.0.0.0:10256")))
+    out = _agent("--config", str(path))
+    assert out.returncode == 2
+    assert f"{path}: healthzBindAdress: unknown field" in out.stderr
+    out = _agent("--config", str(tmp_path / "missing.yaml"))
+    assert out.returncode == 2 and "missing.yaml: cannot read" in out.stderr
+    out = _agent("--print-config", "--metrics-bind-address", "nope")
+    assert out.returncode == 2 and "--metrics-bind-address:" in out.stderr
