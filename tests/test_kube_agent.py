@@ -342,7 +342,8 @@ def test_forced_410_relists_once_without_flapping(agent_env: Env) -> None:
     # Writes no watcher sees move etcd past every watcher's resourceVersion; compaction then makes
     # those versions unreadable and a restarted apiserver's watch cache starts after them.
     for i in range(3):
-        e.core.create_namespaced_config_map(ns, {"metadata": {"name": f"bump-{i}"}}, _preload_content=False)
+        _json(e.core.create_namespaced_config_map(ns, {"metadata": {"name": f"bump-{i}"}},
+                                                  _preload_content=False))
     gones = e.agent.log_text().count("410 Gone")
     e.cluster.compact_etcd()
     e.cluster.restart_apiserver()
