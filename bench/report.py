@@ -13,12 +13,15 @@ from typing import Any
 
 from bench.topology import DIRECT, IPTABLES, MODES, NFTABLES, ZEROPROXY
 
+AGENT = "zeroproxy-agent"  # "mode" of the programming/memory rows measured on the real agent process
+ZPCTL_PROCESS = "bench.zpctl (datapath + ServiceMaps)"
+
 SCENARIO_TITLES = {
     "short": "Short connections (socket + connect + request + reply + close)",
     "keepalive": "Keep-alive requests (request -> full reply on an open connection)",
 }
 MODE_STYLE = {DIRECT: ("black", "o"), IPTABLES: ("tab:red", "s"), NFTABLES: ("tab:orange", "^"),
-              ZEROPROXY: ("tab:blue", "D")}
+              ZEROPROXY: ("tab:blue", "D"), AGENT: ("tab:cyan", "v")}
 
 
 def write_all(results: dict[str, Any], out: Path, *, plots: bool = True) -> list[Path]:
@@ -109,16 +112,23 @@ def markdown(results: dict[str, Any]) -> str:
         rows = []
         for count in sorted({p["services"] for p in prog if p["services"]}):
             cell = {p["mode"]: p for p in prog if p["services"] == count}
-            mem = next((x for x in results.get("memory", []) if x["services"] == count), {})
+            mem = {x["process"]: x for x in results.get("memory", []) if x["services"] == count}
             nft = cell.get(NFTABLES, {})
             nft_txt = _f(nft.get("seconds"), "{:.2f} s")
             if nft.get("chunk_s"):
                 nft_txt += f" ({len(nft['chunk_s'])} x <={nft['chunk']} services)"
+            agent = cell.get(AGENT, {})
             rows.append([f"{count:,}", _f(cell.get(IPTABLES, {}).get("seconds"), "{:.2f} s"), nft_txt,
                          _f(cell.get(ZEROPROXY, {}).get("seconds"), "{:.3f} s"),
-                         _f(mem.get("rss_kb") and mem["rss_kb"] / 1024, "{:.0f} MB")])
+                         _f(agent.get("seconds"), "{:.2f} s"),
+                         _f(agent.get("rss_kb") and agent["rss_kb"] / 1024, "{:.0f} MB"),
+                         _f(mem.get(ZPCTL_PROCESS, {}).get("rss_kb") and mem[ZPCTL_PROCESS]["rss_kb"] / 1024,
+                            "{:.0f} MB")])
         lines += _table(["services", "iptables-restore", "nft -f", "zeroproxy ServiceMaps.sync",
-                         "zeroproxy loader RSS"], rows)
+                         "zeroproxy agent start to synced", "agent RSS", "loader RSS"], rows)
+        lines += ["", "The agent column is a cold start of `zeroproxy agent --source file:` with N Services and "
+                  "EndpointSlices (Python start, bcc compile, YAML parse, translation, first sync). Loader RSS is "
+                  "bench.zpctl: datapath + ServiceMaps only."]
         boot = next((p for p in prog if p["services"] == 0), None)
         if boot:
             lines += ["", f"zeroproxy compile + attach (once): {boot['seconds']:.2f} s."]
@@ -206,11 +216,12 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     prog = [p for p in results.get("programming", []) if p["services"]]
     if prog:
         fig, ax = plt.subplots(figsize=(6, 4.2))
-        for mode in (IPTABLES, NFTABLES, ZEROPROXY):
+        for mode in (IPTABLES, NFTABLES, ZEROPROXY, AGENT):
             pts = sorted((p["services"], p["seconds"]) for p in prog if p["mode"] == mode)
             if pts:
                 color, marker = MODE_STYLE[mode]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=mode)
+                label = {ZEROPROXY: "zeroproxy (ServiceMaps.sync)", AGENT: "zeroproxy agent cold start"}.get(mode, mode)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("services")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import SCHEMA, client, rules
+from bench.report import AGENT, ZPCTL_PROCESS
 from bench.services import Service, make_services
 from bench.topology import CLUSTER_CIDR, DIRECT, IPTABLES, MODES, NFTABLES, ZEROPROXY, Topology, timed
 from zeroproxy.testbed import NETNS_DIR, TestBed, cleanup_stale
@@ -55,6 +56,7 @@ class Config:
     nft_chunk: int = 2000
     bpf_stats: bool = True
     endpoint_change: bool = True
+    agent: bool = True
     quick: bool = False
 
 
@@ -243,6 +245,7 @@ def run(cfg: Config, *, progress: bool = True, keep_workdir: bool = False) -> di
     workdir = Path(tempfile.mkdtemp(prefix="zpbench-"))
     bed = TestBed(prefix=BED_PREFIX)
     topo = Topology(bed, workdir, modes=cfg.modes, server_cpu=cfg.server_cpu, nft_chunk=cfg.nft_chunk)
+    results["cleanup"].update(bed_id=bed.id, pin_dir=str(topo.pin_dir), workdir=str(workdir))
     try:
         bar.note("building the topology")
         topo.build()
@@ -314,8 +317,14 @@ def _program(cfg: Config, topo: Topology, services: list[Service], results: dict
         info = topo.load_zeroproxy(count)
         results["programming"].append({"services": count, "mode": ZEROPROXY, "what": "ServiceMaps.sync",
                                        "seconds": info["sync_s"], **_pick(info)})
-        results["memory"].append({"services": count, "process": "bench.zpctl (datapath + ServiceMaps)",
+        results["memory"].append({"services": count, "process": ZPCTL_PROCESS,
                                   "rss_kb": info["rss_kb"], "hwm_kb": info["hwm_kb"]})
+    if ZEROPROXY in cfg.modes and cfg.agent:
+        info = topo.measure_agent(services)
+        results["programming"].append({"services": count, "mode": AGENT, "what": "zeroproxy agent --source file: "
+                                       "start to 'initial sync done'", **info})
+        results["memory"].append({"services": count, "process": "zeroproxy agent", "rss_kb": info["rss_kb"],
+                                  "hwm_kb": info["hwm_kb"]})
 
 
 def target_of(case: Case, services: Sequence[Service], endpoints: Sequence[tuple[str, int]]) -> list[str]:

@@ -107,6 +107,8 @@ class Topology:
         self.nodes: dict[str, Node] = {}
         self.clients: dict[str, Pod] = {}
         self.pin_dir = Path("/sys/fs/bpf") / f"{bed.id}-bench"
+        self.agent_pin_dir = Path("/sys/fs/bpf") / f"{bed.id}-agent"
+        self.agent_cgroup = bed.cgroup_root / "agent"  # empty: the agent attaches here, nothing runs here
         self.zpctl: subprocess.Popen[str] | None = None
         self.nft_loaded = False
         self.ipt_loaded = False
@@ -233,6 +235,16 @@ class Topology:
     def change_zeroproxy(self, index: int, endpoints: Sequence[tuple[str, int]]) -> dict[str, Any]:
         return self._zp(op="change", index=index, endpoints=list(endpoints))
 
+    def measure_agent(self, services: Sequence[Service]) -> dict[str, Any]:
+        """Cold start of the real agent with ``services`` in its file source (see bench.agentrun)."""
+        from bench import agentrun
+
+        netns = self.nodes[ZEROPROXY].netns
+        return agentrun.measure(
+            services, spawn=lambda argv, **kw: self.bed.spawn(netns, argv, **kw), workdir=self.workdir,
+            cgroup=self.agent_cgroup, pin_dir=self.agent_pin_dir, node_name="be",
+        )
+
     def prog_stats(self) -> dict[str, tuple[int, int]]:
         """(run_time_ns, run_cnt) of each pinned zeroproxy program (needs bpf_stats_enabled)."""
         from dataplane import bpfsys
@@ -267,7 +279,9 @@ class Topology:
                 self.zpctl.stdout.close()
             self.zpctl = None
         cgroup = self.nodes[ZEROPROXY].cgroup_path if ZEROPROXY in self.nodes else None
-        return loader.cleanup(cgroup, self.pin_dir)
+        done = loader.cleanup(cgroup, self.pin_dir)
+        agent_cgroup = self.agent_cgroup if self.agent_cgroup.is_dir() else None
+        return done + loader.cleanup(agent_cgroup, self.agent_pin_dir)
 
     # -- teardown --------------------------------------------------------------------------------
 
