@@ -1,0 +1,455 @@
+"""The deployment files are consistent with each other and with the code, without a cluster.
+
+A DaemonSet that mounts the cgroup at one path while the ConfigMap names another, a probe on a
+port the health server does not use, a Containerfile that copies a file which is gone: each
+of these would only show on a real node. Here they are cross-checked statically; the API
+server's own verdict on the same files is in tests/test_deploy.py.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controlplane import config as zpconfig
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFESTS = REPO / "manifests"
+KUBEADM = MANIFESTS / "kubeadm"
+CONTAINERFILE = REPO / "Containerfile"
+IMAGE_ROOT = "/opt/zeroproxy"  # WORKDIR of the Containerfile; setup.sh puts the venv in $root/.venv
+
+
+def load_docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def manifest_files() -> list[Path]:
+    """The files kustomization.yaml installs, in its order."""
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    return [MANIFESTS / name for name in kustomization["resources"]]
+
+
+def manifest_objects() -> list[dict[str, Any]]:
+    return [doc for path in manifest_files() for doc in load_docs(path)]
+
+
+def by_kind(kind: str) -> dict[str, Any]:
+    found = [o for o in manifest_objects() if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def daemonset_container() -> dict[str, Any]:
+    containers = by_kind("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def embedded_config() -> dict[str, Any]:
+    return yaml.safe_load(by_kind("ConfigMap")["data"]["config.yaml"])
+
+
+def mounts_by_path() -> dict[str, dict[str, Any]]:
+    """container mountPath -> {mount, volume} for the DaemonSet's agent container."""
+    volumes = {v["name"]: v for v in by_kind("DaemonSet")["spec"]["template"]["spec"]["volumes"]}
+    return {m["mountPath"]: {"mount": m, "volume": volumes[m["name"]]} for m in daemonset_container()["volumeMounts"]}
+
+
+# --- the manifest set ---------------------------------------------------------------------------
+
+
+def test_kustomization_installs_every_manifest_once_namespace_first() -> None:
+    listed = manifest_files()
+    on_disk = sorted(p for p in MANIFESTS.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(listed) == on_disk, "kustomization.yaml and manifests/*.yaml disagree"
+    assert listed == sorted(listed), "file names carry the apply order for `kubectl apply -f`; keep them sorted"
+    first = load_docs(listed[0])
+    assert [d["kind"] for d in first] == ["Namespace"], "the Namespace must be created before what lives in it"
+
+
+def test_every_object_names_itself_and_lives_in_the_namespace() -> None:
+    namespace = by_kind("Namespace")["metadata"]["name"]
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+    kinds = []
+    for obj in manifest_objects():
+        assert obj.get("apiVersion") and obj.get("kind") and obj["metadata"].get("name"), obj
+        kinds.append(obj["kind"])
+        if obj["kind"] in cluster_scoped:
+            assert "namespace" not in obj["metadata"], f"{obj['kind']} is cluster-scoped"
+        else:
+            assert obj["metadata"].get("namespace") == namespace, f"{obj['kind']} {obj['metadata']['name']}"
+    assert sorted(kinds) == sorted(["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                                    "ConfigMap", "DaemonSet"])
+
+
+def test_names_refer_to_each_other() -> None:
+    """The binding names the role and the account; the DaemonSet names the account and ConfigMap."""
+    sa = by_kind("ServiceAccount")["metadata"]
+    role = by_kind("ClusterRole")["metadata"]["name"]
+    binding = by_kind("ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}]
+    pod = by_kind("DaemonSet")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == sa["name"]
+    config_volumes = [v for v in pod["volumes"] if "configMap" in v]
+    assert [v["configMap"]["name"] for v in config_volumes] == [by_kind("ConfigMap")["metadata"]["name"]]
+
+
+# --- RBAC ---------------------------------------------------------------------------------------
+
+# What the agent does with the API (issue 7): its watchers list and watch Services,
+# EndpointSlices, Nodes and Pods; scale to zero patches Pods; it records Events through either
+# API. Written out here rather than derived from the manifest, so a wider role fails the test.
+AGENT_NEEDS = {
+    ("", "services"): {"get", "list", "watch"},
+    ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
+    ("", "nodes"): {"get", "list", "watch"},
+    ("", "pods"): {"get", "list", "watch", "patch"},
+    ("", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+}
+
+
+def test_cluster_role_grants_exactly_what_the_agent_needs() -> None:
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in by_kind("ClusterRole")["rules"]:
+        assert set(rule) <= {"apiGroups", "resources", "verbs"}, f"no resourceNames/nonResourceURLs: {rule}"
+        for verb in rule["verbs"]:
+            assert verb != "*", rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert "*" not in (group, resource), rule
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    assert granted == AGENT_NEEDS
+
+
+# --- the agent's configuration ---------------------------------------------------------------
+
+
+def test_configmap_config_loads_and_names_the_api_server() -> None:
+    cfg = zpconfig.parse(embedded_config())
+    assert cfg.source == "kubernetes"
+    # No kube-proxy yet means no `kubernetes` Service VIP: the address must be explicit, and
+    # not a name that would need cluster DNS.
+    assert cfg.api_server.startswith("https://")
+    host = re.match(r"https://\[?([^\]/]+?)\]?:\d+$", cfg.api_server)
+    assert host is not None and re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]+", host.group(1)), cfg.api_server
+    assert cfg.watch_pods, "scale to zero reads this node's Pods"
+
+
+def test_configmap_config_through_the_real_command_line() -> None:
+    """`zeroproxy agent --config FILE --print-config`: the code path the DaemonSet's args take."""
+    container = daemonset_container()
+    args = container["args"]
+    assert args[:1] == ["agent"] and "--config" in args
+    config_path = Path(args[args.index("--config") + 1])
+    assert config_path.parent.as_posix() in mounts_by_path(), "the --config file must come from a mount"
+    assert config_path.name in by_kind("ConfigMap")["data"]
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="zp-manifest-") as tmp:
+        local = Path(tmp) / config_path.name
+        local.write_text(by_kind("ConfigMap")["data"][config_path.name])
+        proc = subprocess.run([sys.executable, "-m", "zeroproxy", "agent", "--config", str(local), "--print-config"],
+                              cwd=REPO, capture_output=True, text=True, check=False,
+                              env={"NODE_NAME": "node-7", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["apiServer"] == embedded_config()["apiServer"]
+    assert printed["nodeName"] == "node-7", "the node name comes from $NODE_NAME, which the DaemonSet sets"
+
+
+def test_config_paths_and_ports_match_the_daemonset() -> None:
+    cfg = zpconfig.parse(embedded_config())
+    mounts = mounts_by_path()
+    cgroup = mounts[str(cfg.cgroup)]
+    assert cgroup["volume"]["hostPath"]["path"] == "/sys/fs/cgroup", "the host's cgroup v2 root"
+    bpffs_mount = next(p for p in mounts if Path(p) in cfg.bpffs.parents)
+    assert mounts[bpffs_mount]["volume"]["hostPath"]["path"] == "/sys/fs/bpf"
+    container = daemonset_container()
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    _, health_port = zpconfig.split_host_port(cfg.healthz_bind_address)
+    _, metrics_port = zpconfig.split_host_port(cfg.metrics_bind_address)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"healthz": health_port, "metrics": metrics_port}
+    probes = {name: container[name]["httpGet"] for name in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert {name: (p["path"], p["port"]) for name, p in probes.items()} == {
+        "startupProbe": ("/livez", health_port),
+        "livenessProbe": ("/livez", health_port),
+        "readinessProbe": ("/healthz", health_port),
+    }
+
+
+# --- the DaemonSet ----------------------------------------------------------------------------
+
+
+def test_daemonset_runs_on_every_node_as_a_node_critical_host_network_pod() -> None:
+    ds = by_kind("DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    # Default (the node's resolver), not ClusterFirstWithHostNet: cluster DNS is itself a
+    # Service, reachable only once a service proxy runs, and the agent must start without it.
+    assert pod["dnsPolicy"] == "Default"
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    selector = ds["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_daemonset_uses_precise_capabilities_not_privileged() -> None:
+    security = daemonset_container()["securityContext"]
+    assert security.get("privileged") is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert security["capabilities"]["add"] == ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE", "SYS_PTRACE",
+                                               "CHECKPOINT_RESTORE"]
+    # Bidirectional propagation is only allowed for privileged containers (the API server
+    # refuses it otherwise, see test_deploy.py): the mounts must do without it.
+    for path, entry in mounts_by_path().items():
+        assert entry["mount"].get("mountPropagation") in (None, "HostToContainer", "None"), path
+
+
+def test_daemonset_host_mounts() -> None:
+    mounts = mounts_by_path()
+    host = {path: e["volume"]["hostPath"]["path"] for path, e in mounts.items() if "hostPath" in e["volume"]}
+    assert host == {
+        "/sys/fs/bpf": "/sys/fs/bpf",
+        "/host/sys/fs/cgroup": "/sys/fs/cgroup",
+        "/lib/modules": "/lib/modules",
+        "/usr/src": "/usr/src",
+        "/var/lib/zeroproxy": "/var/lib/zeroproxy",
+        "/run/zeroproxy": "/run/zeroproxy",
+    }
+    # Pins must reach the host's bpffs; headers and the cgroup are only read.
+    assert mounts["/sys/fs/bpf"]["mount"]["mountPropagation"] == "HostToContainer"
+    for path in ("/lib/modules", "/usr/src", "/host/sys/fs/cgroup"):
+        assert mounts[path]["mount"].get("readOnly") is True, path
+    assert mounts["/sys/fs/bpf"]["mount"].get("readOnly") is not True
+
+
+def test_daemonset_command_is_the_one_the_image_installs() -> None:
+    container = daemonset_container()
+    assert container["command"] == [f"{IMAGE_ROOT}/.venv/bin/zeroproxy"]
+    entrypoint = containerfile_instructions("ENTRYPOINT")
+    assert len(entrypoint) == 1 and yaml.safe_load(entrypoint[0]) == container["command"]
+    # setup.sh's default venv is the repository's .venv, i.e. $WORKDIR/.venv in the image.
+    assert 'venv=${ZP_VENV:-$here/.venv}' in (REPO / "scripts" / "setup.sh").read_text()
+    assert containerfile_instructions("WORKDIR") == [IMAGE_ROOT]
+
+
+# --- kubeadm ------------------------------------------------------------------------------------
+# Field names of the kubeadm.k8s.io types the configs use, from kubeadm's documented Go types
+# (cmd/kubeadm/app/apis/kubeadm/{v1beta3,v1beta4}/types.go, the `json:` tags; the same lists are
+# on kubernetes.io/docs/reference/config-api/kubeadm-config.v1beta3 and .v1beta4). A nested
+# mapping is a struct; a string names a leaf type. A config with a misspelt or version-wrong
+# field would be rejected by kubeadm's strict decoding; this catches it without kubeadm.
+
+_TYPE_META = {"apiVersion": "string", "kind": "string"}
+_TAINT = {"key": "string", "value": "string", "effect": "string", "timeAdded": "string"}
+_API_ENDPOINT = {"advertiseAddress": "string", "bindPort": "int"}
+_HOST_PATH_MOUNT = {"name": "string", "hostPath": "string", "mountPath": "string", "readOnly": "bool",
+                    "pathType": "string"}
+_PATCHES = {"directory": "string"}
+_NETWORKING = {"serviceSubnet": "string", "podSubnet": "string", "dnsDomain": "string"}
+_EXTERNAL_ETCD = {"endpoints": ["string"], "caFile": "string", "certFile": "string", "keyFile": "string"}
+_BOOTSTRAP_TOKEN = {"token": "string", "description": "string", "ttl": "string", "expires": "string",
+                    "usages": ["string"], "groups": ["string"]}
+
+
+def _kubeadm_v1beta3() -> dict[str, dict[str, Any]]:
+    component = {"extraArgs": {"*": "string"}, "extraVolumes": [_HOST_PATH_MOUNT]}
+    image_meta = {"imageRepository": "string", "imageTag": "string"}
+    node_registration = {"name": "string", "criSocket": "string", "taints": [_TAINT],
+                         "kubeletExtraArgs": {"*": "string"}, "ignorePreflightErrors": ["string"],
+                         "imagePullPolicy": "string"}
+    return {
+        "InitConfiguration": {**_TYPE_META, "bootstrapTokens": [_BOOTSTRAP_TOKEN],
+                              "nodeRegistration": node_registration, "localAPIEndpoint": _API_ENDPOINT,
+                              "certificateKey": "string", "skipPhases": ["string"], "patches": _PATCHES},
+        "ClusterConfiguration": {
+            **_TYPE_META,
+            "etcd": {"local": {**image_meta, "dataDir": "string", "extraArgs": {"*": "string"},
+                               "serverCertSANs": ["string"], "peerCertSANs": ["string"]},
+                     "external": _EXTERNAL_ETCD},
+            "networking": _NETWORKING, "kubernetesVersion": "string", "controlPlaneEndpoint": "string",
+            "apiServer": {**component, "certSANs": ["string"], "timeoutForControlPlane": "string"},
+            "controllerManager": component, "scheduler": component, "dns": image_meta,
+            "certificatesDir": "string", "imageRepository": "string", "featureGates": {"*": "bool"},
+            "clusterName": "string",
+        },
+    }
+
+
+def _kubeadm_v1beta4() -> dict[str, dict[str, Any]]:
+    arg = {"name": "string", "value": "string"}
+    env = {"name": "string", "value": "string", "valueFrom": {"*": "any"}}
+    component = {"extraArgs": [arg], "extraVolumes": [_HOST_PATH_MOUNT], "extraEnvs": [env]}
+    image_meta = {"imageRepository": "string", "imageTag": "string"}
+    node_registration = {"name": "string", "criSocket": "string", "taints": [_TAINT], "kubeletExtraArgs": [arg],
+                         "ignorePreflightErrors": ["string"], "imagePullPolicy": "string",
+                         "imagePullSerial": "bool"}
+    timeouts = {name: "string" for name in ("controlPlaneComponentHealthCheck", "kubeletHealthCheck",
+                                            "kubernetesAPICall", "etcdAPICall", "tlsBootstrap", "discovery",
+                                            "upgradeManifests")}
+    return {
+        "InitConfiguration": {**_TYPE_META, "bootstrapTokens": [_BOOTSTRAP_TOKEN], "dryRun": "bool",
+                              "nodeRegistration": node_registration, "localAPIEndpoint": _API_ENDPOINT,
+                              "certificateKey": "string", "skipPhases": ["string"], "patches": _PATCHES,
+                              "timeouts": timeouts},
+        "ClusterConfiguration": {
+            **_TYPE_META,
+            "etcd": {"local": {**image_meta, "dataDir": "string", "extraArgs": [arg], "extraEnvs": [env],
+                               "serverCertSANs": ["string"], "peerCertSANs": ["string"]},
+                     "external": _EXTERNAL_ETCD},
+            "networking": _NETWORKING, "kubernetesVersion": "string", "controlPlaneEndpoint": "string",
+            "apiServer": {**component, "certSANs": ["string"]},
+            "controllerManager": component, "scheduler": component,
+            "dns": {**image_meta, "disabled": "bool"}, "proxy": {"disabled": "bool"},
+            "certificatesDir": "string", "imageRepository": "string", "featureGates": {"*": "bool"},
+            "clusterName": "string", "encryptionAlgorithm": "string", "certificateValidityPeriod": "string",
+            "caCertificateValidityPeriod": "string",
+        },
+    }
+
+
+KUBEADM_SCHEMAS = {"kubeadm.k8s.io/v1beta3": _kubeadm_v1beta3(), "kubeadm.k8s.io/v1beta4": _kubeadm_v1beta4()}
+_LEAF_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "int": (int,), "bool": (bool,), "any": (object,)}
+
+
+def kubeadm_problems(value: Any, schema: Any, path: str) -> list[str]:
+    """Every field of ``value`` that ``schema`` does not have, or whose shape differs."""
+    if isinstance(schema, str):
+        ok = isinstance(value, _LEAF_TYPES[schema]) and not (schema == "int" and isinstance(value, bool))
+        return [] if ok else [f"{path}: must be {schema}, got {type(value).__name__}"]
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return [f"{path}: must be a list"]
+        return [p for i, item in enumerate(value) for p in kubeadm_problems(item, schema[0], f"{path}[{i}]")]
+    if not isinstance(value, dict):
+        return [f"{path}: must be a mapping"]
+    problems = []
+    for key, item in value.items():
+        if "*" in schema:
+            problems += kubeadm_problems(item, schema["*"], f"{path}.{key}")
+        elif key not in schema:
+            problems.append(f"{path}.{key}: unknown field")
+        else:
+            problems += kubeadm_problems(item, schema[key], f"{path}.{key}")
+    return problems
+
+
+def kubeadm_documents() -> list[tuple[str, dict[str, Any]]]:
+    return [(path.name, doc) for path in sorted(KUBEADM.glob("*.yaml")) for doc in load_docs(path)]
+
+
+def test_kubeadm_configs_exist_for_v1beta3_and_v1beta4() -> None:
+    versions = {(doc["apiVersion"], doc["kind"]) for _, doc in kubeadm_documents()}
+    assert versions == {(v, k) for v in KUBEADM_SCHEMAS for k in ("InitConfiguration", "ClusterConfiguration")}
+
+
+@pytest.mark.parametrize("name, doc", kubeadm_documents(), ids=lambda v: v if isinstance(v, str) else v["kind"])
+def test_kubeadm_config_fields_match_the_documented_types(name: str, doc: dict[str, Any]) -> None:
+    schema = KUBEADM_SCHEMAS[doc["apiVersion"]][doc["kind"]]
+    assert kubeadm_problems(doc, schema, f"{name}:{doc['kind']}") == []
+
+
+def test_kubeadm_configs_skip_the_kube_proxy_addon() -> None:
+    for name, doc in kubeadm_documents():
+        if doc["kind"] == "InitConfiguration":
+            assert "addon/kube-proxy" in doc["skipPhases"], name
+        if doc["kind"] == "ClusterConfiguration":
+            assert doc.get("controlPlaneEndpoint"), f"{name}: nodes need a stable API server address"
+            if doc["apiVersion"].endswith("v1beta4"):
+                assert doc["proxy"] == {"disabled": True}, name
+
+
+def test_kubeadm_field_check_catches_wrong_fields() -> None:
+    """The checker itself: a typo, a v1beta4-only field in v1beta3 and a v1beta3 map-style
+    extraArgs in v1beta4 are all reported."""
+    v3, v4 = KUBEADM_SCHEMAS["kubeadm.k8s.io/v1beta3"], KUBEADM_SCHEMAS["kubeadm.k8s.io/v1beta4"]
+    assert kubeadm_problems({"skipPhase": ["addon/kube-proxy"]}, v3["InitConfiguration"], "i") == [
+        "i.skipPhase: unknown field"]
+    assert kubeadm_problems({"proxy": {"disabled": True}}, v3["ClusterConfiguration"], "c") == [
+        "c.proxy: unknown field"]
+    assert kubeadm_problems({"apiServer": {"extraArgs": {"v": "2"}}}, v4["ClusterConfiguration"], "c") == [
+        "c.apiServer.extraArgs: must be a list"]
+
+
+# --- Containerfile ------------------------------------------------------------------------------
+
+
+def containerfile_lines() -> list[str]:
+    """Instructions with continuation lines joined and comments dropped."""
+    out: list[str] = []
+    pending = ""
+    for raw in CONTAINERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        out.append(pending + line)
+        pending = ""
+    assert not pending, "the Containerfile ends inside a continued line"
+    return out
+
+
+def containerfile_instructions(name: str) -> list[str]:
+    return [line.split(None, 1)[1] for line in containerfile_lines() if line.split(None, 1)[0].upper() == name]
+
+
+def test_containerfile_copies_only_files_that_exist() -> None:
+    copies = containerfile_instructions("COPY")
+    assert copies
+    for args in copies:
+        words = [w for w in shlex.split(args) if not w.startswith("--")]
+        sources, _dest = words[:-1], words[-1]
+        assert sources, args
+        for source in sources:
+            assert (REPO / source).exists(), f"COPY {source}: no such file in the repository"
+
+
+def test_containerfile_installs_with_the_projects_own_scripts() -> None:
+    runs = " ".join(containerfile_instructions("RUN"))
+    assert "bash scripts/setup.sh" in runs and "bash scripts/build-criu.sh" in runs
+    assert "apt-get install" not in runs and "pip install" not in runs, "installs go through the scripts"
+    # Each script is copied before the RUN that calls it, and so is everything setup.sh installs.
+    lines = containerfile_lines()
+    for script in ("scripts/setup.sh", "scripts/build-criu.sh"):
+        copy_at = next(i for i, line in enumerate(lines) if line.startswith("COPY") and script in line)
+        run_at = next(i for i, line in enumerate(lines) if line.startswith("RUN") and f"bash {script}" in line)
+        assert copy_at < run_at, script
+    packages = set(re.findall(r'"([a-z]+)"', (REPO / "pyproject.toml").read_text().split("packages =", 1)[1]
+                              .split("]", 1)[0]))
+    copied = {shlex.split(a)[0].rstrip("/") for a in containerfile_instructions("COPY")}
+    assert packages <= copied, f"setup.sh installs these packages from the tree: {packages - copied}"
+    # setup.sh targets Debian 12.
+    assert containerfile_instructions("FROM")[0].endswith("debian:bookworm")
+
+
+# --- docs -----------------------------------------------------------------------------------------
+
+
+def test_config_doc_lists_every_field_and_no_other() -> None:
+    text = (REPO / "docs" / "config.md").read_text()
+    documented = set(re.findall(r"^### `([A-Za-z.]+)`", text, flags=re.MULTILINE))
+    assert documented == set(zpconfig.config_fields())
+
+
+def test_install_doc_points_at_files_that_exist() -> None:
+    text = (REPO / "docs" / "install.md").read_text()
+    for ref in set(re.findall(r"\b((?:manifests|docs|scripts)/[\w./-]+\.(?:yaml|md|sh))\b", text)):
+        assert (REPO / ref).exists(), f"docs/install.md names {ref}, which does not exist"
+    for needed in ("--skip-phases=addon/kube-proxy", "kube-proxy --cleanup", "KUBE-", "zeroproxy service list",
+                   "zeroproxy status", "kubectl apply -k manifests/"):
+        assert needed in text, needed
