@@ -1,0 +1,203 @@
+"""The watchers on their own against a real kube-apiserver (DevCluster): the list+watch protocol,
+client configuration (kubeconfig, $KUBECONFIG, in-cluster, explicit server) and this-node-only
+Node/Pod selection. The agent-level behaviour with traffic is in test_kube_agent.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from controlplane.kubesource import KubeSource, Resource, load_configuration, resources
+from zeroproxy.devcluster import DevCluster
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[DevCluster]:
+    with DevCluster() as c:
+        yield c
+
+
+@pytest.fixture
+def namespace(cluster: DevCluster) -> str:
+    name = f"zp-{uuid.uuid4().hex[:8]}"
+    with cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        core.create_namespace({"metadata": {"name": name}})
+        # No controller-manager: the ServiceAccount admission plugin needs this for pods.
+        core.create_namespaced_service_account(name, {"metadata": {"name": "default"}})
+    return name
+
+
+class Recorder:
+    """Runs a KubeSource on an asyncio loop in a thread and records what it delivers, in order."""
+
+    def __init__(self, configuration: Any, res: list[Resource]) -> None:
+        self.lists: list[tuple[str, list[dict[str, Any]]]] = []
+        self.events: list[tuple[str, str, str]] = []  # kind, type, namespace/name
+        self.statuses: list[tuple[str, str]] = []
+        self.loop = asyncio.new_event_loop()
+        self.source = KubeSource(configuration, res, self._on_list, self._on_event, self._on_status, backoff_cap=2)
+        self._thread = threading.Thread(target=self.loop.run_until_complete, args=(self.source.run(),), daemon=True)
+        self._thread.start()
+
+    def _on_list(self, kind: str, objects: list[dict[str, Any]], received: float) -> None:
+        self.lists.append((kind, objects))
+
+    def _on_event(self, kind: str, event: str, obj: dict[str, Any], received: float) -> None:
+        meta = obj["metadata"]
+        self.events.append((kind, event, f"{meta.get('namespace', '')}/{meta['name']}"))
+
+    def _on_status(self, kind: str, what: str, detail: str) -> None:
+        self.statuses.append((kind, what))
+
+    def wait(self, cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: lists {[(k, len(o)) for k, o in self.lists]}, events {self.events}, "
+                                     f"statuses {self.statuses}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.source.stop)
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "the source did not stop"
+        self.loop.close()
+
+
+@pytest.fixture
+def recorders() -> Iterator[list[Recorder]]:
+    made: list[Recorder] = []
+    yield made
+    for r in made:
+        r.close()
+
+
+def svc_body(name: str) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "spec": {"ports": [{"port": 80, "name": "http"}]}}
+
+
+def _read(resp: Any) -> dict[str, Any]:
+    return json.loads(resp.data)
+
+
+def test_list_then_watch_delivers_every_change_in_order(cluster: DevCluster, namespace: str,
+                                                        recorders: list[Recorder]) -> None:
+    with cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        _read(core.create_namespaced_service(namespace, svc_body("before"), _preload_content=False))
+        rec = Recorder(load_configuration(str(cluster.kubeconfig_path)), resources("a"))
+        recorders.append(rec)
+        rec.wait(lambda: {k for k, _ in rec.lists} == {"Service", "EndpointSlice", "Node"}, "initial lists")
+        services = dict(rec.lists)["Service"]
+        assert f"{namespace}/before" in {f"{o['metadata']['namespace']}/{o['metadata']['name']}" for o in services}
+        # List items carry kind/apiVersion (the API omits them) and no managedFields.
+        assert all(o["kind"] == "Service" and o["apiVersion"] == "v1" for o in services)
+        assert all("managedFields" not in o["metadata"] for o in services)
+
+        _read(core.create_namespaced_service(namespace, svc_body("during"), _preload_content=False))
+        svc = _read(core.read_namespaced_service("during", namespace, _preload_content=False))
+        svc["metadata"]["labels"] = {"changed": "yes"}
+        _read(core.replace_namespaced_service("during", namespace, svc, _preload_content=False))
+        _read(core.delete_namespaced_service("before", namespace, _preload_content=False))
+    mine = lambda: [(t, n) for k, t, n in rec.events if k == "Service" and n.startswith(namespace)]  # noqa: E731
+    rec.wait(lambda: len(mine()) == 3, "three Service events")
+    assert mine() == [("ADDED", f"{namespace}/during"), ("MODIFIED", f"{namespace}/during"),
+                      ("DELETED", f"{namespace}/before")]
+    watcher = rec.source.watchers["Service"]
+    assert watcher.stats.lists == 1 and watcher.stats.relists_gone == 0
+    assert int(watcher.stats.resource_version) > 0
+
+
+def test_outage_backs_off_and_resumes_then_410_relists_once(cluster: DevCluster, namespace: str,
+                                                            recorders: list[Recorder]) -> None:
+    rec = Recorder(load_configuration(str(cluster.kubeconfig_path)), resources("a"))
+    recorders.append(rec)
+    rec.wait(lambda: len(rec.lists) == 3, "initial lists")
+    watcher = rec.source.watchers["Service"]
+    cluster.stop_apiserver(kill=True)
+    rec.wait(lambda: watcher.backoff.failures >= 3, "three failed reconnects")
+    assert sum(watcher.stats.errors.values()) >= 3 and ("Service", "watch_error") in rec.statuses
+    with cluster.api_client() as api:
+        # the apiserver is down: this only runs once it is back
+        cluster.start_apiserver()
+        _read(client.CoreV1Api(api).create_namespaced_service(namespace, svc_body("back"), _preload_content=False))
+    rec.wait(lambda: any(n == f"{namespace}/back" for _, _, n in rec.events), "an event after the outage")
+    assert watcher.backoff.failures == 0  # reset by the success
+    gone = watcher.stats.relists_gone
+    lists = watcher.stats.lists
+    with cluster.api_client() as api:
+        for i in range(3):  # move etcd past the watcher's version, then compact it away
+            _read(client.CoreV1Api(api).create_namespaced_config_map(namespace, {"metadata": {"name": f"c{i}"}},
+                                                                     _preload_content=False))
+    cluster.compact_etcd()
+    cluster.restart_apiserver()
+    rec.wait(lambda: watcher.stats.relists_gone == gone + 1 and watcher.stats.lists == lists + 1, "one relist")
+    with cluster.api_client() as api:
+        _read(client.CoreV1Api(api).create_namespaced_service(namespace, svc_body("after"), _preload_content=False))
+    rec.wait(lambda: any(n == f"{namespace}/after" for _, _, n in rec.events), "an event after the relist")
+    assert watcher.stats.relists_gone == gone + 1 and watcher.stats.lists == lists + 1  # no flapping
+
+
+def test_node_and_pods_are_this_nodes_only(cluster: DevCluster, namespace: str, recorders: list[Recorder]) -> None:
+    with cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        for name in ("node-a", "node-b"):
+            _read(core.create_node({"metadata": {"name": name}}, _preload_content=False))
+        for pod, node in (("p-a", "node-a"), ("p-b", "node-b")):
+            _read(core.create_namespaced_pod(namespace, {
+                "metadata": {"name": pod},
+                "spec": {"nodeName": node, "automountServiceAccountToken": False,
+                         "containers": [{"name": "c", "image": "busybox"}]}}, _preload_content=False))
+    rec = Recorder(load_configuration(str(cluster.kubeconfig_path)), resources("node-a", watch_pods=True))
+    recorders.append(rec)
+    rec.wait(lambda: len(rec.lists) == 4, "four initial lists")
+    lists = dict(rec.lists)
+    assert [o["metadata"]["name"] for o in lists["Node"]] == ["node-a"]
+    assert [o["metadata"]["name"] for o in lists["Pod"]] == ["p-a"]
+    assert lists["Pod"][0]["kind"] == "Pod"
+
+
+def test_configuration_sources(cluster: DevCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubernetes.config import incluster_config
+
+    def can_list(cfg: Any) -> bool:
+        with client.ApiClient(cfg) as api:
+            return bool(client.CoreV1Api(api).list_namespace().items)
+
+    # $KUBECONFIG, as outside a cluster
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
+    assert can_list(load_configuration())
+    # an explicit server overrides a kubeconfig that points elsewhere
+    wrong = yaml.safe_load(cluster.kubeconfig_path.read_text())
+    wrong["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:1"
+    bad = tmp_path / "wrong.kubeconfig"
+    bad.write_text(yaml.safe_dump(wrong))
+    assert load_configuration(str(bad)).host == "https://127.0.0.1:1"
+    assert can_list(load_configuration(str(bad), api_server=cluster.url))
+    # in-cluster: a mounted token and CA, the server from the environment or given explicitly
+    monkeypatch.delenv("KUBECONFIG")
+    token = tmp_path / "token"
+    token.write_text(cluster.admin_token)
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(cluster.ca_cert_path))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(cluster.apiserver_port))
+    cfg = load_configuration()
+    assert cfg.host == cluster.url and can_list(cfg)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    monkeypatch.delenv("KUBERNETES_SERVICE_PORT")
+    cfg = load_configuration(api_server=cluster.url)  # the DaemonSet's explicit apiserver address
+    assert cfg.host == cluster.url and can_list(cfg)
