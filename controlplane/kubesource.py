@@ -109,9 +109,20 @@ def load_configuration(kubeconfig: str = "", api_server: str = "") -> Any:
             environ=environ,
         ).load_and_set(cfg)
     else:
-        config.load_kube_config(client_configuration=cfg, persist_config=False)
+        # Read $KUBECONFIG now: the client library captures it once, at import time.
+        path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        config.load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
     if api_server:
-        cfg.host = api_server.rstrip("/")
+        host = cfg.host = api_server.rstrip("/")
+        hook = cfg.refresh_api_key_hook
+        if hook is not None:
+            # The kubeconfig loader's token refresh copies the file's server back on every
+            # request; the explicit address must win each time.
+            def refresh(c: Any, _hook: Callable[[Any], None] = hook) -> None:
+                _hook(c)
+                c.host = host
+
+            cfg.refresh_api_key_hook = refresh
     return cfg
 
 
