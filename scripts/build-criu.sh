@@ -140,9 +140,15 @@ if ! make -C "$build" -j"$(nproc)" criu >"$build.log" 2>&1; then
 fi
 rm -f "$build.log"
 
-# The check runs the fresh binary against this kernel before anything trusts it.
-check=$("$build/criu/criu" check 2>&1 || true)
-if ! grep -q 'Looks good' <<<"$check"; then
+# The check runs the fresh binary against this kernel before anything trusts it. In a container
+# image build (ZP_IMAGE_BUILD=1) the build host's kernel says nothing about the nodes', and the
+# check needs privileges a build does not have: the agent checks on the node instead.
+if [ -n "${ZP_IMAGE_BUILD:-}" ]; then
+    check="criu check skipped in an image build"
+else
+    check=$("$build/criu/criu" check 2>&1 || true)
+fi
+if [ -z "${ZP_IMAGE_BUILD:-}" ] && ! grep -q 'Looks good' <<<"$check"; then
     printf '%s\n' "$check" >&2
     log "criu $upstream built but 'criu check' failed on this kernel"
     exit 1

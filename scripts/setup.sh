@@ -4,6 +4,8 @@
 #
 #   scripts/setup.sh            system packages, kernel headers for bcc, bpffs, .venv
 #   ZP_VENV=/path scripts/setup.sh   put the venv elsewhere
+#   ZP_IMAGE_BUILD=1 scripts/setup.sh  inside a container image build: no bpffs mount and no
+#                                     kernel-header links (the node's are mounted at run time)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,7 +38,7 @@ fi
 # socket and TC programs. bcc looks in /lib/modules/$(uname -r)/{build,source}, and Debian
 # splits the headers into an arch dir and a -common dir, so both links are needed.
 kdir=/lib/modules/$(uname -r)
-if [ ! -e "$kdir/build/include" ]; then
+if [ -z "${ZP_IMAGE_BUILD:-}" ] && [ ! -e "$kdir/build/include" ]; then
     arch_dir=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | grep -v -e cloud -e rt | sort -V | tail -n 1)
     [ -n "$arch_dir" ] || { log "no /usr/src/linux-headers-*-amd64 found"; exit 1; }
     common_dir=${arch_dir%-amd64}-common
@@ -48,7 +50,7 @@ if [ ! -e "$kdir/build/include" ]; then
 fi
 
 # --- bpffs -----------------------------------------------------------------------------------
-if ! mountpoint -q /sys/fs/bpf; then
+if [ -z "${ZP_IMAGE_BUILD:-}" ] && ! mountpoint -q /sys/fs/bpf; then
     mkdir -p /sys/fs/bpf
     mount -t bpf bpf /sys/fs/bpf
     log "mounted bpffs on /sys/fs/bpf"
