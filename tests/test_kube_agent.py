@@ -25,7 +25,7 @@ from kubernetes import client
 from dataplane import inspect
 from zeroproxy import nettools
 from zeroproxy.devcluster import DevCluster
-from zeroproxy.k8sobjects import endpoint_slice
+from zeroproxy.k8sobjects import endpoint_slice, service
 from zeroproxy.sandbox import AgentProcess
 from zeroproxy.testbed import Node, Pod, TestBed
 
@@ -39,6 +39,8 @@ HTTP = [{"name": "http", "port": PORT, "protocol": "TCP"}]
 class Env:
     def __init__(self, cluster: DevCluster, bed: TestBed, tmp: Path) -> None:
         self.cluster = cluster
+        self.bed = bed
+        self.tmp = tmp
         self.api = cluster.api_client()
         self.core = client.CoreV1Api(self.api)
         self.disc = client.DiscoveryV1Api(self.api)
@@ -446,3 +448,51 @@ def test_metrics_expose_the_listed_series(agent_env: Env) -> None:
     assert m["zeroproxy_frontends_programmed"] == len(e.programmed())
     assert 0 < _counter(m, "zeroproxy_map_fill_ratio", map="zp_lb4_svc") < 1
     assert _counter(m, "zeroproxy_errors_total", kind="sync") == 0
+
+
+def test_internal_traffic_policy_local(agent_env: Env) -> None:
+    """iTP=Local sends a node's clients to that node's endpoints only.
+
+    kube-apiserver 1.20 (the newest that can be built here) predates the field and drops it on
+    write -- checked first, so this test notices the day DevCluster serves it. Until then the
+    same agent code (change tracker, translation, maps) is driven from the file source on a
+    second node of the bed, with real traffic.
+    """
+    e = agent_env
+    ns = e.namespace()
+    stored = e.create_service(ns, "local", internalTrafficPolicy="Local")
+    assert "internalTrafficPolicy" not in stored["spec"], "the apiserver keeps iTP now: drive this test by the API"
+
+    node_b = e.bed.add_node("b")
+    client_b = e.bed.add_pod(node_b, "client-b")
+    local_b = e.bed.add_pod(node_b, "local-b")
+    local_b.serve("local-b", tcp=[PORT])
+    remote = e.backends[0]  # web-1, on node a
+    vip = "10.96.200.1"
+    objects = [
+        service("local", [vip], [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": PORT}],
+                internalTrafficPolicy="Local"),
+        endpoint_slice("local", [local_b.ip4], HTTP, name="local-b", node_name="b"),
+        endpoint_slice("local", [remote.ip4], HTTP, name="local-a", node_name="a"),
+        service("cluster", ["10.96.200.2"], [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": PORT}]),
+        endpoint_slice("cluster", [local_b.ip4], HTTP, name="cluster-b", node_name="b"),
+        endpoint_slice("cluster", [remote.ip4], HTTP, name="cluster-a", node_name="a"),
+    ]
+    with AgentProcess(e.tmp / "node-b", node_b.cgroup_path, node_name="b", name="agent-b") as agent_b:
+        agent_b.write(objects)
+        agent_b.start()
+        have = {s.frontend: sorted(s.backends) for s in inspect.service_list(agent_b.pin_dir)}
+        assert have[f"{vip}:80/TCP"] == [f"{local_b.ip4}:{PORT}"]
+        assert have["10.96.200.2:80/TCP"] == sorted([f"{local_b.ip4}:{PORT}", f"{remote.ip4}:{PORT}"])
+        local = client_b.client(nettools.format_target(vip, 80), count=40, concurrency=4)
+        assert ok_names(local) == {"local-b": 40}
+        spread = client_b.client(nettools.format_target("10.96.200.2", 80), count=60, concurrency=4)
+        assert set(ok_names(spread)) == {"local-b", "web-1"}  # the Cluster policy still spreads
+        # No local endpoint left: the frontend refuses rather than leaving the node.
+        agent_b.write(objects[:1] + objects[2:])
+        deadline = time.monotonic() + 20
+        while {s.frontend: s.backends for s in inspect.service_list(agent_b.pin_dir)}.get(f"{vip}:80/TCP"):
+            assert time.monotonic() < deadline, agent_b.log_text()[-2000:]
+            time.sleep(0.05)
+        refused = client_b.client(nettools.format_target(vip, 80), count=5)
+        assert all(r["error"] == "ECONNREFUSED" for r in refused), refused
