@@ -217,3 +217,15 @@ class PinnedMap:
             if v is not None:
                 out.append((k, v))
         return out
+
+
+_libbpf.bpf_link_create.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """BPF_LINK_CREATE without options (sk_lookup into a netns, for one): returns the link fd.
+
+    The attachment lives as long as the link fd (or a pin of it); closing it detaches. bcc 0.26
+    has no helper for link-based attach types.
+    """
+    return _check(_libbpf.bpf_link_create(prog_fd, target_fd, attach_type, None), "create link")

@@ -1,0 +1,81 @@
+/* Scale to zero: hand connections for a checkpointed pod to the activation proxy.
+ *
+ * Attach point: BPF_SK_LOOKUP, one link per opted-in pod's network namespace. The program runs
+ * when the kernel looks for a listening socket for a SYN (before the normal lookup), so
+ * established flows are never touched, no packet is rewritten, and removing the redirect flag
+ * hands the next SYN straight back to the restored app. */
+#include "lib/activation.h"
+
+static __always_inline int __s2z_lookup(struct bpf_sk_lookup *ctx, __u32 *slot)
+{
+	struct s2z_port_key key = {};
+	struct s2z_port_value *pv;
+	struct s2z_pod *pod;
+	struct bpf_sock *sk;
+	__u32 sk_key;
+	long err;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return ZP_S2Z_NOTOURS;
+	key.family = (__u8)ctx->family;
+	key.proto = IPPROTO_TCP;
+	key.port = (__u16)ctx->local_port;
+	if (ctx->family == ZP_AF_INET) {
+		__builtin_memcpy(key.address, &ctx->local_ip4, 4);
+	} else if (ctx->family == ZP_AF_INET6) {
+		__u32 a0 = ctx->local_ip6[0], a1 = ctx->local_ip6[1];
+		__u32 a2 = ctx->local_ip6[2], a3 = ctx->local_ip6[3];
+
+		__builtin_memcpy(key.address, &a0, 4);
+		__builtin_memcpy(key.address + 4, &a1, 4);
+		__builtin_memcpy(key.address + 8, &a2, 4);
+		__builtin_memcpy(key.address + 12, &a3, 4);
+	} else {
+		return ZP_S2Z_NOTOURS;
+	}
+	pv = zp_s2z_ports.lookup(&key);
+	if (!pv)
+		return ZP_S2Z_NOTOURS;
+	*slot = pv->pod;
+	pod = zp_s2z_pods.lookup(slot);
+	if (!pod || !pod->redirect)
+		return ZP_S2Z_DIRECT;
+
+	sk_key = 2 * pv->pod + (ctx->family == ZP_AF_INET6 ? 1 : 0);
+	sk = (struct bpf_sock *)zp_s2z_socks.lookup(&sk_key);
+	if (!sk)
+		return ZP_S2Z_NOLISTENER;
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return err ? ZP_S2Z_ASSIGNFAIL : ZP_S2Z_ASSIGNED;
+}
+
+/* The only place that turns an inner result into counters; the verdict is always SK_PASS:
+ * either the assigned socket or, failing that, the kernel's own lookup (the app, or a RST). */
+int zp_s2z_lookup(struct bpf_sk_lookup *ctx)
+{
+	__u32 slot = 0;
+	int ret = __s2z_lookup(ctx, &slot);
+	struct s2z_stats *st;
+
+	if (ret == ZP_S2Z_NOTOURS)
+		return SK_PASS;
+	st = zp_s2z_stats.lookup(&slot);
+	if (!st)
+		return SK_PASS;
+	st->lookups++;
+	switch (ret) {
+	case ZP_S2Z_ASSIGNED:
+		st->assigned++;
+		break;
+	case ZP_S2Z_NOLISTENER:
+		st->no_listener++;
+		break;
+	case ZP_S2Z_ASSIGNFAIL:
+		st->assign_fail++;
+		break;
+	default:
+		break;
+	}
+	return SK_PASS;
+}

@@ -1,0 +1,122 @@
+"""The Pod annotations through which a backend opts into scale to zero; their one home.
+
+    metadata:
+      annotations:
+        zeroproxy.io/scale-to-zero: "true"     # opt in ("true" / "false", case-insensitive)
+        zeroproxy.io/idle-timeout: "5m"        # optional; default 5m; Go-style duration
+        zeroproxy.io/restore-timeout: "30s"    # optional; how long held clients wait; default 30s
+
+Durations use the Go/Kubernetes form: a sequence of <number><unit> with units ms, s, m, h
+("90s", "1m30s", "1.5h", "250ms"). Bounds keep typos from doing harm: the idle timeout must be
+between 1 s and 7 days (tests use seconds; a checkpoint every few hundred ms would thrash), the
+restore timeout between 1 s and 10 min.
+
+Invalid values never raise: `parse` returns the problems as lines naming the pod and the
+annotation, and the pod is then treated as not opted in (the safe side: it keeps running).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+PREFIX = "zeroproxy.io/"
+SCALE_TO_ZERO = PREFIX + "scale-to-zero"
+IDLE_TIMEOUT = PREFIX + "idle-timeout"
+RESTORE_TIMEOUT = PREFIX + "restore-timeout"
+# Published by the scaler (API source): running / checkpointed / restoring / failed.
+STATE = PREFIX + "scale-state"
+
+DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_RESTORE_TIMEOUT = 30.0
+IDLE_TIMEOUT_BOUNDS = (1.0, 7 * 24 * 3600.0)
+RESTORE_TIMEOUT_BOUNDS = (1.0, 600.0)
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
+
+
+class DurationError(ValueError):
+    """Not a duration we accept; the message says what was expected."""
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go-style duration such as "5m", "1m30s", "250ms" (no sign, no bare number)."""
+    s = text.strip()
+    if not s:
+        raise DurationError("empty duration")
+    pos, total = 0, 0.0
+    while pos < len(s):
+        m = _PART.match(s, pos)
+        if not m:
+            raise DurationError(f"{text!r} is not a duration like 30s, 5m, 1h30m or 250ms")
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest form parse_duration reads back (for CLI output)."""
+    if seconds >= 60 and seconds % 60 == 0:
+        hours, minutes = divmod(int(seconds) // 60, 60)
+        return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+@dataclass(frozen=True)
+class ScaleToZero:
+    """A pod's validated scale-to-zero settings."""
+
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    restore_timeout: float = DEFAULT_RESTORE_TIMEOUT
+
+
+def parse(annotations: Mapping[str, str], pod: str = "pod") -> tuple[ScaleToZero | None, list[str]]:
+    """The settings if the pod opted in (None otherwise), and every problem found.
+
+    A pod with an invalid value is not opted in: a bad idle timeout could otherwise freeze a
+    busy service or never free an idle one.
+    """
+    problems: list[str] = []
+    raw = annotations.get(SCALE_TO_ZERO)
+    if raw is None:
+        return None, problems
+    flag = raw.strip().lower()
+    if flag not in ("true", "false"):
+        problems.append(f"{pod}: annotation {SCALE_TO_ZERO}={raw!r}: expected \"true\" or \"false\"")
+        return None, problems
+    if flag == "false":
+        return None, problems
+
+    def duration(key: str, default: float, bounds: tuple[float, float]) -> float | None:
+        value = annotations.get(key)
+        if value is None:
+            return default
+        try:
+            seconds = parse_duration(value)
+        except DurationError as e:
+            problems.append(f"{pod}: annotation {key}: {e}")
+            return None
+        lo, hi = bounds
+        if not lo <= seconds <= hi:
+            problems.append(f"{pod}: annotation {key}={value!r}: must be between "
+                            f"{format_duration(lo)} and {format_duration(hi)}")
+            return None
+        return seconds
+
+    idle = duration(IDLE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, IDLE_TIMEOUT_BOUNDS)
+    restore = duration(RESTORE_TIMEOUT, DEFAULT_RESTORE_TIMEOUT, RESTORE_TIMEOUT_BOUNDS)
+    if idle is None or restore is None:
+        return None, problems
+    return ScaleToZero(idle_timeout=idle, restore_timeout=restore), problems
+
+
+def annotate(idle_timeout: str = "5m", restore_timeout: str | None = None) -> dict[str, str]:
+    """The annotations that opt a pod in (for tests, the demo and manifests)."""
+    out = {SCALE_TO_ZERO: "true", IDLE_TIMEOUT: idle_timeout}
+    if restore_timeout is not None:
+        out[RESTORE_TIMEOUT] = restore_timeout
+    return out

@@ -1,0 +1,498 @@
+"""The activation proxy: holds connections for a checkpointed pod, wakes it once, relays them.
+
+The sk_lookup program (dataplane/sklookup.py) hands every new connection for a checkpointed
+pod's app ports to a listener this module made *inside the pod's network namespace*. The
+accepted socket therefore already has the pod address and the app's port as its local address:
+one listener per family serves every port of a pod, and `getsockname()` says which port the
+client wanted.
+
+For each accepted connection the proxy stops reading (the client's bytes wait in the kernel,
+so memory stays bounded), asks the scaler to wake the pod (one restore however many
+connections wait), dials the app and relays both ways. The two legs are asyncio Protocols
+coupled for backpressure (a full write buffer on one side pauses reading on the other) and
+half-close (a FIN is passed on as a FIN, the other direction keeps flowing). Nothing cuts a
+long connection off. A wake that fails or takes longer than `hold_timeout` closes the held
+clients with a reset, so a client never mistakes the failure for an empty answer.
+
+The proxy dials the app over the pod's loopback (127.0.0.1 / ::1). The redirect is keyed by the
+pod's own addresses, so the proxy's connections can never be redirected back to itself, even
+while the redirect flag is on (e.g. during a dump that then fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
+
+CLONE_NEWNET = 0x40000000
+LISTEN_BACKLOG = 4096
+LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+
+WakeFn = Callable[[], Awaitable[None]]
+
+
+class WakeError(Exception):
+    """The pod could not be woken; `reason` is one line for logs, metrics and clients' fate."""
+
+    def __init__(self, reason: str, kind: str = "restore_failed") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind  # short, bounded label for metrics
+
+
+# --- network namespaces --------------------------------------------------------------------
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def inside(netns_fd: int) -> Iterator[None]:
+    """Run the block with this thread in another network namespace, and always come back.
+
+    setns() is per thread, and a socket keeps the namespace it was created in, so this is how a
+    process in the host namespace makes sockets in pods.
+    """
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(netns_fd)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+
+
+class Netns:
+    """An open handle on a pod's network namespace (stays valid even if the name is removed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def socket(self, family: socket.AddressFamily, type: int = socket.SOCK_STREAM) -> socket.socket:
+        with inside(self.fd):
+            return socket.socket(family, type)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def make_listener(netns: Netns, family: socket.AddressFamily) -> socket.socket:
+    """The proxy's listener of one family, inside the pod's netns, on a random loopback port.
+
+    Its address does not matter to sk_lookup (any listener of the right family can be
+    assigned); loopback keeps it unreachable for everything else. SO_REUSEADDR is required:
+    the accepted sockets inherit it and hold the app's port as their local port, and the
+    restored app can bind that port next to them only if they have it (docs/runtime.md).
+    """
+    sock = netns.socket(family)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((LOOPBACK[family], 0))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def reset(transport: asyncio.BaseTransport | None) -> None:
+    """Close with a RST, never a FIN: SO_LINGER 0 first, because a plain close (and asyncio's
+    abort) sends a FIN whenever the receive queue happens to be empty."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()  # type: ignore[attr-defined]
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+class ScaleMetrics:
+    """Prometheus metrics of scale to zero; one registry per scaler so tests never collide."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        buckets = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
+        self.checkpoint_seconds = Histogram(
+            "zeroproxy_s2z_checkpoint_seconds", "Duration of successful CRIU checkpoints", buckets=buckets, registry=r
+        )
+        self.restore_seconds = Histogram(
+            "zeroproxy_s2z_restore_seconds", "Duration of successful restores until the app listens",
+            buckets=buckets, registry=r,
+        )
+        self.wake_first_byte_seconds = Histogram(
+            "zeroproxy_s2z_wake_connect_seconds", "From accepting a held connection to its relay starting",
+            buckets=buckets, registry=r,
+        )
+        self.wakes = Counter("zeroproxy_s2z_wakes", "Restores started by held connections", ["pod"], registry=r)
+        self.checkpoints = Counter(
+            "zeroproxy_s2z_checkpoints", "Checkpoint attempts by result", ["pod", "result"], registry=r
+        )
+        self.failures = Counter(
+            "zeroproxy_s2z_failures", "Failed checkpoints/restores by short reason", ["op", "reason"], registry=r
+        )
+        self.held = Gauge("zeroproxy_s2z_connections_held", "Connections waiting for a wake", registry=r)
+        self.accepted = Counter(
+            "zeroproxy_s2z_connections_accepted", "Connections the activation proxy accepted", ["pod"], registry=r
+        )
+        self.closed_unserved = Counter(
+            "zeroproxy_s2z_connections_dropped", "Held connections closed without a backend, by reason",
+            ["reason"], registry=r,
+        )
+        self.bytes = Counter(
+            "zeroproxy_s2z_bytes_relayed", "Bytes relayed by the activation proxy", ["direction"], registry=r
+        )
+        self.state = Gauge("zeroproxy_s2z_state", "1 for the state each opted-in pod is in", ["pod", "state"],
+                           registry=r)
+
+
+# --- relay ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ProxyCounters:
+    """What the proxy did for one pod (the CLI and tests read these)."""
+
+    accepted: int = 0  # connections the listener accepted
+    held: int = 0  # accepted, waiting for the wake or the dial
+    relaying: int = 0  # relays with at least one leg open
+    relayed: int = 0  # connections whose relay started
+    dropped: int = 0  # held connections closed without a backend
+    bytes_to_app: int = 0
+    bytes_to_client: int = 0
+
+
+class _Leg(asyncio.Protocol):
+    """One side of a relay. `peer` is the other side; both are set before reading starts."""
+
+    __slots__ = ("closed", "eof", "peer", "pending", "pod", "to_app", "transport")
+
+    def __init__(self, pod: PodProxy, to_app: bool) -> None:
+        self.pod = pod
+        self.to_app = to_app  # bytes read on this leg go to the app
+        self.peer: _Leg | None = None
+        self.transport: asyncio.Transport | None = None
+        self.pending: list[bytes] = []  # read before the relay started (see data_received)
+        self.eof = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None:
+            # Held: keep what was read and stop reading. uvloop starts reading right after
+            # connection_made, so a pause there alone does not stick; this bounds the buffer
+            # to what one read returns, the rest waits in the kernel.
+            self.pending.append(data)
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            return
+        if peer.closed:
+            return
+        peer.transport.write(data)  # type: ignore[union-attr]
+        self.pod.count_bytes(self.to_app, len(data))
+
+    def pause_writing(self) -> None:
+        # Our transport's buffer is full: stop reading the side that fills it.
+        peer = self.peer
+        if peer is not None and not peer.closed and not peer.transport.is_closing():  # type: ignore[union-attr]
+            peer.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and not peer.closed and not peer.transport.is_closing():  # type: ignore[union-attr]
+            peer.transport.resume_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is None:
+            return True  # held: the FIN is passed on once the relay starts
+        if peer.closed:
+            return False
+        if peer.transport.can_write_eof():  # type: ignore[union-attr]
+            peer.transport.write_eof()  # type: ignore[union-attr]  # half-close, after buffered bytes
+        if peer.eof:  # both directions are finished
+            self.transport.close()  # type: ignore[union-attr]
+            peer.transport.close()  # type: ignore[union-attr]
+        return True  # keep our side open: the other direction may still carry data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            if exc is None:
+                peer.transport.close()  # type: ignore[union-attr]  # flushes, then FIN
+            else:
+                reset(peer.transport)  # a reset stays a reset
+        self.pod.leg_lost(self)
+
+
+class PodProxy:
+    """The proxy's state for one pod: its listeners, its held connections, its counters."""
+
+    def __init__(self, activator: Activator, name: str, netns: Path, wake: WakeFn,
+                 hold_timeout: float | None = None) -> None:
+        self.activator = activator
+        self.name = name
+        self.hold_timeout = activator.hold_timeout if hold_timeout is None else hold_timeout
+        self.netns = Netns(netns)
+        self.wake = wake
+        self.listeners: dict[socket.AddressFamily, socket.socket] = {}
+        self.servers: list[asyncio.AbstractServer] = []
+        self.counters = ProxyCounters()
+        self._legs: set[_Leg] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def listener_ports(self) -> set[int]:
+        return {s.getsockname()[1] for s in self.listeners.values()}
+
+    @property
+    def busy(self) -> int:
+        """Connections the proxy holds or relays: the pod is not idle while this is non-zero."""
+        return self.counters.held + self.counters.relaying
+
+    def count_bytes(self, to_app: bool, n: int) -> None:
+        m = self.activator.metrics
+        if to_app:
+            self.counters.bytes_to_app += n
+            m.bytes.labels("to_app").inc(n)
+        else:
+            self.counters.bytes_to_client += n
+            m.bytes.labels("to_client").inc(n)
+
+    def leg_lost(self, leg: _Leg) -> None:
+        self._legs.discard(leg)
+        if leg.to_app and leg.peer is not None:  # the client leg of a relay that had started
+            self.counters.relaying -= 1
+
+    # -- accept path --------------------------------------------------------------------------
+
+    def accepted(self) -> _Leg:
+        """Protocol factory of the listeners: a client leg that does not read until relayed."""
+        leg = _HeldLeg(self)
+        self._legs.add(leg)
+        return leg
+
+    def start_hold(self, leg: _Leg) -> None:
+        self.counters.accepted += 1
+        self.counters.held += 1
+        self.activator.metrics.accepted.labels(self.name).inc()
+        self.activator.metrics.held.inc()
+        task = asyncio.get_running_loop().create_task(self._serve(leg, time.monotonic()))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, client: _Leg, t0: float) -> None:
+        m = self.activator.metrics
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.counters.held -= 1
+                m.held.dec()
+
+        try:
+            try:
+                await asyncio.wait_for(self.wake(), self.hold_timeout)
+            except TimeoutError:
+                self._drop(client, "timeout", f"not woken within {self.hold_timeout:g} s")
+                return
+            except WakeError as e:
+                self._drop(client, e.kind, e.reason)
+                return
+            if client.closed:
+                self._drop(client, "client_gone", "client closed while held")
+                return
+            try:
+                await self._relay(client)
+            except OSError as e:
+                self._drop(client, "dial_failed", f"cannot reach the app: {e}")
+                return
+            release()
+            m.wake_first_byte_seconds.observe(time.monotonic() - t0)
+        except asyncio.CancelledError:
+            reset(client.transport)
+            raise
+        finally:
+            release()
+
+    async def _relay(self, client: _Leg) -> None:
+        loop = asyncio.get_running_loop()
+        tr = client.transport
+        assert tr is not None
+        sock = tr.get_extra_info("socket")
+        family = socket.AddressFamily(sock.family)
+        local = tr.get_extra_info("sockname")
+        port = local[1]
+        upstream_sock = await self._dial(family, port, local[0])
+        try:
+            _, upstream = await loop.create_connection(lambda: _Leg(self, to_app=False), sock=upstream_sock)
+        except BaseException:
+            upstream_sock.close()
+            raise
+        if client.closed:
+            upstream.transport.abort()  # type: ignore[union-attr]
+            raise ConnectionResetError("client closed while the relay was set up")
+        self._legs.add(upstream)
+        client.peer, upstream.peer = upstream, client
+        self.counters.relayed += 1
+        self.counters.relaying += 1
+        for data in client.pending:
+            upstream.transport.write(data)  # type: ignore[union-attr]
+            self.count_bytes(True, len(data))
+        client.pending = []
+        if client.eof:
+            upstream.transport.write_eof()  # type: ignore[union-attr]
+        else:
+            tr.resume_reading()
+
+    async def _dial(self, family: socket.AddressFamily, port: int, original: str) -> socket.socket:
+        """Connect to the app in the pod: over loopback first (never redirected), else the pod address.
+
+        The pod address is tried only when loopback is refused (an app bound to the pod IP alone);
+        by then the wake has turned the redirect off, so it reaches the app too.
+        """
+        loop = asyncio.get_running_loop()
+        last: OSError | None = None
+        for addr in dict.fromkeys((LOOPBACK[family], original)):
+            sock = self.netns.socket(family)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, (addr, port)), self.activator.connect_timeout)
+                return sock
+            except (OSError, TimeoutError) as e:
+                sock.close()
+                last = e if isinstance(e, OSError) else OSError(f"connect {addr}:{port} timed out")
+        assert last is not None
+        raise last
+
+    def _drop(self, client: _Leg, kind: str, reason: str) -> None:
+        self.counters.dropped += 1
+        self.activator.metrics.closed_unserved.labels(kind).inc()
+        log.warning("%s: closing a held connection: %s", self.name, reason)
+        if not client.closed:
+            reset(client.transport)  # RST: a failure must not look like an empty answer
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock = make_listener(self.netns, family)
+            except OSError as e:
+                if family == socket.AF_INET6:
+                    log.info("%s: no IPv6 listener (%s); IPv6 connections will not be held", self.name, e)
+                    continue
+                raise
+            self.listeners[family] = sock
+            server = await loop.create_server(self.accepted, sock=sock, backlog=LISTEN_BACKLOG)
+            self.servers.append(server)
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for leg in list(self._legs):
+            if not leg.closed:
+                reset(leg.transport)
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self.servers.clear()
+        for sock in self.listeners.values():
+            sock.close()
+        self.listeners.clear()
+        self.netns.close()
+
+
+class _HeldLeg(_Leg):
+    """The client side: reading is paused from the first moment until the relay starts."""
+
+    __slots__ = ()
+
+    def __init__(self, pod: PodProxy) -> None:
+        super().__init__(pod, to_app=True)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        transport.pause_reading()  # type: ignore[attr-defined]  # enough on asyncio's own loop
+        self.pod.start_hold(self)
+
+
+class Activator:
+    """The activation proxy of one node: a PodProxy per opted-in pod, on one asyncio loop."""
+
+    def __init__(
+        self,
+        metrics: ScaleMetrics | None = None,
+        *,
+        hold_timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.metrics = metrics or ScaleMetrics()
+        self.hold_timeout = hold_timeout
+        self.connect_timeout = connect_timeout
+        self.pods: dict[str, PodProxy] = {}
+
+    async def add(self, name: str, netns: Path, wake: WakeFn, *, hold_timeout: float | None = None) -> PodProxy:
+        """Open the listeners of one pod; the caller puts them in the sockmap."""
+        if name in self.pods:
+            raise ValueError(f"pod {name!r} already has an activation proxy")
+        pp = PodProxy(self, name, netns, wake, hold_timeout)
+        try:
+            await pp.open()
+        except BaseException:
+            await pp.close()
+            raise
+        self.pods[name] = pp
+        return pp
+
+    async def remove(self, name: str) -> None:
+        pp = self.pods.pop(name, None)
+        if pp is not None:
+            await pp.close()
+
+    async def close(self) -> None:
+        for name in list(self.pods):
+            await self.remove(name)
