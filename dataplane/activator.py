@@ -191,6 +191,7 @@ class ProxyCounters:
     dropped: int = 0  # held connections closed without a backend
     bytes_to_app: int = 0
     bytes_to_client: int = 0
+    max_buffered: int = 0  # largest write buffer seen on any leg: proves backpressure works
 
 
 class _Leg(asyncio.Protocol):
@@ -223,6 +224,9 @@ class _Leg(asyncio.Protocol):
             return
         peer.transport.write(data)  # type: ignore[union-attr]
         self.pod.count_bytes(self.to_app, len(data))
+        buffered = peer.transport.get_write_buffer_size()  # type: ignore[union-attr]
+        if buffered > self.pod.counters.max_buffered:
+            self.pod.counters.max_buffered = buffered
 
     def pause_writing(self) -> None:
         # Our transport's buffer is full: stop reading the side that fills it.
