@@ -14,6 +14,7 @@ and metrics ports that must not collide with anything on the machine.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import selectors
@@ -94,6 +95,7 @@ def measure(services: Sequence[Service], *, spawn: Spawn, workdir: Path, cgroup:
         if not ready:
             raise RuntimeError(f"agent did not sync {len(services)} services within {timeout} s: {lines[-5:]}")
         mem = _rss_kb(proc.pid)
+        programmed = _frontends(pin_dir, env)
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
@@ -106,7 +108,17 @@ def measure(services: Sequence[Service], *, spawn: Spawn, workdir: Path, cgroup:
             proc.stderr.close()
         loader.cleanup(cgroup, pin_dir)
         path.unlink(missing_ok=True)
-    return {"seconds": seconds, **mem, **_breakdown(lines)}
+    return {"seconds": seconds, **mem, **_breakdown(lines), "frontends_programmed": programmed}
+
+
+def _frontends(pin_dir: Path, env: dict[str, str]) -> int | None:
+    """Frontends in the agent's pinned maps, read by ``zeroproxy status`` (checks the sync was real)."""
+    proc = subprocess.run([sys.executable, "-m", "zeroproxy", "status", "--bpffs", str(pin_dir)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    try:
+        return int(json.loads(proc.stdout)["frontends"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _wait_for(proc: subprocess.Popen[str], text: str, timeout: float, lines: list[str]) -> bool:

@@ -73,10 +73,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"{m.get('mem_total_mb')} MB, {m.get('os')}, kernel {m['kernel']}; load average at start "
         f"{' '.join(m.get('loadavg_at_start', []))}. Run {results['started']} to {results.get('finished', '?')}.",
         "",
-        f"Client: bench/client.c, {cfg['threads']} threads pinned to CPU {cfg['client_cpu']}; 3 nginx backends "
-        f"pinned to CPU {cfg['server_cpu']}; {cfg['endpoints_per_service']} endpoints per service; "
+        f"Client: bench/client.c (closed loop), {cfg['threads']} thread(s) pinned to CPU {cfg['client_cpu']}; "
+        f"3 nginx backends pinned to CPU {cfg['server_cpu']}; {cfg['endpoints_per_service']} endpoints per service; "
         f"{cfg['rounds']} interleaved rounds of {cfg['duration_s']} s (+{cfg['warmup_s']} s warm-up) per case; "
-        "numbers are medians over rounds. `first`/`last` = first/last service in rule order.",
+        "numbers are medians over rounds, ratios medians of the per-round ratios (cases of a round run back "
+        "to back). `first`/`last` = first/last service in rule order.",
         "",
         f"IPVS: {results['notes'].get('ipvs', 'not measured')}.",
         "",

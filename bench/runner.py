@@ -49,7 +49,7 @@ class Config:
     rounds: int = 3
     duration_s: float = 2.0
     warmup_s: float = 0.3
-    threads: int = 4
+    threads: int = 1
     endpoints_per_service: int = 3
     client_cpu: int | None = None
     server_cpu: int | None = None
@@ -270,7 +270,7 @@ def run(cfg: Config, *, progress: bool = True, keep_workdir: bool = False) -> di
             shutil.rmtree(workdir, ignore_errors=True)
     results["finished"] = _now()
     results["summary"] = summarise(results["runs"])
-    results["ratios"] = ratios(results["summary"])
+    results["ratios"] = ratios(results["runs"])
     return results
 
 
@@ -459,25 +459,33 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def ratios(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """zeroproxy/direct, iptables/zeroproxy and nftables/zeroproxy for p50 and rate."""
-    by = {(s["services"], s["scenario"], s["mode"], s["position"]): s for s in summary}
-    out = []
-    keys = sorted({(s["services"], s["scenario"], s["position"]) for s in summary if s["position"]},
-                  key=lambda k: (k[0], client.SCENARIOS.index(k[1]) if k[1] in client.SCENARIOS else 9, k[2]))
-    for count, scenario, position in keys:
-        d = by.get((count, scenario, DIRECT, None), {})
-        z = by.get((count, scenario, ZEROPROXY, position), {})
-        i = by.get((count, scenario, IPTABLES, position), {})
-        n = by.get((count, scenario, NFTABLES, position), {})
-        out.append({
-            "services": count, "scenario": scenario, "position": position,
-            "zeroproxy_vs_direct_p50": _ratio(z.get("p50_us"), d.get("p50_us")),
-            "zeroproxy_vs_direct_rate": _ratio(z.get("rate"), d.get("rate")),
-            "iptables_vs_zeroproxy_p50": _ratio(i.get("p50_us"), z.get("p50_us")),
-            "iptables_vs_zeroproxy_rate": _ratio(i.get("rate"), z.get("rate")),
-            "nftables_vs_zeroproxy_p50": _ratio(n.get("p50_us"), z.get("p50_us")),
-            "nftables_vs_zeroproxy_rate": _ratio(n.get("rate"), z.get("rate")),
-        })
-    return out
+def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """zeroproxy/direct, iptables/zeroproxy and nftables/zeroproxy for p50 and rate.
 
+    Each ratio is the median over rounds of the ratio *within* a round: the cases of one round
+    run back to back, so pairing them cancels most of a shared machine's drift.
+    """
+    by: dict[tuple[Any, ...], dict[str, Any]] = {
+        (r["services"], r["scenario"], r["mode"], r["position"], r["round"]): r for r in runs}
+    keys = sorted({(r["services"], r["scenario"], r["position"]) for r in runs if r["position"]},
+                  key=lambda k: (k[0], client.SCENARIOS.index(k[1]) if k[1] in client.SCENARIOS else 9, k[2]))
+    rounds = sorted({r["round"] for r in runs})
+    pairs = {"zeroproxy_vs_direct": (ZEROPROXY, DIRECT), "iptables_vs_zeroproxy": (IPTABLES, ZEROPROXY),
+             "nftables_vs_zeroproxy": (NFTABLES, ZEROPROXY)}
+    out = []
+    for count, scenario, position in keys:
+        row: dict[str, Any] = {"services": count, "scenario": scenario, "position": position}
+        for name, (a, b) in pairs.items():
+            for metric, field_name in (("p50", "p50"), ("rate", "rate")):
+                values = []
+                for rnd in rounds:
+                    ra = by.get((count, scenario, a, None if a == DIRECT else position, rnd))
+                    rb = by.get((count, scenario, b, None if b == DIRECT else position, rnd))
+                    if ra and rb:
+                        va = ra["latency_us"].get("p50") if metric == "p50" else ra["rate"]
+                        vb = rb["latency_us"].get("p50") if metric == "p50" else rb["rate"]
+                        if (q := _ratio(va, vb)) is not None:
+                            values.append(q)
+                row[f"{name}_{field_name}"] = _median(values)
+        out.append(row)
+    return out

@@ -1,0 +1,185 @@
+"""bench/: the rule-set generators against the real iptables/nft tools, and a tiny end-to-end run.
+
+No timing assertions: speed is what bench/ reports, not what tests check. The smoke run checks
+that every mode really carried traffic (requests > 0, no failures), that every part of the results
+document is filled in, and that nothing the benchmark created outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import rules
+from bench.services import make_services, service_entries, vip
+from zeroproxy.testbed import NETNS_DIR, TestBed, find_cgroup2_mount
+
+REPO = Path(__file__).resolve().parent.parent
+ENDPOINTS = [("10.244.1.10", 80), ("10.244.1.11", 80), ("10.244.1.12", 80)]
+CLUSTER_CIDR = "10.244.0.0/16"
+
+
+@pytest.fixture(scope="session")
+def bench_tools() -> None:
+    """nginx, gcc and the bench extra; the set-up script is idempotent and fast once done."""
+    subprocess.run(["bash", str(REPO / "scripts" / "setup-bench.sh")], check=True)
+
+
+# --- pure functions ------------------------------------------------------------------------------
+
+
+def test_services_are_deterministic_and_ordered() -> None:
+    svcs = make_services(3, ENDPOINTS)
+    assert [s.vip for s in svcs] == [vip(0), vip(1), vip(2)] == ["10.96.0.10", "10.96.0.11", "10.96.0.12"]
+    assert [s.index for s in svcs] == [0, 1, 2]
+    entries = service_entries(svcs)
+    assert [str(e.frontend) for e in entries] == ["10.96.0.10:80/TCP", "10.96.0.11:80/TCP", "10.96.0.12:80/TCP"]
+    assert [str(b) for b in entries[0].backends] == ["10.244.1.10:80", "10.244.1.11:80", "10.244.1.12:80"]
+    with pytest.raises(ValueError):
+        make_services(0, ENDPOINTS)
+
+
+def test_iptables_text_has_kube_proxy_shape() -> None:
+    svcs = make_services(2, ENDPOINTS)
+    text = rules.iptables_restore(svcs, CLUSTER_CIDR)
+    nat = text[text.index("*nat"):]
+    svc_jumps = [line for line in nat.splitlines() if line.startswith("-A KUBE-SERVICES")]
+    # one rule per service in index order, then the NodePort rule last
+    assert [rules.svc_chain(s) in svc_jumps[i] for i, s in enumerate(svcs)] == [True, True]
+    assert "KUBE-NODEPORTS" in svc_jumps[-1]
+    chain = rules.svc_chain(svcs[0])
+    picks = [line for line in nat.splitlines() if line.startswith(f"-A {chain} ") and "KUBE-SEP-" in line]
+    assert len(picks) == 3
+    assert "--probability 0.33333333333" in picks[0]
+    assert "--probability 0.50000000000" in picks[1]
+    assert "statistic" not in picks[2]  # the last endpoint takes the rest
+    assert nat.count("-j DNAT --to-destination 10.244.1.10:80") == 2
+    assert len(chain) == len("KUBE-SVC-") + 16
+
+
+# --- the generated rules against the real tools, in a bed namespace ------------------------------
+
+
+def _ruleset(bed: TestBed, netns: str) -> str:
+    return (bed.run_in_netns(netns, ["iptables-save"]).stdout
+            + bed.run_in_netns(netns, ["nft", "list", "ruleset"]).stdout)
+
+
+def test_rule_sets_load_update_and_unload(testbed: TestBed, tmp_path: Path) -> None:
+    node = testbed.add_node("ipt")
+    svcs = make_services(5, ENDPOINTS)
+    last = svcs[-1]
+    shrunk = type(last)(last.index, last.vip, last.port, last.endpoints[:-1])
+
+    def load(argv: list[str], text: str) -> None:
+        path = tmp_path / "rules"
+        path.write_text(text)
+        testbed.run_in_netns(node.netns, [*argv, str(path)])
+
+    load(["iptables-restore"], rules.iptables_restore(svcs, CLUSTER_CIDR))
+    saved = testbed.run_in_netns(node.netns, ["iptables-save", "-t", "nat"]).stdout
+    assert saved.count("-j DNAT") == 15
+    assert f":{rules.sep_chain(last, *last.endpoints[-1])}" in saved
+    load(["iptables-restore", "--noflush"], rules.iptables_partial(svcs, last, shrunk, CLUSTER_CIDR))
+    saved = testbed.run_in_netns(node.netns, ["iptables-save", "-t", "nat"]).stdout
+    assert saved.count("-j DNAT") == 14
+    assert rules.sep_chain(last, *last.endpoints[-1]) not in saved
+    assert saved.count("-A KUBE-SERVICES") == 6  # KUBE-SERVICES rewritten, not appended to
+
+    load(["nft", "-f"], rules.nft_base(CLUSTER_CIDR))
+    load(["nft", "-f"], rules.nft_services(svcs[:3], CLUSTER_CIDR))
+    load(["nft", "-f"], rules.nft_services(svcs[3:], CLUSTER_CIDR))  # chunks add to the same maps
+    table = testbed.run_in_netns(node.netns, ["nft", "list", "table", "ip", rules.NFT_TABLE]).stdout
+    assert table.count("dnat to") == 15
+    assert f"{last.vip} . tcp . 80 : goto {rules.nft_service_chain(last)}" in table
+    load(["nft", "-f"], rules.nft_update_service(last, shrunk, CLUSTER_CIDR))
+    table = testbed.run_in_netns(node.netns, ["nft", "list", "table", "ip", rules.NFT_TABLE]).stdout
+    assert table.count("dnat to") == 14
+    assert "numgen random mod 2" in table
+
+    load(["iptables-restore"], rules.iptables_flush())
+    load(["nft", "-f"], rules.nft_delete())
+    left = _ruleset(testbed, node.netns)
+    assert "KUBE" not in left and rules.NFT_TABLE not in left
+
+
+# --- a tiny end-to-end run -----------------------------------------------------------------------
+
+
+def test_smoke_run_produces_results_and_cleans_up(bench_tools: None, stale_beds_removed: list[str],
+                                                  tmp_path: Path) -> None:
+    bpf_stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
+    out = tmp_path / "results"
+    argv = [sys.executable, "-m", "bench", "--services", "1,20", "--rounds", "2", "--duration", "0.3",
+            "--warmup", "0.05", "--threads", "2", "--nft-chunk", "8", "--out", str(out), "--no-progress",
+            "--no-setup"]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "zeroproxy-bench/1"
+    assert results["config"]["services"] == [1, 20]
+    assert "IPVS" in results["notes"]["ipvs"] or "ip_vs" in results["notes"]["ipvs"]
+    assert all(results["tools"][k] for k in ("nginx", "iptables", "nft", "client", "kernel"))
+
+    # every case ran twice per scenario and carried traffic without a single failure
+    runs = results["runs"]
+    cases_n1 = 4  # direct + first service of three service modes
+    cases_n20 = 7  # direct + first and last of three service modes
+    assert len(runs) == (cases_n1 + cases_n20) * 2 * 2
+    for r in runs:
+        assert r["requests"] > 0, r
+        assert r["errors"] == 0, r
+        assert 0 < r["latency_us"]["p50"] <= r["latency_us"]["p99"]
+    by_mode = {(r["services"], r["mode"], r["position"]) for r in runs}
+    assert (20, "direct", None) in by_mode
+    assert {(20, m, p) for m in ("iptables", "nftables", "zeroproxy") for p in ("first", "last")} <= by_mode
+    # the service modes really went through a ClusterIP, direct through the backend addresses
+    assert {t for r in runs if r["mode"] == "zeroproxy" and r["position"] == "last" for t in r["targets"]} \
+        == {f"{vip(19)}:80"}
+    assert all(t.startswith("10.244.") for r in runs if r["mode"] == "direct" for t in r["targets"])
+
+    assert all(x is not None for r in results["ratios"] for x in r.values())
+    assert {r["scenario"] for r in results["summary"]} == {"short", "keepalive"}
+
+    programming = {(p["services"], p["mode"]) for p in results["programming"]}
+    assert {(n, m) for n in (1, 20) for m in ("iptables", "nftables", "zeroproxy", "zeroproxy-agent")} \
+        <= programming
+    nft20 = next(p for p in results["programming"] if p["services"] == 20 and p["mode"] == "nftables")
+    assert len(nft20["chunk_s"]) == 3  # 20 services in chunks of 8
+    agent20 = next(p for p in results["programming"] if p["services"] == 20 and p["mode"] == "zeroproxy-agent")
+    assert agent20["frontends_programmed"] == 20
+    assert all(m["rss_kb"] > 0 for m in results["memory"])
+    connect = [s for s in results["bpf_stats"] if s["program"] == "zp_sock4_connect"]
+    assert [s["services"] for s in connect] == [1, 20]
+    assert all(s["run_cnt"] >= s["client_requests"] > 0 for s in connect)
+    assert len(results["endpoint_change"]) == 2 * 3 * 2  # N x modes x (remove, add)
+
+    md = (out / "results.md").read_text()
+    assert "zeroproxy/direct" in md and "| 20 | last |" in md
+    for png in ("latency.png", "throughput.png", "programming.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # nothing left behind: namespaces, cgroups, pins, processes, rules, the bpf_stats sysctl
+    cleanup = results["cleanup"]
+    assert cleanup["datapath_errors"] == [] and cleanup["leftover_rules"] == {} and cleanup["bed_closed"]
+    bed_id = cleanup["bed_id"]
+    assert not list(NETNS_DIR.glob(f"{bed_id}-*"))
+    assert not (find_cgroup2_mount() / f"zeroproxy-bed-{bed_id}").exists()
+    assert not Path(cleanup["pin_dir"]).exists()
+    assert not list(Path("/sys/fs/bpf").glob(f"{bed_id}-*"))
+    assert not Path(cleanup["workdir"]).exists()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        assert cleanup["workdir"] not in cmdline, f"pid {pid} survived: {cmdline!r}"
+    assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == bpf_stats_before
+    root_rules = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+    assert rules.NFT_TABLE not in root_rules and "KUBE-" not in root_rules
