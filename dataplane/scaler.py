@@ -218,7 +218,7 @@ class Scaler:
                 await self._idle_task
             self._idle_task = None
         for name in list(self.pods):
-            await self.remove(name)
+            await self.remove(name, wake=False)
         await self.activator.close()
         self.sk.close()
 
@@ -261,8 +261,18 @@ class Scaler:
         log.info("%s: scale to zero on (container %s, idle %gs, slot %d)", backend.name,
                  backend.container_id, backend.idle_timeout, slot)
 
-    async def remove(self, name: str) -> None:
-        """Opt a pod out: new SYNs reach whatever listens; held connections are closed."""
+    async def remove(self, name: str, *, wake: bool = True) -> None:
+        """Opt a pod out: restore it first (wake=True) so nothing stays frozen with no one to wake
+        it, then unlink; new SYNs reach whatever listens. The agent's shutdown passes wake=False:
+        checkpointed pods stay checkpointed for the next agent."""
+        pod = self.pods.get(name)
+        if pod is None:
+            return
+        if wake and pod.state != PodState.RUNNING:
+            try:
+                await self.wake(name)
+            except WakeError as e:
+                log.error("%s: opted out while %s and the restore failed: %s", name, pod.state, e.reason)
         pod = self.pods.pop(name, None)
         if pod is None:
             return

@@ -553,3 +553,94 @@ def test_annotations_feed_the_scaler(cluster: Cluster) -> None:
         assert st.idle_timeout == 1.0
         assert c.side_of(name).scaler.scaler.activator.pods[f"default/{name}"].hold_timeout == 20.0
     assert os.path.exists(c.workdir / "scale-b.json")
+
+
+def test_scale_run_daemon_follows_pod_annotations_and_status_shows_it(criu: Path, testbed: TestBed,
+                                                                      tmp_path: Path) -> None:
+    """`zeroproxy scale run` as its own process on a file source: the annotated pod is managed,
+    checkpointed when idle and woken by a client; `scale status` and the metrics endpoint show
+    it; removing the annotation restores the pod and hands it back."""
+    import yaml
+
+    n = testbed.add_node("n")
+    pod = testbed.add_pod(n, "web")
+    client = testbed.add_pod(n, "cli")
+    rt_dir = tmp_path / "rt"
+    parent = f"/zeroproxy-test-{uuid.uuid4().hex[:8]}"
+    runtime = RuncRuntime(rt_dir, criu, cgroup_parent=parent)
+    cid = "default.web"
+    fs = rootfs.build_busybox_rootfs(tmp_path / "rootfs", {"/www/index.html": "hello from web\n"})
+    runtime.run(ContainerSpec(id=cid, rootfs=fs.path, args=rootfs.httpd_command(PORT), netns=pod.netns_path,
+                              rootfs_mounts=fs.mounts))
+    source = tmp_path / "cluster.yaml"
+    state_file = tmp_path / "state.json"
+
+    def write(annotated: bool) -> None:
+        obj = pod_object(pod, annotations.annotate("1s") if annotated else {})
+        obj["metadata"]["namespace"] = "default"
+        tmp = source.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump_all([node("n", [n.ip4]), obj]))
+        tmp.replace(source)
+
+    def state() -> dict[str, Any]:
+        try:
+            pods = json.loads(state_file.read_text())["pods"]
+        except (FileNotFoundError, ValueError):
+            return {}
+        return pods[0] if pods else {}
+
+    with socket_port() as metrics_port:
+        pass
+    write(True)
+    log = open(tmp_path / "scale.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zeroproxy.scale_cli", "scale", "run", "--source", f"file:{source}",
+         "--node-name", "n", "--runtime-dir", str(rt_dir), "--criu", str(criu), "--cgroup-parent", parent,
+         "--state-file", str(state_file), "--metrics-port", str(metrics_port)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        wait_until(lambda: state().get("state") == "checkpointed" or proc.poll() is not None, "checkpointed", 60)
+        assert proc.poll() is None, (tmp_path / "scale.log").read_text()[-3000:]
+        assert runtime.state(cid) == State.CHECKPOINTED
+        assert_served(http(client, pod.ip4), bodies=("hello from web\n",))
+        wait_until(lambda: state().get("restores") == 1, "the state file shows the restore")
+
+        table = subprocess.run([sys.executable, "-m", "zeroproxy.scale_cli", "scale", "status", "--state-file",
+                                str(state_file)], capture_output=True, text=True, check=True, cwd=REPO).stdout
+        assert "default/web" in table and "STATE" in table
+        as_json = json.loads(subprocess.run(
+            [sys.executable, "-m", "zeroproxy.scale_cli", "scale", "status", "--state-file", str(state_file),
+             "-o", "json"], capture_output=True, text=True, check=True, cwd=REPO).stdout)
+        assert as_json["pods"][0]["name"] == "default/web" and as_json["pods"][0]["restores"] >= 1
+        import urllib.request
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert "zeroproxy_s2z_restore_seconds_count 1.0" in metrics
+        assert 'zeroproxy_s2z_wakes_total{pod="default/web"} 1.0' in metrics
+
+        # opt out while checkpointed: the pod is restored and no longer managed
+        wait_until(lambda: state().get("state") == "checkpointed", "checkpointed again", 60)
+        write(False)
+        wait_until(lambda: json.loads(state_file.read_text())["pods"] == [], "opted out", 60)
+        assert runtime.state(cid) == State.RUNNING
+        assert_served(http(client, pod.ip4), bodies=("hello from web\n",))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        runtime.delete_all()
+    assert proc.returncode == 0, (tmp_path / "scale.log").read_text()[-3000:]
+
+
+@contextlib.contextmanager
+def socket_port() -> Iterator[int]:
+    """A free TCP port on loopback (for the metrics endpoint)."""
+    import socket as _socket
+
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
