@@ -6,7 +6,9 @@ import argparse
 import datetime as dt
 import importlib.util
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
     )
     out = args.out or Path("bench-results") / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks remove namespaces, rules and programs.
+    # Only in this process: pyroute2 forks helpers that inherit the handler and are stopped with
+    # SIGTERM, and a helper unwinding a copy of our stack would tear down the live test bed.
+    main_pid = os.getpid()
+
+    def on_sigterm(*_: object) -> None:
+        if os.getpid() != main_pid:
+            os._exit(143)
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     results = run(cfg, progress=not args.no_progress, keep_workdir=args.keep_workdir)
     files = report.write_all(results, out, plots=not args.no_plots)
     print((out / "results.md").read_text())

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,3 +185,35 @@ def test_smoke_run_produces_results_and_cleans_up(bench_tools: None, stale_beds_
     assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == bpf_stats_before
     root_rules = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
     assert rules.NFT_TABLE not in root_rules and "KUBE-" not in root_rules
+
+
+def test_sigterm_mid_run_still_cleans_up(bench_tools: None, stale_beds_removed: list[str], tmp_path: Path) -> None:
+    """A benchmark stopped half-way (SIGTERM while clients run) leaves nothing behind."""
+    bpf_stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
+    argv = [sys.executable, "-m", "bench", "--services", "5", "--rounds", "1000", "--duration", "0.3",
+            "--warmup", "0", "--out", str(tmp_path / "results"), "--no-progress", "--no-setup"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        bed_id = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            states = [json.loads(p.read_text()) for p in Path("/run/zeroproxy-testbed").glob("zpbench-*.json")]
+            bed_id = next((s["id"] for s in states if s["pid"] == proc.pid), None)
+            # running clients: the zeroproxy pins exist once the datapath is programmed
+            if bed_id and (Path("/sys/fs/bpf") / f"{bed_id}-bench" / "progs").is_dir():
+                break
+            time.sleep(0.2)
+        assert bed_id and proc.poll() is None, "the benchmark did not get to its runs"
+        time.sleep(2)  # well into the client runs
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert not list(NETNS_DIR.glob(f"{bed_id}-*")), err[-2000:]
+    assert not (find_cgroup2_mount() / f"zeroproxy-bed-{bed_id}").exists()
+    assert not list(Path("/sys/fs/bpf").glob(f"{bed_id}-*"))
+    assert not (Path("/run/zeroproxy-testbed") / f"{bed_id}.json").exists()
+    assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == bpf_stats_before
