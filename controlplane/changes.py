@@ -341,6 +341,15 @@ class ChangeTracker:
             for key in plan.keys:
                 self.dirty.pop(key, None)
 
+    def entries_at(self, frontends: Iterable[Frontend]) -> list[ServiceEntry]:
+        """The table's entries for the datapath slots of these frontends (for a partial sync)."""
+        out = {}
+        for fe in frontends:
+            won = self._winner.get((fe.address, fe.port, fe.protocol))
+            if won is not None:
+                out[won[1]] = self.table[won[1]]
+        return list(out.values())
+
     def mark_programmed(self) -> None:
         """The table was written to the kernel: nothing recorded so far is waiting any more."""
         if not self.dirty:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from dataplane import maps
 
@@ -135,16 +136,30 @@ def format_flows(flows: Sequence[Flow]) -> str:
     return "\n".join(lines)
 
 
+def _arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--bpffs", "--bpffs-dir", dest="bpffs_dir", type=Path, default=Path("/sys/fs/bpf/zeroproxy"),
+                        help="the agent's pin directory (default: /sys/fs/bpf/zeroproxy)")
+    parser.add_argument("--json", action="store_true", help="one JSON object with flows and snat entries")
+    parser.set_defaults(func=show)
+    return parser
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """`zeroproxy ct`: the same view as `python -m dataplane.conntrack`."""
+    return _arguments(sub.add_parser("ct", help="NodePort conntrack and SNAT entries, read from the pinned maps",
+                                     epilog="example: zeroproxy ct --bpffs /sys/fs/bpf/zeroproxy --json"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _arguments(argparse.ArgumentParser(
         prog="python -m dataplane.conntrack",
         description="Show the NodePort conntrack and SNAT entries of a zeroproxy agent.",
         epilog="example: python -m dataplane.conntrack --bpffs-dir /sys/fs/bpf/zeroproxy --json",
-    )
-    parser.add_argument("--bpffs-dir", type=Path, default=Path("/sys/fs/bpf/zeroproxy"),
-                        help="the agent's pin directory (default: /sys/fs/bpf/zeroproxy)")
-    parser.add_argument("--json", action="store_true", help="one JSON object with flows and snat entries")
-    args = parser.parse_args(argv)
+    ))
+    return show(parser.parse_args(argv))
+
+
+def show(args: argparse.Namespace) -> int:
     flows = read_flows(args.bpffs_dir)
     if args.json:
         print(json.dumps({"flows": [asdict(f) for f in flows],

@@ -18,10 +18,11 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from controlplane.model import FrontendKind, Protocol, ServiceEntry, ServicePortName
+from controlplane.model import Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 from dataplane import maps
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class _Family:
         self.frontends: dict[AddrKey, FrontendState] = {}
         self.backends: dict[AddrKey, int] = {}  # backend -> id
         self.backend_keys: dict[int, AddrKey] = {}  # id -> backend
+        self.refs: Counter[int] = Counter()  # backend id -> slots (over all frontends) holding it
 
     # ---- ctypes conversion --------------------------------------------------------------
     def svc_key(self, fe: AddrKey, slot: int):
@@ -126,6 +128,7 @@ class _Family:
         self.frontends.clear()
         self.backends.clear()
         self.backend_keys.clear()
+        self.refs.clear()
         # bcc's generated types render __be32 as an integer; view every entry through ours.
         for k, v in self.be.items():
             v = self.BackendT.from_buffer_copy(bytes(v))
@@ -151,6 +154,7 @@ class _Family:
                                                flags)
         for fe, have in slots.items():  # slots without a head: an interrupted delete
             self.frontends[fe] = FrontendState(0, [0] * max(have))
+        self.refs = Counter(i for st in self.frontends.values() for i in st.backend_ids)
 
 
 class ServiceMaps:
@@ -162,18 +166,19 @@ class ServiceMaps:
         self.stats_table = datapath.table("zp_stats")
         self.affinity_table = datapath.table("zp_lb_affinity")
         self.rev_nat_ids: dict[ServicePortName, int] = {}
-        self._rev_pool = _IdPool(MAX_REV_NAT_ID)
-        self._be_pool = _IdPool(MAX_BACKEND_ID)
         self.node_port_addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
         self.adopt()
 
-    def set_node_port_addresses(self, addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
+    def set_node_port_addresses(self, addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
         """The node addresses that accept NodePort traffic (see dataplane.tc.node_port_addresses).
 
-        Takes effect at the next sync(); with none (the default) NodePort frontends are not
-        programmed at all.
+        Takes effect at the next full sync(); with none (the default) NodePort frontends are not
+        programmed at all. Returns whether the set changed (then the caller owes a full sync).
         """
-        self.node_port_addresses = tuple(sorted(set(addresses), key=lambda a: (a.version, a)))
+        new = tuple(sorted(set(addresses), key=lambda a: (a.version, a)))
+        changed = new != self.node_port_addresses
+        self.node_port_addresses = new
+        return changed
 
     def has_local_endpoints(self, service: ServicePortName) -> bool | None:
         """Whether this node has endpoints for an externalTrafficPolicy: Local service port.
@@ -194,6 +199,7 @@ class ServiceMaps:
         """Load the shadow from what the kernel maps hold (an earlier agent's work)."""
         self._rev_pool = _IdPool(MAX_REV_NAT_ID)
         self._be_pool = _IdPool(MAX_BACKEND_ID)
+        self._rev_refs: Counter[int] = Counter()  # rev-NAT id -> frontends (both families) using it
         for fam in (self.v4, self.v6):
             fam.read_kernel()
             for ident in fam.backend_keys:
@@ -201,8 +207,10 @@ class ServiceMaps:
             for st in fam.frontends.values():
                 if st.rev_nat_id:
                     self._rev_pool.mark(st.rev_nat_id)
+                self._rev_refs[st.rev_nat_id] += 1
         # names are not in the kernel: rev_nat_ids is rebuilt from the frontends at the next sync
         self.rev_nat_ids = {}
+        self._rev_names: dict[int, ServicePortName] = {}
 
     @property
     def frontend_count(self) -> int:
@@ -220,15 +228,22 @@ class ServiceMaps:
         return out
 
     # ---- the one write path -------------------------------------------------------------
-    def sync(self, entries: Iterable[ServiceEntry]) -> SyncResult:
-        """Make the maps hold exactly these entries (socket kinds only); write differences."""
+    def sync(self, entries: Iterable[ServiceEntry], scope: Iterable[Frontend] | None = None) -> SyncResult:
+        """Make the maps hold these entries; write only differences.
+
+        Without ``scope`` the entries are the whole table: every other frontend is removed.
+        With ``scope`` (a partial sync) only the map entries of those frontends are considered:
+        ``entries`` are what the table now holds for them (a frontend of ``scope`` with no entry
+        is removed) and nothing else is read or written, so the cost follows the change, not the
+        table. Frontends of the NodePort kind stand for one map entry per node address.
+        """
         result = SyncResult()
         desired: dict[tuple[int, AddrKey], tuple[ServiceEntry, list[AddrKey], int]] = {}
         wanted = [e for e in entries if e.frontend.kind in ALL_KINDS]
         # ClusterIP first: when a ClusterIP and an external address collide, the ClusterIP wins.
         for e in sorted(wanted, key=lambda e: (ALL_KINDS.index(e.frontend.kind), e.frontend.sort_key)):
             flags = _frontend_flags(e)
-            for addr in self._frontend_addresses(e):
+            for addr in self._frontend_addresses(e.frontend):
                 fe = _addr_key(addr, e.frontend.port, e.frontend.protocol)
                 key = (addr.version, fe)
                 if key in desired:
@@ -243,8 +258,14 @@ class ServiceMaps:
                     if b.address.version == addr.version
                 ][:MAX_SLOTS]
                 desired[key] = (e, bes, flags)
+        keys: set[tuple[int, AddrKey]] | None = None
+        if scope is not None:
+            keys = set(desired)
+            for f in scope:
+                if f.kind in ALL_KINDS:
+                    keys.update((a.version, _addr_key(a, f.port, f.protocol)) for a in self._frontend_addresses(f))
         try:
-            self._apply(desired, result)
+            self._apply(desired, result, keys)
         except Exception:
             log.exception("service map write failed; re-reading the kernel maps")
             self.adopt()
@@ -260,18 +281,23 @@ class ServiceMaps:
         else:
             ident = self._rev_pool.take()
         self.rev_nat_ids[name] = ident
+        self._rev_names[ident] = name
         return ident
 
-    def _frontend_addresses(self, entry: ServiceEntry) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    def _frontend_addresses(self, frontend: Frontend) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
         """The map addresses of a frontend: its own, or for NodePort each node address of its family."""
-        if entry.frontend.kind is not FrontendKind.NODE_PORT:
-            return [entry.frontend.address]
-        return [a for a in self.node_port_addresses if a.version == entry.frontend.address.version]
+        if frontend.kind is not FrontendKind.NODE_PORT:
+            return [frontend.address]
+        return [a for a in self.node_port_addresses if a.version == frontend.address.version]
 
     def _apply(self, desired: dict[tuple[int, AddrKey], tuple[ServiceEntry, list[AddrKey], int]],
-               result: SyncResult) -> None:
+               result: SyncResult, scope: set[tuple[int, AddrKey]] | None) -> None:
         for fam in (self.v4, self.v6):
             want = {fe: v for (ver, fe), v in desired.items() if ver == fam.version}
+            if scope is None:
+                gone = [fe for fe in fam.frontends if fe not in want]
+            else:
+                gone = [fe for ver, fe in scope if ver == fam.version and fe in fam.frontends and fe not in want]
             be_new: list[tuple[int, AddrKey]] = []
             slot_writes: list[tuple[AddrKey, int, int, int]] = []  # fe, slot, backend id, rev id
             head_writes: list[tuple[AddrKey, int, int, int, int]] = []  # fe, count, rev id, affinity, flags
@@ -307,9 +333,8 @@ class ServiceMaps:
                     deletes.append(fam.svc_key(fe, slot))
                 new_state[fe] = FrontendState(rev, ids, aff, flags)
 
-            for fe, cur in fam.frontends.items():
-                if fe in want:
-                    continue
+            for fe in gone:
+                cur = fam.frontends[fe]
                 deletes.append(fam.svc_key(fe, 0))
                 deletes.extend(fam.svc_key(fe, s) for s in range(1, len(cur.backend_ids) + 1))
                 result.frontends_deleted += 1
@@ -334,26 +359,42 @@ class ServiceMaps:
             # clients stuck to a backend that left the service choose again on their next connect
             if left:
                 self._forget_affinity(fam.version, left)
+
+            # the shadow follows the kernel; reference counts tell what nothing uses any more
+            released_backends: set[int] = set()
+            released_revs: set[int] = set()
+            for fe in [*gone, *new_state]:
+                old = fam.frontends.pop(fe, None)
+                if old is not None:
+                    for i in old.backend_ids:
+                        fam.refs[i] -= 1
+                        released_backends.add(i)
+                    self._rev_refs[old.rev_nat_id] -= 1
+                    released_revs.add(old.rev_nat_id)
+                new = new_state.get(fe)
+                if new is not None:
+                    fam.frontends[fe] = new
+                    for i in new.backend_ids:
+                        fam.refs[i] += 1
+                    self._rev_refs[new.rev_nat_id] += 1
+            if scope is None:  # a full sync also collects what an interrupted run left behind
+                released_backends.update(fam.backend_keys)
             # phase 5: unreferenced backends
-            used = {i for st in new_state.values() for i in st.backend_ids}
-            stale = [i for i in fam.backend_keys if i not in used]
+            stale = [i for i in released_backends if fam.refs[i] <= 0 and i in fam.backend_keys]
             if stale:
                 _delete_batch(fam.be, [ctypes.c_uint32(i) for i in stale])
                 for i in stale:
                     del fam.backends[fam.backend_keys.pop(i)]
+                    del fam.refs[i]
                     self._be_pool.give(i)
                 result.backends_deleted += len(stale)
-
-            # free rev-NAT ids no frontend uses any more
-            old_revs = {st.rev_nat_id for st in fam.frontends.values()}
-            fam.frontends = new_state
-            still = {st.rev_nat_id for f in (self.v4, self.v6) for st in f.frontends.values()}
-            for rev in old_revs - still:
-                if rev:
+            for rev in released_revs:
+                if rev and self._rev_refs[rev] <= 0:
+                    del self._rev_refs[rev]
                     self._rev_pool.give(rev)
-        live = {st.rev_nat_id for f in (self.v4, self.v6) for st in f.frontends.values()}
-        self.rev_nat_ids = {n: i for n, i in self.rev_nat_ids.items() if i in live}
-
+                    name = self._rev_names.pop(rev, None)
+                    if name is not None and self.rev_nat_ids.get(name) == rev:
+                        del self.rev_nat_ids[name]
 
     def _forget_affinity(self, family: int, pairs: set[tuple[int, int]]) -> None:
         stale = []

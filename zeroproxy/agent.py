@@ -111,10 +111,15 @@ class Agent:
             plan = self.tracker.plan(full=full)
             self.tracker.apply(plan)
             result = None
-            if full or plan.changes:
-                # The map side diffs the table against its shadow of the kernel: it writes only
-                # the frontends of the services in this plan (or whatever a failure left wrong).
+            if full:
+                # The whole table: the map side diffs it against its shadow of the kernel and
+                # also removes whatever a failure or an earlier agent left that is not wanted.
                 result = self.maps.sync(self.tracker.table.values())
+            elif plan.changes:
+                # Only the frontends of the changed services are read and written: the cost of
+                # a sync follows the change, not the size of the cluster.
+                scope = {fe for ch in plan.changes.values() for fe in (*ch.previous, *ch.current)}
+                result = self.maps.sync(self.tracker.entries_at(scope), scope=scope)
         except Exception:
             self._need_full = True
             self.metrics.errors.labels("sync").inc()

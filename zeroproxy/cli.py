@@ -283,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--requests", type=int, default=30, help="requests per service (default %(default)s)")
     d.add_argument("--keep", action="store_true", help="keep the sandbox until Enter is pressed")
     d.set_defaults(func=cmd_demo)
+
+    from dataplane.conntrack import add_parser as add_ct_parser
+    from zeroproxy.scale_cli import add_parser as add_scale_parser
+
+    add_scale_parser(sub)
+    add_ct_parser(sub)
     return p
 
 
