@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from dataplane import bpfsys
+from dataplane.netns import cgroup2_mount  # noqa: F401  (re-exported: callers import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +67,6 @@ def inline_includes(path: Path, _seen: set[Path] | None = None) -> str:
             out.append(f"/* ---- {inc.relative_to(BPF_DIR)} ---- */")
             out.append(inline_includes(inc, seen))
     return "\n".join(out)
-
-
-def cgroup2_mount() -> Path:
-    """Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[0] == "cgroup2":
-                return Path(left.split()[4])
-    raise RuntimeError("no cgroup2 filesystem is mounted")
 
 
 def bpffs_mounted(path: Path) -> bool:

@@ -28,6 +28,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from dataplane import maps
 from dataplane.loader import BPF_DIR, bpffs_mounted, inline_includes
+from dataplane.netns import in_netns  # noqa: F401  (re-exported: tests import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,7 @@ DEFAULT_NODE_PORT_RANGE = (30000, 32767)
 # Above Linux's default ip_local_port_range (32768-60999), so a SNATed flow never shares a port
 # with a connection the node opened itself, and above the NodePort range.
 DEFAULT_SNAT_PORTS = (61000, 65535)
-CLONE_NEWNET = 0x40000000
-NETNS_DIR = Path("/run/netns")
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
 
 
@@ -107,38 +105,6 @@ def _iproute(netns: str | None) -> Iterator[IPRoute]:
         yield ipr
     finally:
         ipr.close()
-
-
-@contextlib.contextmanager
-def in_netns(netns: str) -> Iterator[None]:
-    """Run the block with the calling thread in a named network namespace.
-
-    For the things that act on "the current netns" rather than taking one: BPF_PROG_TEST_RUN
-    builds its packet on a device of the caller's namespace, and bpf_fib_lookup looks up the
-    caller's routes. setns() only moves the calling thread.
-    """
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(NETNS_DIR / netns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
-
-
-# ---- BPF_PROG_TEST_RUN ------------------------------------------------------------------------
 
 
 class _TestRunOpts(ctypes.Structure):

@@ -7,8 +7,6 @@ per-test place, and real HTTP traffic from the client netns to the container.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from dataplane.netns import in_netns
 from dataplane.runtime import (
     CRIU_CONFIG_ANNOTATION,
     CheckpointError,
@@ -39,8 +38,6 @@ CLIENT_IP = "10.99.0.1"
 PORT = 8080
 BODY = "hello from a checkpointed pod\n"
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
 
 
 @pytest.fixture(scope="session")
@@ -116,22 +113,6 @@ def _cgroup_roots() -> list[Path]:
             if post.split(" ", 1)[0] in ("cgroup", "cgroup2"):
                 roots.append(Path(pre.split()[4]))
     return roots
-
-
-@contextlib.contextmanager
-def in_netns(path: Path) -> Iterator[None]:
-    """Switch this thread's network namespace (sockets made inside stay there afterwards)."""
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(path, os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {path}")
-        yield
-    finally:
-        if _libc.setns(back, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns back")
-        os.close(target)
-        os.close(back)
 
 
 def curl(pod: Pod, path: str = "/") -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import json
@@ -33,7 +32,7 @@ import signal
 import subprocess
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +40,16 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from dataplane.netns import NETNS_DIR
+from dataplane.netns import cgroup2_mount as find_cgroup2_mount
+from dataplane.netns import in_netns as _inside_netns
+from dataplane.netns import setns as _setns
 from zeroproxy import nettools
 
 log = logging.getLogger(__name__)
 
-NETNS_DIR = Path(pr_netns.NETNS_RUN_DIR)  # where `ip netns` and pyroute2 keep named namespaces
 STATE_DIR = Path("/run/zeroproxy-testbed")
 CGROUP_DIR_PREFIX = "zeroproxy-bed-"
-CLONE_NEWNET = 0x40000000
 IFA_F_NODAD = 0x02
 RT_SCOPE_LINK = 253
 DEFAULT_UNDERLAY4 = "192.168.100.0/24"
@@ -62,9 +63,6 @@ KILL_WAIT_S = 5.0
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-_libc.setns.restype = ctypes.c_int
 _live_beds: weakref.WeakSet[TestBed] = weakref.WeakSet()
 
 
@@ -78,49 +76,6 @@ class CommandFailed(subprocess.CalledProcessError):
 
 
 # --- low-level helpers ---------------------------------------------------------------------------
-
-
-def find_cgroup2_mount(mountinfo: str | None = None) -> Path:
-    """The cgroup v2 mount point, read from mountinfo because hybrid hosts put it in odd places.
-
-    On a pure v2 host it is /sys/fs/cgroup; on systemd-hybrid hosts /sys/fs/cgroup/unified.
-    """
-    if mountinfo is None:
-        mountinfo = Path("/proc/self/mountinfo").read_text()
-    for line in mountinfo.splitlines():
-        pre, sep, post = line.partition(" - ")
-        if sep and post.split(" ", 1)[0] == "cgroup2":
-            mount_point = pre.split(" ")[4]
-            # mountinfo escapes space, tab, newline and backslash as \ooo octal
-            return Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mount_point))
-    raise RuntimeError("no cgroup2 filesystem is mounted (see /proc/self/mountinfo)")
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def _inside_netns(netns: str) -> Iterator[None]:
-    """Run the block with the calling thread in ``netns`` (for /proc/sys/net, which is per netns).
-
-    setns() affects only the calling thread, so other threads of the process are unaffected.
-    """
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(NETNS_DIR / netns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
 
 
 def _set_sysctls(netns: str, values: dict[str, str]) -> None:
@@ -635,13 +590,11 @@ class TestBed:
         try:
             if cgroup is not None:
                 procs_fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-            setns = _libc.setns
 
             def enter() -> None:
                 if procs_fd >= 0:
                     os.write(procs_fd, b"0")  # "0" moves the writer itself
-                if setns(ns_fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNET) failed")
+                _setns(ns_fd)
                 if user_preexec is not None:
                     user_preexec()
 
