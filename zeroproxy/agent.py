@@ -27,12 +27,14 @@ from controlplane.metrics import DatapathCollector, Metrics, pin_stats
 from controlplane.model import FrontendKind
 from controlplane.sync import SyncRunner
 from controlplane.translate import EXTRA_EXTERNAL_TRAFFIC_POLICY, EXTRA_HEALTH_CHECK_NODE_PORT
+from dataplane import tc
 from dataplane.loader import SockDatapath
 from dataplane.services import ServiceMaps
 
 log = logging.getLogger("zeroproxy.agent")
 
 AgentConfig = Config  # the name earlier callers used
+ADDRESS_POLL_PERIOD = 5.0  # seconds between looks at the node's addresses
 FULL_SYNC_PERIOD = 3600.0  # re-translate everything this often even without failures (kube-proxy: 1 h)
 SERVICE_MAPS = ("zp_lb4_svc", "zp_lb6_svc", "zp_lb4_be", "zp_lb6_be")
 
@@ -42,6 +44,8 @@ class Agent:
         self.config = config
         self.datapath = SockDatapath(config.cgroup, config.bpffs)
         self.maps: ServiceMaps | None = None
+        self.nodeport: tc.NodeDatapath | None = None  # TC programs on config.devices, if any
+        self._local_addresses: list[Any] = []
         kube = config.source == "kubernetes"
         required = ["Service", "EndpointSlice"] + (["Node"] if kube else []) + (
             ["Pod"] if kube and config.watch_pods else [])
@@ -106,6 +110,8 @@ class Agent:
             return  # nothing is written before the initial lists: the adopted maps keep serving
         started = time.monotonic()
         full = self._need_full or started - self._last_full > FULL_SYNC_PERIOD
+        if self.maps.set_node_port_addresses(self._node_port_addresses()):
+            full = True  # every NodePort frontend is written once per accepting address
         mode = "full" if full else "partial"
         try:
             plan = self.tracker.plan(full=full)
@@ -153,6 +159,29 @@ class Agent:
         if not self.synced.is_set():
             log.info("initial sync done")
             self.synced.set()
+
+    def _node_port_addresses(self) -> list[Any]:
+        """This node's addresses that accept NodePorts (kube-proxy's nodePortAddresses rules)."""
+        node = self.tracker.nodes.get(self.config.node_name)
+        primary = node.internal_ips if node is not None else ()
+        return tc.node_port_addresses(self.config.node_port_addresses, self._local_addresses, primary=primary)
+
+    async def _watch_addresses(self) -> None:
+        """Follow this netns's addresses (NodePorts are served on them); a change means a full sync.
+
+        pyroute2's synchronous API runs an event loop of its own, so it is called from a thread.
+        """
+        while True:
+            await asyncio.sleep(ADDRESS_POLL_PERIOD)
+            try:
+                addrs = await asyncio.to_thread(tc.local_addresses)
+            except Exception as e:  # a netlink hiccup must not stop the agent
+                log.warning("reading local addresses: %s", e)
+                continue
+            if addrs != self._local_addresses:
+                log.info("local addresses changed: %s", ", ".join(map(str, addrs)))
+                self._local_addresses = addrs
+                self.runner.request()
 
     def _update_gauges(self) -> None:
         assert self.maps is not None
@@ -243,12 +272,27 @@ class Agent:
             self.maps.frontend_count, self.maps.backend_count, self.config.bpffs,
         )
         self.datapath.attach()
+        self._local_addresses = await asyncio.to_thread(tc.local_addresses)
+        if self.config.devices:
+            ct = self.config.conntrack
+            defaults = tc.CtTimeouts()
+            self.nodeport = tc.NodeDatapath(
+                self.config.bpffs, self.config.devices,
+                timeouts=tc.CtTimeouts(
+                    syn=defaults.syn,
+                    established=int(ct.tcp_established_timeout or defaults.established),
+                    udp=int(ct.udp_timeout or defaults.udp)),
+            )
+            self.nodeport.load()
+            await asyncio.to_thread(self.nodeport.attach)  # pyroute2 needs a thread of its own here
+            log.info("NodePort/ExternalIP/LoadBalancer programs on %s", ", ".join(self.config.devices))
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         tasks = [asyncio.create_task(self._source.run()), asyncio.create_task(self.runner.run()),
-                 asyncio.create_task(self._watch_pending()), asyncio.create_task(self._serve())]
+                 asyncio.create_task(self._watch_pending()), asyncio.create_task(self._serve()),
+                 asyncio.create_task(self._watch_addresses())]
         self.runner.request()
         try:
             await stop.wait()
@@ -258,6 +302,7 @@ class Agent:
             self.runner.stop()
             tasks[2].cancel()
             tasks[3].cancel()
+            tasks[4].cancel()
             await asyncio.wait(tasks, timeout=10)
             for t in tasks:
                 t.cancel()
@@ -266,6 +311,8 @@ class Agent:
             for server in self._servers:
                 server.close()
             self.datapath.close()
+            if self.nodeport is not None:
+                self.nodeport.close()
 
 
 def _health_check(key: ServiceKey, entries: Any, node_name: str) -> tuple[int, int]:

@@ -137,6 +137,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from dataplane.loader import cleanup
 
+    devices = [d for d in args.devices.split(",") if d]
+    if devices:
+        from dataplane import tc
+
+        for line in tc.detach(devices):
+            print(line)
     for line in cleanup(Path(args.cgroup) if args.cgroup else None, Path(args.bpffs)):
         print(line)
     return 0
@@ -260,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cleanup", help="detach zeroproxy's programs and remove its pins")
     c.add_argument("--cgroup", default=_default_cgroup(), help="cgroup to detach from (default %(default)s)")
+    c.add_argument("--devices", default="", help="comma-separated devices to remove the NodePort programs from")
     bpffs_arg(c)
     c.set_defaults(func=cmd_cleanup)
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from dataplane import netns
 from dataplane.loader import cleanup
 from zeroproxy.k8sobjects import dump
 
@@ -29,14 +30,16 @@ def free_port() -> int:
 class AgentProcess:
     """`zeroproxy agent` as a child process, with its source (a YAML file or a kubeconfig) and log.
 
-    Runs in the host's netns (the socket programs work on the cgroup, whatever the netns).
+    Runs in the host's netns (the socket programs work on the cgroup, whatever the netns), or in
+    a node's netns (``netns``) when it also drives the node's devices (``devices``: NodePort).
     Its health and metrics servers listen on free loopback ports (``healthz_url``,
     ``metrics_url``), kept across restarts. close() kills it, detaches its programs and
     removes its pins, even after a failure.
     """
 
     def __init__(self, workdir: Path, cgroup: Path, *, node_name: str = "node-a",
-                 extra_args: Iterable[str] = (), name: str = "agent", kubeconfig: Path | None = None) -> None:
+                 extra_args: Iterable[str] = (), name: str = "agent", kubeconfig: Path | None = None,
+                 netns: str | None = None, devices: Iterable[str] = ()) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cgroup = Path(cgroup)
@@ -46,6 +49,8 @@ class AgentProcess:
         self.source = self.workdir / "cluster.yaml"
         self.log_path = self.workdir / f"{name}.log"
         self.kubeconfig = kubeconfig  # set: --source kubernetes with this kubeconfig
+        self.netns = netns
+        self.devices = tuple(devices)
         self.healthz_port = free_port()
         self.metrics_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -74,7 +79,8 @@ class AgentProcess:
         return [sys.executable, "-m", "zeroproxy", "agent", *source,
                 "--cgroup", str(self.cgroup), "--bpffs", str(self.pin_dir), "--node-name", self.node_name,
                 "--min-sync-period", "0.05", "--healthz-bind-address", f"127.0.0.1:{self.healthz_port}",
-                "--metrics-bind-address", f"127.0.0.1:{self.metrics_port}", *self.extra_args]
+                "--metrics-bind-address", f"127.0.0.1:{self.metrics_port}",
+                *(["--devices", ",".join(self.devices)] if self.devices else []), *self.extra_args]
 
     def start(self, wait_synced: bool = True, timeout: float = 60.0) -> None:
         if self.kubeconfig is None and not self.source.exists():
@@ -82,8 +88,14 @@ class AgentProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         try:
+            enter = None
+            if self.netns is not None:
+                netns_name = self.netns
+
+                def enter() -> None:
+                    netns.enter(netns_name)
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, preexec_fn=enter)
         finally:
             log.close()
         if wait_synced:
@@ -118,6 +130,10 @@ class AgentProcess:
             self.kill(signal.SIGTERM)
         except subprocess.TimeoutExpired:
             self.kill(signal.SIGKILL)
+        if self.devices:
+            from dataplane import tc
+
+            tc.detach(self.devices, self.netns)
         cleanup(self.cgroup if self.cgroup.exists() else None, self.pin_dir)
 
     def __enter__(self) -> AgentProcess:

@@ -1,0 +1,132 @@
+"""NodePort through real agent processes: one `zeroproxy agent --devices eth0` per node, each in
+its node's netns with its own cgroup subtree and pin directory, all fed the same YAML. The TC
+datapath itself is covered in depth by test_nodeport.py and test_tc_unit.py; this proves the
+agent wires it up (programs on the devices, node addresses from the Node objects and the netns,
+conntrack settings) and removes it again."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dataplane import inspect, tc
+from zeroproxy import nettools
+from zeroproxy.k8sobjects import endpoint_slice, node, service
+from zeroproxy.sandbox import AgentProcess
+from zeroproxy.testbed import TestBed
+
+WEB_PORT, NODE_PORT = 8080, 30080
+
+
+class TwoNodes:
+    def __init__(self, bed: TestBed, tmp: Path) -> None:
+        self.bed = bed
+        self.a, self.b = bed.add_node("a"), bed.add_node("b")
+        self.a1, self.b1 = bed.add_pod(self.a, "a1"), bed.add_pod(self.b, "b1")
+        self.client = bed.add_external("client")
+        for pod in (self.a1, self.b1):
+            pod.serve(pod.name, tcp=[WEB_PORT], family="4")
+        self.agents = {
+            n.name: AgentProcess(tmp / n.name, n.cgroup_path, node_name=n.name, name=f"np-{n.name}",
+                                 netns=n.netns, devices=["eth0"])
+            for n in (self.a, self.b)
+        }
+
+    def objects(self, backends: list[Any] | None = None) -> list[dict[str, Any]]:
+        backends = [self.a1, self.b1] if backends is None else backends
+        http = [{"name": "http", "port": WEB_PORT, "protocol": "TCP"}]
+        return [
+            node("a", [self.a.ip4]),
+            node("b", [self.b.ip4]),
+            service("web", ["10.96.2.10"], [{"name": "http", "port": 80, "targetPort": WEB_PORT, "protocol": "TCP",
+                                             "nodePort": NODE_PORT}], type="NodePort"),
+            *[endpoint_slice("web", [p.ip4], http, name=f"web-{p.name}", node_name=p.node.name) for p in backends],
+        ]
+
+    def start(self) -> None:
+        for agent in self.agents.values():
+            agent.write(self.objects())
+            agent.start()
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.close()
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory, stale_beds_removed: list[str]) -> Iterator[TwoNodes]:
+    bed = TestBed(prefix="zp")
+    try:
+        c = TwoNodes(bed, tmp_path_factory.mktemp("np-agent"))
+        try:
+            c.start()
+            yield c
+        finally:
+            c.close()
+    finally:
+        bed.close()
+
+
+def served_by(records: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """backend name -> the client addresses it saw"""
+    out: dict[str, set[str]] = collections.defaultdict(set)
+    for r in records:
+        assert r["ok"], r
+        out[r["server_name"]].add(r["peer_seen_by_server"][0])
+    return out
+
+
+def test_external_client_reaches_local_and_remote_backends(nodes: TwoNodes) -> None:
+    for agent in nodes.agents.values():
+        log = agent.log_text()
+        assert "NodePort/ExternalIP/LoadBalancer programs on eth0" in log, log[-2000:]
+    assert set(tc.attached(["eth0"], nodes.a.netns)["eth0"]) == {"ingress:zp_np4_ingress", "egress:zp_np4_egress"}
+    # the agent wrote the NodePort frontend for node A's own addresses (from its netns), not the host's
+    programmed = {s.frontend for s in inspect.service_list(nodes.agents["a"].pin_dir)}
+    assert f"{nodes.a.ip4}:{NODE_PORT}/TCP" in programmed and f"127.0.0.1:{NODE_PORT}/TCP" in programmed
+
+    records = nodes.client.client(nettools.format_target(nodes.a.ip4, NODE_PORT), count=300, concurrency=4)
+    seen = served_by(records)
+    assert set(seen) == {"a1", "b1"}
+    assert seen["a1"] == {nodes.client.ip4}  # local backend: the client's own address
+    assert seen["b1"] == {nodes.a.ip4}  # remote backend: SNAT to node A
+
+
+def test_node_itself_reaches_the_node_port_through_the_socket_hooks(nodes: TwoNodes) -> None:
+    for target in ("127.0.0.1", nodes.a.ip4):
+        argv = nettools.client_argv(nettools.format_target(target, NODE_PORT), count=40)
+        out = nodes.a.check_output(argv, timeout=60)  # a process in node A's host cgroup
+        assert set(served_by(nettools.parse_results(out))) == {"a1", "b1"}
+
+
+def test_endpoint_changes_reach_the_tc_path(nodes: TwoNodes) -> None:
+    try:
+        for agent in nodes.agents.values():
+            agent.write(nodes.objects(backends=[nodes.b1]))
+        for agent in nodes.agents.values():
+            agent.wait_log("1 services changed", timeout=30)
+        records = nodes.client.client(nettools.format_target(nodes.a.ip4, NODE_PORT), count=50)
+        assert set(served_by(records)) == {"b1"}
+    finally:
+        for agent in nodes.agents.values():
+            agent.write(nodes.objects())
+
+
+def test_cleanup_command_removes_programs_from_devices(nodes: TwoNodes, tmp_path: Path) -> None:
+    agent = nodes.agents["b"]
+    agent.kill()
+    argv = [sys.executable, "-m", "zeroproxy", "cleanup", "--devices", "eth0", "--cgroup", str(agent.cgroup),
+            "--bpffs", str(agent.pin_dir)]
+    nodes.b.check_output(argv, in_cgroup=False, timeout=60)
+    assert not any(tc.attached(["eth0"], nodes.b.netns).values())
+    assert not agent.pin_dir.exists()
+    for netns in (nodes.a.netns, nodes.b.netns):
+        rules = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "ruleset"], capture_output=True,
+                               text=True, check=True).stdout
+        assert rules.strip() == ""
