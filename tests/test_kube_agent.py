@@ -496,3 +496,25 @@ def test_internal_traffic_policy_local(agent_env: Env) -> None:
             time.sleep(0.05)
         refused = client_b.client(nettools.format_target(vip, 80), count=5)
         assert all(r["error"] == "ECONNREFUSED" for r in refused), refused
+
+
+def test_session_affinity_holds_then_expires(agent_env: Env) -> None:
+    """sessionAffinity: ClientIP from the API: a client pod sticks to one backend across
+    connections, and chooses afresh once it was idle longer than timeoutSeconds."""
+    e = agent_env
+    ns = e.namespace()
+    svc = e.create_service(ns, "sticky", sessionAffinity="ClientIP",
+                           sessionAffinityConfig={"clientIP": {"timeoutSeconds": 1}})
+    assert svc["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"] == 1
+    vip = svc["spec"]["clusterIP"]
+    e.put_slice(ns, "sticky", [(p, READY, "a") for p in e.backends[:3]])
+    e.wait_programmed(f"{vip}:80/TCP", e.backends[:3])
+    target = nettools.format_target(vip, 80)
+    chosen = []
+    for _ in range(12):
+        burst = ok_names(e.client.client(target, count=5))
+        assert sum(burst.values()) == 5 and len(burst) == 1, burst  # sticky within the timeout
+        chosen.append(next(iter(burst)))
+        time.sleep(1.3)  # idle past timeoutSeconds
+    # twelve fresh random choices among three backends all alike has probability 3^-11
+    assert len(set(chosen)) > 1, chosen
