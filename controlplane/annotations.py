@@ -13,6 +13,16 @@ restore timeout between 1 s and 10 min.
 
 Invalid values never raise: `parse` returns the problems as lines naming the pod and the
 annotation, and the pod is then treated as not opted in (the safe side: it keeps running).
+
+The scaler of the pod's node publishes the pod's state as a **label** (not an annotation), so
+that every agent can watch exactly the pods that have one with a server-side label selector:
+
+    metadata:
+      labels:
+        zeroproxy.io/scale-state: checkpointed   # running / checkpointed / restoring / failed
+
+Translation reads it: an endpoint whose pod is parked (checkpointed, restoring, failed) gets new
+connections only while no endpoint of the same service port runs.
 """
 
 from __future__ import annotations
@@ -25,8 +35,17 @@ PREFIX = "zeroproxy.io/"
 SCALE_TO_ZERO = PREFIX + "scale-to-zero"
 IDLE_TIMEOUT = PREFIX + "idle-timeout"
 RESTORE_TIMEOUT = PREFIX + "restore-timeout"
-# Published by the scaler (API source): running / checkpointed / restoring / failed.
+# The label the scaler publishes on its pods (the file source honours it too), and its values.
 STATE = PREFIX + "scale-state"
+STATE_RUNNING = "running"
+STATE_CHECKPOINTED = "checkpointed"
+STATE_RESTORING = "restoring"
+STATE_FAILED = "failed"
+STATES = (STATE_RUNNING, STATE_CHECKPOINTED, STATE_RESTORING, STATE_FAILED)
+# States in which the pod's own process does not serve: a connection to it waits for a restore
+# (or, failed, may be reset). Any other value, or none, counts as running: the safe side is to
+# keep using an endpoint, never to drop one because of a label we do not understand.
+PARKED_STATES = frozenset((STATE_CHECKPOINTED, STATE_RESTORING, STATE_FAILED))
 
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_RESTORE_TIMEOUT = 30.0
@@ -64,6 +83,11 @@ def format_duration(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:g}ms"
     return f"{seconds:g}s"
+
+
+def parked(state: str | None) -> bool:
+    """True when an endpoint in this published state should get traffic only if all others do too."""
+    return state in PARKED_STATES
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,14 @@ a relist after an apiserver outage that brings back the same objects plans nothi
 The tracker also assembles the complete desired :data:`ServiceTable` incrementally (only the
 changed services' frontends are touched), resolving a frontend claimed by two services the way
 a whole-table translation does: the service whose namespace/name sorts first keeps it.
+
+Scale to zero makes a Pod's state part of its services' translation: an endpoint whose pod is
+checkpointed is used only while no other runs. The tracker keeps each pod's effective state --
+the node's own scaler (:meth:`ChangeTracker.set_local_state`, freshest), else the
+``zeroproxy.io/scale-state`` label from the pods of every node watched by that label
+(:data:`SCALE_STATE_PODS`), else the label on a Pod of this node's watch or the file -- and the
+EndpointSlices that point at each pod (``targetRef``), so that a state change marks exactly the
+services of those slices as changed. Other Pod updates (status, conditions) change nothing there.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from controlplane import annotations
 from controlplane.model import Frontend, IPAddress, Protocol, ServiceEntry, ServiceTable
 from controlplane.objects import Severity
 from controlplane.translate import (
@@ -41,6 +50,10 @@ log = logging.getLogger("zeroproxy.changes")
 
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 SERVICE_KINDS = ("Service", "EndpointSlice")  # the kinds that make up the service table
+# The store for Pods of every node that carry the scale-state label (a second Pod watch, with a
+# label selector); kept apart from "Pod" (this node's pods): the two watches list and delete
+# independently, and a pod whose label is removed leaves only this one.
+SCALE_STATE_PODS = "Pod:scale-state"
 # Metadata that changes on every write without changing anything a proxy reads.
 VOLATILE_METADATA = ("resourceVersion", "managedFields", "generation")
 
@@ -84,7 +97,7 @@ def object_key(kind: str, obj: Mapping[str, Any]) -> ObjectKey | None:
     if not isinstance(name, str) or not name:
         return None
     if kind in CLUSTER_SCOPED:
-        return ("", name)
+        return ("", name)  # (SCALE_STATE_PODS is a Pod store: namespaced)
     namespace = meta.get("namespace")
     if namespace is not None and not isinstance(namespace, str):
         return None
@@ -100,6 +113,25 @@ def _service_of(kind: str, key: ObjectKey, body: Mapping[str, Any]) -> ServiceKe
         label = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, Mapping) else None
         return (key[0], label if isinstance(label, str) else "")
     return None
+
+
+def _slice_pods(key: ObjectKey, body: Mapping[str, Any]) -> frozenset[ObjectKey]:
+    """The pods an EndpointSlice's endpoints point at (targetRef kind Pod), as translation reads them."""
+    out = set()
+    endpoints = body.get("endpoints")
+    for ep in endpoints if isinstance(endpoints, list) else ():
+        ref = ep.get("targetRef") if isinstance(ep, Mapping) else None
+        if isinstance(ref, Mapping) and ref.get("kind") == "Pod" and isinstance(ref.get("name"), str):
+            ns = ref.get("namespace")
+            out.add((ns if isinstance(ns, str) and ns else key[0], ref["name"]))
+    return frozenset(out)
+
+
+def _label_state(body: Mapping[str, Any] | None) -> str:
+    meta = body.get("metadata") if isinstance(body, Mapping) else None
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    value = labels.get(annotations.STATE) if isinstance(labels, Mapping) else None
+    return value if isinstance(value, str) else ""
 
 
 def _strip(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,7 +178,12 @@ class ChangeTracker:
         self.required_kinds = frozenset(required_kinds)
         self.listed_kinds: set[str] = set()
         self.objects: dict[str, dict[ObjectKey, _Stored]] = {k: {} for k in API_VERSIONS if k != "List"}
+        self.objects[SCALE_STATE_PODS] = {}
         self.slices_of: dict[ServiceKey, set[ObjectKey]] = {}
+        self.pods_of_slice: dict[ObjectKey, frozenset[ObjectKey]] = {}  # slice -> pods of its targetRefs
+        self.slices_of_pod: dict[ObjectKey, set[ObjectKey]] = {}  # the reverse
+        self.local_states: dict[ObjectKey, str] = {}  # from this node's scaler
+        self.scale_states: dict[ObjectKey, str] = {}  # effective state of every pod that has one
         self.dirty: dict[ServiceKey, float] = {}  # changed service -> wall time of its oldest change
         # Monotonic time of the oldest change not yet in the kernel; the initial sync counts as
         # one from the start, so health reports a start-up that never gets its lists as stuck.
@@ -235,7 +272,7 @@ class ChangeTracker:
         invalid: list[Any] = []
         for obj in _flatten(objects):
             kind = obj.get("kind") if isinstance(obj, Mapping) else None
-            if kind in by_kind and object_key(kind, obj) is not None:
+            if kind in by_kind and kind != SCALE_STATE_PODS and object_key(kind, obj) is not None:
                 by_kind[kind].append(obj)
             else:
                 invalid.append(obj)
@@ -245,6 +282,8 @@ class ChangeTracker:
 
     def _changed(self, kind: str, key: ObjectKey, old: _Stored | None, new: _Stored | None,
                  received: float | None = None) -> None:
+        if kind == "EndpointSlice":
+            self._slice_pods_changed(key, new)
         if kind in SERVICE_KINDS:
             for stored in (old, new):
                 if stored is None or stored.service is None:
@@ -266,6 +305,9 @@ class ChangeTracker:
             self._node_changed(key[1], new)
         elif kind == "Pod":
             self._pod_changed(key, new)
+            self._refresh_state(key, received)
+        elif kind == SCALE_STATE_PODS:
+            self._refresh_state(key, received)
 
     def _node_changed(self, name: str, new: _Stored | None) -> None:
         if new is None:
@@ -289,6 +331,68 @@ class ChangeTracker:
         self._log_errors(("Pod", key), tr.errors)
         if key in tr.pods:
             self.pods[key] = tr.pods[key]
+
+    # ---- scale-to-zero state of pods ----------------------------------------------------------
+
+    def set_local_state(self, namespace: str, name: str, state: str | None) -> bool:
+        """This node's scaler reports a pod's state (None: it no longer manages the pod).
+
+        It wins over the published label: the label is the same information after a round trip
+        through the apiserver (or absent, with the file source). Returns True when the pod's
+        services must be synced again.
+        """
+        key = (namespace, name)
+        if state is None:
+            self.local_states.pop(key, None)
+        else:
+            self.local_states[key] = state
+        return self._refresh_state(key)
+
+    def _effective_state(self, key: ObjectKey) -> str:
+        if key in self.local_states:
+            return self.local_states[key]
+        for store in (SCALE_STATE_PODS, "Pod"):
+            stored = self.objects[store].get(key)
+            if stored is not None and (state := _label_state(stored.body)):
+                return state
+        return ""
+
+    def _refresh_state(self, key: ObjectKey, received: float | None = None) -> bool:
+        """Recompute one pod's state; mark the services of the slices pointing at it if it changed
+        whether the pod counts as parked (a change between two parked states changes no choice)."""
+        state = self._effective_state(key)
+        before = self.scale_states.get(key, "")
+        if state == before:
+            return False
+        if state:
+            self.scale_states[key] = state
+        else:
+            self.scale_states.pop(key, None)
+        if annotations.parked(state) == annotations.parked(before):
+            return False
+        when = time.time() if received is None else received
+        services = {self.objects["EndpointSlice"][s].service for s in self.slices_of_pod.get(key, ())
+                    if s in self.objects["EndpointSlice"]}
+        for svc in services:
+            if svc is not None:
+                self.dirty[svc] = min(self.dirty.get(svc, when), when)
+        if services and self.queued_since is None:
+            self.queued_since = time.monotonic()
+        return bool(services)
+
+    def _slice_pods_changed(self, key: ObjectKey, new: _Stored | None) -> None:
+        old_pods = self.pods_of_slice.pop(key, frozenset())
+        new_pods = _slice_pods(key, new.body) if new is not None else frozenset()
+        if new_pods:
+            self.pods_of_slice[key] = new_pods
+        for pod in old_pods - new_pods:
+            members = self.slices_of_pod.get(pod)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self.slices_of_pod[pod]
+        for pod in new_pods - old_pods:
+            self.slices_of_pod.setdefault(pod, set()).add(key)
 
     # ---- planning and committing (the sync loop) ------------------------------------------------
 
@@ -385,7 +489,7 @@ class ChangeTracker:
         if not objects:
             self._log_errors(key, [])
             return {}
-        tr = translate(objects, self.node_name, proxy_name=self.proxy_name)
+        tr = translate(objects, self.node_name, proxy_name=self.proxy_name, scale_states=self.scale_states)
         self._log_errors(key, tr.errors)
         return tr.table
 

@@ -28,6 +28,11 @@ Semantics followed (kube-proxy's, from the API reference and KEP-1669):
   policy (internal for ClusterIP, external for the others) makes the same choice among this
   node's endpoints only, so a node without local endpoints programs the frontend with no
   backends.
+* Scale to zero (ours): an endpoint whose Pod (``endpoints[].targetRef``) is parked -- label
+  ``zeroproxy.io/scale-state`` checkpointed / restoring / failed, or a state the caller knows
+  better (``scale_states``) -- is chosen only when no endpoint of the same choice is running.
+  A parked pod keeps its netns and IP, so such traffic reaches the activation proxy there and
+  wakes it; while another endpoint runs, nobody waits for a restore.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from controlplane import annotations
 from controlplane.model import (
     Backend,
     Frontend,
@@ -123,6 +129,11 @@ class PodInfo:
     def annotation(self, key: str, default: str | None = None) -> str | None:
         return dict(self.annotations).get(key, default)
 
+    @property
+    def scale_state(self) -> str:
+        """The state the pod's scaler published (label ``zeroproxy.io/scale-state``); "" = none."""
+        return dict(self.labels).get(annotations.STATE, "")
+
 
 @dataclass
 class Translation:
@@ -145,14 +156,18 @@ def translate(
     *,
     node_port_range: tuple[int, int] = DEFAULT_NODE_PORT_RANGE,
     proxy_name: str = "",
+    scale_states: Mapping[ObjectKey, str] | None = None,
 ) -> Translation:
     """Translate Kubernetes objects into a service table; never raises on any input.
 
     ``node_name`` is the node this agent runs on; it only matters for ``Local`` traffic
     policies. ``proxy_name`` is the ``service.kubernetes.io/service-proxy-name`` value that
     means "us"; any other non-empty value means another proxy owns the service.
+    ``scale_states`` maps pods (namespace, name) to their scale-to-zero state when the caller
+    knows it without Pod objects in ``objects`` (the change tracker keeps them; the node's own
+    scaler knows its pods before the label round trip); it wins over a Pod's label.
     """
-    return _Translator(node_name, node_port_range, proxy_name).run(objects)
+    return _Translator(node_name, node_port_range, proxy_name, scale_states).run(objects)
 
 
 # --- internal records ------------------------------------------------------------------------
@@ -200,6 +215,7 @@ class _Endpoint:
     ready: bool
     serving: bool
     terminating: bool
+    pod: ObjectKey = field(default=("", ""), compare=False)  # targetRef of kind Pod; ("", "") = none
 
     def rank(self) -> tuple[bool, bool, bool, str]:
         """When two slices list the same address:port, the healthiest copy wins."""
@@ -211,10 +227,13 @@ _EndpointMap = dict[tuple[str, Protocol, str], dict[tuple[IPAddress, int], _Endp
 
 
 class _Translator:
-    def __init__(self, node_name: str, node_port_range: tuple[int, int], proxy_name: str) -> None:
+    def __init__(self, node_name: str, node_port_range: tuple[int, int], proxy_name: str,
+                 scale_states: Mapping[ObjectKey, str] | None = None) -> None:
         self.node_name = node_name if isinstance(node_name, str) else ""
         self.node_port_range = node_port_range
         self.proxy_name = proxy_name
+        self.given_states = scale_states or {}
+        self.states: dict[ObjectKey, str] = {}  # pod -> scale-to-zero state, filled after the Pods
         self.out = Translation()
 
     # -- driver ---------------------------------------------------------------------------------
@@ -236,6 +255,8 @@ class _Translator:
             self._guarded(obj.ref, self._node, obj)
         for obj in kinds.get("Pod", []):
             self._guarded(obj.ref, self._pod, obj)
+        self.states = {key: pod.scale_state for key, pod in self.out.pods.items() if pod.scale_state}
+        self.states.update(self.given_states)
 
         services: dict[ObjectKey, _Service | None] = {}
         for obj in sorted(kinds.get("Service", []), key=lambda o: (o.namespace, o.name)):
@@ -677,7 +698,7 @@ class _Translator:
                 continue  # a nil port means "all ports" for non-proxyable uses: nothing for us
             ports.append((name, protocol, number))
 
-        eps: list[tuple[IPAddress, str, bool, bool, bool]] = []
+        eps: list[tuple[IPAddress, str, bool, bool, bool, ObjectKey]] = []
         for i, raw in enumerate(f.sequence(obj.body, "endpoints", "")):
             path = f"endpoints[{i}]"
             if not isinstance(raw, Mapping):
@@ -705,16 +726,37 @@ class _Translator:
                 ef.errors.append(ObjectError(f.ref, path, "endpoint ignored because of the errors above"))
                 continue
             # API docs: nil ready and nil serving mean true, nil terminating means false.
-            eps.append((ip, node, ready is not False, serving is not False, terminating is True))
+            pod = self._target_pod(f, raw.get("targetRef"), obj.namespace, join(path, "targetRef"))
+            eps.append((ip, node, ready is not False, serving is not False, terminating is True, pod))
 
         merged = endpoints.setdefault(key, {})
         for name, protocol, number in ports:
             bucket = merged.setdefault((name, protocol, family), {})
-            for ip, node, ready, serving, terminating in eps:
-                ep = _Endpoint(ip, number, node, ready, serving, terminating)
+            for ip, node, ready, serving, terminating, pod in eps:
+                ep = _Endpoint(ip, number, node, ready, serving, terminating, pod)
                 old = bucket.get((ip, number))
                 if old is None or ep.rank() > old.rank():
                     bucket[(ip, number)] = ep
+
+    @staticmethod
+    def _target_pod(f: Fields, ref: Any, namespace: str, path: str) -> ObjectKey:
+        """The Pod an endpoint points at, for its scale-to-zero state; ("", "") when none.
+
+        Only a warning when malformed: the endpoint itself is fine, it just cannot be matched
+        to a pod's state (and so counts as running).
+        """
+        if ref is None:
+            return ("", "")
+        if not isinstance(ref, Mapping):
+            f.warn(path, f"must be a mapping, got {describe(ref)}; no pod state for this endpoint")
+            return ("", "")
+        if ref.get("kind") != "Pod":
+            return ("", "")
+        name, ns = ref.get("name"), ref.get("namespace")
+        if not isinstance(name, str) or not name or not isinstance(ns, str | None):
+            f.warn(path, "a Pod reference needs a name (and a string namespace); no pod state for this endpoint")
+            return ("", "")
+        return (ns or namespace, name)
 
     # -- the table ------------------------------------------------------------------------------
 
@@ -770,6 +812,10 @@ class _Translator:
             # KEP-1669: when nothing is ready, terminating endpoints that still serve take the
             # traffic instead of dropping it while a rollout finishes.
             eps = ready or [e for e in eps if e.serving and e.terminating]
+        if self.states:
+            # Scale to zero: parked pods only when nothing runs (then traffic wakes one of them).
+            running = [e for e in eps if not annotations.parked(self.states.get(e.pod))]
+            eps = running or eps
         return tuple(
             Backend(e.address, e.port, e.node_name, e.ready, e.serving, e.terminating)
             for e in sorted(eps, key=lambda e: (e.address.version, e.address, e.port))

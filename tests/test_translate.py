@@ -584,6 +584,94 @@ def test_pods_are_kept_with_annotations_ips_and_node():
     assert t.table == {}
 
 
+# --- scale to zero: parked endpoints only when nothing runs -----------------------------------
+
+
+def pod_ref(address: str, pod: str, node: str = "", ns: str | None = None, **conditions: Any) -> dict[str, Any]:
+    out = ep(address, node, **conditions)
+    out["targetRef"] = {"kind": "Pod", "name": pod, **({"namespace": ns} if ns else {})}
+    return out
+
+
+def state_pod(name: str, state: str | None, ns: str = "default") -> dict[str, Any]:
+    labels = {"zeroproxy.io/scale-state": state} if state is not None else {}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels}}
+
+
+S2Z_ENDPOINTS = [pod_ref("10.244.1.1", "a", "n1"), pod_ref("10.244.2.1", "b", "n2", ns="default"),
+                 pod_ref("10.244.3.1", "c", "n3")]
+
+
+@pytest.mark.parametrize(
+    ("states", "used"),
+    [
+        pytest.param({}, ["a", "b", "c"], id="no-labels"),
+        pytest.param({"a": "running", "b": "running", "c": "running"}, ["a", "b", "c"], id="all-running"),
+        pytest.param({"a": "checkpointed"}, ["b", "c"], id="one-checkpointed"),
+        pytest.param({"a": "checkpointed", "b": "restoring", "c": "failed"}, ["a", "b", "c"], id="all-parked"),
+        pytest.param({"a": "checkpointed", "b": "restoring"}, ["c"], id="one-running"),
+        pytest.param({"a": "checkpointed", "b": "checkpointed", "c": "something-new"}, ["c"],
+                     id="unknown-value-counts-as-running"),
+    ],
+)
+def test_parked_endpoints_are_used_only_when_none_runs(states: dict[str, str], used: list[str]):
+    addr = {"a": "10.244.1.1", "b": "10.244.2.1", "c": "10.244.3.1"}
+    objects = [service(), eslice(endpoints=S2Z_ENDPOINTS), *(state_pod(n, s) for n, s in states.items())]
+    t = clean(translate(objects))
+    assert backends(t, fe("10.96.0.1", 80)) == [f"{addr[n]}:8080" for n in used]
+    # the same, with the states given by the caller (the change tracker) instead of Pod objects
+    given = {("default", n): s for n, s in states.items()}
+    t = clean(translate([service(), eslice(endpoints=S2Z_ENDPOINTS)], scale_states=given))
+    assert backends(t, fe("10.96.0.1", 80)) == [f"{addr[n]}:8080" for n in used]
+
+
+def test_caller_states_win_over_labels_and_only_the_pods_namespace_counts():
+    objects = [service(), eslice(endpoints=S2Z_ENDPOINTS[:2]), state_pod("a", "checkpointed"),
+               state_pod("b", "checkpointed", ns="other")]  # another namespace's "b": not ours
+    t = clean(translate(objects))
+    assert backends(t, fe("10.96.0.1", 80)) == ["10.244.2.1:8080"]
+    t = clean(translate(objects, scale_states={("default", "a"): "running", ("default", "b"): "restoring"}))
+    assert backends(t, fe("10.96.0.1", 80)) == ["10.244.1.1:8080"]
+
+
+def test_parked_choice_follows_readiness_and_local_policy():
+    """Readiness and traffic policy choose first; "running only" applies among what they chose."""
+    endpoints = [pod_ref("10.244.1.1", "a", "n1"), pod_ref("10.244.1.2", "b", "n1", ready=False),
+                 pod_ref("10.244.2.1", "c", "n2")]
+    objects = [service(internalTrafficPolicy="Local"), eslice(endpoints=endpoints),
+               state_pod("a", "checkpointed")]
+    # on n1 the only ready local endpoint is parked: it is used (a connection wakes it); the
+    # running but unready b is not a candidate
+    assert backends(clean(translate(objects, node_name="n1")), fe("10.96.0.1", 80)) == ["10.244.1.1:8080"]
+    assert backends(clean(translate(objects, node_name="n2")), fe("10.96.0.1", 80)) == ["10.244.2.1:8080"]
+    objects[0] = service()
+    assert backends(clean(translate(objects, node_name="n1")), fe("10.96.0.1", 80)) == ["10.244.2.1:8080"]
+
+
+def test_malformed_target_ref_warns_and_keeps_the_endpoint():
+    bad = ep("10.244.1.1")
+    bad["targetRef"] = "pod/a"
+    nameless = ep("10.244.2.1")
+    nameless["targetRef"] = {"kind": "Pod"}
+    node_ref = ep("10.244.3.1")
+    node_ref["targetRef"] = {"kind": "Node", "name": "n3"}  # not a pod: no state, no warning
+    t = translate([service(), eslice(endpoints=[bad, nameless, node_ref])])
+    assert errors(t) == []
+    assert errors(t, Severity.WARNING) == [
+        "EndpointSlice default/web-abc endpoints[0].targetRef: must be a mapping, got 'pod/a'; "
+        "no pod state for this endpoint",
+        "EndpointSlice default/web-abc endpoints[1].targetRef: a Pod reference needs a name (and a string "
+        "namespace); no pod state for this endpoint",
+    ]
+    assert backends(t, fe("10.96.0.1", 80)) == ["10.244.1.1:8080", "10.244.2.1:8080", "10.244.3.1:8080"]
+
+
+def test_pod_scale_state_reads_the_label():
+    t = clean(translate([state_pod("a", "checkpointed"), state_pod("b", None)]))
+    assert t.pods[("default", "a")].scale_state == "checkpointed"
+    assert t.pods[("default", "b")].scale_state == ""
+
+
 # --- validation: every bad input names the object and the field -----------------------------
 
 OK_SLICE = eslice("web-ok")
