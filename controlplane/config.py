@@ -56,6 +56,25 @@ class ConntrackConfig:
     udp_stream_timeout: float | None = None
 
 
+DEFAULT_S2Z_RUNTIME_DIR = Path("/var/lib/zeroproxy/runtime")
+DEFAULT_S2Z_CRIU = Path("/var/tmp/zeroproxy/criu-4.2.1/criu")  # where scripts/build-criu.sh caches it
+DEFAULT_S2Z_STATE_FILE = Path("/run/zeroproxy/scale-to-zero.json")  # what `zeroproxy scale status` reads
+
+
+@dataclass(frozen=True)
+class ScaleToZeroConfig:
+    """Scale to zero inside the agent (docs/scale-to-zero.md). Off by default: it needs CRIU
+    >= 4.2.1 and the pods' containers in a runtime directory the agent can drive."""
+
+    enabled: bool = False
+    runtime_dir: Path = DEFAULT_S2Z_RUNTIME_DIR  # RuncRuntime base dir; containers named <ns>.<pod>
+    criu: Path = DEFAULT_S2Z_CRIU
+    cgroup_parent: str = "/zeroproxy"  # cgroup of containers the runtime (re)creates
+    restore_timeout: float = 30.0  # how long held clients wait; per pod: zeroproxy.io/restore-timeout
+    state_file: Path = DEFAULT_S2Z_STATE_FILE
+    poll_interval: float = 0.5  # how often idle pods are looked at
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the agent needs; built by :func:`load` from defaults, a file and flags."""
@@ -82,6 +101,8 @@ class Config:
     conntrack: ConntrackConfig = ConntrackConfig()
     sync_period: float = 60.0
     min_sync_period: float = 0.1
+    # -- ours, appended -------------------------------------------------------------------------
+    scale_to_zero: ScaleToZeroConfig = ScaleToZeroConfig()
 
     @property
     def effective_health_timeout(self) -> float:
@@ -309,6 +330,34 @@ _CONNTRACK_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 _CLIENT_CONNECTION_FIELDS = {"kubeconfig"}
 
+
+def _cgroup_parent(value: Any) -> str:
+    text = _nonempty_string(value)
+    if not text.startswith("/"):
+        raise ValueError(f"must be an absolute cgroup path like /zeroproxy, got {text!r}")
+    return text
+
+
+def _restore_timeout(value: Any) -> float:
+    from controlplane import annotations
+
+    seconds = _positive_duration(value)
+    lo, hi = annotations.RESTORE_TIMEOUT_BOUNDS
+    if not lo <= seconds <= hi:
+        raise ValueError(f"must be between {lo:g}s and {hi:g}s, got {value!r}")
+    return seconds
+
+
+_SCALE_TO_ZERO_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "enabled": ("enabled", _bool),
+    "runtimeDir": ("runtime_dir", _path),
+    "criu": ("criu", _path),
+    "cgroupParent": ("cgroup_parent", _cgroup_parent),
+    "restoreTimeout": ("restore_timeout", _restore_timeout),
+    "stateFile": ("state_file", _path),
+    "pollInterval": ("poll_interval", _positive_duration),
+}
+
 # KubeProxyConfiguration fields whose concept zeroproxy does not have: named in the error so
 # that a copied kube-proxy config says why they are refused rather than "unknown".
 _KUBE_PROXY_ONLY = {
@@ -360,6 +409,18 @@ def parse(data: Any, base: Config | None = None) -> Config:
                 attr, parser = _CONNTRACK_FIELDS[sub]
                 apply(f"conntrack.{sub}", subvalue, attr, parser, ct)
             changes["conntrack"] = replace((base or Config()).conntrack, **ct)
+        elif key == "scaleToZero":
+            if not isinstance(value, Mapping):
+                problems.append(f"scaleToZero: must be a mapping, got {_describe(value)}")
+                continue
+            sz: dict[str, Any] = {}
+            for sub, subvalue in value.items():
+                if sub not in _SCALE_TO_ZERO_FIELDS:
+                    problems.append(f"scaleToZero.{sub}: unknown field (known: {', '.join(_SCALE_TO_ZERO_FIELDS)})")
+                    continue
+                attr, parser = _SCALE_TO_ZERO_FIELDS[sub]
+                apply(f"scaleToZero.{sub}", subvalue, attr, parser, sz)
+            changes["scale_to_zero"] = replace((base or Config()).scale_to_zero, **sz)
         elif key == "clientConnection":
             if not isinstance(value, Mapping):
                 problems.append(f"clientConnection: must be a mapping, got {_describe(value)}")
@@ -418,6 +479,7 @@ def config_fields() -> list[str]:
     names = [n for n in _FIELDS]
     names += [f"conntrack.{n}" for n in _CONNTRACK_FIELDS]
     names += [f"clientConnection.{n}" for n in sorted(_CLIENT_CONNECTION_FIELDS)]
+    names += [f"scaleToZero.{n}" for n in _SCALE_TO_ZERO_FIELDS]
     return names
 
 
@@ -446,6 +508,12 @@ def dump(cfg: Config) -> dict[str, Any]:
         if value is not None:
             ct[name] = format_duration(value) if name.endswith("Timeout") else value
     out["conntrack"] = ct
+    sz = cfg.scale_to_zero
+    out["scaleToZero"] = {
+        "enabled": sz.enabled, "runtimeDir": str(sz.runtime_dir), "criu": str(sz.criu),
+        "cgroupParent": sz.cgroup_parent, "restoreTimeout": format_duration(sz.restore_timeout),
+        "stateFile": str(sz.state_file), "pollInterval": format_duration(sz.poll_interval),
+    }
     return out
 
 

@@ -1,7 +1,8 @@
 """The Kubernetes API as a source: list, then watch from the list's resourceVersion, per kind.
 
 One watcher thread per resource (Services, discovery.k8s.io/v1 EndpointSlices, this node's
-Node, optionally this node's Pods) runs the informer protocol of client-go's reflector:
+Node, optionally this node's Pods and every node's Pods that carry the scale-to-zero state
+label) runs the informer protocol of client-go's reflector:
 
 1. **list** (paged, ``limit=500``) and hand the complete set to ``on_list`` -- the consumer
    replaces what it had for that kind, so a relist also catches deletions it never saw;
@@ -23,6 +24,10 @@ newer typed clients cannot parse do no harm.
 
 The callbacks run on the agent's asyncio loop (``loop.call_soon_threadsafe``): handlers stay
 single-threaded like the rest of the control plane, the threads only do blocking I/O.
+
+The one thing the agent writes is its scale-to-zero pods' state (:class:`PodStatePublisher`):
+the ``zeroproxy.io/scale-state`` label on the Pod, which every agent's label-selected Pod watch
+sees, and a core/v1 Event on the Pod for each checkpoint, restore and restore failure.
 """
 
 from __future__ import annotations
@@ -35,9 +40,13 @@ import random
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from controlplane import annotations
+from controlplane.changes import SCALE_STATE_PODS
 
 log = logging.getLogger("zeroproxy.kubesource")
 
@@ -61,15 +70,27 @@ class Resource:
     api_version: str
     path: str  # collection URL path, e.g. /api/v1/services
     field_selector: str = ""
+    label_selector: str = ""
+    store: str = ""  # what the consumer files the objects under; "" = kind (two Pod watches differ)
 
     @property
     def plural(self) -> str:
         return self.path.rsplit("/", 1)[-1]
 
+    @property
+    def name(self) -> str:
+        """The first argument of every callback: the store, or the kind when it has none."""
+        return self.store or self.kind
 
-def resources(node_name: str, *, watch_pods: bool = False) -> list[Resource]:
+
+def resources(node_name: str, *, watch_pods: bool = False, scale_states: bool = False) -> list[Resource]:
     """What the agent watches. Node and Pods are restricted to this node, as kube-proxy does:
-    every node watching every Node would cost the apiserver O(nodes^2) for nothing."""
+    every node watching every Node would cost the apiserver O(nodes^2) for nothing.
+
+    ``scale_states`` adds the Pods of every node that carry the scale-to-zero state label,
+    selected by the apiserver (only pods of opted-in workloads, not all pods), under the
+    store :data:`~controlplane.changes.SCALE_STATE_PODS`: translation needs every endpoint's
+    state to send connections to running endpoints only."""
     out = [
         Resource("Service", "v1", "/api/v1/services"),
         Resource("EndpointSlice", "discovery.k8s.io/v1", "/apis/discovery.k8s.io/v1/endpointslices"),
@@ -77,6 +98,8 @@ def resources(node_name: str, *, watch_pods: bool = False) -> list[Resource]:
     ]
     if watch_pods:
         out.append(Resource("Pod", "v1", "/api/v1/pods", f"spec.nodeName={node_name}"))
+    if scale_states:
+        out.append(Resource("Pod", "v1", "/api/v1/pods", label_selector=annotations.STATE, store=SCALE_STATE_PODS))
     return out
 
 
@@ -183,7 +206,7 @@ class Watcher:
         self.stats = WatcherStats()
         self._stop = threading.Event()
         self._response: Any = None
-        self._thread = threading.Thread(target=self._run, name=f"watch-{resource.plural}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"watch-{resource.name}", daemon=True)
         self._failing = False  # an outage is logged once when it starts and once when it ends
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -215,7 +238,7 @@ class Watcher:
             except Gone as e:
                 self.stats.relists_gone += 1
                 log.warning("%s: watch from resourceVersion %s: 410 Gone (%s); relisting",
-                            self.resource.kind, rv, e)
+                            self.resource.name, rv, e)
                 self._status("relist", str(e))
                 rv = ""
             except Exception as e:
@@ -227,10 +250,10 @@ class Watcher:
                 delay = self.backoff.next()
                 if not self._failing:
                     log.warning("%s: %s failed: %s; retrying with backoff (next in %.1fs, at most %.0fs); "
-                                "the dataplane keeps its last state", self.resource.kind, what, _short(e), delay,
+                                "the dataplane keeps its last state", self.resource.name, what, _short(e), delay,
                                 self.backoff.cap)
                 else:
-                    log.debug("%s: %s failed again: %s; next try in %.1fs", self.resource.kind, what, _short(e),
+                    log.debug("%s: %s failed again: %s; next try in %.1fs", self.resource.name, what, _short(e),
                               delay)
                 self._failing = True
                 self._status(f"{what}_error", reason)
@@ -240,11 +263,13 @@ class Watcher:
         self.backoff.reset()
         if self._failing:
             self._failing = False
-            log.info("%s: apiserver reachable again", self.resource.kind)
+            log.info("%s: apiserver reachable again", self.resource.name)
 
     def _request(self, query: list[tuple[str, str]], read_timeout: float) -> Any:
         if self.resource.field_selector:
             query.append(("fieldSelector", self.resource.field_selector))
+        if self.resource.label_selector:
+            query.append(("labelSelector", self.resource.label_selector))
         return self.api.call_api(
             self.resource.path, "GET", query_params=query,
             header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
@@ -289,8 +314,8 @@ class Watcher:
             raise WatchError("list response has no resourceVersion")
         self.stats.lists += 1
         self.stats.resource_version = rv
-        log.info("%s: listed %d at resourceVersion %s", self.resource.kind, len(items), rv)
-        self._deliver(self.on_list, self.resource.kind, items, time.time())
+        log.info("%s: listed %d at resourceVersion %s", self.resource.name, len(items), rv)
+        self._deliver(self.on_list, self.resource.name, items, time.time())
         self._recovered()
         return rv
 
@@ -331,9 +356,9 @@ class Watcher:
                     obj.setdefault("apiVersion", self.resource.api_version)
                     _trim(obj)
                     self.stats.events += 1
-                    self._deliver(self.on_event, self.resource.kind, kind, obj, time.time())
+                    self._deliver(self.on_event, self.resource.name, kind, obj, time.time())
                 else:
-                    log.warning("%s: unknown watch event type %r ignored", self.resource.kind, kind)
+                    log.warning("%s: unknown watch event type %r ignored", self.resource.name, kind)
                     continue
                 if new_rv:
                     rv = new_rv
@@ -360,7 +385,7 @@ class Watcher:
 
     def _status(self, what: str, detail: str) -> None:
         if self.on_status is not None:
-            self._deliver(self.on_status, self.resource.kind, what, detail)
+            self._deliver(self.on_status, self.resource.name, what, detail)
 
 
 class KubeSource:
@@ -384,7 +409,7 @@ class KubeSource:
         for res in self.resources:
             w = Watcher(res, self.configuration, loop, self.on_list, self.on_event, self.on_status,
                         backoff=Backoff(cap=self.backoff_cap))
-            self.watchers[res.kind] = w
+            self.watchers[res.name] = w
             w.start()
         try:
             await self._stopped.wait()
@@ -393,6 +418,166 @@ class KubeSource:
 
     def stop(self) -> None:
         self._stopped.set()
+
+
+# ---- publishing scale-to-zero state ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PodEvent:
+    """One Kubernetes Event to report on a pod (reason like ``Checkpointed``, ``RestoreFailed``)."""
+
+    reason: str
+    message: str
+    type: str = "Normal"  # or "Warning"
+
+
+class PodStatePublisher:
+    """Writes this node's scale-to-zero pods' state to the apiserver from a thread of its own.
+
+    ``publish`` is called on the agent's loop and never blocks: it records the wanted label
+    value (only the latest per pod matters; intermediate ones are skipped) and queues the Event.
+    The thread patches the label (a JSON merge patch, ``null`` removes it when the scaler lets
+    the pod go) and then creates the Event with the pod's uid from the patch's answer. A failed
+    write is retried with backoff and does not stop the others; a pod that is gone (404) is
+    dropped. Counters are for tests and logs.
+    """
+
+    def __init__(self, configuration: Any, node_name: str, *, component: str = "zeroproxy",
+                 backoff_cap: float = BACKOFF_CAP) -> None:
+        from kubernetes import client
+
+        self.api = client.ApiClient(configuration)
+        self.node_name = node_name
+        self.component = component
+        self.backoff = Backoff(cap=backoff_cap)
+        self.labels_written = 0
+        self.events_written = 0
+        self.errors = 0
+        self._labels: dict[tuple[str, str], str | None] = {}  # pod -> wanted label value (None: remove)
+        self._events: list[tuple[tuple[str, str], PodEvent, float]] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="publish-pod-state", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def publish(self, namespace: str, name: str, state: str | None, event: PodEvent | None = None) -> None:
+        """Set the pod's state label (None: remove it) and report ``event`` after the label."""
+        with self._cond:
+            self._labels[(namespace, name)] = state
+            if event is not None:
+                self._events.append(((namespace, name), event, time.time()))
+            self._cond.notify()
+
+    def idle(self) -> bool:
+        """Nothing waiting to be written (tests wait for this)."""
+        with self._cond:
+            return not self._labels and not self._events
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish what is queued (within ``timeout``) and end the thread."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.api.close()
+
+    def _run(self) -> None:
+        uids: dict[tuple[str, str], str] = {}
+        while True:
+            with self._cond:
+                while not self._labels and not self._events and not self._stop:
+                    self._cond.wait()
+                if self._stop and not self._labels and not self._events:
+                    return
+                labels, self._labels = self._labels, {}
+                events, self._events = self._events, []
+            failed_labels: dict[tuple[str, str], str | None] = {}
+            failed_events = []
+            for pod, state in labels.items():
+                try:
+                    uid = self._patch_label(pod, state)
+                    if uid:
+                        uids[pod] = uid
+                    self.labels_written += 1
+                except _PodGone:
+                    uids.pop(pod, None)
+                except Exception as e:
+                    self.errors += 1
+                    log.warning("pod %s/%s: setting label %s=%s failed: %s; will retry", pod[0], pod[1],
+                                annotations.STATE, state, _short(e))
+                    failed_labels[pod] = state
+            for item in events:
+                pod, event, when = item
+                if pod in failed_labels:
+                    failed_events.append(item)  # keep the order: label first, then its event
+                    continue
+                try:
+                    self._create_event(pod, event, when, uids.get(pod, ""))
+                    self.events_written += 1
+                except _PodGone:
+                    pass
+                except Exception as e:
+                    self.errors += 1
+                    log.warning("pod %s/%s: event %s failed: %s; will retry", pod[0], pod[1], event.reason, _short(e))
+                    failed_events.append(item)
+            if not failed_labels and not failed_events:
+                self.backoff.reset()
+                continue
+            with self._cond:
+                for pod, state in failed_labels.items():
+                    self._labels.setdefault(pod, state)  # a newer wish recorded meanwhile wins
+                self._events[:0] = failed_events
+                if self._stop:
+                    return  # shutting down with the apiserver unreachable: give up
+                self._cond.wait(self.backoff.next())
+
+    def _call(self, method: str, path: str, body: Any, content_type: str = "application/json") -> dict[str, Any]:
+        from kubernetes.client import ApiException
+
+        try:
+            resp = self.api.call_api(
+                path, method, body=body,
+                header_params={"Accept": "application/json", "Content-Type": content_type},
+                auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+                _request_timeout=(CONNECT_TIMEOUT, 30.0))
+        except ApiException as e:
+            if e.status == 404:
+                raise _PodGone() from None
+            raise
+        try:
+            return dict(json.loads(resp.data))
+        finally:
+            resp.release_conn()
+
+    def _patch_label(self, pod: tuple[str, str], state: str | None) -> str:
+        ns, name = pod
+        body = {"metadata": {"labels": {annotations.STATE: state}}}
+        out = self._call("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}", body, "application/merge-patch+json")
+        log.info("pod %s/%s: label %s=%s", ns, name, annotations.STATE, state if state is not None else "(removed)")
+        return str((out.get("metadata") or {}).get("uid") or "")
+
+    def _create_event(self, pod: tuple[str, str], event: PodEvent, when: float, uid: str) -> None:
+        ns, name = pod
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+        ref = {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": name}
+        if uid:
+            ref["uid"] = uid
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            # kubelet's naming: <object>.<unique suffix>
+            "metadata": {"name": f"{name}.{uuid.uuid4().hex[:16]}", "namespace": ns},
+            "involvedObject": ref, "reason": event.reason, "message": event.message, "type": event.type,
+            "source": {"component": self.component, "host": self.node_name},
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        }
+        self._call("POST", f"/api/v1/namespaces/{ns}/events", body)
+
+
+class _PodGone(Exception):
+    """404: the pod (or its namespace) no longer exists; nothing to publish for it."""
 
 
 # ---- helpers ------------------------------------------------------------------------------------

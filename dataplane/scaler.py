@@ -26,6 +26,10 @@ relayed nothing.
 All runtime calls block (runc, CRIU); they run in threads. Everything else runs on one asyncio
 loop (uvloop in the agent). `ScalerThread` runs a scaler on its own loop in a thread for tests,
 benchmarks and synchronous callers.
+
+Whoever embeds the scaler learns of every state change through ``on_state`` (the agent turns it
+into the pod's ``zeroproxy.io/scale-state`` label, an Event, and the local translation);
+:func:`publication` says what to publish for a change.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -105,6 +109,37 @@ class PodStatus:
     dropped: int
     bytes_to_app: int
     bytes_to_client: int
+
+
+# on_state(pod "namespace/name", old state, new state (None: no longer managed), reason, seconds the
+# step took (checkpoint, restore) or None)
+StateListener = Callable[[str, "PodState | None", "PodState | None", str, "float | None"], None]
+
+
+def publication(old: PodState | None, new: PodState | None, reason: str = "",
+                seconds: float | None = None) -> tuple[str | None, tuple[str, str, str] | None]:
+    """What a state change publishes: (label value or None to remove, (reason, message, type) of an
+    Event or None).
+
+    ``checkpointing`` publishes as running: the pod still serves, and a connection during the
+    dump is held and wakes it right after. Events mark what an operator wants in
+    ``kubectl describe pod``: a checkpoint, a restore, a failed restore with its reason.
+    """
+    from controlplane import annotations as a
+
+    label = {None: None, PodState.RUNNING: a.STATE_RUNNING, PodState.CHECKPOINTING: a.STATE_RUNNING,
+             PodState.CHECKPOINTED: a.STATE_CHECKPOINTED, PodState.RESTORING: a.STATE_RESTORING,
+             PodState.FAILED: a.STATE_FAILED}[new]
+    took = f" in {seconds:.3f} s" if seconds is not None else ""
+    event = None
+    if old == PodState.CHECKPOINTING and new == PodState.CHECKPOINTED:
+        event = ("Checkpointed", f"idle: checkpointed with CRIU{took}; the next connection restores it", "Normal")
+    elif old == PodState.RESTORING and new == PodState.RUNNING:
+        event = ("Restored", f"restored by a connection and listening{took}", "Normal")
+    elif old == PodState.RESTORING and new == PodState.FAILED:
+        event = ("RestoreFailed", f"restore failed: {reason}; held connections were reset, the next "
+                 "connection tries again", "Warning")
+    return label, event
 
 
 def classify(reason: str) -> str:
@@ -190,8 +225,10 @@ class Scaler:
         state_file: Path | None = None,
         metrics: ScaleMetrics | None = None,
         sklookup: SkLookup | None = None,
+        on_state: StateListener | None = None,
     ) -> None:
         self.runtime = runtime
+        self.on_state = on_state
         self.ready_timeout = ready_timeout
         self.poll_interval = poll_interval
         self.state_file = state_file
@@ -284,15 +321,40 @@ class Scaler:
             with contextlib.suppress(KeyError):
                 self.metrics.state.remove(name, state.value)
         self._write_state(force=True)
+        self._notify(name, pod.state, None, "")
+
+    async def reconcile(self, want: Mapping[str, Backend]) -> None:
+        """Manage exactly these pods: opt out the others (restoring them first), re-add changed
+        ones, add new ones. A pod that cannot be managed is logged and skipped, not fatal."""
+        for name, pod in list(self.pods.items()):
+            if want.get(name) != pod.backend:
+                await self.remove(name)
+        for name, backend in want.items():
+            if name not in self.pods:
+                try:
+                    await self.add(backend)
+                except Exception as e:
+                    log.error("%s: cannot manage: %s", name, e)
 
     # -- state ----------------------------------------------------------------------------------
 
-    def _set_state(self, pod: _Pod, state: PodState, reason: str = "") -> None:
+    def _set_state(self, pod: _Pod, state: PodState, reason: str = "", seconds: float | None = None) -> None:
+        old = pod.state
         pod.state = state
         pod.reason = reason
         for s in PodState:
             self.metrics.state.labels(pod.backend.name, s.value).set(1 if s == state else 0)
         self._write_state(force=True)
+        self._notify(pod.backend.name, old, state, reason, seconds)
+
+    def _notify(self, name: str, old: PodState | None, new: PodState | None, reason: str,
+                seconds: float | None = None) -> None:
+        if self.on_state is None:
+            return
+        try:
+            self.on_state(name, old, new, reason, seconds)
+        except Exception:
+            log.exception("%s: state listener failed", name)
 
     def status(self) -> list[PodStatus]:
         now = time.monotonic()
@@ -399,7 +461,7 @@ class Scaler:
             pod.checkpoints += 1
             self.metrics.checkpoint_seconds.observe(pod.last_checkpoint_seconds)
             self.metrics.checkpoints.labels(name, "ok").inc()
-            self._set_state(pod, PodState.CHECKPOINTED)
+            self._set_state(pod, PodState.CHECKPOINTED, seconds=pod.last_checkpoint_seconds)
             log.info("%s: checkpointed in %.3f s (ports %s)", name, pod.last_checkpoint_seconds, list(ports))
             return True
 
@@ -445,7 +507,7 @@ class Scaler:
             pod.last_activity = time.monotonic()
             pod.last_lookups = self.sk.stats(pod.slot).lookups
             self.metrics.restore_seconds.observe(pod.last_restore_seconds)
-            self._set_state(pod, PodState.RUNNING)
+            self._set_state(pod, PodState.RUNNING, seconds=pod.last_restore_seconds)
             log.info("%s: restored and listening in %.3f s", name, pod.last_restore_seconds)
 
     async def _wait_listening(self, pod: _Pod) -> None:
@@ -518,6 +580,49 @@ class ScalerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
+
+
+def container_id(namespace: str, name: str) -> str:
+    """The RuncRuntime container id of a pod's backend container (runc allows [A-Za-z0-9_.+-])."""
+    return f"{namespace}.{name}"
+
+
+def container_netns(runtime_dir: Path, cid: str) -> Path | None:
+    """The network namespace a RuncRuntime container joins, from its OCI bundle (None: no such container)."""
+    try:
+        config = json.loads((runtime_dir / "containers" / cid / "bundle" / "config.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    for ns in config.get("linux", {}).get("namespaces", []):
+        if ns.get("type") == "network" and ns.get("path"):
+            return Path(ns["path"])
+    return None
+
+
+def node_backends(pods: Iterable[Any], node_name: str, runtime_dir: Path) -> tuple[dict[str, Backend], list[str]]:
+    """The Backends of this node's opted-in pods (translated PodInfo) whose containers live in a
+    RuncRuntime directory under the id ``<namespace>.<pod>``; and every problem (bad annotations,
+    an opted-in pod without its container), one line each, naming the pod.
+
+    This is where a containerd integration would differ: it would find the pod's container and
+    netns through the CRI instead of a runtime directory.
+    """
+    want: dict[str, Backend] = {}
+    problems: list[str] = []
+    for pod in pods:
+        if pod.node_name != node_name or pod.terminating:
+            continue
+        cid = container_id(pod.namespace, pod.name)
+        netns = container_netns(runtime_dir, cid)
+        backend, bad = backend_for_pod(pod, cid, netns or Path("/nonexistent"))
+        problems += bad
+        if backend is None:
+            continue
+        if netns is None:
+            problems.append(f"{backend.name}: opted in, but there is no container {cid} in {runtime_dir}")
+            continue
+        want[backend.name] = backend
+    return want, problems
 
 
 def backend_for_pod(pod: Any, container_id: str, netns: Path) -> tuple[Backend | None, list[str]]:

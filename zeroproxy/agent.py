@@ -9,6 +9,10 @@ sync) and hands the table to the map side, which writes only what differs from i
 Nothing is written before every watched kind was listed once, so a restarting agent never
 removes entries it simply has not heard about yet: the maps adopted from the previous agent
 keep serving until the first complete sync, and stale entries go exactly then.
+
+With ``scaleToZero.enabled`` the agent also runs the scaler for this node's opted-in pods on
+its loop (:class:`zeroproxy.scale_cli.NodeScaler`): their states reach this node's translation
+directly and, with the API source, every other agent through the Pod label it publishes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import signal
 import time
 from typing import Any
 
-from controlplane.changes import ChangeTracker, ServiceKey
+from controlplane.changes import SCALE_STATE_PODS, ChangeTracker, ServiceKey
 from controlplane.config import Config
 from controlplane.filesource import FileSource
 from controlplane.health import HealthServer, ProxyHealth, ServiceHealth, ServiceHealthServers
@@ -47,8 +51,9 @@ class Agent:
         self.nodeport: tc.NodeDatapath | None = None  # TC programs on config.devices, if any
         self._local_addresses: list[Any] = []
         kube = config.source == "kubernetes"
+        self.watch_pods = config.watch_pods or config.scale_to_zero.enabled
         required = ["Service", "EndpointSlice"] + (["Node"] if kube else []) + (
-            ["Pod"] if kube and config.watch_pods else [])
+            ["Pod", SCALE_STATE_PODS] if kube and self.watch_pods else [])
         self.tracker = ChangeTracker(config.node_name, proxy_name=config.proxy_name, required_kinds=required)
         self.runner = SyncRunner(
             self._sync,
@@ -63,7 +68,9 @@ class Agent:
         self._need_full = True  # the first sync is full; so is the one after any failure
         self._last_full = float("-inf")
         self._source: Any = None
+        self._kube_configuration: Any = None
         self._servers: list[Any] = []
+        self.scale: Any = None  # NodeScaler when scale to zero is enabled
         self.synced = asyncio.Event()
 
     # ---- watch side: handlers only record -----------------------------------------------------
@@ -73,11 +80,15 @@ class Agent:
         changed = self.tracker.replace_all(objects)
         log.info("source: %d objects, %d changed", len(objects), changed)
         self.runner.request()
+        if self.scale is not None:
+            self.scale.pods_changed()
 
     def on_list(self, kind: str, objects: list[dict[str, Any]], received: float) -> None:
         """A watcher (re)listed a kind: the objects are all there is of it."""
         first = kind not in self.tracker.listed_kinds
         changed = self.tracker.replace(kind, objects, received)
+        if self.scale is not None and kind == "Pod":
+            self.scale.pods_changed()
         log.info("%s: %s of %d objects, %d changed", kind, "initial list" if first else "relist", len(objects),
                  changed)
         if changed or self.tracker.synced:
@@ -94,6 +105,8 @@ class Agent:
         if changed:
             log.info("%s %s %s", kind, name, event.lower())
             self.runner.request()
+            if self.scale is not None and kind == "Pod":
+                self.scale.pods_changed()
         else:
             log.debug("%s %s %s: nothing a proxy reads changed", kind, name, event.lower())
 
@@ -221,9 +234,10 @@ class Agent:
         if source == "kubernetes":
             from controlplane.kubesource import KubeSource, load_configuration, resources
 
-            cfg = load_configuration(self.config.kubeconfig, self.config.api_server)
+            cfg = self._kube_configuration = load_configuration(self.config.kubeconfig, self.config.api_server)
             log.info("watching the Kubernetes API at %s as node %s", cfg.host, self.config.node_name)
-            return KubeSource(cfg, resources(self.config.node_name, watch_pods=self.config.watch_pods),
+            return KubeSource(cfg, resources(self.config.node_name, watch_pods=self.watch_pods,
+                                             scale_states=self.watch_pods),
                               self.on_list, self.on_event, self.on_status)
         raise ValueError(f"source {source!r}: expected kubernetes or file:PATH")
 
@@ -286,6 +300,8 @@ class Agent:
             self.nodeport.load()
             await asyncio.to_thread(self.nodeport.attach)  # pyroute2 needs a thread of its own here
             log.info("NodePort/ExternalIP/LoadBalancer programs on %s", ", ".join(self.config.devices))
+        if self.config.scale_to_zero.enabled:
+            await self._start_scale_to_zero()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -307,12 +323,31 @@ class Agent:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.scale is not None:
+                await self.scale.close()
+                if self.scale.publisher is not None:
+                    await asyncio.to_thread(self.scale.publisher.stop)
             self.service_health.close()
             for server in self._servers:
                 server.close()
             self.datapath.close()
             if self.nodeport is not None:
                 self.nodeport.close()
+
+
+    async def _start_scale_to_zero(self) -> None:
+        from zeroproxy.scale_cli import NodeScaler
+
+        publisher = None
+        if self._kube_configuration is not None:
+            from controlplane.kubesource import PodStatePublisher
+
+            publisher = PodStatePublisher(self._kube_configuration, self.config.node_name)
+            publisher.start()
+        self.scale = NodeScaler(self.config.scale_to_zero, self.config.node_name, self.tracker, self.runner.request,
+                                registry=self.metrics.registry, publisher=publisher)
+        await self.scale.start()
+        self.scale.pods_changed()
 
 
 def _health_check(key: ServiceKey, entries: Any, node_name: str) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -104,13 +104,27 @@ def agent_config(args: argparse.Namespace) -> Config:
                 overrides[attr] = check(overrides[attr])
             except ValueError as e:
                 problems.append(f"--{_FLAG_OF.get(attr, attr.replace('_', '-'))}: {e}")
+    s2z = {"enabled": args.scale_to_zero, "runtime_dir": args.runtime_dir, "criu": args.criu,
+           "cgroup_parent": args.s2z_cgroup_parent, "restore_timeout": args.restore_timeout,
+           "state_file": args.scale_state_file}
+    s2z_checks = {"runtime_dir": cfgmod._path, "criu": cfgmod._path, "cgroup_parent": cfgmod._cgroup_parent,
+                  "restore_timeout": lambda v: cfgmod._restore_timeout(cfgmod.format_duration(v)),
+                  "state_file": cfgmod._path}
+    for attr, check in s2z_checks.items():
+        if s2z[attr] is not None:
+            try:
+                s2z[attr] = check(s2z[attr])
+            except ValueError as e:
+                problems.append(f"--{_FLAG_OF.get(attr, attr.replace('_', '-'))}: {e}")
     if problems:
         raise cfgmod.ConfigError(problems)
+    overrides["scale_to_zero"] = replace(cfg.scale_to_zero, **{k: v for k, v in s2z.items() if v is not None})
     return cfgmod.validate(cfg.with_overrides(**overrides))
 
 
 _FLAG_OF = {"api_server": "master", "health_check_node_port_address": "healthcheck-nodeport-address",
-            "node_port_addresses": "nodeport-addresses"}
+            "node_port_addresses": "nodeport-addresses", "cgroup_parent": "s2z-cgroup-parent",
+            "state_file": "scale-state-file"}
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -262,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="maximum time between two syncs, e.g. 60s (default 60s)")
     a.add_argument("--watch-pods", action="store_const", const=True, default=None,
                    help="also watch this node's Pods (scale to zero needs them)")
+    a.add_argument("--scale-to-zero", action="store_const", const=True, default=None,
+                   help="checkpoint idle opted-in pods of this node and wake them on demand (implies --watch-pods)")
+    a.add_argument("--runtime-dir", default=None, help="scale to zero: runc runtime dir of the pods' containers")
+    a.add_argument("--criu", default=None, help="scale to zero: CRIU >= 4.2.1 binary")
+    a.add_argument("--s2z-cgroup-parent", default=None, help="scale to zero: cgroup of restored containers")
+    a.add_argument("--restore-timeout", type=_duration, default=None, metavar="DURATION",
+                   help="scale to zero: how long held connections wait for a restore (default 30s)")
+    a.add_argument("--scale-state-file", default=None, help="scale to zero: state file for `zeroproxy scale status`")
     a.set_defaults(func=cmd_agent)
 
     c = sub.add_parser("cleanup", help="detach zeroproxy's programs and remove its pins")
