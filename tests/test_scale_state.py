@@ -10,6 +10,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
+import yaml
+
 from controlplane import annotations
 from controlplane.changes import SCALE_STATE_PODS, ChangeTracker
 from zeroproxy.k8sobjects import endpoint_slice, service
@@ -128,3 +131,49 @@ def test_file_source_objects_with_the_label() -> None:
     t.replace_all(later)
     assert sync(t) == {("default", "web")}
     assert backends_of(t, "10.96.0.1") == ["10.244.0.1:8080", "10.244.0.2:8080"]
+
+
+def test_publication_of_state_changes() -> None:
+    from dataplane.scaler import PodState, publication
+
+    assert publication(PodState.RUNNING, PodState.CHECKPOINTING) == ("running", None)
+    label, event = publication(PodState.CHECKPOINTING, PodState.CHECKPOINTED, seconds=0.2)
+    assert label == "checkpointed" and event is not None and event[0] == "Checkpointed" and "0.200 s" in event[1]
+    assert publication(PodState.CHECKPOINTING, PodState.RUNNING) == ("running", None)  # dump refused: not idle
+    assert publication(PodState.CHECKPOINTED, PodState.RESTORING) == ("restoring", None)
+    label, event = publication(PodState.RESTORING, PodState.RUNNING, seconds=0.1)
+    assert label == "running" and event is not None and event[0] == "Restored"
+    assert publication(PodState.RESTORING, PodState.FAILED, "no checkpoint images") == (
+        "failed", ("RestoreFailed", "restore failed: no checkpoint images; held connections were reset, the next "
+                   "connection tries again", "Warning"))
+    assert publication(PodState.RUNNING, None) == (None, None)  # opted out: the label goes
+    assert all(publication(None, s)[0] in annotations.STATES for s in PodState)
+
+
+def test_scale_to_zero_config_fields_and_flags(tmp_path: Any) -> None:
+    from controlplane import config
+    from zeroproxy.cli import agent_config, build_parser
+
+    doc = {"apiVersion": config.API_VERSION, "kind": config.KIND,
+           "scaleToZero": {"enabled": True, "runtimeDir": "/rt", "restoreTimeout": "45s", "pollInterval": "250ms"}}
+    cfg = config.parse(doc)
+    sz = cfg.scale_to_zero
+    assert (sz.enabled, str(sz.runtime_dir), sz.restore_timeout, sz.poll_interval) == (True, "/rt", 45.0, 0.25)
+    assert str(sz.criu) == str(config.DEFAULT_S2Z_CRIU)  # unset fields keep their defaults
+    assert config.parse(config.dump(cfg)) == cfg  # --print-config round trip
+    with pytest.raises(config.ConfigError) as e:
+        config.parse({**doc, "scaleToZero": {"enabled": "yes", "restoreTimeout": "1h", "cgroupParent": "rel",
+                                             "typo": 1}})
+    assert e.value.problems == [
+        "scaleToZero.enabled: must be true or false, got the string 'yes'",
+        "scaleToZero.restoreTimeout: must be between 1s and 600s, got '1h'",
+        "scaleToZero.cgroupParent: must be an absolute cgroup path like /zeroproxy, got 'rel'",
+        "scaleToZero.typo: unknown field (known: enabled, runtimeDir, criu, cgroupParent, restoreTimeout, "
+        "stateFile, pollInterval)",
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    args = build_parser().parse_args(["agent", "--config", str(path), "--source", "file:/x", "--criu", "/c",
+                                      "--restore-timeout", "20s"])
+    sz = agent_config(args).scale_to_zero
+    assert (sz.enabled, str(sz.runtime_dir), str(sz.criu), sz.restore_timeout) == (True, "/rt", "/c", 20.0)
