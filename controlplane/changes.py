@@ -40,6 +40,7 @@ from controlplane.objects import Severity
 from controlplane.translate import (
     API_VERSIONS,
     CLUSTER_SCOPED,
+    DEFAULT_NODE_PORT_RANGE,
     SERVICE_NAME_LABEL,
     NodeInfo,
     PodInfo,
@@ -172,9 +173,11 @@ class ChangeTracker:
     """The object store, the set of changed services, and the programmed {previous} state."""
 
     def __init__(self, node_name: str, *, proxy_name: str = "",
-                 required_kinds: Iterable[str] = ("Service", "EndpointSlice")) -> None:
+                 required_kinds: Iterable[str] = ("Service", "EndpointSlice"),
+                 node_port_range: tuple[int, int] = DEFAULT_NODE_PORT_RANGE) -> None:
         self.node_name = node_name
         self.proxy_name = proxy_name
+        self.node_port_range = node_port_range
         self.required_kinds = frozenset(required_kinds)
         self.listed_kinds: set[str] = set()
         self.objects: dict[str, dict[ObjectKey, _Stored]] = {k: {} for k in API_VERSIONS if k != "List"}
@@ -315,7 +318,7 @@ class ChangeTracker:
             if name == self.node_name:
                 self.node_deleting = False
             return
-        tr = translate([new.body], self.node_name)
+        tr = translate([new.body], self.node_name, node_port_range=self.node_port_range)
         self._log_errors(("Node", name), tr.errors)
         if name in tr.nodes:
             self.nodes[name] = tr.nodes[name]
@@ -327,7 +330,7 @@ class ChangeTracker:
         if new is None:
             self.pods.pop(key, None)
             return
-        tr = translate([new.body], self.node_name)
+        tr = translate([new.body], self.node_name, node_port_range=self.node_port_range)
         self._log_errors(("Pod", key), tr.errors)
         if key in tr.pods:
             self.pods[key] = tr.pods[key]
@@ -489,7 +492,8 @@ class ChangeTracker:
         if not objects:
             self._log_errors(key, [])
             return {}
-        tr = translate(objects, self.node_name, proxy_name=self.proxy_name, scale_states=self.scale_states)
+        tr = translate(objects, self.node_name, proxy_name=self.proxy_name, scale_states=self.scale_states,
+                       node_port_range=self.node_port_range)
         self._log_errors(key, tr.errors)
         return tr.table
 

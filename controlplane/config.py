@@ -96,6 +96,7 @@ class Config:
     kubeconfig: str = ""  # clientConnection.kubeconfig; "" = in-cluster, then $KUBECONFIG, ~/.kube
     cluster_cidr: tuple[str, ...] = ()
     node_port_addresses: tuple[str, ...] = ()
+    node_port_range: tuple[int, int] = (30000, 32767)  # the apiserver's --service-node-port-range
     healthz_bind_address: str = DEFAULT_HEALTHZ_BIND_ADDRESS  # "" disables the server
     metrics_bind_address: str = DEFAULT_METRICS_BIND_ADDRESS  # "" disables the server
     conntrack: ConntrackConfig = ConntrackConfig()
@@ -232,6 +233,22 @@ def _source(value: Any) -> str:
     raise ValueError(f"must be \"kubernetes\" or \"file:PATH\", got {text!r}")
 
 
+def _port_range(value: Any) -> tuple[int, int]:
+    """kube-apiserver's --service-node-port-range form: "30000-32767" (a single port is allowed)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"must be a port range like \"30000-32767\", got {_describe(value)}")
+    lo_s, _, hi_s = value.strip().partition("-")
+    try:
+        lo, hi = int(lo_s), int(hi_s or lo_s)
+    except ValueError:
+        raise ValueError(f"must be a port range like \"30000-32767\", got {value!r}") from None
+    if not 1 <= lo <= hi <= 65535:
+        raise ValueError(f"must be within 1-65535 with the low port first, got {value!r}")
+    return (lo, hi)
+
+
 def _devices(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(d for d in value.split(",") if d)
@@ -315,6 +332,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "watchPods": ("watch_pods", _bool),
     "clusterCIDR": ("cluster_cidr", lambda v: _cidr_list(v, comma_string=True)),
     "nodePortAddresses": ("node_port_addresses", lambda v: _cidr_list(v, comma_string=False)),
+    "nodePortRange": ("node_port_range", _port_range),
     "healthzBindAddress": ("healthz_bind_address", parse_bind_address),
     "metricsBindAddress": ("metrics_bind_address", parse_bind_address),
     "syncPeriod": ("sync_period", _positive_duration),
@@ -497,6 +515,8 @@ def dump(cfg: Config) -> dict[str, Any]:
             value = None if value is None else format_duration(value)
         elif isinstance(value, Path):
             value = str(value)
+        elif name == "nodePortRange":
+            value = f"{value[0]}-{value[1]}"
         elif isinstance(value, tuple):
             value = ",".join(value) if name == "clusterCIDR" else list(value)
         if value is not None:

@@ -134,3 +134,32 @@ def test_cli_rejects_a_bad_file_naming_file_and_field(tmp_path: Path) -> None:
     assert out.returncode == 2 and "missing.yaml: cannot read" in out.stderr
     out = _agent("--print-config", "--metrics-bind-address", "nope")
     assert out.returncode == 2 and "--metrics-bind-address:" in out.stderr
+
+
+@pytest.mark.parametrize(("value", "expected"), [("30000-32767", (30000, 32767)), ("31000-31999", (31000, 31999)),
+                                                 ("8080", (8080, 8080))])
+def test_node_port_range_parses(value: str, expected: tuple[int, int]) -> None:
+    cfg = parse({"apiVersion": config.API_VERSION, "kind": config.KIND, "nodePortRange": value})
+    assert cfg.node_port_range == expected
+
+
+@pytest.mark.parametrize("value", ["40000-3", "0-10", "30000-70000", "a-b", ["30000", "32767"]])
+def test_bad_node_port_range_is_named(value: object) -> None:
+    with pytest.raises(ConfigError, match="nodePortRange"):
+        parse({"apiVersion": config.API_VERSION, "kind": config.KIND, "nodePortRange": value})
+
+
+def test_node_port_range_reaches_translation() -> None:
+    from controlplane.changes import ChangeTracker
+    from zeroproxy.k8sobjects import service
+
+    svc = service("np", ["10.96.0.5"], [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30500}],
+                  type="NodePort")
+    narrow = ChangeTracker("a", node_port_range=(31000, 31999))
+    narrow.replace_all([svc])
+    narrow.apply(narrow.plan(full=True))
+    assert not any(fe.kind.value == "NodePort" for fe in narrow.table)
+    wide = ChangeTracker("a")
+    wide.replace_all([svc])
+    wide.apply(wide.plan(full=True))
+    assert any(fe.kind.value == "NodePort" and fe.port == 30500 for fe in wide.table)

@@ -54,7 +54,8 @@ class Agent:
         self.watch_pods = config.watch_pods or config.scale_to_zero.enabled
         required = ["Service", "EndpointSlice"] + (["Node"] if kube else []) + (
             ["Pod", SCALE_STATE_PODS] if kube and self.watch_pods else [])
-        self.tracker = ChangeTracker(config.node_name, proxy_name=config.proxy_name, required_kinds=required)
+        self.tracker = ChangeTracker(config.node_name, proxy_name=config.proxy_name, required_kinds=required,
+                                     node_port_range=config.node_port_range)
         self.runner = SyncRunner(
             self._sync,
             min_interval=config.min_sync_period,
@@ -291,7 +292,7 @@ class Agent:
             ct = self.config.conntrack
             defaults = tc.CtTimeouts()
             self.nodeport = tc.NodeDatapath(
-                self.config.bpffs, self.config.devices,
+                self.config.bpffs, self.config.devices, node_port_range=self.config.node_port_range,
                 timeouts=tc.CtTimeouts(
                     syn=defaults.syn,
                     established=int(ct.tcp_established_timeout or defaults.established),

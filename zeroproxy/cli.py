@@ -88,6 +88,7 @@ def agent_config(args: argparse.Namespace) -> Config:
         else None,
         "node_port_addresses": tuple(c for c in args.nodeport_addresses.split(",") if c)
         if args.nodeport_addresses is not None else None,
+        "node_port_range": args.nodeport_range,
         "sync_period": args.sync_period,
         "min_sync_period": args.min_sync_period,
         "watch_pods": args.watch_pods,
@@ -97,7 +98,8 @@ def agent_config(args: argparse.Namespace) -> Config:
               "metrics_bind_address": cfgmod.parse_bind_address, "api_server": cfgmod._api_server,
               "health_check_node_port_address": cfgmod._ip,
               "cluster_cidr": lambda v: cfgmod._cidr_list(v, comma_string=False),
-              "node_port_addresses": lambda v: cfgmod._cidr_list(v, comma_string=False)}
+              "node_port_addresses": lambda v: cfgmod._cidr_list(v, comma_string=False),
+              "node_port_range": cfgmod._port_range}
     for attr, check in checks.items():
         if overrides[attr] is not None:
             try:
@@ -123,7 +125,8 @@ def agent_config(args: argparse.Namespace) -> Config:
 
 
 _FLAG_OF = {"api_server": "master", "health_check_node_port_address": "healthcheck-nodeport-address",
-            "node_port_addresses": "nodeport-addresses", "cgroup_parent": "s2z-cgroup-parent",
+            "node_port_addresses": "nodeport-addresses", "node_port_range": "nodeport-range",
+            "cgroup_parent": "s2z-cgroup-parent",
             "state_file": "scale-state-file"}
 
 
@@ -269,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--cluster-cidr", default=None, help="comma-separated pod CIDRs of the cluster")
     a.add_argument("--nodeport-addresses", default=None,
                    help="comma-separated CIDRs: NodePorts answer only on node addresses inside them")
+    a.add_argument("--nodeport-range", default=None,
+                   help="the cluster's NodePort range, as kube-apiserver's --service-node-port-range "
+                        "(default 30000-32767); nodePorts outside it are rejected")
     a.add_argument("--min-sync-period", type=_duration, default=None,
                    help="minimum time between two syncs, e.g. 100ms or 0.1; bursts of changes coalesce "
                         "(default 100ms)")
