@@ -15,6 +15,7 @@ from bench.topology import DIRECT, IPTABLES, MODES, NFTABLES, ZEROPROXY
 
 AGENT = "zeroproxy-agent"  # "mode" of the programming/memory rows measured on the real agent process
 ZPCTL_PROCESS = "bench.zpctl (datapath + ServiceMaps)"
+ZP_FULL_SYNC = "zeroproxy-full-sync"  # endpoint_change rows: ServiceMaps.sync of the whole table
 
 SCENARIO_TITLES = {
     "short": "Short connections (socket + connect + request + reply + close)",
@@ -144,12 +145,13 @@ def markdown(results: dict[str, Any]) -> str:
         rows = []
         for count in sorted({c["services"] for c in change}):
             cell = {}
-            for mode in (IPTABLES, NFTABLES, ZEROPROXY):
+            modes = (IPTABLES, NFTABLES, ZEROPROXY, ZP_FULL_SYNC)
+            for mode in modes:
                 vals = [c["seconds"] for c in change if c["services"] == count and c["mode"] == mode]
                 cell[mode] = sorted(vals)[len(vals) // 2] if vals else None
-            rows.append([f"{count:,}", *(_f(cell[m] and cell[m] * 1000, "{:.1f} ms") for m in
-                                         (IPTABLES, NFTABLES, ZEROPROXY))])
-        lines += _table(["services", "iptables-restore --noflush", "nft -f", "zeroproxy"], rows)
+            rows.append([f"{count:,}", *(_f(cell[m] and cell[m] * 1000, "{:.1f} ms") for m in modes)])
+        lines += _table(["services", "iptables-restore --noflush", "nft -f", "zeroproxy (partial sync)",
+                         "zeroproxy full resync"], rows)
         lines.append("")
 
     stats = [s for s in results.get("bpf_stats", []) if s["run_cnt"]]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import SCHEMA, client, rules
-from bench.report import AGENT, ZPCTL_PROCESS
+from bench.report import AGENT, ZP_FULL_SYNC, ZPCTL_PROCESS
 from bench.services import Service, make_services
 from bench.topology import CLUSTER_CIDR, DIRECT, IPTABLES, MODES, NFTABLES, ZEROPROXY, Topology, timed
 from zeroproxy.testbed import NETNS_DIR, TestBed, cleanup_stale
@@ -367,7 +367,8 @@ def measure_bpf_stats(cfg: Config, topo: Topology, binary: Path,
 def measure_endpoint_change(cfg: Config, topo: Topology, services: list[Service]) -> list[dict[str, Any]]:
     """Time to apply "the last service lost one endpoint", and to put it back, per mode.
 
-    zeroproxy: ServiceMaps.sync of the whole re-translated table (in process). iptables: what
+    zeroproxy: ServiceMaps.sync scoped to the changed frontend, as the agent does (in process),
+    plus a full resync for comparison (mode ZP_FULL_SYNC). iptables: what
     kube-proxy's partial sync restores (KUBE-SERVICES in full plus the changed chains, --noflush).
     nftables: one small transaction on the changed chains. Both baselines include starting the
     tool, as kube-proxy does each sync. Once each call returns, new connections use the change.
@@ -376,10 +377,17 @@ def measure_endpoint_change(cfg: Config, topo: Topology, services: list[Service]
     shrunk = Service(svc.index, svc.vip, svc.port, svc.endpoints[:-1])
     out: list[dict[str, Any]] = []
     steps: list[tuple[str, str, Callable[[], float]]] = []
+    full_syncs: list[float] = []
+
+    def zp_change(endpoints: tuple[tuple[str, int], ...]) -> float:
+        reply = topo.change_zeroproxy(svc.index, endpoints)
+        full_syncs.append(reply["full_sync_s"])
+        return reply["sync_s"]
+
     if ZEROPROXY in cfg.modes:
         steps += [
-            (ZEROPROXY, "remove", lambda: topo.change_zeroproxy(svc.index, shrunk.endpoints)["sync_s"]),
-            (ZEROPROXY, "add", lambda: topo.change_zeroproxy(svc.index, svc.endpoints)["sync_s"]),
+            (ZEROPROXY, "remove", lambda: zp_change(shrunk.endpoints)),
+            (ZEROPROXY, "add", lambda: zp_change(svc.endpoints)),
         ]
     if IPTABLES in cfg.modes:
         steps += [
@@ -394,6 +402,8 @@ def measure_endpoint_change(cfg: Config, topo: Topology, services: list[Service]
     for mode, what, fn in steps:
         out.append({"services": len(services), "mode": mode, "change": f"{what} one endpoint of the last service",
                     "seconds": fn()})
+    out += [{"services": len(services), "mode": ZP_FULL_SYNC, "change": "full resync of the table (no difference)",
+             "seconds": s} for s in full_syncs]
     return out
 
 

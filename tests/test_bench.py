@@ -160,7 +160,9 @@ def test_smoke_run_produces_results_and_cleans_up(bench_tools: None, stale_beds_
     connect = [s for s in results["bpf_stats"] if s["program"] == "zp_sock4_connect"]
     assert [s["services"] for s in connect] == [1, 20]
     assert all(s["run_cnt"] >= s["client_requests"] > 0 for s in connect)
-    assert len(results["endpoint_change"]) == 2 * 3 * 2  # N x modes x (remove, add)
+    changes = results["endpoint_change"]
+    assert len(changes) == 2 * 4 * 2  # N x (3 modes + zeroproxy full resync) x (remove, add)
+    assert all(c["seconds"] > 0 for c in changes)
 
     md = (out / "results.md").read_text()
     assert "zeroproxy/direct" in md and "| 20 | last |" in md
