@@ -5,6 +5,13 @@
         zeroproxy.io/scale-to-zero: "true"     # opt in ("true" / "false", case-insensitive)
         zeroproxy.io/idle-timeout: "5m"        # optional; default 5m; Go-style duration
         zeroproxy.io/restore-timeout: "30s"    # optional; how long held clients wait; default 30s
+        zeroproxy.io/probe-response: "http"    # optional; "off" (default), "tcp" or "http"
+
+`probe-response` lets the activation proxy answer the kubelet's health probes of a checkpointed
+pod without waking it (only connections from one of the node's own addresses): "tcp" accepts
+and closes (a TCP-socket probe), "http" answers `200 OK` to an HTTP request whose User-Agent
+starts with `kube-probe/` (an HTTP-GET probe); everything else wakes the pod as usual. A
+Service's backends are its pods, so the per-service setting is this annotation on all of them.
 
 Durations use the Go/Kubernetes form: a sequence of <number><unit> with units ms, s, m, h
 ("90s", "1m30s", "1.5h", "250ms"). Bounds keep typos from doing harm: the idle timeout must be
@@ -35,6 +42,11 @@ PREFIX = "zeroproxy.io/"
 SCALE_TO_ZERO = PREFIX + "scale-to-zero"
 IDLE_TIMEOUT = PREFIX + "idle-timeout"
 RESTORE_TIMEOUT = PREFIX + "restore-timeout"
+PROBE_RESPONSE = PREFIX + "probe-response"
+PROBE_OFF = "off"  # every connection wakes the pod, probes too
+PROBE_TCP = "tcp"  # connections from the node are accepted and closed
+PROBE_HTTP = "http"  # kube-probe/ HTTP requests from the node get 200 OK
+PROBE_RESPONSES = (PROBE_OFF, PROBE_TCP, PROBE_HTTP)
 # The label the scaler publishes on its pods (the file source honours it too), and its values.
 STATE = PREFIX + "scale-state"
 STATE_RUNNING = "running"
@@ -96,6 +108,7 @@ class ScaleToZero:
 
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     restore_timeout: float = DEFAULT_RESTORE_TIMEOUT
+    probe_response: str = PROBE_OFF  # one of PROBE_RESPONSES
 
 
 def parse(annotations: Mapping[str, str], pod: str = "pod") -> tuple[ScaleToZero | None, list[str]]:
@@ -133,14 +146,21 @@ def parse(annotations: Mapping[str, str], pod: str = "pod") -> tuple[ScaleToZero
 
     idle = duration(IDLE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, IDLE_TIMEOUT_BOUNDS)
     restore = duration(RESTORE_TIMEOUT, DEFAULT_RESTORE_TIMEOUT, RESTORE_TIMEOUT_BOUNDS)
-    if idle is None or restore is None:
+    probe = annotations.get(PROBE_RESPONSE, PROBE_OFF).strip().lower()
+    if probe not in PROBE_RESPONSES:
+        problems.append(f"{pod}: annotation {PROBE_RESPONSE}={annotations[PROBE_RESPONSE]!r}: expected one of "
+                        + ", ".join(f'"{v}"' for v in PROBE_RESPONSES))
+    if idle is None or restore is None or probe not in PROBE_RESPONSES:
         return None, problems
-    return ScaleToZero(idle_timeout=idle, restore_timeout=restore), problems
+    return ScaleToZero(idle_timeout=idle, restore_timeout=restore, probe_response=probe), problems
 
 
-def annotate(idle_timeout: str = "5m", restore_timeout: str | None = None) -> dict[str, str]:
+def annotate(idle_timeout: str = "5m", restore_timeout: str | None = None,
+             probe_response: str | None = None) -> dict[str, str]:
     """The annotations that opt a pod in (for tests, the demo and manifests)."""
     out = {SCALE_TO_ZERO: "true", IDLE_TIMEOUT: idle_timeout}
     if restore_timeout is not None:
         out[RESTORE_TIMEOUT] = restore_timeout
+    if probe_response is not None:
+        out[PROBE_RESPONSE] = probe_response
     return out

@@ -14,6 +14,13 @@ half-close (a FIN is passed on as a FIN, the other direction keeps flowing). Not
 long connection off. A wake that fails or takes longer than `hold_timeout` closes the held
 clients with a reset, so a client never mistakes the failure for an empty answer.
 
+Health probes (annotation zeroproxy.io/probe-response): a connection from one of the node's own
+addresses (where the kubelet probes from) can be answered without a wake. "tcp": accepted and
+closed with a FIN, nothing read (a TCP-socket probe only wants the handshake). "http": the
+request head is read (at most PROBE_HEAD_LIMIT bytes, for at most PROBE_READ_TIMEOUT) and, if it
+is an HTTP request with a `kube-probe/` User-Agent, answered `200 OK` and closed. Anything else
+takes the wake path, and the bytes read while deciding are replayed to the app first.
+
 The proxy dials the app over the pod's loopback (127.0.0.1 / ::1). The redirect is keyed by the
 pod's own addresses, so the proxy's connections can never be redirected back to itself, even
 while the redirect flag is on (e.g. during a dump that then fails).
@@ -24,14 +31,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import ipaddress
 import logging
 import os
+import re
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -45,6 +55,56 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
 
 WakeFn = Callable[[], Awaitable[None]]
+
+# Probe answering; the mode names are controlplane.annotations.PROBE_* (same strings).
+PROBE_OFF, PROBE_TCP, PROBE_HTTP = "off", "tcp", "http"
+PROBE_HEAD_LIMIT = 8192  # a request head larger than this is not a probe (kubelet's are ~150 bytes)
+PROBE_READ_TIMEOUT = 1.0  # seconds to wait for a whole head; then it is not a probe and wakes the pod
+PROBE_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+_REQUEST_LINE = re.compile(rb"[A-Z]{1,16} [\x21-\x7e]+ HTTP/1\.[01]")
+_METHOD_PREFIX = re.compile(rb"[A-Z]{0,16}( |$)")
+
+
+def probe_verdict(data: bytes, limit: int = PROBE_HEAD_LIMIT) -> bool | None:
+    """Is this the whole request of a kubelet HTTP probe? None: cannot tell yet, read more.
+
+    True only for exactly one complete request head (no body, nothing after it) with a
+    `User-Agent: kube-probe/...` header: answering anything more would swallow bytes meant for
+    the app. False as early as possible (first bytes not an HTTP method) so that other traffic
+    does not wait for the read timeout before its wake starts.
+    """
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        first = data.split(b"\r\n", 1)
+        if len(data) >= limit or not _METHOD_PREFIX.match(first[0][:17]):
+            return False
+        if len(first) == 2 and not _REQUEST_LINE.fullmatch(first[0]):
+            return False
+        return None
+    if end + 4 != len(data) or end + 4 > limit:
+        return False
+    lines = data[:end].split(b"\r\n")
+    if not _REQUEST_LINE.fullmatch(lines[0]):
+        return False
+    agent = None
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            return False  # not a header line: not HTTP we would answer
+        key = name.lower()
+        if key == b"user-agent":
+            agent = value.strip()
+        elif key == b"transfer-encoding" or (key == b"content-length" and value.strip() != b"0"):
+            return False  # a body follows: not a probe
+    return agent is not None and agent.startswith(b"kube-probe/")
+
+
+def _address(text: str) -> str:
+    """One spelling per address (no IPv6 scope, compressed) so peers compare with node addresses."""
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0]).compressed
+    except ValueError:
+        return text
 
 
 class WakeError(Exception):
@@ -175,6 +235,10 @@ class ScaleMetrics:
         )
         self.state = Gauge("zeroproxy_s2z_state", "1 for the state each opted-in pod is in", ["pod", "state"],
                            registry=r)
+        self.probes = Counter(
+            "zeroproxy_s2z_probes_answered", "Health probes from the node answered without a wake, by kind",
+            ["pod", "kind"], registry=r,
+        )
 
 
 # --- relay ----------------------------------------------------------------------------------
@@ -189,6 +253,7 @@ class ProxyCounters:
     relaying: int = 0  # relays with at least one leg open
     relayed: int = 0  # connections whose relay started
     dropped: int = 0  # held connections closed without a backend
+    probes: int = 0  # connections answered as health probes (never held, never a wake)
     bytes_to_app: int = 0
     bytes_to_client: int = 0
     max_buffered: int = 0  # largest write buffer seen on any leg: proves backpressure works
@@ -197,7 +262,7 @@ class ProxyCounters:
 class _Leg(asyncio.Protocol):
     """One side of a relay. `peer` is the other side; both are set before reading starts."""
 
-    __slots__ = ("closed", "eof", "peer", "pending", "pod", "to_app", "transport")
+    __slots__ = ("closed", "eof", "peer", "pending", "pod", "to_app", "transport", "waiter")
 
     def __init__(self, pod: PodProxy, to_app: bool) -> None:
         self.pod = pod
@@ -207,6 +272,11 @@ class _Leg(asyncio.Protocol):
         self.pending: list[bytes] = []  # read before the relay started (see data_received)
         self.eof = False
         self.closed = False
+        self.waiter: asyncio.Future[None] | None = None  # set while a probe check waits for bytes
+
+    def _wake_waiter(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -219,6 +289,7 @@ class _Leg(asyncio.Protocol):
             # to what one read returns, the rest waits in the kernel.
             self.pending.append(data)
             self.transport.pause_reading()  # type: ignore[union-attr]
+            self._wake_waiter()
             return
         if peer.closed:
             return
@@ -243,6 +314,7 @@ class _Leg(asyncio.Protocol):
         self.eof = True
         peer = self.peer
         if peer is None:
+            self._wake_waiter()
             return True  # held: the FIN is passed on once the relay starts
         if peer.closed:
             return False
@@ -257,6 +329,7 @@ class _Leg(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self._wake_waiter()
         peer = self.peer
         if peer is not None and not peer.closed:
             if exc is None:
@@ -270,12 +343,19 @@ class PodProxy:
     """The proxy's state for one pod: its listeners, its held connections, its counters."""
 
     def __init__(self, activator: Activator, name: str, netns: Path, wake: WakeFn,
-                 hold_timeout: float | None = None) -> None:
+                 hold_timeout: float | None = None, probe: str = PROBE_OFF,
+                 answer_probes: Callable[[], bool] | None = None) -> None:
+        if probe not in (PROBE_OFF, PROBE_TCP, PROBE_HTTP):
+            raise ValueError(f"probe response {probe!r}: expected off, tcp or http")
         self.activator = activator
         self.name = name
         self.hold_timeout = activator.hold_timeout if hold_timeout is None else hold_timeout
         self.netns = Netns(netns)
         self.wake = wake
+        self.probe = probe
+        # Asked per connection: the scaler says no while the pod failed, so that a broken pod is
+        # not reported healthy (the probe then retries the restore like any connection).
+        self.answer_probes = answer_probes
         self.listeners: dict[socket.AddressFamily, socket.socket] = {}
         self.servers: list[asyncio.AbstractServer] = []
         self.counters = ProxyCounters()
@@ -315,12 +395,70 @@ class PodProxy:
 
     def start_hold(self, leg: _Leg) -> None:
         self.counters.accepted += 1
-        self.counters.held += 1
         self.activator.metrics.accepted.labels(self.name).inc()
+        if self._may_be_probe(leg):
+            self._spawn(self._probe(leg))
+        else:
+            self._hold(leg)
+
+    def _hold(self, leg: _Leg) -> None:
+        self.counters.held += 1
         self.activator.metrics.held.inc()
-        task = asyncio.get_running_loop().create_task(self._serve(leg, time.monotonic()))
+        self._spawn(self._serve(leg, time.monotonic()))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _may_be_probe(self, leg: _Leg) -> bool:
+        """Probe answering is on, allowed now, and the connection comes from the node itself."""
+        if self.probe == PROBE_OFF or (self.answer_probes is not None and not self.answer_probes()):
+            return False
+        peer = leg.transport.get_extra_info("peername") if leg.transport is not None else None
+        return bool(peer) and _address(peer[0]) in self.activator.node_addresses
+
+    async def _probe(self, client: _Leg) -> None:
+        """Answer a health probe, or hand the connection to the wake path with what was read."""
+        try:
+            is_probe = True if self.probe == PROBE_TCP else await self._read_probe(client)
+        except asyncio.CancelledError:
+            reset(client.transport)
+            raise
+        if client.closed:
+            return  # gone while we read (a reset): nothing to answer, nothing to wake for
+        if not is_probe:
+            self._hold(client)
+            return
+        tr = client.transport
+        assert tr is not None
+        if self.probe == PROBE_HTTP:
+            tr.write(PROBE_ANSWER)
+        tr.close()  # after the buffered answer: a FIN, not a reset
+        self.counters.probes += 1
+        self.activator.metrics.probes.labels(self.name, self.probe).inc()
+
+    async def _read_probe(self, client: _Leg) -> bool:
+        """Read a request head (bounded in size and time) and say whether it is a kubelet probe."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PROBE_READ_TIMEOUT
+        while True:
+            verdict = probe_verdict(b"".join(client.pending))
+            if verdict is not None:
+                return verdict
+            remaining = deadline - loop.time()
+            if client.eof or client.closed or remaining <= 0:
+                return False
+            client.waiter = loop.create_future()
+            client.transport.resume_reading()  # type: ignore[union-attr]  # data_received pauses again
+            try:
+                await asyncio.wait_for(client.waiter, remaining)
+            except TimeoutError:
+                return False
+            finally:
+                client.waiter = None
+                if not client.closed:
+                    client.transport.pause_reading()  # type: ignore[union-attr]
 
     async def _serve(self, client: _Leg, t0: float) -> None:
         m = self.activator.metrics
@@ -473,17 +611,25 @@ class Activator:
         *,
         hold_timeout: float = 30.0,
         connect_timeout: float = 5.0,
+        node_addresses: Iterable[str] = (),
     ) -> None:
         self.metrics = metrics or ScaleMetrics()
         self.hold_timeout = hold_timeout
         self.connect_timeout = connect_timeout
+        self.node_addresses: frozenset[str] = frozenset()
+        self.set_node_addresses(node_addresses)
         self.pods: dict[str, PodProxy] = {}
 
-    async def add(self, name: str, netns: Path, wake: WakeFn, *, hold_timeout: float | None = None) -> PodProxy:
+    def set_node_addresses(self, addresses: Iterable[str]) -> None:
+        """The node's own addresses: the only sources whose connections may be answered as probes."""
+        self.node_addresses = frozenset(_address(str(a)) for a in addresses)
+
+    async def add(self, name: str, netns: Path, wake: WakeFn, *, hold_timeout: float | None = None,
+                  probe: str = PROBE_OFF, answer_probes: Callable[[], bool] | None = None) -> PodProxy:
         """Open the listeners of one pod; the caller puts them in the sockmap."""
         if name in self.pods:
             raise ValueError(f"pod {name!r} already has an activation proxy")
-        pp = PodProxy(self, name, netns, wake, hold_timeout)
+        pp = PodProxy(self, name, netns, wake, hold_timeout, probe, answer_probes)
         try:
             await pp.open()
         except BaseException:

@@ -21,7 +21,9 @@ The order of operations is what makes it lossless:
 
 A pod is idle when, for its idle timeout, it had no established or half-open connection on an
 app port, the sk_lookup program counted no new connection attempt, and the proxy held or
-relayed nothing.
+relayed nothing. Health probes the proxy answered for a parked pod (Backend.probe, from the
+node's addresses) never wake it; the SYN counter is re-read at every wake, so the probes it
+counted while the pod was parked do not count as activity either.
 
 All runtime calls block (runc, CRIU); they run in threads. Everything else runs on one asyncio
 loop (uvloop in the agent). `ScalerThread` runs a scaler on its own loop in a thread for tests,
@@ -80,6 +82,7 @@ class Backend:
     idle_timeout: float = 300.0  # seconds without traffic before a checkpoint
     ports: tuple[int, ...] = ()  # app ports; empty = the ports the app listens on at checkpoint time
     restore_timeout: float | None = None  # how long held clients wait; None = the scaler's default
+    probe: str = "off"  # health probes from the node answered while parked: "off", "tcp" or "http"
 
 
 @dataclass
@@ -109,6 +112,7 @@ class PodStatus:
     dropped: int
     bytes_to_app: int
     bytes_to_client: int
+    probes: int = 0  # health probes the proxy answered without a wake
 
 
 # on_state(pod "namespace/name", old state, new state (None: no longer managed), reason, seconds the
@@ -226,7 +230,10 @@ class Scaler:
         metrics: ScaleMetrics | None = None,
         sklookup: SkLookup | None = None,
         on_state: StateListener | None = None,
+        node_addresses: Iterable[str] | None = None,
     ) -> None:
+        """node_addresses: where the kubelet's probes come from (Backend.probe); None = every
+        address of the network namespace the scaler runs in (the node's, in the agent), read at start."""
         self.runtime = runtime
         self.on_state = on_state
         self.ready_timeout = ready_timeout
@@ -234,7 +241,8 @@ class Scaler:
         self.state_file = state_file
         self.metrics = metrics or ScaleMetrics()
         self.sk = sklookup or SkLookup()
-        self.activator = Activator(self.metrics, hold_timeout=restore_timeout)
+        self.activator = Activator(self.metrics, hold_timeout=restore_timeout, node_addresses=node_addresses or ())
+        self._own_addresses = node_addresses is None
         self.pods: dict[str, _Pod] = {}
         self._idle_task: asyncio.Task[None] | None = None
         self._last_state_write = 0.0
@@ -243,6 +251,11 @@ class Scaler:
 
     async def start(self) -> None:
         """Compile and load the sk_lookup program (about a second of bcc) and start idle checks."""
+        if self._own_addresses:
+            from dataplane import tc
+
+            addrs = await asyncio.to_thread(tc.local_addresses)
+            self.activator.set_node_addresses(str(a) for a in addrs)
         if self.sk.bpf is None:
             await asyncio.to_thread(self.sk.load)
         self._idle_task = asyncio.get_running_loop().create_task(self._idle_loop())
@@ -273,7 +286,8 @@ class Scaler:
             netns = Netns(backend.netns)
             link = self.sk.attach(backend.netns)
             proxy = await self.activator.add(backend.name, backend.netns, lambda: self.wake(backend.name),
-                                             hold_timeout=backend.restore_timeout)
+                                             hold_timeout=backend.restore_timeout, probe=backend.probe,
+                                             answer_probes=lambda: self._answers_probes(backend.name))
             for family, sock in proxy.listeners.items():
                 self.sk.set_listener(slot, family, sock.fileno())
         except BaseException:
@@ -297,6 +311,12 @@ class Scaler:
             self._set_state(pod, PodState.RUNNING)
         log.info("%s: scale to zero on (container %s, idle %gs, slot %d)", backend.name,
                  backend.container_id, backend.idle_timeout, slot)
+
+    def _answers_probes(self, name: str) -> bool:
+        """Probes are answered for a pod that is (being) checkpointed or coming back, never for a
+        failed one: a broken pod must not look healthy, its probe retries the restore instead."""
+        pod = self.pods.get(name)
+        return pod is not None and pod.state in (PodState.CHECKPOINTING, PodState.CHECKPOINTED, PodState.RESTORING)
 
     async def remove(self, name: str, *, wake: bool = True) -> None:
         """Opt a pod out: restore it first (wake=True) so nothing stays frozen with no one to wake
@@ -370,7 +390,7 @@ class Scaler:
                 last_checkpoint_seconds=pod.last_checkpoint_seconds, last_restore_seconds=pod.last_restore_seconds,
                 redirect=self.sk.redirect(pod.slot), lookups=st.lookups, assigned=st.assigned,
                 accepted=c.accepted, held=c.held, relayed=c.relayed, dropped=c.dropped,
-                bytes_to_app=c.bytes_to_app, bytes_to_client=c.bytes_to_client,
+                bytes_to_app=c.bytes_to_app, bytes_to_client=c.bytes_to_client, probes=c.probes,
             ))
         return out
 
@@ -644,4 +664,5 @@ def backend_for_pod(pod: Any, container_id: str, netns: Path) -> tuple[Backend |
         addresses=tuple(str(ip) for ip in pod.ips),
         idle_timeout=cfg.idle_timeout,
         restore_timeout=cfg.restore_timeout,
+        probe=cfg.probe_response,
     ), problems

@@ -357,6 +357,88 @@ def test_fifty_concurrent_held_connections_complete_without_retransmits(h: Harne
     assert h.proxy.counters.relayed == 50 and h.proxy.counters.dropped == 0
 
 
+# --- health probes (the client pod plays the node: its address is given as a node address) ------
+
+KUBE_PROBE = b"GET /healthz HTTP/1.1\r\nHost: app\r\nUser-Agent: kube-probe/1.34\r\nConnection: close\r\n\r\n"
+
+
+def probing(h: Harness, mode: str) -> None:
+    h.proxy.probe = mode
+    h.activator.set_node_addresses([h.client.ip4, h.client.ip6])
+
+
+def test_http_probe_from_the_node_is_answered_and_wakes_nothing(h: Harness) -> None:
+    probing(h, "http")
+    s = h.connect()
+    s.sendall(KUBE_PROBE)
+    assert read_to_eof(s) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    s.close()
+    c = h.proxy.counters
+    assert (h.wakes, c.accepted, c.probes, c.held, c.relayed) == (0, 1, 1, 0, 0)
+    assert h.activator.metrics.registry.get_sample_value(
+        "zeroproxy_s2z_probes_answered_total", {"pod": "test/app", "kind": "http"}) == 1
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_tcp_probe_from_the_node_is_closed_with_a_fin(h: Harness, family: int) -> None:
+    probing(h, "tcp")
+    s = h.connect(family)
+    assert s.recv(16) == b""  # a FIN (a reset would raise)
+    s.close()
+    assert (h.wakes, h.proxy.counters.probes) == (0, 1)
+
+
+@pytest.mark.parametrize("first", [
+    b"\x16\x03\x01\x00\x05hello",  # not HTTP: decided at once
+    b"GET / HTTP/1.1\r\nUser-Agent: curl/8.0\r\n\r\n",  # HTTP, not a probe
+    KUBE_PROBE + b"more",  # a probe head with bytes after it: they are the app's
+])
+def test_other_bytes_from_the_node_wake_and_reach_the_app_in_full(h: Harness, first: bytes) -> None:
+    probing(h, "http")
+    h.open_gate()
+    s = h.connect()
+    rest = os.urandom(100_000)
+    s.sendall(first + rest)
+    s.shutdown(socket.SHUT_WR)
+    assert read_to_eof(s) == first + rest  # the app echoed what the proxy read while deciding, too
+    s.close()
+    c = h.proxy.counters
+    assert (h.wakes, c.probes, c.relayed, c.bytes_to_app) == (1, 0, 1, len(first + rest))
+
+
+def test_an_unfinished_head_wakes_after_the_read_timeout_and_loses_nothing(h: Harness) -> None:
+    probing(h, "http")
+    h.open_gate()
+    s = h.connect()
+    s.sendall(b"GET /slow HTTP/1.1\r\n")  # a head that does not end within PROBE_READ_TIMEOUT
+    h.wait(lambda: h.wakes == 1, "the wake after the read timeout")
+    s.sendall(b"User-Agent: kube-probe/1.34\r\n\r\n")
+    s.shutdown(socket.SHUT_WR)
+    assert read_to_eof(s) == b"GET /slow HTTP/1.1\r\nUser-Agent: kube-probe/1.34\r\n\r\n"
+    s.close()
+    assert h.proxy.counters.probes == 0
+
+
+def test_probes_from_other_addresses_or_while_not_allowed_wake(h: Harness) -> None:
+    h.proxy.probe = "http"
+    h.activator.set_node_addresses(["192.0.2.1"])  # not the client
+    h.open_gate()
+    s = h.connect()
+    s.sendall(KUBE_PROBE)
+    s.shutdown(socket.SHUT_WR)
+    assert read_to_eof(s) == KUBE_PROBE  # the echo app answered: it was relayed
+    s.close()
+    probing(h, "http")
+    h.proxy.answer_probes = lambda: False  # what the scaler says for a failed pod
+    h.sk.set_redirect(h.slot, True)
+    s = h.connect()
+    s.sendall(KUBE_PROBE)
+    s.shutdown(socket.SHUT_WR)
+    assert read_to_eof(s) == KUBE_PROBE
+    s.close()
+    assert (h.wakes, h.proxy.counters.probes, h.proxy.counters.relayed) == (2, 0, 2)
+
+
 # --- pure functions ------------------------------------------------------------------------------
 
 
