@@ -87,8 +87,11 @@ class Agent:
     def on_list(self, kind: str, objects: list[dict[str, Any]], received: float) -> None:
         """A watcher (re)listed a kind: the objects are all there is of it."""
         first = kind not in self.tracker.listed_kinds
+        was_synced = self.tracker.synced
         changed = self.tracker.replace(kind, objects, received)
-        if self.scale is not None and kind == "Pod":
+        # The scaler looks at pods only once every kind is listed (a partial view could opt pods
+        # out), so the list that completes the set must wake it too, whatever its kind.
+        if self.scale is not None and (kind == "Pod" or (self.tracker.synced and not was_synced)):
             self.scale.pods_changed()
         log.info("%s: %s of %d objects, %d changed", kind, "initial list" if first else "relist", len(objects),
                  changed)
