@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import ipaddress
 import logging
 import os
@@ -38,21 +37,21 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# setns() is per thread and a socket keeps the namespace it was made in: this is how a process
+# in the host namespace makes sockets in pods.
+from dataplane.netns import in_netns as inside
+
 log = logging.getLogger(__name__)
 
-CLONE_NEWNET = 0x40000000
 LISTEN_BACKLOG = 4096
 LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
 
 WakeFn = Callable[[], Awaitable[None]]
 
@@ -117,30 +116,6 @@ class WakeError(Exception):
 
 
 # --- network namespaces --------------------------------------------------------------------
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def inside(netns_fd: int) -> Iterator[None]:
-    """Run the block with this thread in another network namespace, and always come back.
-
-    setns() is per thread, and a socket keeps the namespace it was created in, so this is how a
-    process in the host namespace makes sockets in pods.
-    """
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(netns_fd)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
 
 
 class Netns:

@@ -45,16 +45,20 @@ def enter(netns: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
-def in_netns(netns: str | os.PathLike[str]) -> Iterator[None]:
+def in_netns(netns: str | os.PathLike[str] | int) -> Iterator[None]:
     """Run the block with the calling thread in a network namespace, then return.
 
     For what acts on "the current netns" rather than taking one: /proc/sys/net, sockets made
     inside (they stay there afterwards), BPF_PROG_TEST_RUN's device, bpf_fib_lookup's routes.
+    ``netns`` is a name under /run/netns, a path, or an open namespace fd.
     setns() moves only the calling thread; other threads are unaffected.
     """
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        enter(netns)
+        if isinstance(netns, int):
+            setns(netns)  # an open namespace fd
+        else:
+            enter(netns)
         try:
             yield
         finally:
