@@ -13,12 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import client, report
+from bench import report
 from bench.topology import MODES
 
 REPO = Path(__file__).resolve().parent.parent
-QUICK = {"services": [1, 1000, 10000], "rounds": 5, "duration": 0.6, "warmup": 0.15}
-FULL = {"services": [1, 1000, 10000, 30000], "rounds": 7, "duration": 2.0, "warmup": 0.3}
+QUICK = {"services": [1, 1000, 10000], "rounds": 5, "duration": 0.6, "warmup": 0.15,
+         "nodeport": [1, 1000], "apisource": [1000], "s2z_cycles": 5, "s2z_steady": 30}
+FULL = {"services": [1, 1000, 10000, 30000], "rounds": 7, "duration": 2.0, "warmup": 0.3,
+        "nodeport": [1, 1000, 10000], "apisource": [1000, 10000], "s2z_cycles": 10, "s2z_steady": 50}
+SCENARIOS = ("short", "keepalive", "nodeport", "s2z", "apisource")
 
 EPILOG = """\
 examples:
@@ -26,6 +29,8 @@ examples:
   python -m bench                          full run: N = 1, 1000, 10000, 30000, 5 rounds
   python -m bench --services 1,100 --rounds 1 --duration 0.5 --out /tmp/b
   python -m bench --modes direct,zeroproxy --scenarios short
+  python -m bench --scenarios nodeport --nodeport-services 1,1000
+  python -m bench --scenarios s2z,apisource --apisource-services 1000
   python -m bench --render bench-results/X/results.json   re-write the .md and plots
 
 Run as root. Everything the run creates (namespaces, cgroups, nginx processes, rule sets inside
@@ -56,8 +61,13 @@ def parser() -> argparse.ArgumentParser:
                    help="client threads (default 1: latency without queueing in the client; the shared "
                         "2-CPU machines gave the steadiest numbers so; use 8 for a throughput-bound run)")
     p.add_argument("--modes", type=_csv(str, MODES), default=list(MODES), help="subset of " + ",".join(MODES))
-    p.add_argument("--scenarios", type=_csv(str, client.SCENARIOS), default=list(client.SCENARIOS),
-                   help="subset of " + ",".join(client.SCENARIOS))
+    p.add_argument("--scenarios", type=_csv(str, SCENARIOS), default=list(SCENARIOS),
+                   help="subset of " + ",".join(SCENARIOS) + " (short/keepalive: ClusterIP client runs; nodeport: "
+                        "external client to a NodePort; s2z: scale-to-zero wake; apisource: agent cold start from "
+                        "a real kube-apiserver)")
+    p.add_argument("--nodeport-services", type=_csv(int), help="NodePort service counts N")
+    p.add_argument("--apisource-services", type=_csv(int), help="service counts N for the API-source cold start")
+    p.add_argument("--s2z-cycles", type=int, help="scale-to-zero checkpoint/wake cycles")
     p.add_argument("--nft-chunk", type=int, default=2000, help="services per nft -f transaction (default 2000)")
     p.add_argument("--client-cpu", type=int, help="CPU for the client (default: the last one)")
     p.add_argument("--server-cpu", type=int, help="CPU for the nginx backends (default: the first one)")
@@ -84,11 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         import json
 
-        from bench.runner import ratios, summarise
+        from bench.runner import derive
 
         results = json.loads(args.render.read_text())
-        results["summary"] = summarise(results["runs"])  # derived data: recomputed with today's code
-        results["ratios"] = ratios(results["runs"])
+        derive(results)  # derived data: recomputed with today's code
         for path in report.write_all(results, args.render.parent, plots=not args.no_plots):
             print(path)
         return 0
@@ -118,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         bpf_stats=not args.no_bpf_stats,
         endpoint_change=not args.no_endpoint_change,
         quick=args.quick,
+        nodeport_services=args.nodeport_services or preset["nodeport"],
+        apisource_services=args.apisource_services or preset["apisource"],
+        s2z_cycles=args.s2z_cycles or preset["s2z_cycles"],
+        s2z_steady=preset["s2z_steady"],
     )
     out = args.out or Path("bench-results") / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     # SIGTERM unwinds like Ctrl-C, so the finally blocks remove namespaces, rules and programs.

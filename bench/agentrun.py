@@ -70,21 +70,26 @@ Spawn = Callable[..., "subprocess.Popen[str]"]
 
 
 def measure(services: Sequence[Service], *, spawn: Spawn, workdir: Path, cgroup: Path, pin_dir: Path,
-            node_name: str, timeout: float = 900.0) -> dict[str, Any]:
+            node_name: str, timeout: float = 900.0, source_args: Sequence[str] | None = None,
+            extra_args: Sequence[str] = ()) -> dict[str, Any]:
     """Start an agent on a fresh pin dir, wait for its first full sync, stop it, clean up.
 
     ``spawn(argv, **popen_kwargs)`` starts the agent where it should run (a bed namespace).
+    Without ``source_args`` the agent reads ``services`` from a file source written here; with
+    them (``--source kubernetes --kubeconfig ...``) the objects are already in the apiserver.
     """
     from dataplane import loader
 
     path = workdir / "cluster.yaml"
-    path.write_text(cluster_yaml(services, node_name))
+    if source_args is None:
+        path.write_text(cluster_yaml(services, node_name))
+        source_args = ["--source", f"file:{path}"]
     cgroup.mkdir(exist_ok=True)
     loader.cleanup(cgroup, pin_dir)  # from cold: no maps an earlier agent could be adopted from
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    argv = [sys.executable, "-m", "zeroproxy", "--log-level", "info", "agent", "--source", f"file:{path}",
-            "--cgroup", str(cgroup), "--bpffs", str(pin_dir), "--node-name", node_name]
+    argv = [sys.executable, "-m", "zeroproxy", "--log-level", "info", "agent", *source_args,
+            "--cgroup", str(cgroup), "--bpffs", str(pin_dir), "--node-name", node_name, *extra_args]
     t0 = time.perf_counter()
     proc = spawn(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                  stderr=subprocess.PIPE, text=True)

@@ -83,7 +83,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"IPVS: {results['notes'].get('ipvs', 'not measured')}.",
         "",
     ]
-    for scenario in cfg["scenarios"]:
+    for scenario in [x for x in cfg["scenarios"] if x in SCENARIO_TITLES]:
         lines += [f"## {SCENARIO_TITLES.get(scenario, scenario)}", ""]
         rows_lat, rows_rate = [], []
         for count in counts:
@@ -161,10 +161,107 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _table(["services", "program", "runs", "ns per run"], rows)
         lines.append("")
 
+    lines += nodeport_markdown(results)
+    lines += s2z_markdown(results.get("scale_to_zero"))
+    lines += apisource_markdown(results.get("api_source"))
     lines += ["## Versions", ""]
     lines += [f"- {k}: {v}" for k, v in results.get("tools", {}).items()]
     lines.append("")
     return "\n".join(lines)
+
+
+def nodeport_markdown(results: dict[str, Any]) -> list[str]:
+    """External client -> node address:nodePort, remote and local backend, every mode."""
+    np = results.get("nodeport")
+    if not np or not np.get("summary"):
+        return []
+    by = {(s["services"], s["mode"], s["position"]): s for s in np["summary"]}
+    rat = {(r["services"], r["position"]): r for r in np.get("ratios", [])}
+    header = ["services", "backend", "direct", "iptables", "nftables", "zeroproxy", "zeroproxy/direct",
+              "iptables/zeroproxy", "nftables/zeroproxy"]
+    rows_lat, rows_rate = [], []
+    for count in sorted({s["services"] for s in np["summary"]}):
+        for pos in ("remote", "local"):
+            d = by.get((count, DIRECT, pos), {})
+            cells = [by.get((count, m, pos), {}) for m in (IPTABLES, NFTABLES, ZEROPROXY)]
+            r = rat.get((count, pos), {})
+            rows_lat.append([f"{count:,}", pos, f"{_f(d.get('p50_us'))} / {_f(d.get('p99_us'))}",
+                             *(f"{_f(c.get('p50_us'))} / {_f(c.get('p99_us'))}" for c in cells),
+                             _x(r.get("zeroproxy_vs_direct_p50")), _x(r.get("iptables_vs_zeroproxy_p50")),
+                             _x(r.get("nftables_vs_zeroproxy_p50"))])
+            rows_rate.append([f"{count:,}", pos, _f(d.get("rate")), *(_f(c.get("rate")) for c in cells),
+                              _x(r.get("zeroproxy_vs_direct_rate")), _x(r.get("iptables_vs_zeroproxy_rate")),
+                              _x(r.get("nftables_vs_zeroproxy_rate"))])
+    errors = sum(s["errors"] for s in np["summary"])
+    lines = ["## NodePort: external client -> node:nodePort (short connections)", "",
+             "N NodePort services served by pods on another node plus one more, last in rule order, served by a "
+             "pod on the node itself; `remote` = the last of the N (SNAT path: masquerade / zeroproxy's TC SNAT), "
+             "`local` = the extra one. direct = the external host routes straight to the pod IPs through the same "
+             "node (no translation; remote replies skip the node). Latency in µs (p50 / p99):", ""]
+    lines += _table(header, rows_lat)
+    lines += ["", "Requests per second:", ""]
+    lines += _table(header, rows_rate)
+    prog = np.get("programming", [])
+    if prog:
+        lines += ["", "Programming N NodePort services (+1 local) from empty:", ""]
+        rows = []
+        for count in sorted({p["services"] for p in prog}):
+            cell = {p["mode"]: p for p in prog if p["services"] == count}
+            rows.append([f"{count:,}", _f(cell.get(IPTABLES, {}).get("seconds"), "{:.2f} s"),
+                         _f(cell.get(NFTABLES, {}).get("seconds"), "{:.2f} s"),
+                         _f(cell.get(ZEROPROXY, {}).get("seconds"), "{:.3f} s")])
+        lines += _table(["services", "iptables-restore", "nft -f (chunked)", "zeroproxy ServiceMaps.sync"], rows)
+    lines += ["", f"Failed NodePort requests over all runs: {errors}.", ""]
+    return lines
+
+
+def s2z_markdown(s2z: dict[str, Any] | None) -> list[str]:
+    """The wake next to raw CRIU, and the steady state after a wake next to a never-scaled pod."""
+    if not s2z:
+        return []
+    names = [("raw_restore", "CRIU restore alone (runc restore)"),
+             ("raw_checkpoint", "CRIU checkpoint alone (runc checkpoint)"),
+             ("wake_first_byte", "wake: connect -> first byte, through the activation proxy"),
+             ("scaler_restore", "  of which restore + wait for LISTEN (scaler)"),
+             ("checkpoint", "scaler checkpoint after idle"),
+             ("steady_state", "request after a wake (connect -> full reply)"),
+             ("never_scaled", "request to a never-scaled pod (connect -> full reply)")]
+    rows = []
+    for key, label in names:
+        x = s2z["summary"].get(key) or {}
+        if x:
+            rows.append([label, str(x["n"]), f"{x['min_ms']:.2f}", f"{x['median_ms']:.2f}", f"{x['p90_ms']:.2f}",
+                         f"{x['max_ms']:.2f}"])
+    lines = ["## Scale to zero (busybox httpd in runc, CRIU)", "",
+             f"{s2z['cycles']} checkpoint/wake cycles; times in ms. `bench/scale_to_zero.py`.", ""]
+    lines += _table(["what", "n", "min", "median", "p90", "max"], rows)
+    lines += ["", f"Connections the activation proxy accepted: {s2z.get('proxy_accepted')} (= wakes + 1: the "
+              "steady-state requests went straight to the app).", ""]
+    return lines
+
+
+def apisource_markdown(rows_in: list[dict[str, Any]] | None) -> list[str]:
+    """Agent cold start from the real kube-apiserver next to the file source."""
+    if not rows_in:
+        return []
+    rows = []
+    for r in rows_in:
+        k, f, c = r["kubernetes"], r["file"], r["created"]
+        rows.append([f"{r['services']:,}", f"{k['seconds']:.2f} s", f"{f['seconds']:.2f} s",
+                     _f(k.get("rss_kb") and k["rss_kb"] / 1024, "{:.0f} MB"),
+                     _f(f.get("rss_kb") and f["rss_kb"] / 1024, "{:.0f} MB"),
+                     str(k.get("frontends_programmed")),
+                     f"{c['objects']:,} in {c['seconds']:.1f} s ({c['objects_per_s']:.0f}/s)"])
+    lines = ["## Control plane: agent cold start, kube-apiserver source vs file source", "",
+             "`zeroproxy agent --source kubernetes` against a real kube-apiserver 1.20 + etcd (DevCluster; "
+             "EndpointSlice v1 via CRD) holding N Services + N EndpointSlices, from process start to "
+             "\"initial sync done\"; the file column is the same agent with the same objects in a YAML file. "
+             "Objects were created before the agent started (not timed in the cold start; the creation rate "
+             "is shown, 8 parallel requests).", ""]
+    lines += _table(["services", "kubernetes source", "file source", "RSS (kubernetes)", "RSS (file)",
+                     "frontends programmed", "objects created"], rows)
+    lines.append("")
+    return lines
 
 
 # --- plots --------------------------------------------------------------------------------------
@@ -191,10 +288,10 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")  # files only; no display on these machines
     import matplotlib.pyplot as plt
 
-    scenarios = results["config"]["scenarios"]
+    scenarios = [x for x in results["config"]["scenarios"] if x in SCENARIO_TITLES]
     files = []
     for key, ylabel, name in (("p50_us", "p50 latency (µs)", "latency.png"),
-                              ("rate", "requests per second", "throughput.png")):
+                              ("rate", "requests per second", "throughput.png")) if scenarios else ():
         fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4.2), squeeze=False)
         for ax, scenario in zip(axes[0], scenarios, strict=True):
             for mode in MODES:

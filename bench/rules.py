@@ -53,6 +53,22 @@ def sep_chain(svc: Service, ip: str, port: int) -> str:
 # --- iptables ------------------------------------------------------------------------------------
 
 
+def ext_chain(svc: Service) -> str:
+    """``KUBE-EXT-<hash>``: where kube-proxy sends a service's external (NodePort) traffic."""
+    return "KUBE-EXT-" + _hash(_svc_port_name(svc) + "tcp")[:16]
+
+
+def _ipt_nodeport_rules(svc: Service) -> list[str]:
+    """KUBE-NODEPORTS match (one rule per node port: evaluated in order) and the KUBE-EXT chain:
+    external traffic of a Cluster-policy service is marked for masquerade, then load-balanced."""
+    comment = _svc_port_name(svc)
+    ext = ext_chain(svc)
+    return [f'-A KUBE-NODEPORTS -p tcp -m comment --comment "{comment}" -m tcp --dport {svc.node_port} -j {ext}',
+            f'-A {ext} -m comment --comment "masquerade traffic for {comment} external destinations" '
+            "-j KUBE-MARK-MASQ",
+            f"-A {ext} -j {svc_chain(svc)}"]
+
+
 def _ipt_services_rule(svc: Service) -> str:
     return (f'-A KUBE-SERVICES -d {svc.vip}/32 -p tcp -m comment --comment "{_svc_port_name(svc)} cluster IP" '
             f"-m tcp --dport {svc.port} -j {svc_chain(svc)}")
@@ -98,6 +114,9 @@ def iptables_restore(services: Sequence[Service], cluster_cidr: str) -> str:
         svc_rules.extend(_ipt_svc_rules(svc, cluster_cidr))
         for ip, port in svc.endpoints:
             svc_rules.extend(_ipt_sep_rules(svc, ip, port))
+        if svc.node_port is not None:
+            chains.append(ext_chain(svc))
+            svc_rules.extend(_ipt_nodeport_rules(svc))
     nat = [
         "*nat",
         ":PREROUTING ACCEPT [0:0]",
@@ -170,7 +189,7 @@ def iptables_flush() -> str:
 
 def iptables_rule_count(services: Sequence[Service]) -> int:
     """Rules per the shape above: what grows with N (reported next to the load time)."""
-    per_svc = sum(2 + 3 * len(s.endpoints) for s in services)
+    per_svc = sum(2 + 3 * len(s.endpoints) + (3 if s.node_port is not None else 0) for s in services)
     return per_svc + 14
 
 
@@ -241,6 +260,11 @@ def nft_base(cluster_cidr: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def nft_external_chain(svc: Service) -> str:
+    base = f"{svc.namespace}/{svc.name}/tcp/{svc.port_name}"
+    return f"external-{_hash(_svc_port_name(svc) + 'tcp')[:8]}-{base}"
+
+
 def _nft_endpoint_lines(svc: Service, ip: str, port: int) -> list[str]:
     t = f"ip {NFT_TABLE}"
     ep = nft_endpoint_chain(svc, ip, port)
@@ -272,6 +296,14 @@ def nft_services(services: Sequence[Service], cluster_cidr: str) -> str:
         elements = ", ".join(f"{s.vip} . tcp . {s.port} : goto {nft_service_chain(s)}" for s in services)
         lines.append(f"add element {t} cluster-ips {{ {vips} }}")
         lines.append(f"add element {t} service-ips {{ {elements} }}")
+    node_ports = [s for s in services if s.node_port is not None]
+    for svc in node_ports:
+        ext = nft_external_chain(svc)
+        lines += [f"add chain {t} {ext}", f"add rule {t} {ext} jump mark-for-masquerade",
+                  f"add rule {t} {ext} goto {nft_service_chain(svc)}"]
+    if node_ports:
+        elements = ", ".join(f"tcp . {s.node_port} : goto {nft_external_chain(s)}" for s in node_ports)
+        lines.append(f"add element {t} service-nodeports {{ {elements} }}")
     return "\n".join(lines) + "\n"
 
 
@@ -295,4 +327,4 @@ def nft_delete() -> str:
 
 
 def nft_chain_count(services: Sequence[Service]) -> int:
-    return sum(1 + len(s.endpoints) for s in services) + 13
+    return sum(1 + len(s.endpoints) + (s.node_port is not None) for s in services) + 13

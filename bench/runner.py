@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import SCHEMA, client, rules
+from bench import SCHEMA, client, nodeport, rules
 from bench.report import AGENT, ZP_FULL_SYNC, ZPCTL_PROCESS
 from bench.services import Service, make_services
 from bench.topology import CLUSTER_CIDR, DIRECT, IPTABLES, MODES, NFTABLES, ZEROPROXY, Topology, timed
@@ -37,6 +37,8 @@ BED_PREFIX = "zpbench"
 BPF_STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
 FIRST, LAST = "first", "last"
 SERVICE_MODES = (IPTABLES, NFTABLES, ZEROPROXY)
+NODEPORT, S2Z, APISOURCE = "nodeport", "s2z", "apisource"
+SCENARIOS = (*client.SCENARIOS, NODEPORT, S2Z, APISOURCE)
 
 
 @dataclass
@@ -58,6 +60,15 @@ class Config:
     endpoint_change: bool = True
     agent: bool = True
     quick: bool = False
+    nodeport_services: list[int] = field(default_factory=lambda: [1, 1000])
+    apisource_services: list[int] = field(default_factory=lambda: [1000])
+    s2z_cycles: int = 10
+    s2z_steady: int = 50
+
+    @property
+    def client_scenarios(self) -> list[str]:
+        """The ClusterIP client scenarios among ``scenarios`` (the others are separate phases)."""
+        return [s for s in self.scenarios if s in client.SCENARIOS]
 
 
 @dataclass
@@ -204,8 +215,11 @@ class Progress:
 
 
 def total_steps(cfg: Config) -> int:
-    runs = sum(len(cases_for(n, cfg.modes)) for n in cfg.services) * len(cfg.scenarios) * cfg.rounds
+    runs = sum(len(cases_for(n, cfg.modes)) for n in cfg.services) * len(cfg.client_scenarios) * cfg.rounds
     extra = len(cfg.services) * (1 + int(cfg.bpf_stats) + int(cfg.endpoint_change))
+    if NODEPORT in cfg.scenarios:
+        extra += len(cfg.nodeport_services) * (1 + len(nodeport.cases(cfg.modes)) * cfg.rounds)
+    extra += len(cfg.apisource_services) * int(APISOURCE in cfg.scenarios) + int(S2Z in cfg.scenarios)
     return runs + extra
 
 
@@ -239,6 +253,9 @@ def run(cfg: Config, *, progress: bool = True, keep_workdir: bool = False) -> di
         "bpf_stats": [],
         "cleanup": {},
     }
+    if NODEPORT in cfg.scenarios:
+        results["nodeport"] = {"runs": [], "programming": []}
+        results["notes"]["nodeport"] = nodeport.__doc__.split("\n\n")[0].replace("\n", " ")
     binary = client.build()
     cleanup_stale(BED_PREFIX)
     bar = Progress(total_steps(cfg), progress)
@@ -246,6 +263,10 @@ def run(cfg: Config, *, progress: bool = True, keep_workdir: bool = False) -> di
     bed = TestBed(prefix=BED_PREFIX)
     topo = Topology(bed, workdir, modes=cfg.modes, server_cpu=cfg.server_cpu, nft_chunk=cfg.nft_chunk)
     results["cleanup"].update(bed_id=bed.id, pin_dir=str(topo.pin_dir), workdir=str(workdir))
+    np_topo = None
+    if NODEPORT in cfg.scenarios:
+        np_topo = nodeport.NodePortTopology(topo, cfg.modes, max(cfg.nodeport_services))
+        results["cleanup"]["nodeport_pin_dir"] = str(np_topo.pin_dir)
     try:
         bar.note("building the topology")
         topo.build()
@@ -255,23 +276,58 @@ def run(cfg: Config, *, progress: bool = True, keep_workdir: bool = False) -> di
             info = topo.start_zeroproxy()
             results["programming"].append({"services": 0, "mode": ZEROPROXY, "what": "compile+attach",
                                            "seconds": info["load_s"] + info["attach_s"], **_pick(info)})
+        if np_topo is not None:
+            np_topo.build()
         for count in cfg.services:
             _run_count(cfg, topo, binary, count, results, bar)
+        if np_topo is not None:
+            for count in cfg.nodeport_services:
+                nodeport.run_count(np_topo, count, binary=binary, rounds=cfg.rounds, threads=cfg.threads,
+                                   duration=cfg.duration_s, warmup=cfg.warmup_s, cpu=cfg.client_cpu,
+                                   nft_chunk=cfg.nft_chunk, results=results["nodeport"], step=bar.step)
     finally:
         bar.close()
-        results["cleanup"]["datapath_errors"] = topo.teardown()
+        errors = np_topo.teardown() if np_topo is not None else []
+        results["cleanup"]["datapath_errors"] = errors + topo.teardown()
         try:
             results["cleanup"]["leftover_rules"] = topo.leftover_rules()
+            if np_topo is not None:
+                results["cleanup"]["leftover_rules"].update(np_topo.leftover_rules())
         except Exception as exc:
             results["cleanup"]["leftover_rules"] = {"error": str(exc)}
         bed.close()
         results["cleanup"]["bed_closed"] = bed_removed(bed)
         if not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    if S2Z in cfg.scenarios:
+        bar.note("scale to zero")
+        results["scale_to_zero"] = run_scale_to_zero(cfg)
+        bar.step("scale to zero")
+    if APISOURCE in cfg.scenarios:
+        from bench import apisource
+
+        results["api_source"] = apisource.run(cfg.apisource_services, step=bar.step)
     results["finished"] = _now()
+    derive(results)
+    return results
+
+
+def derive(results: dict[str, Any]) -> None:
+    """Summaries and ratios: derived from the raw runs, so --render recomputes them."""
     results["summary"] = summarise(results["runs"])
     results["ratios"] = ratios(results["runs"])
-    return results
+    if "nodeport" in results:
+        np = results["nodeport"]
+        np["summary"] = summarise(np["runs"])
+        np["ratios"] = ratios(np["runs"], direct_by_position=True)
+
+
+def run_scale_to_zero(cfg: Config) -> dict[str, Any]:
+    """bench.scale_to_zero in a temporary directory; its raw series plus summaries in ms."""
+    from bench import scale_to_zero
+
+    with tempfile.TemporaryDirectory(prefix="zpbench-s2z-") as tmp:
+        return scale_to_zero.run(cfg.s2z_cycles, cfg.s2z_steady, Path(tmp))
 
 
 def bed_removed(bed: TestBed) -> bool:
@@ -287,7 +343,7 @@ def _run_count(cfg: Config, topo: Topology, binary: Path, count: int, results: d
     _program(cfg, topo, services, results)
     bar.step(f"N={count}: programmed")
     cases = cases_for(count, cfg.modes)
-    for scenario in cfg.scenarios:
+    for scenario in cfg.client_scenarios:
         for rnd in range(cfg.rounds):
             for case in rotated(cases, rnd):
                 bar.note(f"N={count} {scenario} r{rnd + 1} {case.label}")
@@ -469,11 +525,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def ratios(runs: list[dict[str, Any]], *, direct_by_position: bool = False) -> list[dict[str, Any]]:
     """zeroproxy/direct, iptables/zeroproxy and nftables/zeroproxy for p50 and rate.
 
     Each ratio is the median over rounds of the ratio *within* a round: the cases of one round
-    run back to back, so pairing them cancels most of a shared machine's drift.
+    run back to back, so pairing them cancels most of a shared machine's drift. With
+    ``direct_by_position`` (NodePort: remote / local) direct has a case per position too.
     """
     by: dict[tuple[Any, ...], dict[str, Any]] = {
         (r["services"], r["scenario"], r["mode"], r["position"], r["round"]): r for r in runs}
@@ -489,8 +546,10 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for metric, field_name in (("p50", "p50"), ("rate", "rate")):
                 values = []
                 for rnd in rounds:
-                    ra = by.get((count, scenario, a, None if a == DIRECT else position, rnd))
-                    rb = by.get((count, scenario, b, None if b == DIRECT else position, rnd))
+                    pa = position if a != DIRECT or direct_by_position else None
+                    pb = position if b != DIRECT or direct_by_position else None
+                    ra = by.get((count, scenario, a, pa, rnd))
+                    rb = by.get((count, scenario, b, pb, rnd))
                     if ra and rb:
                         va = ra["latency_us"].get("p50") if metric == "p50" else ra["rate"]
                         vb = rb["latency_us"].get("p50") if metric == "p50" else rb["rate"]

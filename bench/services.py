@@ -11,7 +11,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from controlplane.model import Backend, Frontend, Protocol, ServiceEntry, ServicePortName
+from controlplane.model import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 
 NAMESPACE = "bench"
 SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/12")  # kube-apiserver's default service range
@@ -29,6 +29,7 @@ class Service:
     vip: str
     port: int
     endpoints: tuple[tuple[str, int], ...]  # (pod IP, target port)
+    node_port: int | None = None  # set: also a NodePort service on this port (the NodePort scenario)
 
     @property
     def namespace(self) -> str:
@@ -67,13 +68,31 @@ def make_services(count: int, endpoints: Sequence[tuple[str, int]]) -> list[Serv
     return [Service(i, vip(i), SERVICE_PORT, eps) for i in range(count)]
 
 
+def make_node_port_services(count: int, endpoints: Sequence[tuple[str, int]],
+                            local_endpoints: Sequence[tuple[str, int]], base_port: int) -> list[Service]:
+    """``count`` NodePort services on ports ``base_port + i`` served by the remote ``endpoints``,
+    plus one more (index ``count``, last in rule order) served by the node's ``local_endpoints``.
+
+    The NodePort scenario measures the last remote service (``count - 1``) and the local one:
+    both sit at the end of KUBE-SERVICES / KUBE-NODEPORTS, iptables' worst case.
+    """
+    remote = make_services(count, endpoints)
+    local = make_services(count + 1, local_endpoints)[-1]
+    return [Service(s.index, s.vip, s.port, s.endpoints, base_port + s.index) for s in [*remote, local]]
+
+
 def service_entries(services: Sequence[Service]) -> list[ServiceEntry]:
-    """The same services as zeroproxy's control plane would hand them to the dataplane."""
-    return [
-        ServiceEntry(
-            frontend=Frontend(ipaddress.IPv4Address(s.vip), s.port, Protocol.TCP),
-            service=ServicePortName(s.namespace, s.name, s.port_name),
-            backends=tuple(Backend(ipaddress.IPv4Address(ip), port) for ip, port in s.endpoints),
-        )
-        for s in services
-    ]
+    """The same services as zeroproxy's control plane would hand them to the dataplane.
+
+    A service with a ``node_port`` also gets its NodePort frontend (unspecified address: the
+    dataplane writes one entry per node address that accepts NodePorts).
+    """
+    out = []
+    for s in services:
+        name = ServicePortName(s.namespace, s.name, s.port_name)
+        backends = tuple(Backend(ipaddress.IPv4Address(ip), port) for ip, port in s.endpoints)
+        out.append(ServiceEntry(Frontend(ipaddress.IPv4Address(s.vip), s.port, Protocol.TCP), name, backends))
+        if s.node_port is not None:
+            out.append(ServiceEntry(Frontend(ipaddress.IPv4Address("0.0.0.0"), s.node_port, Protocol.TCP,
+                                             FrontendKind.NODE_PORT), name, backends))
+    return out

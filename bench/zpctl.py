@@ -6,9 +6,13 @@ matplotlib and bookkeeping. The orchestrator talks to it with one JSON object pe
 stdin/stdout; every reply carries the process's current and peak RSS.
 
 Commands (``op``):
-  load    {"cgroup", "pin_dir"}      compile, attach to the cgroup, pin under pin_dir
+  load    {"cgroup", "pin_dir"}      compile, attach to the cgroup, pin under pin_dir; with
+          "devices", "netns", "node_port_range" also the TC NodePort programs on those devices
+          of that node namespace, with the node's addresses accepting NodePorts
   sync    {"count", "endpoints"}     cold-program ``count`` services (maps emptied first, untimed)
   change  {"index", "endpoints"}     replace one service's endpoints (partial sync), then time a full one
+  program {"services"}               cold-program exactly these services (bench.services.Service
+                                     fields as lists; NodePort ones get their NodePort frontend)
   quit
 """
 
@@ -36,21 +40,45 @@ class Controller:
 
     def __init__(self) -> None:
         self.datapath: Any = None
+        self.tc: Any = None
         self.maps: Any = None
         self.services: list[Any] = []
 
-    def load(self, cgroup: str, pin_dir: str) -> dict[str, Any]:
+    def load(self, cgroup: str, pin_dir: str, devices: list[str] | None = None, netns: str | None = None,
+             node_port_range: list[int] | None = None) -> dict[str, Any]:
+        from dataplane import tc
         from dataplane.loader import SockDatapath
         from dataplane.services import ServiceMaps
 
         t0 = time.perf_counter()
         self.datapath = SockDatapath(Path(cgroup), Path(pin_dir))
         self.datapath.load()
+        if devices:
+            lo, hi = node_port_range or tc.DEFAULT_NODE_PORT_RANGE
+            self.tc = tc.NodeDatapath(Path(pin_dir), devices, netns=netns, node_port_range=(lo, hi))
+            self.tc.load()
         t1 = time.perf_counter()
         self.datapath.attach()
+        if self.tc is not None:
+            self.tc.attach()
         t2 = time.perf_counter()
         self.maps = ServiceMaps(self.datapath)
+        if self.tc is not None:
+            self.maps.set_node_port_addresses(tc.node_port_addresses([], tc.local_addresses(netns)))
         return {"load_s": t1 - t0, "attach_s": t2 - t1}
+
+    def program(self, services: list[list[Any]]) -> dict[str, Any]:
+        from bench.services import Service, service_entries
+
+        self.maps.sync([])
+        self.services = [Service(i, vip, port, tuple(tuple(e) for e in eps), node_port)
+                         for i, vip, port, eps, node_port in services]
+        entries = service_entries(self.services)
+        t0 = time.perf_counter()
+        result = self.maps.sync(entries)
+        elapsed = time.perf_counter() - t0
+        return {"sync_s": elapsed, "frontends": self.maps.frontend_count,
+                "frontends_written": result.frontends_written, "backends": self.maps.backend_count}
 
     def sync(self, count: int, endpoints: list[list[Any]]) -> dict[str, Any]:
         from bench.services import make_services, service_entries
@@ -106,6 +134,8 @@ def main() -> None:
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         reply.update(_rss_kb())
         proto.write(json.dumps(reply) + "\n")
+    if ctl.tc is not None:
+        ctl.tc.close()
     if ctl.datapath is not None:
         ctl.datapath.close()  # handles only: attachments and pins stay until cleanup()
 
