@@ -50,6 +50,28 @@ static __always_inline int __s2z_lookup(struct bpf_sk_lookup *ctx, __u32 *slot)
 	return err ? ZP_S2Z_ASSIGNFAIL : ZP_S2Z_ASSIGNED;
 }
 
+/* Does the connection come from one of the node's own addresses (a kubelet probe)? */
+static __always_inline bool __s2z_from_node(const struct bpf_sk_lookup *ctx)
+{
+	struct s2z_addr_key key = {};
+
+	key.family = (__u8)ctx->family;
+	if (ctx->family == ZP_AF_INET) {
+		__u32 a = ctx->remote_ip4;
+
+		__builtin_memcpy(key.address, &a, 4);
+	} else {
+		__u32 a0 = ctx->remote_ip6[0], a1 = ctx->remote_ip6[1];
+		__u32 a2 = ctx->remote_ip6[2], a3 = ctx->remote_ip6[3];
+
+		__builtin_memcpy(key.address, &a0, 4);
+		__builtin_memcpy(key.address + 4, &a1, 4);
+		__builtin_memcpy(key.address + 8, &a2, 4);
+		__builtin_memcpy(key.address + 12, &a3, 4);
+	}
+	return zp_s2z_nodes.lookup(&key) != NULL;
+}
+
 /* The only place that turns an inner result into counters; the verdict is always SK_PASS:
  * either the assigned socket or, failing that, the kernel's own lookup (the app, or a RST). */
 int zp_s2z_lookup(struct bpf_sk_lookup *ctx)
@@ -64,6 +86,8 @@ int zp_s2z_lookup(struct bpf_sk_lookup *ctx)
 	if (!st)
 		return SK_PASS;
 	st->lookups++;
+	if (__s2z_from_node(ctx))
+		st->from_node++;
 	switch (ret) {
 	case ZP_S2Z_ASSIGNED:
 		st->assigned++;

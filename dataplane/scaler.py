@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dataplane.activator import Activator, Netns, PodProxy, ScaleMetrics, WakeError, inside
+from dataplane.activator import PROBE_OFF, Activator, Netns, PodProxy, ScaleMetrics, WakeError, inside
 from dataplane.runtime import CheckpointError, ContainerRuntime, RuntimeDriverError
 from dataplane.sklookup import NetnsLink, SkLookup
 
@@ -258,6 +258,7 @@ class Scaler:
             self.activator.set_node_addresses(str(a) for a in addrs)
         if self.sk.bpf is None:
             await asyncio.to_thread(self.sk.load)
+        self.sk.set_node_addresses(self.activator.node_addresses)
         self._idle_task = asyncio.get_running_loop().create_task(self._idle_loop())
 
     async def close(self) -> None:
@@ -424,7 +425,7 @@ class Scaler:
         if pod.state != PodState.RUNNING or pod.lock.locked():
             return
         now = time.monotonic()
-        lookups = self.sk.stats(pod.slot).lookups
+        lookups = self._activity(pod)
         if lookups != pod.last_lookups or pod.proxy.busy:
             pod.last_lookups = lookups
             pod.last_activity = now
@@ -435,6 +436,12 @@ class Scaler:
             pod.last_activity = now
             return
         await self.checkpoint(pod.backend.name)
+
+    def _activity(self, pod: _Pod) -> int:
+        """Connection attempts that count as use: with probe answering on, the kubelet's probes
+        (from the node's own addresses) do not keep a pod awake while it runs either."""
+        st = self.sk.stats(pod.slot)
+        return st.lookups - st.from_node if pod.backend.probe != PROBE_OFF else st.lookups
 
     async def _has_connections(self, pod: _Pod) -> bool:
         socks = await asyncio.to_thread(read_tcp, pod.netns.fd)
@@ -525,7 +532,7 @@ class Scaler:
             pod.last_restore_seconds = time.monotonic() - t0
             pod.restores += 1
             pod.last_activity = time.monotonic()
-            pod.last_lookups = self.sk.stats(pod.slot).lookups
+            pod.last_lookups = self._activity(pod)
             self.metrics.restore_seconds.observe(pod.last_restore_seconds)
             self._set_state(pod, PodState.RUNNING, seconds=pod.last_restore_seconds)
             log.info("%s: restored and listening in %.3f s", name, pod.last_restore_seconds)

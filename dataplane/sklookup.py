@@ -37,6 +37,7 @@ _libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
 _libbpf.bpf_map_update_elem.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64)
 _libbpf.bpf_map_delete_elem.argtypes = (ctypes.c_int, ctypes.c_void_p)
 _libbpf.bpf_map_lookup_elem.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_libbpf.bpf_map_get_next_key.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
 
 # --- ctypes mirrors of bpf/lib/activation.h (sizes checked against bcc in tests) ------------
@@ -73,7 +74,14 @@ class StatsValue(ctypes.Structure):
         ("assigned", ctypes.c_uint64),
         ("no_listener", ctypes.c_uint64),
         ("assign_fail", ctypes.c_uint64),
+        ("from_node", ctypes.c_uint64),
     )
+
+
+class AddrKey(ctypes.Structure):
+    """struct s2z_addr_key."""
+
+    _fields_ = (("address", ctypes.c_uint8 * 16), ("family", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3))
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class LookupStats:
     assigned: int = 0  # handed to the activation proxy
     no_listener: int = 0  # redirect on but the proxy had no listener (kernel answered RST)
     assign_fail: int = 0  # bpf_sk_assign refused the listener
+    from_node: int = 0  # of lookups, those from the node's own addresses (kubelet probes)
 
 
 def port_key(address: str, port: int) -> PortKey:
@@ -161,7 +170,7 @@ class SkLookup:
         self.bpf = bcc.BPF(text=text.encode(), cflags=cflags)
         fn = self.bpf.load_func(PROG_NAME.encode(), BPF_PROG_TYPE_SK_LOOKUP, attach_type=BPF_SK_LOOKUP)
         self.prog_fd = fn.fd
-        for name in ("zp_s2z_ports", "zp_s2z_pods", "zp_s2z_stats", "zp_s2z_socks"):
+        for name in ("zp_s2z_ports", "zp_s2z_pods", "zp_s2z_stats", "zp_s2z_socks", "zp_s2z_nodes"):
             # bcc's Table refuses sockmaps; the raw fd works for all four.
             self._fds[name] = bcc.lib.bpf_table_fd(self.bpf.module, name.encode())
 
@@ -277,4 +286,27 @@ class SkLookup:
             assigned=sum(v.assigned for v in values),
             no_listener=sum(v.no_listener for v in values),
             assign_fail=sum(v.assign_fail for v in values),
+            from_node=sum(v.from_node for v in values),
         )
+
+    def set_node_addresses(self, addresses: Iterable[str]) -> None:
+        """The node's own addresses: SYNs from them are counted apart (kubelet probes)."""
+        fd = self._fds["zp_s2z_nodes"]
+        want = {}
+        for a in addresses:
+            ip = ipaddress.ip_address(str(a))
+            key = AddrKey()
+            ctypes.memmove(key.address, ip.packed, len(ip.packed))
+            key.family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+            want[bytes(key)] = key
+        one = ctypes.c_uint8(1)
+        for key in want.values():
+            _check(_libbpf.bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(one), 0), "add node address")
+        prev, nxt = None, AddrKey()
+        stale = []
+        while _libbpf.bpf_map_get_next_key(fd, None if prev is None else ctypes.byref(prev), ctypes.byref(nxt)) == 0:
+            if bytes(nxt) not in want:
+                stale.append(AddrKey.from_buffer_copy(bytes(nxt)))
+            prev, nxt = AddrKey.from_buffer_copy(bytes(nxt)), AddrKey()
+        for key in stale:
+            _libbpf.bpf_map_delete_elem(fd, ctypes.byref(key))

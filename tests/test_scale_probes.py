@@ -240,6 +240,32 @@ def test_without_the_annotation_a_probe_wakes_the_pod(bed: Bed) -> None:
     assert after.restores == before.restores + 1 and after.probes == 0
 
 
+def test_probes_from_the_node_do_not_keep_a_running_pod_awake(bed: Bed) -> None:
+    """With probe answering on, the kubelet's probes are not use: the running pod still goes idle.
+    (The sk_lookup program counts SYNs from the node's own addresses apart.)"""
+    before = bed.checkpointed("web-http")
+    assert bed.request(bed.client, "web-http", ua="curl/8.0")["body"] == "hello from web-http\n"
+    deadline = time.monotonic() + 30
+    probes = 0
+    while bed.status("web-http").state != "checkpointed":
+        assert time.monotonic() < deadline, "the node's probes kept the pod awake"
+        # answered by the app while it runs, by the proxy once it is parked
+        assert bed.request(bed.node, "web-http")["head"].startswith("HTTP/1.1 200 OK")
+        probes += 1
+        time.sleep(0.3)
+    assert probes >= 2  # it really was probed while running (idle timeout 1 s)
+    assert bed.status("web-http").checkpoints == before.checkpoints + 1
+
+
+def test_without_probe_answering_probes_keep_a_running_pod_awake(bed: Bed) -> None:
+    bed.checkpointed("web-off")
+    assert bed.request(bed.client, "web-off", ua="curl/8.0")["body"] == "hello from web-off\n"
+    for _ in range(8):  # ~4 s of probes every ~0.5 s, idle timeout 1 s
+        assert bed.request(bed.node, "web-off")["body"] == "hello from web-off\n"
+        assert bed.status("web-off").state == "running"
+        time.sleep(0.3)
+
+
 # --- the request-head parser (pure) ------------------------------------------------------------
 
 PROBE = b"GET /healthz HTTP/1.1\r\nHost: 10.0.0.5:8080\r\nUser-Agent: kube-probe/1.34\r\nAccept: */*\r\n" \

@@ -56,6 +56,15 @@ struct s2z_stats {
 	__u64 assigned;    /* attempts handed to the proxy's listener */
 	__u64 no_listener; /* redirect on but no listener: passed on (the kernel answers RST) */
 	__u64 assign_fail; /* bpf_sk_assign failed: passed on */
+	__u64 from_node;   /* of lookups, those from one of the node's own addresses (kubelet
+			    * probes): idle detection may leave them out */
+};
+
+/* A node address (where the kubelet's probes come from). */
+struct s2z_addr_key {
+	__u8 address[16]; /* network byte order; IPv4 in bytes 0..3, rest 0 */
+	__u8 family;      /* ZP_AF_INET / ZP_AF_INET6 */
+	__u8 pad[3];      /* explicit padding, always 0 */
 };
 
 /* (pod address, port, family, proto) -> pod slot. */
@@ -64,6 +73,8 @@ BPF_TABLE("hash", struct s2z_port_key, struct s2z_port_value, zp_s2z_ports, ZP_S
 BPF_TABLE("array", __u32, struct s2z_pod, zp_s2z_pods, ZP_S2Z_MAX_PODS);
 /* pod slot -> counters. */
 BPF_TABLE("percpu_array", __u32, struct s2z_stats, zp_s2z_stats, ZP_S2Z_MAX_PODS);
+/* The node's own addresses -> 1 (a set). */
+BPF_TABLE("hash", struct s2z_addr_key, __u8, zp_s2z_nodes, 256);
 /* 2*slot + (IPv6 ? 1 : 0) -> the proxy's listening socket in that pod's namespace. */
 BPF_TABLE("sockmap", __u32, int, zp_s2z_socks, 2 * ZP_S2Z_MAX_PODS);
 
