@@ -127,19 +127,26 @@ def _frontends(pin_dir: Path, env: dict[str, str]) -> int | None:
 
 
 def _wait_for(proc: subprocess.Popen[str], text: str, timeout: float, lines: list[str]) -> bool:
+    """Read the agent's stderr until ``text`` appears; raw reads, because a buffered readline()
+    can pull several lines out of the pipe at once and leave select() waiting for data it has."""
     assert proc.stderr is not None
+    fd = proc.stderr.fileno()
     deadline = time.monotonic() + timeout
+    pending = b""
     with selectors.DefaultSelector() as sel:
-        sel.register(proc.stderr, selectors.EVENT_READ)
+        sel.register(fd, selectors.EVENT_READ)
         while time.monotonic() < deadline:
             if not sel.select(max(0.0, deadline - time.monotonic())):
                 break
-            line = proc.stderr.readline()
-            if not line:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 return False
-            lines.append(line.rstrip("\n"))
-            if text in line:
-                return True
+            *done, pending = (pending + chunk).split(b"\n")
+            for raw in done:
+                line = raw.decode(errors="replace")
+                lines.append(line)
+                if text in line:
+                    return True
     return False
 
 

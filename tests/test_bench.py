@@ -119,7 +119,7 @@ def test_smoke_run_produces_results_and_cleans_up(bench_tools: None, stale_beds_
     out = tmp_path / "results"
     argv = [sys.executable, "-m", "bench", "--services", "1,20", "--rounds", "2", "--duration", "0.3",
             "--warmup", "0.05", "--threads", "2", "--nft-chunk", "8", "--out", str(out), "--no-progress",
-            "--no-setup"]
+            "--no-setup", "--scenarios", "short,keepalive,nodeport", "--nodeport-services", "1,9"]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -164,8 +164,21 @@ def test_smoke_run_produces_results_and_cleans_up(bench_tools: None, stale_beds_
     assert len(changes) == 2 * 4 * 2  # N x (3 modes + zeroproxy full resync) x (remove, add)
     assert all(c["seconds"] > 0 for c in changes)
 
+    # NodePort: every mode x (remote, local) carried traffic from the external host, to node:nodePort
+    np = results["nodeport"]
+    assert len(np["runs"]) == 2 * 4 * 2 * 2  # N x modes x backends x rounds
+    for r in np["runs"]:
+        assert r["requests"] > 0 and r["errors"] == 0, r
+    zp9 = {r["position"]: r["targets"] for r in np["runs"] if r["services"] == 9 and r["mode"] == "zeroproxy"}
+    assert zp9["remote"][0].endswith(":20008") and zp9["local"][0].endswith(":20009")
+    assert all(t.startswith("10.244.") for r in np["runs"] if r["mode"] == "direct" for t in r["targets"])
+    assert all(x is not None for r in np["ratios"] for x in r.values())
+    assert {(p["services"], p["mode"]) for p in np["programming"]} == {
+        (n, m) for n in (1, 9) for m in ("iptables", "nftables", "zeroproxy")}
+    assert not Path(cleanup_np := results["cleanup"]["nodeport_pin_dir"]).exists(), cleanup_np
+
     md = (out / "results.md").read_text()
-    assert "zeroproxy/direct" in md and "| 20 | last |" in md
+    assert "zeroproxy/direct" in md and "| 20 | last |" in md and "| 9 | remote |" in md
     for png in ("latency.png", "throughput.png", "programming.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -193,7 +206,8 @@ def test_sigterm_mid_run_still_cleans_up(bench_tools: None, stale_beds_removed: 
     """A benchmark stopped half-way (SIGTERM while clients run) leaves nothing behind."""
     bpf_stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
     argv = [sys.executable, "-m", "bench", "--services", "5", "--rounds", "1000", "--duration", "0.3",
-            "--warmup", "0", "--out", str(tmp_path / "results"), "--no-progress", "--no-setup"]
+            "--scenarios", "short,keepalive", "--warmup", "0", "--out", str(tmp_path / "results"), "--no-progress",
+            "--no-setup"]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         bed_id = None
@@ -219,3 +233,29 @@ def test_sigterm_mid_run_still_cleans_up(bench_tools: None, stale_beds_removed: 
     assert not list(Path("/sys/fs/bpf").glob(f"{bed_id}-*"))
     assert not (Path("/run/zeroproxy-testbed") / f"{bed_id}.json").exists()
     assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == bpf_stats_before
+
+
+def test_s2z_and_api_source_scenarios_smoke(bench_tools: None, stale_beds_removed: list[str],
+                                            tmp_path: Path) -> None:
+    """Scale to zero (1 cycle) and the API-source cold start (3 services) through python -m bench."""
+    out = tmp_path / "results"
+    argv = [sys.executable, "-m", "bench", "--services", "1", "--modes", "direct", "--scenarios", "s2z,apisource",
+            "--s2z-cycles", "1", "--apisource-services", "3", "--rounds", "1", "--duration", "0.1", "--warmup", "0",
+            "--no-bpf-stats", "--no-endpoint-change", "--no-plots", "--out", str(out), "--no-progress", "--no-setup"]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    s2z = results["scale_to_zero"]
+    assert s2z["cycles"] == 1 and len(s2z["wake_first_byte_s"]) == 1 and len(s2z["raw_restore_s"]) == 1
+    assert s2z["proxy_accepted"] == 2  # the wake and the first request after the last checkpoint
+    api = results["api_source"]
+    assert [r["services"] for r in api] == [3]
+    assert api[0]["created"]["objects"] == 6
+    # the apiserver adds its own default/kubernetes Service
+    assert api[0]["kubernetes"]["frontends_programmed"] == api[0]["file"]["frontends_programmed"] + 1 == 4
+    md = (out / "results.md").read_text()
+    assert "Scale to zero" in md and "kubernetes source" in md
+    assert not list(Path("/sys/fs/bpf").glob("zpbapi*"))
+    assert not list(NETNS_DIR.glob("zpbapi*")) and not list(NETNS_DIR.glob("zps2zbench*"))
+    assert not [p for p in Path("/run/zeroproxy-testbed").glob("zp*.json")
+                if json.loads(p.read_text()).get("pid") == proc.pid]
