@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,13 @@ def test_endpoint_changes_reach_the_tc_path(nodes: TwoNodes) -> None:
     try:
         for agent in nodes.agents.values():
             agent.write(nodes.objects(backends=[nodes.b1]))
-        for agent in nodes.agents.values():
-            agent.wait_log("1 services changed", timeout=30)
+        want = [f"{nodes.b1.ip4}:{WEB_PORT}"]
+        for name, agent in nodes.agents.items():  # wait until each node's maps hold only b1
+            frontend = f"{nodes.bed.nodes[name].ip4}:{NODE_PORT}/TCP"
+            deadline = time.monotonic() + 30
+            while {s.frontend: s.backends for s in inspect.service_list(agent.pin_dir)}.get(frontend) != want:
+                assert time.monotonic() < deadline, agent.log_text()[-2000:]
+                time.sleep(0.05)
         records = nodes.client.client(nettools.format_target(nodes.a.ip4, NODE_PORT), count=50)
         assert set(served_by(records)) == {"b1"}
     finally:
