@@ -46,12 +46,13 @@ __sock4_xlate_fwd(struct bpf_sock_addr *ctx, __be32 *addr, __be16 *port)
 	struct lb_service *svc;
 	struct rnat4_key rkey = {};
 	struct rnat4_value rval = {};
+	__u32 backend_id;
 	int ret;
 
 	svc = lb4_lookup_service(*addr, *port, __sock_proto(ctx), &key);
 	if (!svc)
 		return ZP_ENOTSVC;
-	ret = lb4_select_backend_sticky(&key, svc, &be, bpf_get_netns_cookie(ctx));
+	ret = lb4_select_backend_sticky(&key, svc, &be, bpf_get_netns_cookie(ctx), &backend_id);
 	if (ret < 0)
 		return ret;
 
@@ -147,12 +148,13 @@ __sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 addr[4], __be16 *port)
 	struct lb_service *svc;
 	struct rnat6_key rkey = {};
 	struct rnat6_value rval = {};
+	__u32 backend_id;
 	int ret;
 
 	svc = lb6_lookup_service(addr, *port, __sock_proto(ctx), &key);
 	if (!svc)
 		return ZP_ENOTSVC;
-	ret = lb6_select_backend_sticky(&key, svc, &be, bpf_get_netns_cookie(ctx));
+	ret = lb6_select_backend_sticky(&key, svc, &be, bpf_get_netns_cookie(ctx), &backend_id);
 	if (ret < 0)
 		return ret;
 

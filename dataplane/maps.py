@@ -176,7 +176,7 @@ MAP_PINS.update({
 
 
 class SvcFlag(enum.IntFlag):
-    """lb_service.flags of a frontend's slot 0; mirrors ZP_SVC_F_* in bpf/lib/nodeport.h."""
+    """lb_service.flags of a frontend's slot 0; mirrors ZP_SVC_F_* in bpf/lib/maps.h."""
 
     EXTERNAL = 0x1  # served by the TC programs (NodePort, ExternalIP, LoadBalancer IP)
     LOCAL = 0x2  # externalTrafficPolicy: Local (local backends only, never SNAT)

@@ -63,9 +63,11 @@ static __always_inline void lb_affinity_remember(const struct lb_service *svc, _
 }
 
 /* lb4_select_backend, honouring ClientIP affinity when the service has a timeout (slot 0's
- * backend_id) and the caller knows the client. */
+ * backend_id) and the caller knows the client. *chosen_id gets the backend's id (conntrack keeps
+ * it to notice a deleted backend later). */
 static __always_inline int
-lb4_select_backend_sticky(struct lb4_key *key, const struct lb_service *svc, struct lb4_backend *be, __u64 client)
+lb4_select_backend_sticky(struct lb4_key *key, const struct lb_service *svc, struct lb4_backend *be,
+			  __u64 client, __u32 *chosen_id)
 {
 	struct lb4_backend *found;
 	struct lb_service *slot;
@@ -77,6 +79,7 @@ lb4_select_backend_sticky(struct lb4_key *key, const struct lb_service *svc, str
 		found = lb4_affinity_backend(svc, client, &backend_id);
 		if (found) {
 			*be = *found;
+			*chosen_id = backend_id;
 			return ZP_OK;
 		}
 	}
@@ -91,15 +94,17 @@ lb4_select_backend_sticky(struct lb4_key *key, const struct lb_service *svc, str
 	*be = *found;
 	if (svc->backend_id && client)
 		lb_affinity_remember(svc, client, 4, backend_id);
+	*chosen_id = backend_id;
 	return ZP_OK;
 }
 
 /* Choose a backend of the service found by lb4_lookup_service (key still holds its frontend),
  * without affinity. Returns ZP_OK and fills *be, or ZP_ENOBACKEND / ZP_ESTALE. */
 static __always_inline int
-lb4_select_backend(struct lb4_key *key, const struct lb_service *svc, struct lb4_backend *be)
+lb4_select_backend(struct lb4_key *key, const struct lb_service *svc, struct lb4_backend *be,
+		   __u32 *chosen_id)
 {
-	return lb4_select_backend_sticky(key, svc, be, 0);
+	return lb4_select_backend_sticky(key, svc, be, 0, chosen_id);
 }
 
 static __always_inline struct lb_service *
@@ -138,7 +143,8 @@ lb6_affinity_backend(const struct lb_service *svc, __u64 client, __u32 *backend_
 }
 
 static __always_inline int
-lb6_select_backend_sticky(struct lb6_key *key, const struct lb_service *svc, struct lb6_backend *be, __u64 client)
+lb6_select_backend_sticky(struct lb6_key *key, const struct lb_service *svc, struct lb6_backend *be,
+			  __u64 client, __u32 *chosen_id)
 {
 	struct lb6_backend *found;
 	struct lb_service *slot;
@@ -150,6 +156,7 @@ lb6_select_backend_sticky(struct lb6_key *key, const struct lb_service *svc, str
 		found = lb6_affinity_backend(svc, client, &backend_id);
 		if (found) {
 			*be = *found;
+			*chosen_id = backend_id;
 			return ZP_OK;
 		}
 	}
@@ -164,15 +171,17 @@ lb6_select_backend_sticky(struct lb6_key *key, const struct lb_service *svc, str
 	*be = *found;
 	if (svc->backend_id && client)
 		lb_affinity_remember(svc, client, 6, backend_id);
+	*chosen_id = backend_id;
 	return ZP_OK;
 }
 
 /* Choose a backend of the service found by lb6_lookup_service (key still holds its frontend),
  * without affinity. Returns ZP_OK and fills *be, or ZP_ENOBACKEND / ZP_ESTALE. */
 static __always_inline int
-lb6_select_backend(struct lb6_key *key, const struct lb_service *svc, struct lb6_backend *be)
+lb6_select_backend(struct lb6_key *key, const struct lb_service *svc, struct lb6_backend *be,
+		   __u32 *chosen_id)
 {
-	return lb6_select_backend_sticky(key, svc, be, 0);
+	return lb6_select_backend_sticky(key, svc, be, 0, chosen_id);
 }
 
 #endif

@@ -26,6 +26,11 @@ struct lb6_key {
 	__u8 pad[2];      /* explicit padding, always 0 */
 };
 
+/* lb_service.flags of a frontend's slot 0; mirrored by dataplane.maps.SvcFlag. */
+#define ZP_SVC_F_EXTERNAL 0x1 /* served by the TC path: NodePort, ExternalIP or LoadBalancer IP */
+#define ZP_SVC_F_LOCAL    0x2 /* externalTrafficPolicy Local: backends are local; never SNAT */
+#define ZP_SVC_F_NODEPORT 0x4 /* the address is a node address (a NodePort) */
+
 /* Value of both service maps. */
 struct lb_service {
 	__u32 backend_id; /* slot > 0: key into the backend map; slot 0: ClientIP affinity

@@ -22,11 +22,6 @@
 #include "conntrack.h"
 #include "nat.h"
 
-/* lb_service.flags (slot 0). Mirrored by dataplane.maps.SvcFlag. */
-#define ZP_SVC_F_EXTERNAL 0x1 /* served by the TC path: NodePort, ExternalIP or LoadBalancer IP */
-#define ZP_SVC_F_LOCAL    0x2 /* externalTrafficPolicy Local: backends are local; never SNAT */
-#define ZP_SVC_F_NODEPORT 0x4 /* the address is a node address (a NodePort) */
-
 #define ZP_EREFUSE      (-ECONNREFUSED) /* no backend behind a node address: the stack refuses */
 
 #ifndef ZP_NP_DEV_MAP_SIZE
@@ -71,31 +66,6 @@ static __always_inline void np_count(__u32 reason)
 		*val += 1;
 }
 
-/* lb4_select_backend, but also returning the backend id, which conntrack keeps to notice a
- * deleted backend later. */
-static __always_inline int
-__np4_select_backend(struct lb4_key *key, const struct lb_service *svc, struct lb4_backend *be,
-		     __u32 *backend_id)
-{
-	struct lb_service *slot;
-	struct lb4_backend *found;
-	__u32 id;
-
-	if (svc->count == 0)
-		return ZP_ENOBACKEND;
-	key->slot = __lb_pick_slot(svc->count);
-	slot = zp_lb4_svc.lookup(key);
-	if (!slot)
-		return ZP_ESTALE;
-	id = slot->backend_id;
-	found = zp_lb4_be.lookup(&id);
-	if (!found)
-		return ZP_ESTALE;
-	*be = *found;
-	*backend_id = id;
-	return ZP_OK;
-}
-
 /* Whether the backend a flow was pinned to still exists (same id, same address). */
 static __always_inline bool __np4_backend_alive(const struct ct4_entry *ct)
 {
@@ -123,7 +93,7 @@ static __always_inline int __np4_new_flow(struct __sk_buff *skb, const struct pk
 
 	if (p->proto == IPPROTO_TCP && !__tcp_new_syn(p))
 		return ZP_ECTMISS;
-	ret = __np4_select_backend(key, svc, &be, &backend_id);
+	ret = lb4_select_backend(key, svc, &be, &backend_id);
 	if (ret == ZP_ENOBACKEND && (svc_flags & ZP_SVC_F_NODEPORT))
 		return ZP_EREFUSE;
 	if (ret < 0)
