@@ -37,35 +37,24 @@ build_pkgs=(golang-1.19-go golang-github-modern-go-reflect2-dev dpkg-dev xz-util
 log() { printf 'build-apiserver: %s\n' "$*" >&2; }
 die() { printf 'build-apiserver: ERROR: %s\n' "$*" >&2; exit 1; }
 
-missing_pkgs() {
-    local p
-    for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
-    done
-}
+# shellcheck source=scripts/lib/apt.sh
+. "$(dirname "$0")/lib/apt.sh"
 
 apt_install() {
-    local missing
-    mapfile -t missing < <(missing_pkgs "$@")
-    ((${#missing[@]})) || return 0
-    [ "$(id -u)" = 0 ] || die "need root to install ${missing[*]}"
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    if [ ! -f "$cache_dir/apt-updated" ] || [ -n "$(find "$cache_dir/apt-updated" -mmin +60)" ]; then
-        apt-get -o DPkg::Lock::Timeout=600 update -qq || die "apt-get update failed"
-        touch "$cache_dir/apt-updated"
-    fi
-    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-        || die "apt-get install ${missing[*]} failed"
-    # Debian's etcd-server enables and starts a system etcd on 127.0.0.1:2379. DevCluster runs
-    # its own etcd on free ports, so a system-wide one is only a leftover process: stop it.
-    if [[ " ${missing[*]} " == *" etcd-server "* ]] && [ -d /run/systemd/system ]; then
+    local had_etcd=1
+    [ -n "$(zp_missing_packages etcd-server)" ] && had_etcd=0
+    [ -z "$(zp_missing_packages "$@")" ] && return 0
+    [ "$(id -u)" = 0 ] || die "need root to install $(zp_missing_packages "$@" | tr '\n' ' ')"
+    zp_apt_install "$@" || die "apt-get install failed"
+    # Debian's etcd-server enables a system etcd on 127.0.0.1:2379 for the next boot. DevCluster
+    # runs its own etcd on free ports: disable the system one.
+    if ((!had_etcd)) && [[ " $* " == *" etcd-server "* ]] && [ -d /run/systemd/system ]; then
         systemctl disable --now etcd.service >/dev/null 2>&1 || true
     fi
 }
 
 ready() {
-    [ -x "$binary" ] && [ -z "$(missing_pkgs "${runtime_pkgs[@]}")" ]
+    [ -x "$binary" ] && [ -z "$(zp_missing_packages "${runtime_pkgs[@]}")" ]
 }
 
 # Fast path: nothing to do, no lock, no apt.

@@ -33,28 +33,16 @@ flock 9
 pkgs=(runc libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libnl-3-dev libnet1-dev libcap-dev
       libbsd-dev libgnutls28-dev libaio-dev libnftables-dev python3-protobuf pkg-config gcc make
       xz-utils curl ca-certificates dpkg-dev)
-install_missing() {
-    local missing=() p
-    for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-    done
-    ((${#missing[@]})) || return 0
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    if [ ! -f "$cache/apt-updated" ] || [ -n "$(find "$cache/apt-updated" -mmin +60)" ]; then
-        apt-get update -qq
-        touch "$cache/apt-updated"
-    fi
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
+# shellcheck source=scripts/lib/apt.sh
+. "$(dirname "$0")/lib/apt.sh"
 
 # A cached binary of the pinned version needs nothing but runc next to it.
 if [ -x "$cache/criu-$want/criu" ]; then
-    install_missing runc
+    zp_apt_install runc
     echo "$cache/criu-$want/criu"
     exit 0
 fi
-install_missing "${pkgs[@]}"
+zp_apt_install "${pkgs[@]}"
 
 # --- sid's source index, in a private apt directory -----------------------------------------
 # The first http(s) mirror of the main archive among the system's sources (deb822 or one-line),

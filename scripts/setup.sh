@@ -10,28 +10,15 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${ZP_VENV:-$here/.venv}
-stamp_dir=/var/tmp/zeroproxy
-mkdir -p "$stamp_dir"
 
 log() { printf 'setup: %s\n' "$*" >&2; }
+# shellcheck source=scripts/lib/apt.sh
+. "$here/scripts/lib/apt.sh"
 
 # --- system packages -------------------------------------------------------------------------
 pkgs=(python3-bpfcc bpfcc-tools libbpf1 bpftool linux-headers-amd64 iproute2 nftables iptables
       python3-venv curl procps util-linux kmod)
-missing=()
-for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    # apt's lists may be stale or absent on a fresh machine; refresh at most once an hour.
-    if [ ! -f "$stamp_dir/apt-updated" ] || [ -n "$(find "$stamp_dir/apt-updated" -mmin +60)" ]; then
-        apt-get update -qq
-        touch "$stamp_dir/apt-updated"
-    fi
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+zp_apt_install "${pkgs[@]}"
 
 # --- kernel headers for bcc ------------------------------------------------------------------
 # The running kernel ships no headers; Debian's newest linux-headers-*-amd64 works for the
