@@ -30,7 +30,6 @@ new NodePort lookup, keep-alive requests would not see it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import client, rules
+from bench import client, rules, zpctl
 from bench.services import Service, make_node_port_services
 from bench.topology import (
     BACKEND_PORT,
@@ -186,18 +185,7 @@ class NodePortTopology:
         from dataplane import loader, tc
 
         if self.zpctl is not None:
-            with contextlib.suppress(Exception):
-                assert self.zpctl.stdin is not None
-                self.zpctl.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.zpctl.stdin.close()
-            try:
-                self.zpctl.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.zpctl.kill()
-                self.zpctl.wait()
-            with contextlib.suppress(Exception):
-                assert self.zpctl.stdout is not None
-                self.zpctl.stdout.close()
+            zpctl.stop(self.zpctl)
             self.zpctl = None
         node = self.nodes[ZEROPROXY]
         tc.detach([DEVICE], node.netns)

@@ -18,7 +18,6 @@ keeps conntrack off its path.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import rules
+from bench import rules, zpctl
 from bench.services import Service
 from zeroproxy.testbed import Node, Pod, TestBed
 
@@ -265,18 +264,7 @@ class Topology:
         from dataplane import loader
 
         if self.zpctl is not None:
-            with contextlib.suppress(Exception):
-                assert self.zpctl.stdin is not None
-                self.zpctl.stdin.write(_json_line({"op": "quit"}))
-                self.zpctl.stdin.close()
-            try:
-                self.zpctl.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.zpctl.kill()
-                self.zpctl.wait()
-            with contextlib.suppress(Exception):
-                assert self.zpctl.stdout is not None
-                self.zpctl.stdout.close()
+            zpctl.stop(self.zpctl)
             self.zpctl = None
         cgroup = self.nodes[ZEROPROXY].cgroup_path if ZEROPROXY in self.nodes else None
         done = loader.cleanup(cgroup, self.pin_dir)

@@ -18,12 +18,31 @@ Commands (``op``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """Ask a zpctl child to quit (it releases its bcc handles; pins stay for the caller's
+    cleanup), kill it if it does not within 10 s, and close its pipes."""
+    with contextlib.suppress(Exception):
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    with contextlib.suppress(Exception):
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 def _rss_kb() -> dict[str, int]:
