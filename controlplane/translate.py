@@ -604,11 +604,7 @@ class _Translator:
                 continue
             # A separate Fields per port: an error here drops this port, not the service.
             pf = Fields(f.ref, f.errors)
-            name = pf.string(raw, "name", path)
-            proto_name = pf.string(raw, "protocol", path, "TCP")
-            protocol = PROTOCOLS.get(proto_name)
-            if protocol is None and not pf.failed:
-                pf.error(join(path, "protocol"), f"must be TCP, UDP or SCTP, got {describe(proto_name)}")
+            name, protocol = _name_and_protocol(pf, raw, path)
             port = pf.integer(raw, "port", path, 1, 65535)
             if port is None and raw.get("port") is None:
                 pf.error(join(path, "port"), "missing")
@@ -688,11 +684,7 @@ class _Translator:
                 f.error(path, f"must be a mapping, got {describe(raw)}")
                 continue
             pf = Fields(f.ref, f.errors)
-            name = pf.string(raw, "name", path)
-            proto_name = pf.string(raw, "protocol", path, "TCP")
-            protocol = PROTOCOLS.get(proto_name)
-            if protocol is None and not pf.failed:
-                pf.error(join(path, "protocol"), f"must be TCP, UDP or SCTP, got {describe(proto_name)}")
+            name, protocol = _name_and_protocol(pf, raw, path)
             number = pf.integer(raw, "port", path, 1, 65535)
             if number is None or protocol is None or pf.failed:
                 continue  # a nil port means "all ports" for non-proxyable uses: nothing for us
@@ -820,3 +812,13 @@ class _Translator:
             Backend(e.address, e.port, e.node_name, e.ready, e.serving, e.terminating)
             for e in sorted(eps, key=lambda e: (e.address.version, e.address, e.port))
         )
+
+
+def _name_and_protocol(pf: Fields, raw: Mapping[str, Any], path: str) -> tuple[str, Protocol | None]:
+    """A port's name and protocol, as Service and EndpointSlice ports both spell them."""
+    name = pf.string(raw, "name", path)
+    proto_name = pf.string(raw, "protocol", path, "TCP")
+    protocol = PROTOCOLS.get(proto_name)
+    if protocol is None and not pf.failed:
+        pf.error(join(path, "protocol"), f"must be TCP, UDP or SCTP, got {describe(proto_name)}")
+    return name, protocol
