@@ -63,6 +63,11 @@ SCENARIO = "nodeport"
 REMOTE, LOCAL = "remote", "local"
 NODE_PORT_BASE = 20000  # NodePort range of the bench: 20000 .. 20000 + N (below any ephemeral range)
 NODE_NAMES = {DIRECT: "npd", IPTABLES: "npi", NFTABLES: "npn", ZEROPROXY: "npz"}
+# The client opens thousands of SNATed connections a second to three backends; a closed flow holds
+# its SNAT port for 10 s, so zeroproxy's default 4 536 ports would run ~60 % full and fail a SYN
+# now and then (docs/nodeport.md, "Capacity"). kube-proxy's masquerade draws from the whole port
+# space, so the bench node gives zeroproxy the upper half and moves its own ephemeral ports below.
+SNAT_PORTS_FLOOR = 32768
 DEVICE = "eth0"
 
 
@@ -96,8 +101,16 @@ class NodePortTopology:
             assert self.topo.backend_node is not None
             self.external.add_route(str(self.topo.backend_node.pod_cidr4), via=gateway.ip4)
             self.external.add_route(str(gateway.pod_cidr4), via=gateway.ip4)
+        if ZEROPROXY in self.nodes:
+            lo = self.snat_ports[0]
+            set_sysctls(self.bed, self.nodes[ZEROPROXY].netns,
+                        {"net.ipv4.ip_local_port_range": f"{self.node_port_range[1] + 1} {lo - 1}"})
         for pod in self.local.values():
             self.topo._wait_listening(pod)
+
+    @property
+    def snat_ports(self) -> tuple[int, int]:
+        return (max(SNAT_PORTS_FLOOR, self.node_port_range[1] + 1024), 65535)
 
     def services(self, mode: str, count: int) -> list[Service]:
         return make_node_port_services(count, self.topo.endpoints, [(self.local[mode].ip4, BACKEND_PORT)],
@@ -151,7 +164,12 @@ class NodePortTopology:
         self.loaded.add(ZEROPROXY)
         node = self.nodes[ZEROPROXY]
         return self._zp(op="load", cgroup=str(node.cgroup_path), pin_dir=str(self.pin_dir), devices=[DEVICE],
-                        netns=node.netns, node_port_range=list(self.node_port_range))
+                        netns=node.netns, node_port_range=list(self.node_port_range),
+                        snat_ports=list(self.snat_ports))
+
+    def drop_counters(self) -> dict[str, int]:
+        """zeroproxy's TC counters so far (new flows, replies, and every drop reason)."""
+        return self._zp(op="np_stats")["stats"] if self.zpctl is not None else {}
 
     def _zp(self, **cmd: Any) -> dict[str, Any]:
         assert self.zpctl is not None and self.zpctl.stdin and self.zpctl.stdout
@@ -240,7 +258,11 @@ def run_count(np: NodePortTopology, count: int, *, binary: Path, rounds: int, th
             targets = np.targets(mode, services[mode], backend)
             argv = client.argv(binary, targets, scenario="short", threads=threads, duration=duration,
                                warmup=warmup, cpu=cpu)
+            before = np.drop_counters() if mode == ZEROPROXY else {}
             rec = client.parse(np.external.check_output(argv, timeout=duration + warmup + 60))
+            if mode == ZEROPROXY:
+                after = np.drop_counters()
+                rec["tc_counters"] = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
             rec.update(services=count, scenario=SCENARIO, mode=mode, position=backend, round=rnd, targets=targets)
             results["runs"].append(rec)
             step(f"NodePort N={count} r{rnd + 1} {mode}/{backend}")

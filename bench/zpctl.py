@@ -7,12 +7,13 @@ stdin/stdout; every reply carries the process's current and peak RSS.
 
 Commands (``op``):
   load    {"cgroup", "pin_dir"}      compile, attach to the cgroup, pin under pin_dir; with
-          "devices", "netns", "node_port_range" also the TC NodePort programs on those devices
+          "devices", "netns", "node_port_range" (and "snat_ports") also the TC NodePort programs on those devices
           of that node namespace, with the node's addresses accepting NodePorts
   sync    {"count", "endpoints"}     cold-program ``count`` services (maps emptied first, untimed)
   change  {"index", "endpoints"}     replace one service's endpoints (partial sync), then time a full one
   program {"services"}               cold-program exactly these services (bench.services.Service
                                      fields as lists; NodePort ones get their NodePort frontend)
+  np_stats                           the TC programs' outcome and drop counters so far
   quit
 """
 
@@ -64,7 +65,7 @@ class Controller:
         self.services: list[Any] = []
 
     def load(self, cgroup: str, pin_dir: str, devices: list[str] | None = None, netns: str | None = None,
-             node_port_range: list[int] | None = None) -> dict[str, Any]:
+             node_port_range: list[int] | None = None, snat_ports: list[int] | None = None) -> dict[str, Any]:
         from dataplane import tc
         from dataplane.loader import SockDatapath
         from dataplane.services import ServiceMaps
@@ -74,7 +75,9 @@ class Controller:
         self.datapath.load()
         if devices:
             lo, hi = node_port_range or tc.DEFAULT_NODE_PORT_RANGE
-            self.tc = tc.NodeDatapath(Path(pin_dir), devices, netns=netns, node_port_range=(lo, hi))
+            s_lo, s_hi = snat_ports or tc.DEFAULT_SNAT_PORTS
+            self.tc = tc.NodeDatapath(Path(pin_dir), devices, netns=netns, node_port_range=(lo, hi),
+                                      snat_ports=(s_lo, s_hi))
             self.tc.load()
         t1 = time.perf_counter()
         self.datapath.attach()
@@ -85,6 +88,10 @@ class Controller:
         if self.tc is not None:
             self.maps.set_node_port_addresses(tc.node_port_addresses([], tc.local_addresses(netns)))
         return {"load_s": t1 - t0, "attach_s": t2 - t1}
+
+    def np_stats(self) -> dict[str, Any]:
+        """The TC path's outcome and drop counters so far (summed over CPUs), by name."""
+        return {"stats": {reason.name.lower(): n for reason, n in self.tc.stats().items()}}
 
     def program(self, services: list[list[Any]]) -> dict[str, Any]:
         from bench.services import Service, service_entries

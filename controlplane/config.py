@@ -104,6 +104,8 @@ class Config:
     min_sync_period: float = 0.1
     # -- ours, appended -------------------------------------------------------------------------
     scale_to_zero: ScaleToZeroConfig = ScaleToZeroConfig()
+    # source ports of SNATed NodePort flows; above Linux's ephemeral range (32768-60999) by default
+    snat_port_range: tuple[int, int] = (61000, 65535)
 
     @property
     def effective_health_timeout(self) -> float:
@@ -333,6 +335,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "clusterCIDR": ("cluster_cidr", lambda v: _cidr_list(v, comma_string=True)),
     "nodePortAddresses": ("node_port_addresses", lambda v: _cidr_list(v, comma_string=False)),
     "nodePortRange": ("node_port_range", _port_range),
+    "snatPortRange": ("snat_port_range", _port_range),
     "healthzBindAddress": ("healthz_bind_address", parse_bind_address),
     "metricsBindAddress": ("metrics_bind_address", parse_bind_address),
     "syncPeriod": ("sync_period", _positive_duration),
@@ -470,6 +473,10 @@ def validate(cfg: Config) -> Config:
     if cfg.min_sync_period > cfg.sync_period:
         problems.append(
             f"minSyncPeriod: {cfg.min_sync_period}s is longer than syncPeriod {cfg.sync_period}s")
+    (s_lo, s_hi), (n_lo, n_hi) = cfg.snat_port_range, cfg.node_port_range
+    if s_lo <= n_hi and n_lo <= s_hi:
+        problems.append(f"snatPortRange: {s_lo}-{s_hi} overlaps nodePortRange {n_lo}-{n_hi}; a SNATed flow's "
+                        "source port must never be a NodePort")
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -515,7 +522,7 @@ def dump(cfg: Config) -> dict[str, Any]:
             value = None if value is None else format_duration(value)
         elif isinstance(value, Path):
             value = str(value)
-        elif name == "nodePortRange":
+        elif name in ("nodePortRange", "snatPortRange"):
             value = f"{value[0]}-{value[1]}"
         elif isinstance(value, tuple):
             value = ",".join(value) if name == "clusterCIDR" else list(value)

@@ -169,6 +169,11 @@ def test_smoke_run_produces_results_and_cleans_up(bench_tools: None, stale_beds_
     assert len(np["runs"]) == 2 * 4 * 2 * 2  # N x modes x backends x rounds
     for r in np["runs"]:
         assert r["requests"] > 0 and r["errors"] == 0, r
+    # zeroproxy's TC counters were read around each of its runs: every flow new, none dropped
+    for r in np["runs"]:
+        if r["mode"] == "zeroproxy":
+            drops = {k: v for k, v in r["tc_counters"].items() if k not in ("new_flow", "fwd", "reply")}
+            assert r["tc_counters"]["new_flow"] >= r["requests"] and not drops, r
     zp9 = {r["position"]: r["targets"] for r in np["runs"] if r["services"] == 9 and r["mode"] == "zeroproxy"}
     assert zp9["remote"][0].endswith(":20008") and zp9["local"][0].endswith(":20009")
     assert all(t.startswith("10.244.") for r in np["runs"] if r["mode"] == "direct" for t in r["targets"])

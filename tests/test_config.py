@@ -149,6 +149,19 @@ def test_bad_node_port_range_is_named(value: object) -> None:
         parse({"apiVersion": config.API_VERSION, "kind": config.KIND, "nodePortRange": value})
 
 
+def test_snat_port_range_parses_and_must_not_overlap_node_ports() -> None:
+    base = {"apiVersion": config.API_VERSION, "kind": config.KIND}
+    assert parse(base).snat_port_range == (61000, 65535)
+    assert parse({**base, "snatPortRange": "40000-65535"}).snat_port_range == (40000, 65535)
+    with pytest.raises(ConfigError, match=r"snatPortRange: 32000-65535 overlaps nodePortRange 30000-32767"):
+        parse({**base, "snatPortRange": "32000-65535"})
+    with pytest.raises(ConfigError, match="snatPortRange: must be within 1-65535"):
+        parse({**base, "snatPortRange": "61000-70000"})
+    assert config.dump(parse({**base, "snatPortRange": "40000-65535"}))["snatPortRange"] == "40000-65535"
+    out = _agent("--print-config", "--snat-port-range", "31000-33000")
+    assert out.returncode == 2 and "snatPortRange: 31000-33000 overlaps nodePortRange" in out.stderr
+
+
 def test_node_port_range_reaches_translation() -> None:
     from controlplane.changes import ChangeTracker
     from zeroproxy.k8sobjects import service

@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 
-from dataplane import inspect, tc
+from dataplane import conntrack, inspect, tc
 from zeroproxy import nettools
 from zeroproxy.k8sobjects import endpoint_slice, node, service
 from zeroproxy.sandbox import AgentProcess
 from zeroproxy.testbed import TestBed
 
 WEB_PORT, NODE_PORT = 8080, 30080
+SNAT_PORTS = "40000-40999"  # the agents' --snat-port-range, narrower than the default to see it used
 
 
 class TwoNodes:
@@ -35,7 +36,7 @@ class TwoNodes:
             pod.serve(pod.name, tcp=[WEB_PORT], family="4")
         self.agents = {
             n.name: AgentProcess(tmp / n.name, n.cgroup_path, node_name=n.name, name=f"np-{n.name}",
-                                 netns=n.netns, devices=["eth0"])
+                                 netns=n.netns, devices=["eth0"], extra_args=["--snat-port-range", SNAT_PORTS])
             for n in (self.a, self.b)
         }
 
@@ -97,6 +98,10 @@ def test_external_client_reaches_local_and_remote_backends(nodes: TwoNodes) -> N
     assert set(seen) == {"a1", "b1"}
     assert seen["a1"] == {nodes.client.ip4}  # local backend: the client's own address
     assert seen["b1"] == {nodes.a.ip4}  # remote backend: SNAT to node A
+    # ... from the configured SNAT port range
+    snat_ports = {int(f.snat.rsplit(":", 1)[1]) for f in conntrack.read_flows(nodes.agents["a"].pin_dir) if f.snat}
+    lo, hi = map(int, SNAT_PORTS.split("-"))
+    assert snat_ports and all(lo <= p <= hi for p in snat_ports), sorted(snat_ports)
 
 
 def test_node_itself_reaches_the_node_port_through_the_socket_hooks(nodes: TwoNodes) -> None:

@@ -296,6 +296,7 @@ class Agent:
             defaults = tc.CtTimeouts()
             self.nodeport = tc.NodeDatapath(
                 self.config.bpffs, self.config.devices, node_port_range=self.config.node_port_range,
+                snat_ports=self.config.snat_port_range,
                 timeouts=tc.CtTimeouts(
                     syn=defaults.syn,
                     established=int(ct.tcp_established_timeout or defaults.established),

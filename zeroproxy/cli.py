@@ -89,6 +89,7 @@ def agent_config(args: argparse.Namespace) -> Config:
         "node_port_addresses": tuple(c for c in args.nodeport_addresses.split(",") if c)
         if args.nodeport_addresses is not None else None,
         "node_port_range": args.nodeport_range,
+        "snat_port_range": args.snat_port_range,
         "sync_period": args.sync_period,
         "min_sync_period": args.min_sync_period,
         "watch_pods": args.watch_pods,
@@ -99,7 +100,7 @@ def agent_config(args: argparse.Namespace) -> Config:
               "health_check_node_port_address": cfgmod._ip,
               "cluster_cidr": lambda v: cfgmod._cidr_list(v, comma_string=False),
               "node_port_addresses": lambda v: cfgmod._cidr_list(v, comma_string=False),
-              "node_port_range": cfgmod._port_range}
+              "node_port_range": cfgmod._port_range, "snat_port_range": cfgmod._port_range}
     for attr, check in checks.items():
         if overrides[attr] is not None:
             try:
@@ -275,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--nodeport-range", default=None,
                    help="the cluster's NodePort range, as kube-apiserver's --service-node-port-range "
                         "(default 30000-32767); nodePorts outside it are rejected")
+    a.add_argument("--snat-port-range", default=None,
+                   help="source ports of NodePort flows SNATed to a remote backend (default 61000-65535); "
+                        "must not overlap the NodePort range or the node's ip_local_port_range")
     a.add_argument("--min-sync-period", type=_duration, default=None,
                    help="minimum time between two syncs, e.g. 100ms or 0.1; bursts of changes coalesce "
                         "(default 100ms)")
