@@ -313,6 +313,30 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         plt.close(fig)
         files.append(path)
 
+    np_summary = (results.get("nodeport") or {}).get("summary") or []
+    if np_summary:
+        positions = ("remote", "local")
+        fig, axes = plt.subplots(1, len(positions), figsize=(12, 4.2), squeeze=False)
+        for ax, position in zip(axes[0], positions, strict=True):
+            for mode in MODES:
+                pts = sorted((s["services"], s["p50_us"]) for s in np_summary
+                             if s["mode"] == mode and s["position"] == position and s.get("p50_us") is not None)
+                if pts:
+                    color, marker = MODE_STYLE[mode]
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=mode)
+            ax.set_xscale("log")
+            ax.set_xlabel("NodePort services (the last one in rule order is hit)")
+            ax.set_ylabel("p50 latency (µs)")
+            ax.set_title(f"NodePort from an external host, {position} backend")
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        path = out / "nodeport.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+
     prog = [p for p in results.get("programming", []) if p["services"]]
     if prog:
         fig, ax = plt.subplots(figsize=(6, 4.2))

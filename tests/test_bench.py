@@ -184,7 +184,7 @@ def test_smoke_run_produces_results_and_cleans_up(bench_tools: None, stale_beds_
 
     md = (out / "results.md").read_text()
     assert "zeroproxy/direct" in md and "| 20 | last |" in md and "| 9 | remote |" in md
-    for png in ("latency.png", "throughput.png", "programming.png"):
+    for png in ("latency.png", "throughput.png", "programming.png", "nodeport.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # nothing left behind: namespaces, cgroups, pins, processes, rules, the bpf_stats sysctl
