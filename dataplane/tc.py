@@ -265,6 +265,12 @@ class NodeDatapath:
                 except NetlinkError as e:
                     if e.code != errno.EEXIST:
                         raise
+                for f in _filters(ipr, index):
+                    if (f.prio, f.handle) == (FILTER_PRIO, FILTER_HANDLE) and not f.ours:
+                        raise RuntimeError(
+                            f"{ifname} {f.hook}: tc filter pref {f.prio} handle {f.handle:#x} belongs to another "
+                            f"program ({f.name or 'unnamed'}); zeroproxy will not replace it — remove it or "
+                            "leave this device out of --devices")
                 for name, parent in ((INGRESS_PROG, CLSACT_INGRESS), (EGRESS_PROG, CLSACT_EGRESS)):
                     fn = self._fns[name]
                     ipr.tc("replace-filter", "bpf", index, FILTER_HANDLE, fd=fn.fd, name=fn.name,
@@ -275,7 +281,7 @@ class NodeDatapath:
         log.info("attached NodePort programs to %s", ", ".join(self.devices))
 
     def detach(self) -> list[str]:
-        """Remove the programs from every device (by deleting the clsact qdisc)."""
+        """Remove the programs from every device (see detach())."""
         return detach(self.devices, self.netns)
 
     def stats(self) -> dict[maps.NpStat, int]:
@@ -289,39 +295,69 @@ class NodeDatapath:
             self.bpf = None
 
 
-def attached(devices: Sequence[str], netns: str | None = None) -> dict[str, list[str]]:
-    """zeroproxy TC programs on each device, as "ingress:<name>" / "egress:<name>"."""
-    out: dict[str, list[str]] = {}
-    with _iproute(netns) as ipr:
-        for ifname in devices:
-            index = _ifindex(ipr, ifname)
-            found = []
-            for parent, where in ((CLSACT_INGRESS, "ingress"), (CLSACT_EGRESS, "egress")):
-                try:
-                    filters = ipr.get_filters(index=index, parent=parent)
-                except NetlinkError as e:
-                    if e.code in (errno.EINVAL, errno.ENOENT):
-                        continue  # no clsact qdisc
-                    raise
-                for f in filters:
-                    opts = f.get_attr("TCA_OPTIONS")
-                    name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
-                    if name and name.startswith(PROG_PREFIX):
-                        found.append(f"{where}:{name}")
-            out[ifname] = found
+@dataclass(frozen=True)
+class _Filter:
+    hook: str  # "ingress" / "egress"
+    parent: str  # the clsact hook as pyroute2 wants it
+    prio: int
+    handle: int
+    name: str | None  # the BPF program's name; None for classic BPF or other classifiers
+
+    @property
+    def ours(self) -> bool:
+        return bool(self.name and self.name.startswith(PROG_PREFIX))
+
+
+def _filters(ipr: IPRoute, index: int) -> list[_Filter]:
+    """Every filter on the device's clsact hooks (none when it has no clsact qdisc)."""
+    out = []
+    for parent, hook in ((CLSACT_INGRESS, "ingress"), (CLSACT_EGRESS, "egress")):
+        try:
+            found = ipr.get_filters(index=index, parent=parent)
+        except NetlinkError as e:
+            if e.code in (errno.EINVAL, errno.ENOENT):
+                continue  # no clsact qdisc
+            raise
+        for f in found:
+            if not f["handle"]:
+                continue  # the head of a priority's chain, not a filter
+            opts = f.get_attr("TCA_OPTIONS")
+            name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+            out.append(_Filter(hook, parent, f["info"] >> 16, f["handle"], name))
     return out
 
 
+def attached(devices: Sequence[str], netns: str | None = None) -> dict[str, list[str]]:
+    """zeroproxy TC programs on each device, as "ingress:<name>" / "egress:<name>"."""
+    with _iproute(netns) as ipr:
+        return {ifname: [f"{f.hook}:{f.name}" for f in _filters(ipr, _ifindex(ipr, ifname)) if f.ours]
+                for ifname in devices}
+
+
 def detach(devices: Sequence[str], netns: str | None = None) -> list[str]:
-    """Delete the clsact qdisc of each device (and with it our filters). Safe to run twice."""
+    """Delete zeroproxy's filters from each device, and its clsact qdisc when nothing else uses
+    it; another program's filters (and so the qdisc) stay. Safe to run twice."""
     done = []
     with _iproute(netns) as ipr:
         for ifname in devices:
             found = ipr.link_lookup(ifname=ifname)
             if not found:
                 continue
+            index = found[0]
+            for f in _filters(ipr, index):
+                if f.ours:
+                    try:
+                        ipr.tc("del-filter", "bpf", index, f.handle, parent=f.parent, prio=f.prio)
+                        done.append(f"removed {f.name} from {ifname} {f.hook}")
+                    except NetlinkError as e:
+                        if e.code != errno.ENOENT:
+                            raise
+            others = _filters(ipr, index)
+            if others:
+                done.append(f"kept the clsact qdisc of {ifname}: {len(others)} other filter(s) on it")
+                continue
             try:
-                ipr.tc("del", "clsact", found[0])
+                ipr.tc("del", "clsact", index)
                 done.append(f"removed clsact qdisc from {ifname}")
             except NetlinkError as e:
                 if e.code not in (errno.EINVAL, errno.ENOENT):

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from controlplane.model import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
-from dataplane import loader, maps
+from dataplane import loader, maps, tc
 from dataplane.conntrack import read_flows, read_reverse
 from dataplane.services import ServiceMaps
 from dataplane.tc import CtTimeouts, NodeDatapath, in_netns, node_port_addresses, prog_test_run
@@ -486,6 +486,41 @@ def test_map_mirrors_match_bcc(rig: Rig) -> None:
     assert len(maps.NpStat) <= maps.NP_STAT_MAX
     for name in ("zp_ct4", "zp_snat4", "zp_np_cfg", "zp_np_dev4", "zp_np_stats"):
         assert (rig.pin_dir / maps.MAP_PINS[name]).exists(), name
+
+
+def test_detach_and_attach_leave_other_programs_filters_alone(rig: Rig) -> None:
+    """Another program's tc filters on the device survive zeroproxy's detach (and so does the
+    clsact qdisc they hang on); a foreign filter in zeroproxy's own slot is refused, not replaced."""
+    tc_ = ["tc", "filter"]
+    # classic BPF "accept everything" filters, standing in for another tool's programs
+    foreign = ["bpf", "bytecode", "1,6 0 0 4294967295,", "classid", "1"]
+
+    def shown(hook: str) -> str:
+        return rig.bed.run_in_netns(rig.netns, [*tc_, "show", "dev", "eth0", hook]).stdout
+
+    try:
+        rig.bed.run_in_netns(rig.netns, [*tc_, "add", "dev", "eth0", "ingress", "prio", "5", "handle", "7", *foreign])
+        assert tc.attached(["eth0"], rig.netns) == {"eth0": ["ingress:zp_np4_ingress", "egress:zp_np4_egress"]}
+        said = rig.datapath.detach()
+        assert said == ["removed zp_np4_ingress from eth0 ingress", "removed zp_np4_egress from eth0 egress",
+                        "kept the clsact qdisc of eth0: 1 other filter(s) on it"]
+        assert tc.attached(["eth0"], rig.netns) == {"eth0": []}
+        assert "handle 0x7" in shown("ingress") and "zp_np" not in shown("ingress") + shown("egress")
+
+        rig.bed.run_in_netns(rig.netns, [*tc_, "add", "dev", "eth0", "ingress", "prio", "1", "handle", "1", *foreign])
+        with pytest.raises(RuntimeError, match=r"eth0 ingress: tc filter pref 1 handle 0x1 belongs to another "
+                                               r"program \(unnamed\); zeroproxy will not replace it"):
+            rig.datapath.attach()
+        assert "zp_np" not in shown("ingress")
+    finally:
+        for prio in ("1", "5"):
+            rig.bed.run_in_netns(rig.netns, [*tc_, "del", "dev", "eth0", "ingress", "prio", prio], check=False)
+        rig.datapath.attach()
+    assert tc.attached(["eth0"], rig.netns) == {"eth0": ["ingress:zp_np4_ingress", "egress:zp_np4_egress"]}
+    # with only our filters left, detach removes the qdisc too; attach puts everything back
+    assert rig.datapath.detach()[-1] == "removed clsact qdisc from eth0"
+    assert "clsact" not in rig.bed.run_in_netns(rig.netns, ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+    rig.datapath.attach()
 
 
 @pytest.mark.parametrize(("spec", "expected"), [
