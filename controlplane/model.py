@@ -91,6 +91,11 @@ class ServiceEntry:
     # Later features (session affinity, traffic policies, scale to zero) add fields here with
     # defaults so that older callers keep working.
     extra: tuple[tuple[str, str], ...] = field(default=())
+    # For an external frontend (NodePort, ExternalIP, LB IP) whose traffic policies give traffic
+    # from the node and its pods other backends than traffic from outside (externalTrafficPolicy
+    # Local, as kube-proxy: in-cluster clients use the internal policy's endpoints): those
+    # backends. None = the same as ``backends``.
+    internal_backends: tuple[Backend, ...] | None = None
 
     def extra_value(self, key: str, default: str | None = None) -> str | None:
         for k, v in self.extra:

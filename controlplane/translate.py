@@ -793,7 +793,12 @@ class _Translator:
                 family = ip_family(fe.address)
                 bucket = endpoints.get((p.name, p.protocol, family), {})
                 backends = self._choose(svc, fe.kind, list(bucket.values()))
-                self.out.table[fe] = ServiceEntry(fe, spn, backends, svc.extra)
+                internal = None
+                if fe.kind in EXTERNAL_KINDS and svc.external_policy == "Local" and self.node_name:
+                    # kube-proxy: the node's own processes and its pods reaching an external
+                    # address are in-cluster clients; they get the internal policy's endpoints
+                    internal = self._choose(svc, FrontendKind.CLUSTER_IP, list(bucket.values()))
+                self.out.table[fe] = ServiceEntry(fe, spn, backends, svc.extra, internal)
 
     def _choose(self, svc: _Service, kind: FrontendKind, eps: list[_Endpoint]) -> tuple[Backend, ...]:
         policy = svc.external_policy if kind in EXTERNAL_KINDS else svc.internal_policy

@@ -21,7 +21,7 @@ import msgpack
 
 from controlplane.model import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: ServiceEntry.internal_backends
 
 _KINDS = {k.value: k for k in FrontendKind}
 
@@ -48,22 +48,32 @@ def _unfrontend(v: list[Any]) -> Frontend:
     return Frontend(_addr(v[0]), v[1], Protocol(v[2]), _KINDS[v[3]])
 
 
+def _backends(bes: Iterable[Backend]) -> list[Any]:
+    return [[b.address.packed, b.port, b.node_name, b.ready, b.serving, b.terminating] for b in bes]
+
+
+def _unbackends(v: list[Any]) -> tuple[Backend, ...]:
+    return tuple(Backend(_addr(a), port, node, ready, serving, term) for a, port, node, ready, serving, term in v)
+
+
 def _entry(e: ServiceEntry) -> list[Any]:
     return [
         _frontend(e.frontend),
         [e.service.namespace, e.service.name, e.service.port],
-        [[b.address.packed, b.port, b.node_name, b.ready, b.serving, b.terminating] for b in e.backends],
+        _backends(e.backends),
         [list(kv) for kv in e.extra],
+        None if e.internal_backends is None else _backends(e.internal_backends),
     ]
 
 
 def _unentry(v: list[Any]) -> ServiceEntry:
-    fe, svc, backends, extra = v
+    fe, svc, backends, extra, internal = v
     return ServiceEntry(
         _unfrontend(fe),
         ServicePortName(*svc),
-        tuple(Backend(_addr(a), port, node, ready, serving, term) for a, port, node, ready, serving, term in backends),
+        _unbackends(backends),
         tuple((k, val) for k, val in extra),
+        None if internal is None else _unbackends(internal),
     )
 
 

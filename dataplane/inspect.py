@@ -23,6 +23,9 @@ class ProgrammedService:
     rev_nat_id: int
     count: int
     backends: list[str] = field(default_factory=list)  # slot order; "?" for a missing slot
+    # "internal": what the socket hooks (and the TC path, for most frontends) use; "external": the
+    # TC path's own view of an externalTrafficPolicy: Local frontend (its local backends)
+    view: str = "internal"
 
 
 def _fmt(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, proto: int | None = None) -> str:
@@ -48,15 +51,16 @@ def service_list(pin_dir: Path) -> list[ProgrammedService]:
             slots = {}
             heads = []
             for k, v in entries:
-                fe = (bytes(k.address), k.dport, k.proto)
+                fe = (bytes(k.address), k.dport, k.proto, k.scope)
                 if k.slot == 0:
                     heads.append((k, v))
                 else:
                     slots[(fe, k.slot)] = v.backend_id
             for k, v in heads:
-                fe = (bytes(k.address), k.dport, k.proto)
+                fe = (bytes(k.address), k.dport, k.proto, k.scope)
                 addr = maps.addr_from(k.address, version)
-                ps = ProgrammedService(_fmt(addr, maps.ntohs(k.dport), k.proto), v.rev_nat_id, v.count)
+                view = "external" if k.scope == maps.SCOPE_EXTERNAL else "internal"
+                ps = ProgrammedService(_fmt(addr, maps.ntohs(k.dport), k.proto), v.rev_nat_id, v.count, view=view)
                 for slot in range(1, v.count + 1):
                     bid = slots.get((fe, slot))
                     b = backends.get(bid) if bid is not None else None
@@ -64,7 +68,7 @@ def service_list(pin_dir: Path) -> list[ProgrammedService]:
                         _fmt(maps.addr_from(b.address, version), maps.ntohs(b.port)) if b is not None else "?"
                     )
                 out.append(ps)
-    out.sort(key=lambda s: s.frontend)
+    out.sort(key=lambda s: (s.frontend, s.view))
     return out
 
 

@@ -181,6 +181,11 @@ class SvcFlag(enum.IntFlag):
     EXTERNAL = 0x1  # served by the TC programs (NodePort, ExternalIP, LoadBalancer IP)
     LOCAL = 0x2  # externalTrafficPolicy: Local (local backends only, never SNAT)
     NODEPORT = 0x4  # the frontend address is a node address
+    SCOPED = 0x8  # eTP=Local external frontend: this (internal) entry serves the socket hooks,
+    # the TC programs use the frontend's SCOPE_EXTERNAL entry (local backends)
+
+
+SCOPE_INTERNAL, SCOPE_EXTERNAL = 0, 1  # lb4_key.scope / lb6_key.scope; ZP_SCOPE_* in bpf/lib/maps.h
 
 
 class NpStat(enum.IntEnum):

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from controlplane.model import Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
+from controlplane.model import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 from dataplane import maps
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,11 @@ MAX_BACKEND_ID = 0xFFFFFFFF
 MAX_SLOTS = 0xFFFF
 
 
-# (packed address, port, protocol): the identity of a frontend or a backend in the maps.
+# (packed address, port, protocol): the identity of a backend in the maps.
 AddrKey = tuple[bytes, int, int]
+# (packed address, port, protocol, scope): one view of a frontend in the service map. Every
+# frontend has a maps.SCOPE_INTERNAL view; eTP=Local external ones also a SCOPE_EXTERNAL view.
+FeKey = tuple[bytes, int, int, int]
 
 
 @dataclass
@@ -101,18 +104,19 @@ class _Family:
         self.be = be_table
         self.KeyT = maps.Lb4Key if version == 4 else maps.Lb6Key
         self.BackendT = maps.Lb4Backend if version == 4 else maps.Lb6Backend
-        self.frontends: dict[AddrKey, FrontendState] = {}
+        self.frontends: dict[FeKey, FrontendState] = {}
         self.backends: dict[AddrKey, int] = {}  # backend -> id
         self.backend_keys: dict[int, AddrKey] = {}  # id -> backend
         self.refs: Counter[int] = Counter()  # backend id -> slots (over all frontends) holding it
 
     # ---- ctypes conversion --------------------------------------------------------------
-    def svc_key(self, fe: AddrKey, slot: int):
+    def svc_key(self, fe: FeKey, slot: int):
         k = self.KeyT()
         ctypes.memmove(k.address, fe[0], len(fe[0]))
         k.dport = maps.htons(fe[1])
         k.slot = slot
         k.proto = fe[2]
+        k.scope = fe[3]
         return k
 
     def backend_value(self, be: AddrKey):
@@ -135,12 +139,12 @@ class _Family:
             be = (bytes(v.address), maps.ntohs(v.port), v.proto)
             self.backends[be] = k.value
             self.backend_keys[k.value] = be
-        slots: dict[AddrKey, dict[int, int]] = {}
-        heads: dict[AddrKey, tuple[int, int]] = {}
+        slots: dict[FeKey, dict[int, int]] = {}
+        heads: dict[FeKey, tuple[int, int, int, int]] = {}
         for k, v in self.svc.items():
             k = self.KeyT.from_buffer_copy(bytes(k))
             v = maps.LbService.from_buffer_copy(bytes(v))
-            fe = (bytes(k.address), maps.ntohs(k.dport), k.proto)
+            fe = (bytes(k.address), maps.ntohs(k.dport), k.proto, k.scope)
             if k.slot == 0:
                 heads[fe] = (v.count, v.rev_nat_id, v.backend_id, v.flags)
             else:
@@ -214,7 +218,8 @@ class ServiceMaps:
 
     @property
     def frontend_count(self) -> int:
-        return len(self.v4.frontends) + len(self.v6.frontends)
+        """Frontends programmed (a frontend with an internal and an external view counts once)."""
+        return sum(1 for fam in (self.v4, self.v6) for fe in fam.frontends if fe[3] == maps.SCOPE_INTERNAL)
 
     @property
     def backend_count(self) -> int:
@@ -238,32 +243,35 @@ class ServiceMaps:
         table. Frontends of the NodePort kind stand for one map entry per node address.
         """
         result = SyncResult()
-        desired: dict[tuple[int, AddrKey], tuple[ServiceEntry, list[AddrKey], int]] = {}
+        desired: dict[tuple[int, FeKey], tuple[ServiceEntry, list[AddrKey], int]] = {}
         wanted = [e for e in entries if e.frontend.kind in ALL_KINDS]
         # ClusterIP first: when a ClusterIP and an external address collide, the ClusterIP wins.
         for e in sorted(wanted, key=lambda e: (ALL_KINDS.index(e.frontend.kind), e.frontend.sort_key)):
-            flags = _frontend_flags(e)
+            views = _views(e)
             for addr in self._frontend_addresses(e.frontend):
-                fe = _addr_key(addr, e.frontend.port, e.frontend.protocol)
-                key = (addr.version, fe)
+                key = (addr.version, _fe_key(addr, e.frontend.port, e.frontend.protocol, maps.SCOPE_INTERNAL))
                 if key in desired:
                     result.conflicts.append(
                         f"frontend {e.frontend} ({addr}) of {e.service} is already used by "
                         f"{desired[key][0].service}; ignored"
                     )
                     continue
-                bes = [
-                    _addr_key(b.address, b.port, e.frontend.protocol)
-                    for b in e.backends
-                    if b.address.version == addr.version
-                ][:MAX_SLOTS]
-                desired[key] = (e, bes, flags)
-        keys: set[tuple[int, AddrKey]] | None = None
+                for view_scope, backends, flags in views:
+                    bes = [
+                        _addr_key(b.address, b.port, e.frontend.protocol)
+                        for b in backends
+                        if b.address.version == addr.version
+                    ][:MAX_SLOTS]
+                    fe = _fe_key(addr, e.frontend.port, e.frontend.protocol, view_scope)
+                    desired[(addr.version, fe)] = (e, bes, flags)
+        keys: set[tuple[int, FeKey]] | None = None
         if scope is not None:
             keys = set(desired)
             for f in scope:
                 if f.kind in ALL_KINDS:
-                    keys.update((a.version, _addr_key(a, f.port, f.protocol)) for a in self._frontend_addresses(f))
+                    keys.update((a.version, _fe_key(a, f.port, f.protocol, view))
+                                for a in self._frontend_addresses(f)
+                                for view in (maps.SCOPE_INTERNAL, maps.SCOPE_EXTERNAL))
         try:
             self._apply(desired, result, keys)
         except Exception:
@@ -290,8 +298,8 @@ class ServiceMaps:
             return [frontend.address]
         return [a for a in self.node_port_addresses if a.version == frontend.address.version]
 
-    def _apply(self, desired: dict[tuple[int, AddrKey], tuple[ServiceEntry, list[AddrKey], int]],
-               result: SyncResult, scope: set[tuple[int, AddrKey]] | None) -> None:
+    def _apply(self, desired: dict[tuple[int, FeKey], tuple[ServiceEntry, list[AddrKey], int]],
+               result: SyncResult, scope: set[tuple[int, FeKey]] | None) -> None:
         for fam in (self.v4, self.v6):
             want = {fe: v for (ver, fe), v in desired.items() if ver == fam.version}
             if scope is None:
@@ -299,11 +307,11 @@ class ServiceMaps:
             else:
                 gone = [fe for ver, fe in scope if ver == fam.version and fe in fam.frontends and fe not in want]
             be_new: list[tuple[int, AddrKey]] = []
-            slot_writes: list[tuple[AddrKey, int, int, int]] = []  # fe, slot, backend id, rev id
-            head_writes: list[tuple[AddrKey, int, int, int, int]] = []  # fe, count, rev id, affinity, flags
+            slot_writes: list[tuple[FeKey, int, int, int]] = []  # fe, slot, backend id, rev id
+            head_writes: list[tuple[FeKey, int, int, int, int]] = []  # fe, count, rev id, affinity, flags
             left: set[tuple[int, int]] = set()  # (rev id, backend id) pairs that stopped serving
             deletes: list = []  # ctypes keys, in order
-            new_state: dict[AddrKey, FrontendState] = {}
+            new_state: dict[FeKey, FrontendState] = {}
 
             for fe, (entry, bes, flags) in want.items():
                 cur = fam.frontends.get(fe)
@@ -333,7 +341,10 @@ class ServiceMaps:
                     deletes.append(fam.svc_key(fe, slot))
                 new_state[fe] = FrontendState(rev, ids, aff, flags)
 
-            for fe in gone:
+            # An internal view that gains SCOPED must find its external view already complete,
+            # and loses it before that view is deleted: external heads first, deletes after.
+            head_writes.sort(key=lambda w: w[0][3] != maps.SCOPE_EXTERNAL)
+            for fe in sorted(gone, key=lambda fe: fe[3]):  # internal view (what lookups start from) first
                 cur = fam.frontends[fe]
                 deletes.append(fam.svc_key(fe, 0))
                 deletes.extend(fam.svc_key(fe, s) for s in range(1, len(cur.backend_ids) + 1))
@@ -349,7 +360,7 @@ class ServiceMaps:
                 _update_batch(fam.svc, [fam.svc_key(fe, s) for fe, s, _, _ in slot_writes],
                               [maps.LbService(backend_id=b, count=0, rev_nat_id=r) for _, _, b, r in slot_writes])
             # phase 3: heads
-            if head_writes:
+            if head_writes:  # applied in list order (the kernel walks a batch front to back)
                 _update_batch(fam.svc, [fam.svc_key(fe, 0) for fe, *_ in head_writes],
                               [maps.LbService(backend_id=a, count=c, rev_nat_id=r, flags=f)
                                for _, c, r, a, f in head_writes])
@@ -406,6 +417,16 @@ class ServiceMaps:
         _delete_batch(self.affinity_table, stale)
 
 
+def _views(entry: ServiceEntry) -> list[tuple[int, tuple[Backend, ...], int]]:
+    """(scope, backends, slot 0 flags) of each map view of an entry's frontend."""
+    flags = _frontend_flags(entry)
+    if entry.internal_backends is None or entry.frontend.kind not in EXTERNAL_KINDS:
+        return [(maps.SCOPE_INTERNAL, entry.backends, flags)]
+    internal = (flags & ~maps.SvcFlag.LOCAL) | maps.SvcFlag.SCOPED
+    return [(maps.SCOPE_INTERNAL, entry.internal_backends, int(internal)),
+            (maps.SCOPE_EXTERNAL, entry.backends, flags)]
+
+
 def _frontend_flags(entry: ServiceEntry) -> int:
     """slot 0's flags: which frontends the TC programs serve, and how."""
     kind = entry.frontend.kind
@@ -421,6 +442,10 @@ def _frontend_flags(entry: ServiceEntry) -> int:
 
 def _addr_key(addr, port: int, proto: Protocol | int) -> AddrKey:
     return (addr.packed, int(port), int(proto))
+
+
+def _fe_key(addr, port: int, proto: Protocol | int, scope: int) -> FeKey:
+    return (addr.packed, int(port), int(proto), scope)
 
 
 def _update_batch(table, keys: list, values: list) -> None:

@@ -22,6 +22,7 @@ from controlplane.model import ServicePortName
 from controlplane.translate import translate
 from dataplane import loader, maps, tc
 from dataplane.conntrack import read_flows, read_reverse
+from dataplane.inspect import service_list
 from dataplane.loader import SockDatapath
 from dataplane.services import ServiceMaps
 from zeroproxy.k8sobjects import endpoint_slice, node, service
@@ -198,13 +199,22 @@ def test_external_and_load_balancer_ips(cluster: Cluster, address: str) -> None:
 
 def test_external_traffic_policy_local(cluster: Cluster) -> None:
     """eTP=Local: node B (local endpoint) serves with the client's IP preserved; node A (none)
-    refuses; the dataplane tells which node has local endpoints (for healthCheckNodePort)."""
+    refuses external clients but not its own processes and pods; the dataplane tells which node
+    has local endpoints (for healthCheckNodePort)."""
     c = cluster
     on_b = c.client.client(f"{c.b.ip4}:{NP_LOCAL}", count=30, concurrency=3)
     assert _failures(on_b) == []
     assert {(r["server_name"], r["peer_seen_by_server"][0]) for r in on_b} == {("b1", c.client.ip4)}
     on_a = c.client.client(f"{c.a.ip4}:{NP_LOCAL}", count=10)
     assert {r["error"] for r in on_a} == {"ECONNREFUSED"}
+    # ... but the node's own processes and its pods are in-cluster clients: as with kube-proxy they
+    # reach the service through node A's address anyway (the internal policy's endpoints)
+    for who in (c.a, c.a1):
+        inside = who.client(f"{c.a.ip4}:{NP_LOCAL}", count=10)
+        assert _failures(inside) == [] and set(_served(inside)) == {"b1"}, who.name
+    views = {(s.frontend, s.view): s.backends for s in service_list(c.agents["a"].pin_dir)}
+    assert views[(f"{c.a.ip4}:{NP_LOCAL}/TCP", "internal")] == [f"{c.b1.ip4}:{WEB_PORT}"]
+    assert views[(f"{c.a.ip4}:{NP_LOCAL}/TCP", "external")] == []
     name = ServicePortName("default", "local", "http")
     assert c.agents["a"].maps.has_local_endpoints(name) is False
     assert c.agents["b"].maps.has_local_endpoints(name) is True

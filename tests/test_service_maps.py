@@ -104,3 +104,47 @@ def test_nodeport_frontends_expand_to_node_addresses(datapath: SockDatapath) -> 
     assert set(kernel(datapath.pin_dir)) == {"127.0.0.1:30080/TCP", "192.168.1.5:30080/TCP"}
     maps.sync([], scope={np.frontend})
     assert kernel(datapath.pin_dir) == {}
+
+
+def test_local_policy_frontend_has_two_views_written_and_removed_in_order(datapath: SockDatapath) -> None:
+    """An eTP=Local external frontend gets an internal view (the socket hooks' backends, flagged
+    SCOPED) and an external one (local backends, LOCAL); a restarted agent adopts both; turning
+    the policy off or deleting the frontend leaves no view behind."""
+    from dataplane import maps as m
+
+    def lb(policy: str, local: list[str], internal: list[str] | None) -> ServiceEntry:
+        return ServiceEntry(
+            Frontend(ipaddress.ip_address("192.0.2.7"), 80, Protocol.TCP, FrontendKind.LOAD_BALANCER),
+            ServicePortName("default", "lb"), tuple(Backend(ipaddress.ip_address(b), 80) for b in local),
+            (("externalTrafficPolicy", policy),),
+            None if internal is None else tuple(Backend(ipaddress.ip_address(b), 80) for b in internal))
+
+    def views() -> dict[str, list[str]]:
+        return {s.view: sorted(s.backends) for s in inspect.service_list(datapath.pin_dir)}
+
+    def flags() -> dict[int, int]:
+        table = datapath.table("zp_lb4_svc")
+        return {k.scope: v.flags for k, v in ((m.Lb4Key.from_buffer_copy(bytes(k)), v) for k, v in table.items())
+                if k.slot == 0}
+
+    sm = ServiceMaps(datapath)
+    sm.sync([lb("Local", ["10.244.0.1"], ["10.244.0.1", "10.244.1.1"])])
+    assert views() == {"internal": ["10.244.0.1:80", "10.244.1.1:80"], "external": ["10.244.0.1:80"]}
+    assert flags() == {m.SCOPE_INTERNAL: m.SvcFlag.EXTERNAL | m.SvcFlag.SCOPED,
+                       m.SCOPE_EXTERNAL: m.SvcFlag.EXTERNAL | m.SvcFlag.LOCAL}
+    assert sm.frontend_count == 1 and sm.has_local_endpoints(ServicePortName("default", "lb")) is True
+
+    restarted = ServiceMaps(datapath)
+    assert restarted.frontend_count == 1
+    assert not restarted.sync([lb("Local", ["10.244.0.1"], ["10.244.0.1", "10.244.1.1"])]).changed
+    # no local endpoint left: outside traffic finds none, the node's own clients still do
+    restarted.sync([lb("Local", [], ["10.244.1.1"])], scope=set())
+    assert views() == {"internal": ["10.244.1.1:80"], "external": []}
+    assert restarted.has_local_endpoints(ServicePortName("default", "lb")) is False
+
+    restarted.sync([lb("Cluster", ["10.244.0.1", "10.244.1.1"], None)])
+    assert views() == {"internal": ["10.244.0.1:80", "10.244.1.1:80"]}
+    assert flags() == {m.SCOPE_INTERNAL: m.SvcFlag.EXTERNAL}
+    restarted.sync([lb("Local", ["10.244.0.1"], ["10.244.1.1"])])
+    restarted.sync([])
+    assert views() == {} and len(datapath.table("zp_lb4_svc")) == 0 and len(datapath.table("zp_lb4_be")) == 0

@@ -199,18 +199,19 @@ def rig(stale_beds_removed: list[str]) -> Iterator[Rig]:
 
 
 def _entry(kind: FrontendKind, addr: str, port: int, proto: Protocol, backends: list[str],
-           name: str, local: bool = False) -> ServiceEntry:
+           name: str, local: bool = False, internal: list[str] | None = None) -> ServiceEntry:
     extra = (("externalTrafficPolicy", "Local" if local else "Cluster"),)
     return ServiceEntry(
         Frontend(ipaddress.ip_address(addr), port, proto, kind),
         ServicePortName("default", name),
         tuple(Backend(ipaddress.ip_address(b), 8080) for b in backends),
         extra,
+        None if internal is None else tuple(Backend(ipaddress.ip_address(b), 8080) for b in internal),
     )
 
 
 def services(web: list[str], *, udp: list[str] | None = None, ext: list[str] | None = None,
-             local: list[str] | None = None) -> list[ServiceEntry]:
+             local: list[str] | None = None, local_internal: list[str] | None = None) -> list[ServiceEntry]:
     """The service table of a case: NodePort 30080/TCP is `web`, the others are optional."""
     out = [
         _entry(FrontendKind.NODE_PORT, "0.0.0.0", 30080, Protocol.TCP, web, "web"),
@@ -221,7 +222,8 @@ def services(web: list[str], *, udp: list[str] | None = None, ext: list[str] | N
     if ext is not None:
         out.append(_entry(FrontendKind.EXTERNAL_IP, EXT_IP, 80, Protocol.TCP, ext, "ext"))
     if local is not None:
-        out.append(_entry(FrontendKind.NODE_PORT, "0.0.0.0", 30081, Protocol.TCP, local, "loc", local=True))
+        out.append(_entry(FrontendKind.NODE_PORT, "0.0.0.0", 30081, Protocol.TCP, local, "loc", local=True,
+                          internal=local_internal))
     return out
 
 
@@ -388,6 +390,17 @@ def case_local_policy() -> list[Step]:
                  sync=services([POD_B], local=[POD_A]))]
 
 
+def case_local_policy_two_views() -> list[Step]:
+    """eTP=Local with the node's own view (the internal policy's endpoints, for the socket hooks)
+    in the same map: the TC path takes the external view — local backends only, or none."""
+    return [
+        Step("in", c2n(port=30081), TC_ACT_REDIRECT, src=CLIENT, sport=40000, dst=POD_A, dport=8080,
+             sync=services([POD_B], local=[POD_A], local_internal=[POD_A, POD_B])),
+        Step("in", c2n(sport=40001, port=30081), TC_ACT_OK, unchanged=True, stats={maps.NpStat.NO_BACKEND: 1},
+             sync=services([POD_B], local=[], local_internal=[POD_B])),
+    ]
+
+
 CASES = {
     "remote-tcp": case_remote_tcp,
     "local-tcp": case_local_tcp,
@@ -402,6 +415,7 @@ CASES = {
     "expired-reply": case_expired_reply,
     "no-backend": case_no_backend,
     "local-policy": case_local_policy,
+    "local-policy-two-views": case_local_policy_two_views,
 }
 
 

@@ -543,6 +543,13 @@ def test_traffic_policies_choose_local_endpoints(
     assert backends(t, fe("10.96.0.1", 80)) == to_str
     for frontend in (fe("0.0.0.0", 30080, TCP, NP), fe("203.0.113.5", 80, TCP, LB)):
         assert backends(t, frontend) == [f"{a}:8080" for a in external]
+        # with eTP=Local, the node's own processes and pods use the internal policy's endpoints
+        internal = t.table[frontend].internal_backends
+        if spec.get("externalTrafficPolicy") == "Local" and node:
+            assert internal is not None and [f"{b.address}:{b.port}" for b in internal] == to_str
+        else:
+            assert internal is None
+    assert t.table[fe("10.96.0.1", 80)].internal_backends is None
 
 
 # --- Nodes and Pods --------------------------------------------------------------------------

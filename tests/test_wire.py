@@ -64,3 +64,20 @@ def test_maps_fed_through_the_wire_match_a_direct_sync(datapath: SockDatapath) -
     via_wire = {s.frontend: s.backends for s in inspect.service_list(datapath.pin_dir)}
     assert via_wire  # something was programmed
     assert not maps.sync(t.values()).changed  # a direct call finds the maps already right
+
+
+def test_internal_backends_of_a_local_policy_frontend_survive_the_wire() -> None:
+    from zeroproxy.k8sobjects import endpoint_slice, service
+
+    objects = [
+        service("lb", ["10.96.5.5"], [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30555}],
+                type="NodePort", externalTrafficPolicy="Local"),
+        endpoint_slice("lb", ["10.244.1.5"], [{"name": "http", "port": 8080, "protocol": "TCP"}], name="lb-a",
+                       node_name="node-a"),
+        endpoint_slice("lb", ["10.244.2.5"], [{"name": "http", "port": 8080, "protocol": "TCP"}], name="lb-b",
+                       node_name="node-b"),
+    ]
+    t = translate(objects, "node-a").table
+    scoped = [e for e in t.values() if e.internal_backends is not None]
+    assert len(scoped) == 1 and len(scoped[0].backends) == 1 and len(scoped[0].internal_backends) == 2
+    assert {e.frontend: e for e in decode_sync(encode_sync(t.values())).entries} == t

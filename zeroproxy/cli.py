@@ -179,7 +179,8 @@ def cmd_service_list(args: argparse.Namespace) -> int:
     print(f"{'ID':>5}  {'FRONTEND':<44} BACKENDS")
     for s in services:
         backends = ", ".join(s.backends) if s.backends else "(none: connect() is refused)"
-        print(f"{s.rev_nat_id:>5}  {s.frontend:<44} {backends}")
+        frontend = s.frontend if s.view == "internal" else f"{s.frontend} (from outside)"
+        print(f"{s.rev_nat_id:>5}  {frontend:<44} {backends}")
     return 0
 
 
@@ -191,7 +192,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     out: dict = {"bpffs": str(pin), "pinned": pin.exists()}
     if pin.exists():
         svcs = service_list(pin)
-        out["frontends"] = len(svcs)
+        out["frontends"] = sum(1 for s in svcs if s.view == "internal")
         out["backend_slots"] = sum(len(s.backends) for s in svcs)
         out["counters"] = stats(pin)
     if args.cgroup:

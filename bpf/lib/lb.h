@@ -22,6 +22,19 @@ lb4_lookup_service(__be32 addr, __be16 port, __u8 proto, struct lb4_key *key)
 	return zp_lb4_svc.lookup(key);
 }
 
+/* The frontend as traffic from outside the node sees it: its external entry when it has one. */
+static __always_inline struct lb_service *
+lb4_lookup_external(__be32 addr, __be16 port, __u8 proto, struct lb4_key *key)
+{
+	struct lb_service *svc = lb4_lookup_service(addr, port, proto, key);
+
+	if (svc && (svc->flags & ZP_SVC_F_SCOPED)) {
+		key->scope = ZP_SCOPE_EXTERNAL;
+		svc = zp_lb4_svc.lookup(key);
+	}
+	return svc;
+}
+
 /* ClientIP session affinity: the backend this client used last, if still fresh and present. */
 static __always_inline struct lb4_backend *
 lb4_affinity_backend(const struct lb_service *svc, __u64 client, __u32 *backend_id)

@@ -13,7 +13,7 @@ struct lb4_key {
 	__be16 dport;     /* frontend port, network byte order */
 	__u16 slot;       /* 0 = the frontend itself (holds backend count), 1..count = backends */
 	__u8 proto;       /* IPPROTO_TCP / IPPROTO_UDP / IPPROTO_SCTP */
-	__u8 scope;       /* reserved for traffic-policy scopes; 0 today */
+	__u8 scope;       /* ZP_SCOPE_*: which view of a frontend with two (see ZP_SVC_F_SCOPED) */
 	__u8 pad[2];      /* explicit padding, always 0 */
 };
 
@@ -22,7 +22,7 @@ struct lb6_key {
 	__be16 dport;     /* frontend port, network byte order */
 	__u16 slot;       /* 0 = the frontend itself (holds backend count), 1..count = backends */
 	__u8 proto;       /* IPPROTO_TCP / IPPROTO_UDP / IPPROTO_SCTP */
-	__u8 scope;       /* reserved for traffic-policy scopes; 0 today */
+	__u8 scope;       /* ZP_SCOPE_*: which view of a frontend with two (see ZP_SVC_F_SCOPED) */
 	__u8 pad[2];      /* explicit padding, always 0 */
 };
 
@@ -30,6 +30,15 @@ struct lb6_key {
 #define ZP_SVC_F_EXTERNAL 0x1 /* served by the TC path: NodePort, ExternalIP or LoadBalancer IP */
 #define ZP_SVC_F_LOCAL    0x2 /* externalTrafficPolicy Local: backends are local; never SNAT */
 #define ZP_SVC_F_NODEPORT 0x4 /* the address is a node address (a NodePort) */
+#define ZP_SVC_F_SCOPED   0x8 /* external frontend whose traffic from outside the node takes other
+			       * backends than traffic from the node and its pods
+			       * (externalTrafficPolicy Local): this ZP_SCOPE_INTERNAL entry is the
+			       * view of the socket hooks, the TC path uses the ZP_SCOPE_EXTERNAL one */
+
+/* lb4_key.scope / lb6_key.scope. Every frontend has an internal entry; only ZP_SVC_F_SCOPED ones
+ * also have an external entry (its own slot 0 and backend slots). */
+#define ZP_SCOPE_INTERNAL 0
+#define ZP_SCOPE_EXTERNAL 1
 
 /* Value of both service maps. */
 struct lb_service {

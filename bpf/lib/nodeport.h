@@ -158,7 +158,7 @@ static __always_inline int __np4_service(struct __sk_buff *skb, const struct pkt
 	__u64 now;
 	int ret;
 
-	svc = lb4_lookup_service(p->daddr, p->dport, p->proto, &key);
+	svc = lb4_lookup_external(p->daddr, p->dport, p->proto, &key);
 	if (!svc || !(svc->flags & ZP_SVC_F_EXTERNAL))
 		return ZP_ENOTSVC;
 	fwd.saddr = p->saddr;
