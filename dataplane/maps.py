@@ -118,6 +118,9 @@ class Rnat6Value(ctypes.Structure):
     )
 
 
+AFFINITY_CLIENT_IP4 = 1 << 63  # AffinityKey.netns_cookie bit of a TC-path client (+ its IPv4 address)
+
+
 class AffinityKey(ctypes.Structure):
     _fields_ = (
         ("netns_cookie", ctypes.c_uint64),

@@ -490,6 +490,35 @@ def test_conntrack_reader_shows_flows(rig: Rig) -> None:
         (f"{POD_B}:8080", f"{rig.node_ip}:{snat_port}", f"{CLIENT}:44000", f"{rig.node_ip}:30080", True)]
 
 
+def test_client_ip_affinity_on_the_tc_path(rig: Rig) -> None:
+    """sessionAffinity ClientIP holds for external clients too, keyed by the client's address:
+    every new flow of one client lands on the backend its first flow got."""
+    rig.reset()
+    fe = Frontend(ipaddress.ip_address("0.0.0.0"), 30080, Protocol.TCP, FrontendKind.NODE_PORT)
+    both = (Backend(ipaddress.ip_address(POD_A), 8080), Backend(ipaddress.ip_address(POD_B), 8080))
+    cluster = (("externalTrafficPolicy", "Cluster"),)
+    sticky = ServiceEntry(fe, ServicePortName("default", "web"), both,
+                          (*cluster, ("sessionAffinity", "ClientIP"), ("sessionAffinityTimeoutSeconds", "60")))
+
+    def destinations(sports: range) -> set[str]:
+        out = set()
+        for sport in sports:
+            verdict, frame = rig.run("in", c2n(sport, dst=rig.node_ip))
+            assert verdict == TC_ACT_REDIRECT
+            out.add(parse(frame).dst)
+        return out
+
+    rig.services.sync([sticky])
+    assert len(destinations(range(41000, 41024))) == 1
+    client_id = maps.AFFINITY_CLIENT_IP4 | int.from_bytes(socket.inet_aton(CLIENT), "little")
+    keys = [maps.AffinityKey.from_buffer_copy(bytes(k)) for k in rig.datapath.table("zp_lb_affinity").keys()]
+    assert [(k.netns_cookie, k.family) for k in keys] == [(client_id, 4)]
+    # without affinity the same client spreads over both backends
+    rig.reset()
+    rig.services.sync([ServiceEntry(fe, ServicePortName("default", "web"), both, cluster)])
+    assert destinations(range(42000, 42032)) == {POD_A, POD_B}
+
+
 def test_map_mirrors_match_bcc(rig: Rig) -> None:
     """Each ctypes mirror of a TC map key/value has the size bcc generated from the C struct."""
     for name in ("zp_ct4", "zp_snat4", "zp_np_cfg", "zp_np_dev4"):

@@ -75,9 +75,10 @@ static __always_inline void lb_affinity_remember(const struct lb_service *svc, _
 	zp_lb_affinity.update(&akey, &aval);
 }
 
-/* lb4_select_backend, honouring ClientIP affinity when the service has a timeout (slot 0's
- * backend_id) and the caller knows the client. *chosen_id gets the backend's id (conntrack keeps
- * it to notice a deleted backend later). */
+/* Choose a backend of the service found by lb4_lookup_service/lb4_lookup_external (key still
+ * holds its frontend) at random, or the client's last one under ClientIP affinity (slot 0's
+ * backend_id = timeout; client = its affinity id, 0 = unknown). *chosen_id gets the backend's id
+ * (conntrack keeps it to notice a deleted backend later). ZP_OK, ZP_ENOBACKEND or ZP_ESTALE. */
 static __always_inline int
 lb4_select_backend_sticky(struct lb4_key *key, const struct lb_service *svc, struct lb4_backend *be,
 			  __u64 client, __u32 *chosen_id)
@@ -111,14 +112,6 @@ lb4_select_backend_sticky(struct lb4_key *key, const struct lb_service *svc, str
 	return ZP_OK;
 }
 
-/* Choose a backend of the service found by lb4_lookup_service (key still holds its frontend),
- * without affinity. Returns ZP_OK and fills *be, or ZP_ENOBACKEND / ZP_ESTALE. */
-static __always_inline int
-lb4_select_backend(struct lb4_key *key, const struct lb_service *svc, struct lb4_backend *be,
-		   __u32 *chosen_id)
-{
-	return lb4_select_backend_sticky(key, svc, be, 0, chosen_id);
-}
 
 static __always_inline struct lb_service *
 lb6_lookup_service(const __u32 addr[4], __be16 port, __u8 proto, struct lb6_key *key)
@@ -186,15 +179,6 @@ lb6_select_backend_sticky(struct lb6_key *key, const struct lb_service *svc, str
 		lb_affinity_remember(svc, client, 6, backend_id);
 	*chosen_id = backend_id;
 	return ZP_OK;
-}
-
-/* Choose a backend of the service found by lb6_lookup_service (key still holds its frontend),
- * without affinity. Returns ZP_OK and fills *be, or ZP_ENOBACKEND / ZP_ESTALE. */
-static __always_inline int
-lb6_select_backend(struct lb6_key *key, const struct lb_service *svc, struct lb6_backend *be,
-		   __u32 *chosen_id)
-{
-	return lb6_select_backend_sticky(key, svc, be, 0, chosen_id);
 }
 
 #endif

@@ -94,8 +94,13 @@ struct rnat6_value {
 
 /* Session affinity (sessionAffinity: ClientIP) at the socket: the client is its network
  * namespace (a pod), identified by bpf_get_netns_cookie(). */
+/* lb_affinity_key.netns_cookie of a client seen by the TC path: this bit (never set in a netns
+ * cookie, which counts up from 1) plus the client's IPv4 address as the packet carries it. */
+#define ZP_AFFINITY_CLIENT_IP4 (1ULL << 63)
+
 struct lb_affinity_key {
-	__u64 netns_cookie; /* bpf_get_netns_cookie() of the connecting socket */
+	__u64 netns_cookie; /* bpf_get_netns_cookie() of the connecting socket, or a TC client
+			     * (ZP_AFFINITY_CLIENT_IP4 | address) */
 	__u16 rev_nat_id;   /* service-port id */
 	__u8 family;        /* 4 or 6: backend ids are looked up in that family's map */
 	__u8 pad[5];        /* explicit padding, always 0 */

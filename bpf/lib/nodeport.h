@@ -93,7 +93,8 @@ static __always_inline int __np4_new_flow(struct __sk_buff *skb, const struct pk
 
 	if (p->proto == IPPROTO_TCP && !__tcp_new_syn(p))
 		return ZP_ECTMISS;
-	ret = lb4_select_backend(key, svc, &be, &backend_id);
+	/* ClientIP affinity by the client's address (what kube-proxy's "recent" match keys on) */
+	ret = lb4_select_backend_sticky(key, svc, &be, ZP_AFFINITY_CLIENT_IP4 | (__u64)p->saddr, &backend_id);
 	if (ret == ZP_ENOBACKEND && (svc_flags & ZP_SVC_F_NODEPORT))
 		return ZP_EREFUSE;
 	if (ret < 0)
