@@ -28,8 +28,8 @@ from dataplane.services import ServiceMaps
 from zeroproxy.k8sobjects import endpoint_slice, node, service
 from zeroproxy.testbed import External, Node, Pod, TestBed
 
-WEB_PORT, DNS_PORT, ECHO_PORT = 8080, 5353, 9000
-NP_WEB, NP_DNS, NP_LOCAL, NP_ECHO, NP_SELF = 30080, 30053, 30081, 30090, 30085
+WEB_PORT, DNS_PORT, ECHO_PORT, WEB6_PORT = 8080, 5353, 9000, 8086
+NP_WEB, NP_DNS, NP_LOCAL, NP_ECHO, NP_SELF, NP_WEB6 = 30080, 30053, 30081, 30090, 30085, 30086
 EXT_IP, LB_IP = "192.168.200.10", "192.168.200.20"
 SELF_VIP = "10.96.1.30"
 
@@ -63,6 +63,7 @@ class Cluster:
             self.client.add_route(f"{ip}/32", via=self.a.ip4)
         for pod in (self.a1, self.b1):
             pod.serve(pod.name, tcp=[WEB_PORT], udp=[DNS_PORT], family="4")
+            pod.serve(pod.name, tcp=[WEB6_PORT], family="6")
         self.echo.serve("echo", tcp=[ECHO_PORT], echo=True, family="4")
         self.agents: dict[str, NodeAgent] = {}
 
@@ -107,6 +108,12 @@ class Cluster:
             service("self", [SELF_VIP], [{"name": "http", "port": 80, "targetPort": WEB_PORT,
                                           "protocol": "TCP", "nodePort": NP_SELF}], type="NodePort"),
             endpoint_slice("self", [self.a1.ip4], http, node_name="a"),
+            service("web6", ["fd00:10:96::1:60"], [{"name": "http", "port": 80, "targetPort": WEB6_PORT,
+                                                   "protocol": "TCP", "nodePort": NP_WEB6}],
+                    type="NodePort", ipFamilies=["IPv6"]),
+            *[endpoint_slice("web6", [p.ip6], [{"name": "http", "port": WEB6_PORT, "protocol": "TCP"}],
+                             name=f"web6-{p.node.name}", address_type="IPv6", node_name=p.node.name)
+              for p in (self.a1, self.b1)],
         ]
 
     def close(self) -> None:
@@ -231,6 +238,16 @@ def test_nodeport_from_the_node_itself(cluster: Cluster, target: str) -> None:
     assert set(_served(results)) == {"a1", "b1"}
     udp = c.a.client(f"{addr}:{NP_DNS}", proto="udp-connected", count=20)
     assert _failures(udp) == []
+
+
+def test_ipv6_node_port_from_the_node_and_its_pods(cluster: Cluster) -> None:
+    """[nodeIPv6]:<nodePort> from node A and from a pod on it reaches both IPv6 backends through the
+    socket hooks (the TC path is IPv4-only: docs/nodeport.md)."""
+    c = cluster
+    for who in (c.a, c.a1):
+        results = who.client(f"[{c.a.ip6}]:{NP_WEB6}", count=40, concurrency=2)
+        assert _failures(results) == [], who.name
+        assert set(_served(results)) == {"a1", "b1"}, who.name
 
 
 @pytest.mark.parametrize("target", ["cluster-ip", "node-port"])
