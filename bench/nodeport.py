@@ -30,7 +30,6 @@ new NodePort lookup, keep-alive requests would not see it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -172,16 +171,7 @@ class NodePortTopology:
         return self._zp(op="np_stats")["stats"] if self.zpctl is not None else {}
 
     def _zp(self, **cmd: Any) -> dict[str, Any]:
-        assert self.zpctl is not None and self.zpctl.stdin and self.zpctl.stdout
-        self.zpctl.stdin.write(json.dumps(cmd) + "\n")
-        self.zpctl.stdin.flush()
-        line = self.zpctl.stdout.readline()
-        if not line:
-            raise RuntimeError(f"bench.zpctl (NodePort) exited ({self.zpctl.wait()}) during {cmd['op']}")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise RuntimeError(f"bench.zpctl (NodePort) {cmd['op']} failed: {reply.get('error')}")
-        return reply
+        return zpctl.request(self.zpctl, "bench.zpctl (NodePort)", **cmd)
 
     # -- teardown --------------------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ keeps conntrack off its path.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -209,16 +208,7 @@ class Topology:
     # -- zeroproxy -------------------------------------------------------------------------------
 
     def _zp(self, **cmd: Any) -> dict[str, Any]:
-        assert self.zpctl is not None and self.zpctl.stdin and self.zpctl.stdout
-        self.zpctl.stdin.write(_json_line(cmd))
-        self.zpctl.stdin.flush()
-        line = self.zpctl.stdout.readline()
-        if not line:
-            raise RuntimeError(f"bench.zpctl exited ({self.zpctl.wait()}) during {cmd['op']}")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise RuntimeError(f"bench.zpctl {cmd['op']} failed: {reply.get('error')}")
-        return reply
+        return zpctl.request(self.zpctl, "bench.zpctl", **cmd)
 
     def start_zeroproxy(self) -> dict[str, Any]:
         """Start the loader process and attach the programs to the zp node's cgroup."""
@@ -300,7 +290,3 @@ class Topology:
             if kube:
                 out[mode] = "\n".join(kube[:5])
         return out
-
-
-def _json_line(obj: dict[str, Any]) -> str:
-    return json.dumps(obj) + "\n"

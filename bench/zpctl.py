@@ -29,6 +29,20 @@ from pathlib import Path
 from typing import Any
 
 
+def request(proc: subprocess.Popen[str] | None, who: str, **cmd: Any) -> dict[str, Any]:
+    """Send one command to a zpctl child and return its reply; ``who`` names the child in errors."""
+    assert proc is not None and proc.stdin and proc.stdout
+    proc.stdin.write(json.dumps(cmd) + "\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{who} exited ({proc.wait()}) during {cmd['op']}")
+    reply = json.loads(line)
+    if not reply.get("ok"):
+        raise RuntimeError(f"{who} {cmd['op']} failed: {reply.get('error')}")
+    return reply
+
+
 def stop(proc: subprocess.Popen[str]) -> None:
     """Ask a zpctl child to quit (it releases its bcc handles; pins stay for the caller's
     cleanup), kill it if it does not within 10 s, and close its pipes."""
