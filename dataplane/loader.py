@@ -9,6 +9,7 @@ which is harmless (the second sees a backend address, not a service, and passes)
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -69,13 +70,33 @@ def inline_includes(path: Path, _seen: set[Path] | None = None) -> str:
     return "\n".join(out)
 
 
+BPF_FS_MAGIC = 0xCAFE4A11  # statfs f_type of a bpf filesystem (linux/magic.h)
+
+
+class _Statfs(ctypes.Structure):
+    # Only f_type is read: it is the first field on every 64-bit Linux ABI; the rest is room
+    # for the kernel to write the remainder of struct statfs (120 bytes on x86_64).
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def bpffs_mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[0] == "bpf" and Path(path).resolve().is_relative_to(left.split()[4]):
-                return True
-    return False
+    """Whether ``path`` lies on a bpf filesystem; a path that does not exist yet (the agent
+    creates its pin directory) is judged by the nearest directory above it that does.
+
+    ``statfs`` answers for the filesystem that really holds the path, so the mount point
+    itself (``--bpffs /sys/fs/bpf``) counts, and a bpffs shadowed by another mount does not.
+    """
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    buf = _Statfs()
+    if _libc.statfs(os.fsencode(p), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"statfs {p}: {os.strerror(err)}")
+    return buf.f_type & 0xFFFFFFFF == BPF_FS_MAGIC
 
 
 def sock_source(pin_dir: Path) -> tuple[str, list[str]]:
@@ -98,8 +119,8 @@ class SockDatapath:
         """Compile the programs; creates the pinned maps or opens the existing ones."""
         import bcc  # deferred: importing bcc costs ~0.3 s and CLI helpers don't need it
 
-        if not bpffs_mounted(self.pin_dir.parent):
-            raise RuntimeError(f"{self.pin_dir.parent} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)")
+        if not bpffs_mounted(self.pin_dir):
+            raise RuntimeError(f"{self.pin_dir} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)")
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         (self.pin_dir / "progs").mkdir(exist_ok=True)
         text, cflags = sock_source(self.pin_dir)
@@ -178,13 +199,20 @@ def cleanup(cgroup: Path | None, pin_dir: Path) -> list[str]:
                 done.append(f"detached {prog.name} (id {prog.id}) from {cgroup}")
         finally:
             os.close(cg_fd)
-    if Path(pin_dir).exists():
-        for path in sorted(Path(pin_dir).rglob("*"), reverse=True):
-            if path.is_dir():
-                path.rmdir()
-            else:
-                path.unlink()
-            done.append(f"removed {path}")
-        shutil.rmtree(pin_dir, ignore_errors=True)
-        done.append(f"removed {pin_dir}")
+    pin_dir = Path(pin_dir)
+    if pin_dir.exists():
+        # A bpf mount point as the pin directory (--bpffs /sys/fs/bpf) holds other programs' pins
+        # too: remove only ours (zp_* maps, progs/) and leave the mount point itself.
+        mount_point = os.path.ismount(pin_dir)
+        ours = [p for p in pin_dir.iterdir() if not mount_point or p.name.startswith("zp_") or p.name == "progs"]
+        for top in ours:
+            for path in [*sorted(top.rglob("*"), reverse=True), top] if top.is_dir() else [top]:
+                if path.is_dir():
+                    path.rmdir()
+                else:
+                    path.unlink()
+                done.append(f"removed {path}")
+        if not mount_point:
+            shutil.rmtree(pin_dir, ignore_errors=True)
+            done.append(f"removed {pin_dir}")
     return done

@@ -225,8 +225,8 @@ class NodeDatapath:
         """Compile; creates the pinned maps or adopts the existing ones, then writes the settings."""
         import bcc  # deferred, as in loader.py: importing bcc is slow
 
-        if not bpffs_mounted(self.pin_dir.parent):
-            raise RuntimeError(f"{self.pin_dir.parent} is not on a bpf filesystem")
+        if not bpffs_mounted(self.pin_dir):
+            raise RuntimeError(f"{self.pin_dir} is not on a bpf filesystem")
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         text, cflags = nodeport_source(self.pin_dir, self.map_sizes)
         self.bpf = bcc.BPF(text=text.encode(), cflags=cflags)

@@ -372,3 +372,45 @@ def test_session_affinity_expires_after_the_timeout(fresh: Cluster) -> None:
         time.sleep(1.3)  # idle longer than timeoutSeconds: the next connect chooses afresh
     # 12 fresh random choices among 3 backends all equal has probability 3^-11
     assert len(set(chosen)) > 1, chosen
+
+
+def test_bpf_mount_point_itself_as_bpffs_and_v1beta1_slices_from_a_file(testbed: TestBed, tmp_path: Path) -> None:
+    """``--bpffs`` naming a bpf mount point (a fresh bpffs on a temp dir) is "a directory on a
+    bpf filesystem" as ``--help`` says; the file source reads 1.20's v1beta1 slices (the node
+    in ``topology``) as well. Cleanup then removes zeroproxy's pins, not the mount or others' pins."""
+    mnt = tmp_path / "bpffs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], check=True)
+    try:
+        (mnt / "someone-elses").mkdir()  # another tool's pin directory on the same bpffs
+        before = sorted(p.name for p in mnt.iterdir())  # with the kernel's own maps.debug, progs.debug
+        node_m = testbed.add_node("m")
+        client_m = testbed.add_pod(node_m, "client")
+        web = [testbed.add_pod(node_m, f"web-{i}") for i in (1, 2)]
+        for p in web:
+            p.serve(p.name, tcp=[TCP_PORT])
+        beta = endpoint_slice("beta", [], [{"name": "http", "port": TCP_PORT, "protocol": "TCP"}])
+        beta["apiVersion"] = "discovery.k8s.io/v1beta1"
+        beta["endpoints"] = [{"addresses": [p.ip4], "conditions": {"ready": True},
+                              "topology": {"kubernetes.io/hostname": "m"}} for p in web]
+        objects = [service("beta", ["10.96.0.77"], [{"name": "http", "port": 80, "protocol": "TCP",
+                                                     "targetPort": TCP_PORT}], internalTrafficPolicy="Local"),
+                   beta]
+        agent = AgentProcess(tmp_path / "agent", node_m.cgroup_path, node_name="m", name="agent-m")
+        agent.pin_dir = mnt
+        try:
+            agent.write(objects)
+            agent.start()
+            assert ["--bpffs", str(mnt)] == agent.argv()[agent.argv().index("--bpffs"):][:2]
+            # iTP=Local keeps both: topology says they run on this node
+            have = {s.frontend: sorted(s.backends) for s in inspect.service_list(mnt)}
+            assert have == {"10.96.0.77:80/TCP": sorted(f"{p.ip4}:{TCP_PORT}" for p in web)}, agent.log_text()
+            records = client_m.client(nettools.format_target("10.96.0.77", 80), count=40, concurrency=4)
+            assert_all_ok(records)
+            assert set(names(records)) == {"web-1", "web-2"}
+        finally:
+            agent.close()
+        assert sorted(p.name for p in mnt.iterdir()) == before
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert not any(mnt.iterdir())
