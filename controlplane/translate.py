@@ -22,7 +22,10 @@ Semantics followed (kube-proxy's, from the API reference and KEP-1669):
   for ``status.loadBalancer.ingress[].ip`` (not for ``ipMode: Proxy``, where the load balancer
   itself proxies and the node must not capture the address).
 * EndpointSlices join by the ``kubernetes.io/service-name`` label in the service's namespace;
-  their addressType selects the frontend family; ports match by name and protocol.
+  their addressType selects the frontend family; ports match by name and protocol. Both
+  ``discovery.k8s.io/v1`` and ``v1beta1`` (what Kubernetes up to 1.20 serves) are read: v1beta1
+  has no ``nodeName`` unless a feature gate was on, so an endpoint's node is then its
+  ``topology["kubernetes.io/hostname"]``, as kube-proxy 1.20 reads it.
 * Endpoint choice: ready ones; if none, serving-and-terminating ones; all of them for
   ``publishNotReadyAddresses``. With a ``node_name``, a frontend under a ``Local`` traffic
   policy (internal for ClusterIP, external for the others) makes the same choice among this
@@ -81,13 +84,15 @@ EXTRA_SESSION_AFFINITY = "sessionAffinity"
 EXTRA_SESSION_AFFINITY_TIMEOUT = "sessionAffinityTimeoutSeconds"
 EXTRA_HEALTH_CHECK_NODE_PORT = "healthCheckNodePort"
 
-API_VERSIONS = {
-    "Service": "v1",
-    "EndpointSlice": "discovery.k8s.io/v1",
-    "Node": "v1",
-    "Pod": "v1",
-    "List": "v1",
+API_VERSIONS: dict[str, tuple[str, ...]] = {  # kind -> the versions we read, preferred first
+    "Service": ("v1",),
+    "EndpointSlice": ("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"),
+    "Node": ("v1",),
+    "Pod": ("v1",),
+    "List": ("v1",),
 }
+ENDPOINTSLICE_V1BETA1 = "discovery.k8s.io/v1beta1"
+HOSTNAME_TOPOLOGY_KEY = "kubernetes.io/hostname"  # v1beta1 endpoint.topology: the node's name
 CLUSTER_SCOPED = {"Node"}
 MAX_LIST_DEPTH = 8  # kind: List inside kind: List is legal; a deeper nest is a mistake
 
@@ -313,11 +318,11 @@ class _Translator:
             return
         api_version = raw.get("apiVersion")
         # Missing is accepted: items of an API list response come without apiVersion and kind.
-        if api_version is not None and api_version != API_VERSIONS[kind]:
+        if api_version is not None and api_version not in API_VERSIONS[kind]:
             self._error(
                 ref,
                 "apiVersion",
-                f"must be {API_VERSIONS[kind]} for kind {kind}, got {describe(api_version)}",
+                f"must be {' or '.join(API_VERSIONS[kind])} for kind {kind}, got {describe(api_version)}",
             )
             return
         if kind == "List":
@@ -714,6 +719,9 @@ class _Translator:
             serving = ef.boolean(cond, "serving", cpath)
             terminating = ef.boolean(cond, "terminating", cpath)
             node = ef.string(raw, "nodeName", path)
+            if not node and obj.body.get("apiVersion") == ENDPOINTSLICE_V1BETA1:
+                # 1.20 fills nodeName only with the EndpointSliceNodeName gate on; topology always.
+                node = ef.string_map(raw, "topology", path).get(HOSTNAME_TOPOLOGY_KEY, "")
             if ef.failed:
                 ef.errors.append(ObjectError(f.ref, path, "endpoint ignored because of the errors above"))
                 continue

@@ -552,6 +552,65 @@ def test_traffic_policies_choose_local_endpoints(
     assert t.table[fe("10.96.0.1", 80)].internal_backends is None
 
 
+# --- discovery.k8s.io/v1beta1 (Kubernetes 1.20) ------------------------------------------------
+
+
+def v1beta1(obj: dict[str, Any]) -> dict[str, Any]:
+    """A v1 slice from :func:`eslice` in the shape 1.20 serves: nodeName (a gated alpha field
+    there) moved into topology, next to the zone and region keys the controller also writes."""
+    out = copy.deepcopy(obj)
+    out["apiVersion"] = "discovery.k8s.io/v1beta1"
+    for e in out["endpoints"]:
+        node = e.pop("nodeName", None)
+        if node is not None:
+            e["topology"] = {"kubernetes.io/hostname": node, "topology.kubernetes.io/zone": "z1",
+                             "topology.kubernetes.io/region": "r1"}
+    return out
+
+
+def test_v1beta1_topology_hostname_is_the_node_and_gives_the_same_table_as_v1():
+    for spec in ({}, {"internalTrafficPolicy": "Local"}, {"externalTrafficPolicy": "Local"}):
+        v1_objects = traffic_policy_objects(**spec)
+        beta_objects = [v1_objects[0], v1beta1(v1_objects[1])]
+        assert "nodeName" not in str(beta_objects[1]) and "topology" in str(beta_objects[1])
+        for node in ("n1", "n2", "n3", ""):
+            assert clean(translate(beta_objects, node_name=node)).table == translate(v1_objects, node_name=node).table
+
+
+def test_v1beta1_endpoint_fields():
+    endpoints = [
+        # 1.20 with the EndpointSliceNodeName gate on: nodeName wins over topology
+        {"addresses": ["10.244.0.1"], "nodeName": "n1", "topology": {"kubernetes.io/hostname": "other"}},
+        # the gate off: topology only; conditions as 1.20 writes them without the
+        # EndpointSliceTerminatingCondition gate: ready alone (nil serving = true, nil terminating = false)
+        {"addresses": ["10.244.0.2"], "topology": {"kubernetes.io/hostname": "n2"}, "conditions": {"ready": False}},
+        {"addresses": ["10.244.0.3"], "topology": {"topology.kubernetes.io/zone": "z1"}},  # no hostname key
+        {"addresses": ["10.244.0.4"], "conditions": {"ready": False, "serving": True, "terminating": True}},
+    ]
+    t = clean(translate([service(publishNotReadyAddresses=True),
+                         v1beta1(eslice(endpoints=endpoints))]))
+    assert t.table[fe("10.96.0.1", 80)].backends == (
+        Backend(ip("10.244.0.1"), 8080, node_name="n1"),
+        Backend(ip("10.244.0.2"), 8080, node_name="n2", ready=False),
+        Backend(ip("10.244.0.3"), 8080),
+        Backend(ip("10.244.0.4"), 8080, ready=False, serving=True, terminating=True),
+    )
+
+
+def test_v1beta1_bad_topology_names_the_field_and_v1_ignores_topology():
+    bad = v1beta1(eslice(endpoints=[{"addresses": ["10.244.0.1"], "topology": {"kubernetes.io/hostname": 7}},
+                                    ep("10.244.0.2")]))
+    t = translate([service(), bad])
+    assert errors(t) == [
+        'EndpointSlice default/web-abc endpoints[0].topology["kubernetes.io/hostname"]: must be a string, got 7',
+        "EndpointSlice default/web-abc endpoints[0]: endpoint ignored because of the errors above",
+    ]
+    assert backends(t, fe("10.96.0.1", 80)) == ["10.244.0.2:8080"]
+    # v1 has no topology field (its deprecatedTopology is not read by kube-proxy either)
+    v1 = eslice(endpoints=[{"addresses": ["10.244.0.1"], "topology": {"kubernetes.io/hostname": "n1"}}])
+    assert clean(translate([service(), v1])).table[fe("10.96.0.1", 80)].backends[0].node_name == ""
+
+
 # --- Nodes and Pods --------------------------------------------------------------------------
 
 
@@ -861,7 +920,8 @@ ERROR_CASES = [
     ),
     pytest.param(
         [service(), {"apiVersion": "v1", "kind": "EndpointSlice", "metadata": {"name": "s"}}],
-        "EndpointSlice s apiVersion: must be discovery.k8s.io/v1 for kind EndpointSlice, got 'v1'",
+        "EndpointSlice s apiVersion: must be discovery.k8s.io/v1 or discovery.k8s.io/v1beta1 for kind EndpointSlice, "
+        "got 'v1'",
         [fe("10.96.0.1", 80)],
         id="wrong-apiVersion",
     ),
