@@ -5,8 +5,17 @@
   without reaching the kernel (the initial sync counts as queued from start-up, so an agent
   that never gets its first lists is unhealthy too), or when this node is being deleted (cloud
   load balancers use it to drain the node). 200 otherwise.
-* ``/livez``: the same without the node check -- a node being deleted is no reason to restart
-  the agent.
+  This is the readiness probe: stricter than kube-proxy 1.20's ``/healthz``, which reports
+  healthy until its informers have synced however long that takes (its own code calls that
+  "useless as a readinessProbe"); a zeroproxy pod that has programmed nothing is not Ready,
+  so a DaemonSet rollout of a broken agent stops at the first node.
+* ``/livez`` (the liveness probe): kube-proxy's rule -- the time before every watched kind was
+  listed once does not count, and then 503 only when a change waits longer than the health
+  timeout; no node check. An agent that cannot list (RBAC refuses, the API version is not
+  served, the apiserver is away) is waiting, not wedged: a restart would not fix it, and
+  kube-proxy, which the kubeadm DaemonSet runs without any liveness probe, keeps retrying
+  too. So this is 200 while the lists retry (the log says why, at warning level), and 503 when
+  the agent's own sync is stuck or failing, which a restart may cure.
 * healthCheckNodePort servers: one listener per ``externalTrafficPolicy: Local`` service that
   has a ``healthCheckNodePort``; a load balancer probes it to learn whether this node has local
   endpoints: 200 with ``{"service": {...}, "localEndpoints": N, "serviceProxyHealthy": true}``
@@ -45,22 +54,34 @@ class ProxyHealth:
     """What /healthz reports; the agent updates it after every sync."""
 
     def __init__(self, timeout: float, queued_since: Callable[[], float | None],
-                 node_eligible: Callable[[], bool] = lambda: True) -> None:
+                 node_eligible: Callable[[], bool] = lambda: True,
+                 listed_since: Callable[[], float | None] = lambda: float("-inf")) -> None:
         self.timeout = timeout
         self.queued_since = queued_since  # monotonic time of the oldest unprogrammed change
         self.node_eligible = node_eligible
+        self.listed_since = listed_since  # monotonic time every kind was first listed; None: not yet
         self.last_updated: float | None = None  # wall time of the last successful sync
 
     def updated(self) -> None:
         self.last_updated = time.time()
 
     def healthy(self) -> bool:
+        """Readiness: nothing has waited too long, the initial lists (counted from start-up) included."""
         queued = self.queued_since()
         return queued is None or time.monotonic() - queued <= self.timeout
 
+    def alive(self) -> bool:
+        """Liveness: as :meth:`healthy`, but waiting for the initial lists does not count."""
+        listed = self.listed_since()
+        queued = self.queued_since()
+        if listed is None or queued is None:
+            return True
+        return time.monotonic() - max(queued, listed) <= self.timeout
+
     def report(self, check_node: bool) -> tuple[int, dict[str, Any]]:
+        """/healthz (``check_node``) or /livez."""
         eligible = bool(self.node_eligible())
-        ok = self.healthy() and (eligible or not check_node)
+        ok = self.healthy() and eligible if check_node else self.alive()
         body: dict[str, Any] = {"lastUpdated": _rfc3339(self.last_updated), "currentTime": _rfc3339(time.time())}
         if check_node:
             body["nodeEligible"] = eligible

@@ -32,12 +32,13 @@ class Queue:
     def __init__(self) -> None:
         self.since: float | None = None
         self.node_ok = True
+        self.listed: float | None = float("-inf")  # when every kind was first listed; None: not yet
 
 
 @pytest.fixture
 def served() -> Iterator[tuple[Queue, ProxyHealth, str]]:
     q = Queue()
-    health = ProxyHealth(0.5, lambda: q.since, lambda: q.node_ok)
+    health = ProxyHealth(0.5, lambda: q.since, lambda: q.node_ok, lambda: q.listed)
     server = HealthServer(f"127.0.0.1:{free_port()}", health)
     try:
         yield q, health, f"http://127.0.0.1:{server.address[1]}"
@@ -66,6 +67,21 @@ def test_healthz_503_once_a_queued_change_waits_longer_than_the_timeout(
     assert get(url + "/livez")[0] == 503
     q.since = None  # the sync went through
     assert get(url + "/healthz")[0] == 200
+
+
+def test_livez_does_not_count_the_wait_for_the_initial_lists(served: tuple[Queue, ProxyHealth, str]) -> None:
+    """kube-proxy's rule for liveness: an agent whose lists keep failing (403, 404, no apiserver)
+    is not restarted for it; /healthz (readiness) still says it has programmed nothing."""
+    q, _, url = served
+    q.since, q.listed = time.monotonic() - 5, None  # started 5 s ago, lists still not complete
+    assert get(url + "/healthz")[0] == 503
+    assert get(url + "/livez")[0] == 200
+    q.listed = time.monotonic()  # the lists just completed: the first sync is due, not late
+    assert get(url + "/livez")[0] == 200
+    q.listed = time.monotonic() - 5  # listed 5 s ago and still nothing programmed: stuck
+    assert get(url + "/livez")[0] == 503
+    q.since = None  # the sync went through
+    assert get(url + "/livez")[0] == 200 and get(url + "/healthz")[0] == 200
 
 
 def test_node_being_deleted_fails_healthz_but_not_livez(served: tuple[Queue, ProxyHealth, str]) -> None:

@@ -63,8 +63,9 @@ class Agent:
             retry_interval=config.retry_period,
         )
         self.metrics = Metrics()
+        self._listed_at: float | None = None  # monotonic time every required kind was first listed
         self.health = ProxyHealth(config.effective_health_timeout, lambda: self.tracker.queued_since,
-                                  lambda: not self.tracker.node_deleting)
+                                  lambda: not self.tracker.node_deleting, lambda: self._listed_at)
         self.service_health = ServiceHealthServers(config.health_check_node_port_address, self.health)
         self._need_full = True  # the first sync is full; so is the one after any failure
         self._last_full = float("-inf")
@@ -79,6 +80,7 @@ class Agent:
     def on_objects(self, objects: list[dict[str, Any]]) -> None:
         """The file source delivered a complete, new set of objects."""
         changed = self.tracker.replace_all(objects)
+        self._note_listed()
         log.info("source: %d objects, %d changed", len(objects), changed)
         self.runner.request()
         if self.scale is not None:
@@ -89,6 +91,7 @@ class Agent:
         first = kind not in self.tracker.listed_kinds
         was_synced = self.tracker.synced
         changed = self.tracker.replace(kind, objects, received)
+        self._note_listed()
         # The scaler looks at pods only once every kind is listed (a partial view could opt pods
         # out), so the list that completes the set must wake it too, whatever its kind.
         if self.scale is not None and (kind == "Pod" or (self.tracker.synced and not was_synced)):
@@ -97,6 +100,10 @@ class Agent:
                  changed)
         if changed or self.tracker.synced:
             self.runner.request()
+
+    def _note_listed(self) -> None:
+        if self._listed_at is None and self.tracker.synced:
+            self._listed_at = time.monotonic()
 
     def on_event(self, kind: str, event: str, obj: dict[str, Any], received: float) -> None:
         self.metrics.watch_events.labels(kind, event).inc()
