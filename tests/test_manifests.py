@@ -248,8 +248,8 @@ def test_daemonset_command_is_the_one_the_image_installs() -> None:
 
 # --- kubeadm ------------------------------------------------------------------------------------
 # Field names of the kubeadm.k8s.io types the configs use, from kubeadm's documented Go types
-# (cmd/kubeadm/app/apis/kubeadm/{v1beta3,v1beta4}/types.go, the `json:` tags; the same lists are
-# on kubernetes.io/docs/reference/config-api/kubeadm-config.v1beta3 and .v1beta4). A nested
+# (cmd/kubeadm/app/apis/kubeadm/{v1beta2,v1beta3,v1beta4}/types.go, the `json:` tags; the same lists
+# are on kubernetes.io/docs/reference/config-api/kubeadm-config.v1beta3 and .v1beta4). A nested
 # mapping is a struct; a string names a leaf type. A config with a misspelt or version-wrong
 # field would be rejected by kubeadm's strict decoding; this catches it without kubeadm.
 
@@ -263,6 +263,31 @@ _NETWORKING = {"serviceSubnet": "string", "podSubnet": "string", "dnsDomain": "s
 _EXTERNAL_ETCD = {"endpoints": ["string"], "caFile": "string", "certFile": "string", "keyFile": "string"}
 _BOOTSTRAP_TOKEN = {"token": "string", "description": "string", "ttl": "string", "expires": "string",
                     "usages": ["string"], "groups": ["string"]}
+
+
+def _kubeadm_v1beta2() -> dict[str, dict[str, Any]]:
+    """kubeadm 1.15-1.21. No skipPhases (phases are skipped on the command line); the real
+    kubeadm 1.20 reads this file in the cluster tests (tests/test_cluster.py)."""
+    component = {"extraArgs": {"*": "string"}, "extraVolumes": [_HOST_PATH_MOUNT]}
+    image_meta = {"imageRepository": "string", "imageTag": "string"}
+    node_registration = {"name": "string", "criSocket": "string", "taints": [_TAINT],
+                         "kubeletExtraArgs": {"*": "string"}, "ignorePreflightErrors": ["string"]}
+    return {
+        "InitConfiguration": {**_TYPE_META, "bootstrapTokens": [_BOOTSTRAP_TOKEN],
+                              "nodeRegistration": node_registration, "localAPIEndpoint": _API_ENDPOINT,
+                              "certificateKey": "string"},
+        "ClusterConfiguration": {
+            **_TYPE_META,
+            "etcd": {"local": {**image_meta, "dataDir": "string", "extraArgs": {"*": "string"},
+                               "serverCertSANs": ["string"], "peerCertSANs": ["string"]},
+                     "external": _EXTERNAL_ETCD},
+            "networking": _NETWORKING, "kubernetesVersion": "string", "controlPlaneEndpoint": "string",
+            "apiServer": {**component, "certSANs": ["string"], "timeoutForControlPlane": "string"},
+            "controllerManager": component, "scheduler": component, "dns": {**image_meta, "type": "string"},
+            "certificatesDir": "string", "imageRepository": "string", "useHyperKubeImage": "bool",
+            "featureGates": {"*": "bool"}, "clusterName": "string",
+        },
+    }
 
 
 def _kubeadm_v1beta3() -> dict[str, dict[str, Any]]:
@@ -321,7 +346,8 @@ def _kubeadm_v1beta4() -> dict[str, dict[str, Any]]:
     }
 
 
-KUBEADM_SCHEMAS = {"kubeadm.k8s.io/v1beta3": _kubeadm_v1beta3(), "kubeadm.k8s.io/v1beta4": _kubeadm_v1beta4()}
+KUBEADM_SCHEMAS = {"kubeadm.k8s.io/v1beta2": _kubeadm_v1beta2(), "kubeadm.k8s.io/v1beta3": _kubeadm_v1beta3(),
+                   "kubeadm.k8s.io/v1beta4": _kubeadm_v1beta4()}
 _LEAF_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "int": (int,), "bool": (bool,), "any": (object,)}
 
 
@@ -351,7 +377,7 @@ def kubeadm_documents() -> list[tuple[str, dict[str, Any]]]:
     return [(path.name, doc) for path in sorted(KUBEADM.glob("*.yaml")) for doc in load_docs(path)]
 
 
-def test_kubeadm_configs_exist_for_v1beta3_and_v1beta4() -> None:
+def test_kubeadm_configs_exist_for_v1beta2_v1beta3_and_v1beta4() -> None:
     versions = {(doc["apiVersion"], doc["kind"]) for _, doc in kubeadm_documents()}
     assert versions == {(v, k) for v in KUBEADM_SCHEMAS for k in ("InitConfiguration", "ClusterConfiguration")}
 
@@ -364,7 +390,10 @@ def test_kubeadm_config_fields_match_the_documented_types(name: str, doc: dict[s
 
 def test_kubeadm_configs_skip_the_kube_proxy_addon() -> None:
     for name, doc in kubeadm_documents():
-        if doc["kind"] == "InitConfiguration":
+        if doc["kind"] == "InitConfiguration" and doc["apiVersion"].endswith("v1beta2"):
+            # No skipPhases field before v1beta3: the file must say to skip it on the command line.
+            assert "--skip-phases=addon/kube-proxy" in (KUBEADM / name).read_text().splitlines()[0], name
+        elif doc["kind"] == "InitConfiguration":
             assert "addon/kube-proxy" in doc["skipPhases"], name
         if doc["kind"] == "ClusterConfiguration":
             assert doc.get("controlPlaneEndpoint"), f"{name}: nodes need a stable API server address"

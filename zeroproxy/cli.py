@@ -27,6 +27,7 @@ examples:
   zeroproxy status                                 # attachments and datapath counters
   zeroproxy cleanup --cgroup /sys/fs/cgroup/kubepods
   zeroproxy print-bpf                              # the C text handed to bcc
+  zeroproxy cluster up --nodes 2                   # a kubeadm cluster on this machine, zeroproxy deployed
 """
 
 
@@ -325,9 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     from dataplane.conntrack import add_parser as add_ct_parser
+    from zeroproxy.cluster_cli import add_parser as add_cluster_parser
     from zeroproxy.scale_cli import add_parser as add_scale_parser
 
     add_scale_parser(sub)
+    add_cluster_parser(sub)
     add_ct_parser(sub)
     return p
 

@@ -449,11 +449,14 @@ class TestBed:
         return self._iproutes[netns]
 
     def add_node(self, name: str, pod_cidr4: str | None = None, pod_cidr6: str | None = None,
-                 underlay_ip4: str | None = None, underlay_ip6: str | None = None) -> Node:
+                 underlay_ip4: str | None = None, underlay_ip6: str | None = None, *,
+                 pod_router: bool = True) -> Node:
         """Add a node; defaults for node N (1-based): 10.244.N.0/24, fd00:10:244:N::/64, .(10+N).
 
         Every node gets routes to every other node's pod CIDRs via that node's underlay address
-        (direct routing), for nodes added before and after it.
+        (direct routing), for nodes added before and after it. ``pod_router=False`` leaves the
+        pods' gateway address off the node's loopback, for nodes whose pods are wired by someone
+        else (a CNI bridge that owns the gateway address, as on a kubeadm node).
         """
         self._check_name(name, self.nodes)
         index = len(self.nodes) + 1
@@ -477,9 +480,10 @@ class TestBed:
             "net.ipv4.conf.default.rp_filter": "0",
         })
         ipr = self.iproute(netns)
-        lo = ipr.link_lookup(ifname="lo")[0]
-        ipr.addr("add", index=lo, address=node.router_ip4, prefixlen=32)
-        ipr.addr("add", index=lo, address=node.router_ip6, prefixlen=128, flags=IFA_F_NODAD)
+        if pod_router:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.addr("add", index=lo, address=node.router_ip4, prefixlen=32)
+            ipr.addr("add", index=lo, address=node.router_ip6, prefixlen=128, flags=IFA_F_NODAD)
         self._plug_into_underlay(node, f"vn{index}")
         for other in self.nodes.values():
             if other is not node:

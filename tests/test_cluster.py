@@ -1,0 +1,302 @@
+"""zeroproxy on a real kubeadm cluster: kubelet, containerd, controller-manager, two nodes.
+
+The cluster is built once for this module (``zeroproxy.kubecluster``: ``kubeadm init
+--skip-phases=addon/kube-proxy`` on node1, ``kubeadm join`` on node2, each node a netns of the
+bed's) and zeroproxy is deployed as a user deploys it: ``kubectl apply -k`` of an overlay of
+``manifests/`` that changes only the image tag, the API server address and the cgroup hostPath.
+Each test gets its own namespace, deleted afterwards, and waits for conditions with deadlines.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from zeroproxy import kubecluster as kc
+from zeroproxy.kubecluster import KubeCluster
+
+pytestmark = pytest.mark.timeout(900)
+
+NETEXEC_PORT = 8080
+
+
+@pytest.fixture(scope="module")
+def kube() -> Iterator[KubeCluster]:
+    kc.cleanup_stale()
+    cluster = KubeCluster(2)
+    try:
+        cluster.up()
+        # Before any service proxy: what every namespace holds (nothing, on this bed).
+        cluster.rulesets_before = kc.netfilter_rulesets(cluster)  # type: ignore[attr-defined]
+        kc.deploy_zeroproxy(cluster, kc.zeroproxy_image_tag())
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def ns(kube: KubeCluster) -> Iterator[str]:
+    name = f"t-{secrets.token_hex(3)}"
+    kc.apply(kube, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    # The namespace's default ServiceAccount must exist before pods can be created in it.
+    kc.wait_until(f"serviceaccount default in {name}",
+                  lambda: kube.kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
+                  60)
+    try:
+        yield name
+    finally:
+        kube.kubectl("delete", "namespace", name, "--wait=true", "--timeout=120s", check=False, timeout=150)
+
+
+# --- workloads -----------------------------------------------------------------------------------
+
+
+def netexec(name: str, replicas: int, *, node: str | None = None, spread: bool = True,
+            probes: bool = True, image: str = kc.AGNHOST_IMAGE) -> dict[str, Any]:
+    """agnhost netexec: /hostname says which pod answered, /clientip whom it saw."""
+    container: dict[str, Any] = {
+        "name": "netexec", "image": image, "imagePullPolicy": "Never",
+        "args": ["netexec", f"--http-port={NETEXEC_PORT}", "--udp-port=8081"],
+        "ports": [{"containerPort": NETEXEC_PORT, "name": "http"}, {"containerPort": 8081, "protocol": "UDP"}],
+        # Endpoints leave the Service before the process stops (as for any graceful server).
+        "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "sleep 3"]}}},
+    }
+    if probes:
+        container["readinessProbe"] = {"httpGet": {"path": "/healthz", "port": NETEXEC_PORT},
+                                       "periodSeconds": 1, "failureThreshold": 2}
+        container["livenessProbe"] = {"tcpSocket": {"port": NETEXEC_PORT}, "periodSeconds": 2,
+                                      "failureThreshold": 2}
+    spec: dict[str, Any] = {"containers": [container], "terminationGracePeriodSeconds": 10}
+    if node:
+        spec["nodeName"] = node
+    if spread:
+        spec["topologySpreadConstraints"] = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                              "whenUnsatisfiable": "DoNotSchedule",
+                                              "labelSelector": {"matchLabels": {"app": name}}}]
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                 "template": {"metadata": {"labels": {"app": name}}, "spec": spec}},
+    }
+
+
+def service(name: str, *, port: int = 80, type_: str = "ClusterIP", **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"type": type_, "selector": {"app": name},
+                     "ports": [{"name": "http", "port": port, "targetPort": NETEXEC_PORT, "protocol": "TCP"}],
+                     **spec}}
+
+
+def client_pod(name: str = "client", node: str | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"containers": [{"name": "c", "image": kc.AGNHOST_IMAGE, "imagePullPolicy": "Never",
+                                            "args": ["pause"]}],
+                            "terminationGracePeriodSeconds": 0}
+    if node:
+        spec["nodeName"] = node
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}}, "spec": spec}
+
+
+def curl_loop(kube: KubeCluster, ns: str, url: str, count: int, *, pause: str = "0",
+              pod: str = "client", timeout: float = 300.0) -> list[str]:
+    """``count`` sequential requests from a pod, one line each: the body or FAIL:<curl exit code>."""
+    script = (f'i=0; while [ $i -lt {count} ]; do i=$((i+1)); '
+              f'out=$(curl -sS --fail -m 5 "{url}" 2>&1) && echo "OK:$out" || echo "FAIL:$? $out"; '
+              f'sleep {pause}; done')
+    out = kc.pod_exec(kube, ns, pod, ["sh", "-c", script], timeout=timeout).stdout
+    return out.splitlines()
+
+
+def answers(lines: list[str]) -> Counter[str]:
+    return Counter(line.removeprefix("OK:") for line in lines if line.startswith("OK:"))
+
+
+def failures(lines: list[str]) -> list[str]:
+    return [line for line in lines if not line.startswith("OK:")]
+
+
+def svc_ip(kube: KubeCluster, ns: str, name: str) -> str:
+    return kc.get(kube, "service", name, namespace=ns)["spec"]["clusterIP"]
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_zeroproxy_ready_on_every_node_and_no_kube_proxy(kube: KubeCluster) -> None:
+    pods = kc.ready_pods(kube, "zeroproxy", "app.kubernetes.io/name=zeroproxy")
+    assert sorted(p["spec"]["nodeName"] for p in pods) == ["node1", "node2"]
+    all_pods = kc.get(kube, "pods", "--all-namespaces")["items"]
+    assert not [p["metadata"]["name"] for p in all_pods if "kube-proxy" in p["metadata"]["name"]]
+    assert kube.kubectl("-n", "kube-system", "get", "daemonset", "kube-proxy", check=False).returncode != 0
+    # The agents attached to each node's own cgroup subtree and pinned into the node's bpffs.
+    for node in kube.nodes:
+        listing = node.run(["ls", "/sys/fs/bpf/zeroproxy"]).stdout
+        assert listing.strip(), f"no pins on {node.name}"
+        assert not [pid for pid in kc._pids_with_ns("net", kc.os.stat(kc.NETNS_DIR / node.netns).st_ino)
+                    if kc.Path(f"/proc/{pid}/comm").read_text().strip() == "kube-proxy"]
+
+
+def test_pod_to_clusterip_reaches_backends_on_both_nodes(kube: KubeCluster, ns: str) -> None:
+    kc.apply(kube, netexec("web", 2), service("web"), client_pod(), namespace=ns)
+    backends = kc.wait_ready(kube, ns, "app=web", 2)
+    assert {p["spec"]["nodeName"] for p in backends} == {"node1", "node2"}
+    kc.wait_ready(kube, ns, "app=client", 1)
+    lines = curl_loop(kube, ns, f"http://{svc_ip(kube, ns, 'web')}/hostname", 40)
+    assert not failures(lines), failures(lines)
+    assert set(answers(lines)) == {p["metadata"]["name"] for p in backends}
+
+
+def test_backend_sees_the_client_pod_address(kube: KubeCluster, ns: str) -> None:
+    kc.apply(kube, netexec("web", 1), service("web"), client_pod(), namespace=ns)
+    kc.wait_ready(kube, ns, "app=web", 1)
+    client = kc.wait_ready(kube, ns, "app=client", 1)[0]
+    lines = curl_loop(kube, ns, f"http://{svc_ip(kube, ns, 'web')}/clientip", 3)
+    assert not failures(lines), lines
+    assert {line.removeprefix("OK:").rsplit(":", 1)[0] for line in lines} == {client["status"]["podIP"]}
+
+
+def test_kubelet_http_and_tcp_probes_keep_working(kube: KubeCluster, ns: str) -> None:
+    """Readiness (HTTP) and liveness (TCP) probes from the kubelet on both nodes pass: the pods
+    turn Ready and are never restarted while the probes run every second or two."""
+    kc.apply(kube, netexec("probed", 2), namespace=ns)
+    pods = kc.wait_ready(kube, ns, "app=probed", 2)
+    first_ready = {p["metadata"]["name"] for p in pods}
+
+    def probed_for_a_while() -> bool:
+        current = kc.ready_pods(kube, ns, "app=probed")
+        # Liveness fails after 2 x 2 s; ten probe periods later the same pods are still Ready.
+        return {p["metadata"]["name"] for p in current} == first_ready and all(
+            _ready_for(p) >= 20 for p in current)
+
+    kc.wait_until("probed pods Ready for 20s", probed_for_a_while, 90, interval=2)
+    for pod in kc.get(kube, "pods", "-l", "app=probed", namespace=ns)["items"]:
+        assert pod["status"]["containerStatuses"][0]["restartCount"] == 0, pod["metadata"]["name"]
+
+
+def _ready_for(pod: dict[str, Any]) -> float:
+    import datetime
+
+    for cond in pod["status"]["conditions"]:
+        if cond["type"] == "Ready" and cond["status"] == "True":
+            since = datetime.datetime.fromisoformat(cond["lastTransitionTime"].replace("Z", "+00:00"))
+            return (datetime.datetime.now(datetime.UTC) - since).total_seconds()
+    return 0.0
+
+
+def test_deployment_rolling_update_under_traffic_fails_no_request(kube: KubeCluster, ns: str) -> None:
+    kc.apply(kube, netexec("web", 2), service("web"), client_pod(), namespace=ns)
+    old = {p["metadata"]["name"] for p in kc.wait_ready(kube, ns, "app=web", 2)}
+    kc.wait_ready(kube, ns, "app=client", 1)
+    url = f"http://{svc_ip(kube, ns, 'web')}/hostname"
+    script = _background_loop(url)
+    kc.pod_exec(kube, ns, "client", ["sh", "-c", script])
+    kube.kubectl("-n", ns, "set", "env", "deployment/web", "ROLL=1")
+    kc.wait_until("the rollout of deployment/web", lambda: kc.rollout_done(kube, ns, "deployment/web"), 240,
+                  interval=1)
+    new = {p["metadata"]["name"] for p in kc.wait_ready(kube, ns, "app=web", 2)}
+    assert not new & old
+    # Keep the traffic going until the new pods have answered, then stop it.
+    kc.wait_until("answers from the new pods", lambda: new <= set(answers(_loop_lines(kube, ns))), 60)
+    lines = _stop_loop(kube, ns)
+    assert len(lines) > 50
+    assert not failures(lines), failures(lines)[:10]
+    assert old <= set(answers(lines)) and new <= set(answers(lines))
+
+
+def test_daemonset_rolling_update_under_traffic_fails_no_request(kube: KubeCluster, ns: str) -> None:
+    """A new zeroproxy image tag rolls out node by node while a pod keeps connecting."""
+    kc.apply(kube, netexec("web", 2), service("web"), client_pod(), namespace=ns)
+    kc.wait_ready(kube, ns, "app=web", 2)
+    kc.wait_ready(kube, ns, "app=client", 1)
+    old_agents = {p["metadata"]["uid"] for p in kc.ready_pods(kube, "zeroproxy", "app.kubernetes.io/name=zeroproxy")}
+    tag = kc.zeroproxy_image_tag()
+    new_tag = f"{tag}-rollout"
+    for node in kube.nodes:
+        node.run(["ctr", "--address", kc.CONTAINERD_SOCK, "-n", "k8s.io", "images", "tag", "--force",
+                  f"{kc.ZEROPROXY_IMAGE}:{tag}", f"{kc.ZEROPROXY_IMAGE}:{new_tag}"])
+    kc.pod_exec(kube, ns, "client", ["sh", "-c", _background_loop(f"http://{svc_ip(kube, ns, 'web')}/hostname")])
+    try:
+        kc.deploy_zeroproxy(kube, new_tag)
+        agents = kc.ready_pods(kube, "zeroproxy", "app.kubernetes.io/name=zeroproxy")
+        assert {p["metadata"]["uid"] for p in agents}.isdisjoint(old_agents)
+        assert {p["spec"]["containers"][0]["image"] for p in agents} == {f"{kc.ZEROPROXY_IMAGE}:{new_tag}"}
+        n_before = len(_loop_lines(kube, ns))
+        kc.wait_until("traffic after the rollout", lambda: len(_loop_lines(kube, ns)) > n_before + 20, 60)
+        lines = _stop_loop(kube, ns)
+    finally:
+        kc.deploy_zeroproxy(kube, tag)
+    assert len(lines) > 50
+    assert not failures(lines), failures(lines)[:10]
+
+
+def test_node_drained_and_uncordoned(kube: KubeCluster, ns: str) -> None:
+    kc.apply(kube, netexec("web", 2, spread=False), service("web"), client_pod(node="node1"), namespace=ns)
+    kc.wait_ready(kube, ns, "app=web", 2)
+    kc.wait_ready(kube, ns, "app=client", 1)
+    url = f"http://{svc_ip(kube, ns, 'web')}/hostname"
+    try:
+        kube.kubectl("drain", "node2", "--ignore-daemonsets", "--delete-local-data", "--force",
+                     "--pod-selector", "app!=client", "--timeout=180s", timeout=200)
+        pods = kc.wait_ready(kube, ns, "app=web", 2)
+        assert {p["spec"]["nodeName"] for p in pods} == {"node1"}
+        # The DaemonSet's agent stays on the drained node (it tolerates everything).
+        agents = kc.ready_pods(kube, "zeroproxy", "app.kubernetes.io/name=zeroproxy")
+        assert sorted(p["spec"]["nodeName"] for p in agents) == ["node1", "node2"]
+        lines = curl_loop(kube, ns, url, 20)
+        assert not failures(lines), lines
+        assert set(answers(lines)) == {p["metadata"]["name"] for p in pods}
+    finally:
+        kube.kubectl("uncordon", "node2")
+    kube.kubectl("-n", ns, "scale", "deployment/web", "--replicas=4")
+    pods = kc.wait_ready(kube, ns, "app=web", 4)
+    assert "node2" in {p["spec"]["nodeName"] for p in pods}
+    lines = curl_loop(kube, ns, url, 40)
+    assert not failures(lines), lines
+    assert len(answers(lines)) >= 3
+
+
+def test_no_netfilter_rule_in_any_namespace(kube: KubeCluster, ns: str) -> None:
+    """Every namespace of the cluster (host, bed, nodes, every pod the kubelet made) holds the
+    same rules with zeroproxy deployed and serving as before any proxy: none in the bed."""
+    kc.apply(kube, netexec("web", 2), service("web"), client_pod(), namespace=ns)
+    kc.wait_ready(kube, ns, "app=web", 2)
+    kc.wait_ready(kube, ns, "app=client", 1)
+    assert not failures(curl_loop(kube, ns, f"http://{svc_ip(kube, ns, 'web')}/hostname", 5))
+    before: dict[int, str] = kube.rulesets_before  # type: ignore[attr-defined]
+    after = kc.netfilter_rulesets(kube)
+    host = kc.os.stat("/proc/self/ns/net").st_ino
+    assert after[host] == before[host], "the machine's own ruleset changed"
+    pod_namespaces = set(after) - set(before)
+    assert len(pod_namespaces) >= 3  # the client and both backends at least
+    offenders = {inode: text for inode, text in after.items() if inode != host and text.strip()}
+    assert not offenders, json.dumps(offenders, indent=1)[:3000]
+
+
+# --- the continuous client loop of the rolling-update tests --------------------------------------
+
+
+def _background_loop(url: str) -> str:
+    """A request every 50 ms from the client pod until /tmp/stop exists, one line each in /tmp/loop."""
+    return (f'rm -f /tmp/stop /tmp/loop /tmp/done; (while [ ! -e /tmp/stop ]; do '
+            f'out=$(curl -sS --fail -m 5 "{url}" 2>&1) && echo "OK:$out" >> /tmp/loop '
+            f'|| echo "FAIL:$? $out" >> /tmp/loop; sleep 0.05; done; touch /tmp/done) '
+            f'> /dev/null 2>&1 &')
+
+
+def _loop_lines(kube: KubeCluster, ns: str) -> list[str]:
+    return kc.pod_exec(kube, ns, "client", ["cat", "/tmp/loop"], check=False).stdout.splitlines()
+
+
+def _stop_loop(kube: KubeCluster, ns: str) -> list[str]:
+    kc.pod_exec(kube, ns, "client", ["touch", "/tmp/stop"])
+    kc.wait_until("the client loop to stop",
+                  lambda: kc.pod_exec(kube, ns, "client", ["test", "-e", "/tmp/done"], check=False).returncode == 0,
+                  30)
+    return _loop_lines(kube, ns)
+
+

@@ -1,0 +1,1064 @@
+"""A real kubeadm cluster on this machine: containerd, a kubelet and ``kubeadm init`` per node.
+
+Everything zeroproxy proves in the netns bed has to hold where users run it: pods started by a
+kubelet, EndpointSlices written by the controller-manager, kubelet probes, rolling updates. This
+module builds that cluster from the Kubernetes 1.20.2 binaries ``scripts/build-k8s.sh`` makes and
+the images ``scripts/build-images.sh`` makes, with no registry and no network.
+
+Each node is a test-bed node (``zeroproxy.testbed``: a network namespace on the bed's underlay,
+a cgroup subtree of the bed's own) plus two namespaces of its own, held by one small process:
+
+- a private **mount namespace**. kubeadm and the kubelet hard-code ``/etc/kubernetes``,
+  ``/var/lib/kubelet``, ``/var/log/pods`` and friends, so two nodes on one machine need their own
+  copies: each such path is a bind mount of the node's directory, visible only inside the node.
+  The node also gets a bpffs of its own on ``/sys/fs/bpf`` (two agents must not share pins), a
+  resolv.conf that answers nothing, and its cgroup subtree bind-mounted at ``NODE_CGROUP2``,
+  so the DaemonSet's ``cgroup`` hostPath is the same path on every node and still never the
+  machine's root cgroup. Mounts made inside go away with the last process in the namespace.
+- a **UTS namespace** whose hostname is the node's name, which kubeadm and the kubelet use.
+
+containerd runs as a plain process (there is no systemd as PID 1), and the kubelet runs under a
+small restart loop that stands in for ``kubelet.service`` and kubeadm's drop-in: it reads
+``/var/lib/kubelet/kubeadm-flags.env`` and starts the kubelet once ``kubeadm`` wrote its config.
+The kubelet's ``--cgroup-root`` is the node's own subtree (created first in every cgroup v1
+hierarchy: kubelet and runc use v1 here, and runc mirrors the path into the v2 hierarchy), so
+every pod process, hostNetwork and static pods included, lands under the node's cgroup.
+
+Nodes talk to each other over the bed's underlay and route each other's pod CIDRs; the default
+route points at an underlay address nobody has, so nothing leaves the bed's namespaces. The host
+reaches the API server through ``APIForwarder``, a loopback listener that dials from inside the
+first node's namespace.
+
+``close()`` tears down everything even after a failure: kubelet loop, ``kubeadm reset``,
+containerd, every process in the nodes' cgroups and namespaces, the v1 cgroups, the bed (netns,
+v2 cgroups) and every directory. ``cleanup_stale()`` finishes the job of a run that was killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dataplane.netns import NETNS_DIR, in_netns
+from zeroproxy import testbed
+from zeroproxy.testbed import CommandFailed, TestBed
+
+log = logging.getLogger(__name__)
+
+K8S_VERSION = "1.20.2"
+ROOT = Path(__file__).resolve().parent.parent
+CACHE_DIR = Path(os.environ.get("ZP_CACHE_DIR", "/var/tmp/zeroproxy"))
+BIN_DIR = CACHE_DIR / f"k8s-{K8S_VERSION}" / "bin"
+IMAGES_DIR = CACHE_DIR / "images"
+DATA_DIR = CACHE_DIR / "clusters"  # node directories (containerd's images and snapshots: disk)
+STATE_DIR = Path("/run/zeroproxy-cluster")  # one JSON file per live cluster, for cleanup_stale()
+KUBEADM_CONFIG = ROOT / "manifests" / "kubeadm" / "init-v1beta2.yaml"
+IMAGE_REPOSITORY = "localhost/zp"
+CNI_BIN_DIR = "/usr/lib/cni"
+
+POD_SUBNET = "10.244.0.0/16"
+SERVICE_SUBNET = "10.96.0.0/12"
+DNS_DOMAIN = "cluster.local"
+DNS_IP = "10.96.0.10"
+# The next hop of every node's default route: on the underlay, owned by nobody.
+BLACKHOLE_GATEWAY_OFFSET = 254
+
+# Paths kubeadm, the kubelet, containerd and the CNI plugins hard-code or default to; each node
+# gets its own directory bind-mounted over each of them, inside its private mount namespace.
+NODE_PATHS = ("/etc/kubernetes", "/var/lib/kubelet", "/var/log/pods", "/var/log/containers",
+              "/etc/cni/net.d", "/var/lib/cni", "/run/containerd", "/var/lib/containerd")
+# Where each node sees its own cgroup v2 subtree (the DaemonSet's `cgroup` hostPath in the bed).
+NODE_CGROUP2 = "/run/zeroproxy-node/cgroup2"
+CONTAINERD_SOCK = "/run/containerd/containerd.sock"
+
+BRINGUP_TIMEOUT_S = 300.0
+RESET_TIMEOUT_S = 60.0
+
+_LOG_TAIL = 40
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be built or did something unexpected; the message says what."""
+
+
+def _tail(path: Path, n: int = _LOG_TAIL) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return f"({path} does not exist)"
+    return "\n".join(lines[-n:])
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5,
+               detail: Callable[[], str] | None = None) -> Any:
+    """Poll ``check`` until it returns something truthy; raise ClusterError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:  # a poll that fails is a poll that is not done yet
+            last_exc = exc
+        if time.monotonic() > deadline:
+            extra = f"; last error: {last_exc}" if last_exc else ""
+            more = f"\n{detail()}" if detail else ""
+            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}{extra}{more}")
+        time.sleep(interval)
+
+
+def ensure_binaries() -> Path:
+    """The Kubernetes binaries (built once, cached); returns their directory."""
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "build-k8s.sh")], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout.strip()
+    return Path(out.splitlines()[-1]) if out else BIN_DIR
+
+
+def ensure_images() -> Path:
+    """The node, e2e and zeroproxy images as docker archives (built once, cached)."""
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "build-images.sh")], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout.strip()
+    return Path(out.splitlines()[-1]) if out else IMAGES_DIR
+
+
+# --- cgroup v1 ----------------------------------------------------------------------------------
+
+
+def cgroup_v1_mounts(mountinfo: str | None = None) -> list[Path]:
+    """Mount points of every cgroup v1 hierarchy (hybrid machines have several, v2 has none)."""
+    text = mountinfo if mountinfo is not None else Path("/proc/self/mountinfo").read_text()
+    mounts = []
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] == "cgroup":
+            mounts.append(Path(left.split()[4]))
+    return mounts
+
+
+def _make_v1_cgroup(relative: str) -> None:
+    """``relative`` in every v1 hierarchy; cpuset dirs get their parent's cpus and mems."""
+    for mount in cgroup_v1_mounts():
+        path = mount
+        for part in Path(relative).parts:
+            parent, path = path, path / part
+            if path.is_dir():
+                continue
+            path.mkdir()
+            for knob in ("cpuset.cpus", "cpuset.mems"):
+                if (parent / knob).exists():
+                    (path / knob).write_text((parent / knob).read_text())
+
+
+def _v1_pids(relative: str) -> set[int]:
+    pids: set[int] = set()
+    for mount in cgroup_v1_mounts():
+        top = mount / relative
+        if not top.is_dir():
+            continue
+        for dirpath, _, files in os.walk(top):
+            if "cgroup.procs" in files:
+                with contextlib.suppress(OSError):
+                    pids |= {int(p) for p in Path(dirpath, "cgroup.procs").read_text().split()}
+    return pids
+
+
+def _remove_v1_cgroup(relative: str, timeout: float = 10.0) -> list[str]:
+    """Remove ``relative`` and everything below it from every v1 hierarchy (deepest first)."""
+    errors = []
+    for mount in cgroup_v1_mounts():
+        top = mount / relative
+        if not top.is_dir():
+            continue
+        deadline = time.monotonic() + timeout
+        while top.exists():
+            for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+            if not top.exists():
+                break
+            if time.monotonic() > deadline:
+                errors.append(f"cgroup {top} could not be removed")
+                break
+            time.sleep(0.1)
+    return errors
+
+
+def _kill(pids: Sequence[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _pids_with_ns(kind: str, inode: int) -> list[int]:
+    """Processes whose ``kind`` namespace (mnt, uts, net) has this inode."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.stat(f"/proc/{entry}/ns/{kind}").st_ino == inode:
+                found.append(int(entry))
+    return found
+
+
+# --- the API server, seen from the host ---------------------------------------------------------
+
+
+class APIForwarder:
+    """A TCP listener on 127.0.0.1 whose connections are dialled from inside a node's netns.
+
+    The API server listens on the node's underlay address, which exists only inside the bed.
+    Rather than giving the host an address there, every accepted connection gets an upstream
+    socket created inside the node's namespace (a socket keeps the namespace it was made in).
+    Runs on its own thread and event loop; ``close()`` stops it.
+    """
+
+    def __init__(self, netns: str, target: tuple[str, int], port: int = 0) -> None:
+        self.netns = netns
+        self.target = target
+        self._listener = socket.create_server(("127.0.0.1", port))
+        self.port: int = self._listener.getsockname()[1]
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=f"api-forward-{netns}", daemon=True)
+        self._ready = threading.Event()
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._server = await asyncio.start_server(self._handle, sock=self._listener)
+        self._ready.set()
+        async with self._server:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._server.serve_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        with in_netns(self.netns):
+            upstream = socket.socket(socket.AF_INET6 if ":" in self.target[0] else socket.AF_INET,
+                                     socket.SOCK_STREAM)
+        upstream.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(upstream, self.target), 10)
+            up_reader, up_writer = await asyncio.open_connection(sock=upstream)
+        except (OSError, TimeoutError):
+            upstream.close()
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                with contextlib.suppress(OSError, RuntimeError):
+                    dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+
+        def stop() -> None:
+            self._server.close()
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(stop)
+        self._thread.join(10)
+        with contextlib.suppress(RuntimeError):
+            self._loop.close()
+
+
+# --- nodes --------------------------------------------------------------------------------------
+
+
+class KubeNode:
+    """One kubeadm node: a bed node plus its mount/UTS namespaces, containerd and kubelet."""
+
+    def __init__(self, cluster: KubeCluster, bed_node: testbed.Node, index: int) -> None:
+        self.cluster = cluster
+        self.bed_node = bed_node
+        self.index = index
+        self.name = bed_node.name
+        self.ip = bed_node.ip4
+        self.dir = cluster.dir / self.name
+        self.cgroup_root = f"/{cluster.bed.cgroup_root.name}/{bed_node.cgroup_path.name}"
+        self.holder: subprocess.Popen[Any] | None = None
+        self.containerd: subprocess.Popen[Any] | None = None
+        self.kubelet_loop: subprocess.Popen[Any] | None = None
+        self.pod_cidr: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<KubeNode {self.name} {self.ip}>"
+
+    @property
+    def netns(self) -> str:
+        return self.bed_node.netns
+
+    @property
+    def containerd_socket(self) -> Path:
+        """containerd's socket as the host sees it (the source of the node's /run/containerd)."""
+        return self.dir / "run-containerd" / "containerd.sock"
+
+    @property
+    def containerd_log(self) -> Path:
+        return self.dir / "containerd.log"
+
+    @property
+    def kubelet_log(self) -> Path:
+        return self.dir / "kubelet.log"
+
+    def _source(self, path: str) -> Path:
+        return self.dir / path.strip("/").replace("/", "-")
+
+    # -- namespaces and processes ----------------------------------------------------------------
+
+    def start_namespaces(self) -> None:
+        """Start the holder of the node's mount and UTS namespaces, with every mount in place."""
+        self.dir.mkdir(parents=True)
+        for path in NODE_PATHS:
+            self._source(path).mkdir()
+        resolv = self.dir / "resolv.conf"
+        # kubeadm's preflight resolves the node name; a resolver on loopback that nothing
+        # answers fails at once instead of after a timeout, and nothing leaves the bed.
+        resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        lines = ["set -eu", f"hostname {self.name}",
+                 # Nothing of what follows may propagate to the host; then make the node's own
+                 # mounts shared among themselves, as on a systemd host (containerd's CRI
+                 # refuses HostToContainer propagation from a private mount).
+                 "mount --make-rprivate /", "mount --make-rshared /"]
+        for path in NODE_PATHS:
+            lines.append(f"mount --bind {self._source(path)} {path}")
+        lines += [f"mount --bind {resolv} /etc/resolv.conf",
+                  "mount -t bpf bpf /sys/fs/bpf",
+                  f"mount --bind {self.bed_node.cgroup_path} {NODE_CGROUP2}",
+                  "echo ready", "exec sleep infinity"]
+        self.holder = self.cluster.bed.spawn(
+            self.netns, ["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c",
+                         "\n".join(lines)],
+            cgroup=self.bed_node.host_cgroup_path, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        testbed.wait_for_line(self.holder, "ready", timeout=30)
+
+    def ns_argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` run inside the node's mount and UTS namespaces (the netns comes from spawn)."""
+        assert self.holder is not None
+        pid = self.holder.pid
+        return ["nsenter", f"--mount=/proc/{pid}/ns/mnt", f"--uts=/proc/{pid}/ns/uts", "--", *argv]
+
+    def spawn(self, argv: Sequence[str], *, log_to: Path | None = None,
+              env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a process in the node (netns, mount and UTS namespaces, the node's host cgroup)."""
+        if log_to is not None:
+            out = open(log_to, "ab")  # handed to the child, closed below
+            kwargs.setdefault("stdout", out)
+            kwargs.setdefault("stderr", subprocess.STDOUT)
+        full_env = {"PATH": f"{BIN_DIR}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "HOME": "/root", **(env or {})}
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        try:
+            return self.cluster.bed.spawn(self.netns, self.ns_argv(argv), cgroup=self.bed_node.host_cgroup_path,
+                                          env=full_env, **kwargs)
+        finally:
+            if log_to is not None:
+                out.close()
+
+    def run(self, argv: Sequence[str], *, timeout: float = 120.0, check: bool = True,
+            input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a command in the node and wait for it; CommandFailed carries its stderr."""
+        stdin = {"stdin": subprocess.PIPE} if input is not None else {}
+        proc = self.spawn(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **stdin)
+        try:
+            out, err = proc.communicate(input=input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise CommandFailed(-9, list(argv), out, f"timed out after {timeout:.0f}s\n{err}") from None
+        if check and proc.returncode:
+            raise CommandFailed(proc.returncode, list(argv), out, err)
+        return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+
+    # -- containerd ------------------------------------------------------------------------------
+
+    def containerd_config(self) -> str:
+        """containerd's config: the CRI plugin as kubeadm expects it, for this machine's limits."""
+        return "\n".join([
+            "version = 2",
+            # Snapshots and images live on disk, in the node's own /var/lib/containerd.
+            'root = "/var/lib/containerd"',
+            'state = "/run/containerd"',
+            "[grpc]",
+            f'  address = "{CONTAINERD_SOCK}"',
+            '[plugins."io.containerd.grpc.v1.cri"]',
+            f'  sandbox_image = "{IMAGE_REPOSITORY}/pause:3.2"',
+            # The VM withholds CAP_SYS_RESOURCE: without this every sandbox fails with
+            # "can't get final child's PID from pipe: EOF" (runc cannot lower oom_score_adj).
+            "  restrict_oom_score_adj = true",
+            # Pod netns files under containerd's own state dir (the node's /run/containerd),
+            # not in the machine's /var/run/netns.
+            "  netns_mounts_under_state_dir = true",
+            '  [plugins."io.containerd.grpc.v1.cri".containerd]',
+            '    default_runtime_name = "runc"',
+            '    snapshotter = "overlayfs"',
+            '    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]',
+            '      runtime_type = "io.containerd.runc.v2"',
+            '  [plugins."io.containerd.grpc.v1.cri".cni]',
+            f'    bin_dir = "{CNI_BIN_DIR}"',
+            '    conf_dir = "/etc/cni/net.d"',
+            "",
+        ])
+
+    def start_containerd(self, images: Sequence[Path]) -> None:
+        config = self.dir / "containerd.toml"
+        config.write_text(self.containerd_config())
+        self.containerd = self.spawn(["containerd", "--config", str(config)], log_to=self.containerd_log)
+        wait_until(f"containerd on {self.name}", lambda: self.run(["ctr", "--address", CONTAINERD_SOCK,
+                                                                   "version"], check=False).returncode == 0,
+                   30, detail=lambda: _tail(self.containerd_log))
+        for image in images:
+            self.run(["ctr", "--address", CONTAINERD_SOCK, "-n", "k8s.io", "images", "import", str(image)],
+                     timeout=300)
+
+    def images(self) -> set[str]:
+        out = self.run(["ctr", "--address", CONTAINERD_SOCK, "-n", "k8s.io", "images", "ls", "-q"]).stdout
+        return set(out.split())
+
+    # -- kubelet ---------------------------------------------------------------------------------
+
+    def start_kubelet_loop(self) -> None:
+        """The stand-in for kubelet.service with kubeadm's drop-in (10-kubeadm.conf).
+
+        Like systemd's ``Restart=always``, the loop starts the kubelet again whenever it exits,
+        and, like the drop-in, passes the kubeconfig and config flags, kubeadm's flags file and
+        KUBELET_EXTRA_ARGS (the bed's: this node's cgroup root and address).
+        """
+        script = "\n".join([
+            "while :; do",
+            "  if [ -f /var/lib/kubelet/config.yaml ]; then",
+            "    KUBELET_KUBEADM_ARGS=",
+            "    [ -f /var/lib/kubelet/kubeadm-flags.env ] && . /var/lib/kubelet/kubeadm-flags.env",
+            "    echo \"kubelet-loop: starting kubelet $(date -u +%FT%TZ)\"",
+            "    kubelet --bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf \\",
+            "            --kubeconfig=/etc/kubernetes/kubelet.conf --config=/var/lib/kubelet/config.yaml \\",
+            "            $KUBELET_KUBEADM_ARGS $KUBELET_EXTRA_ARGS",
+            "    echo \"kubelet-loop: kubelet exited with $?\"",
+            "  fi",
+            "  sleep 1",
+            "done",
+        ])
+        extra = f"--cgroup-root={self.cgroup_root} --node-ip={self.ip}"
+        self.kubelet_loop = self.spawn(["bash", "-c", script], log_to=self.kubelet_log,
+                                       env={"KUBELET_EXTRA_ARGS": extra})
+
+    def stop_kubelet(self) -> None:
+        if self.kubelet_loop is None:
+            return
+        # The loop first (so nothing restarts the kubelet), then the kubelet itself.
+        with contextlib.suppress(ProcessLookupError):
+            self.kubelet_loop.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.kubelet_loop.wait(5)
+        for pid in self._pids_named("kubelet"):
+            _kill([pid])
+
+    def _pids_named(self, comm: str) -> list[int]:
+        if self.holder is None:
+            return []
+        try:
+            mnt = os.stat(f"/proc/{self.holder.pid}/ns/mnt").st_ino
+        except OSError:
+            return []
+        out = []
+        for pid in _pids_with_ns("mnt", mnt):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
+                    out.append(pid)
+        return out
+
+    # -- CNI -------------------------------------------------------------------------------------
+
+    def write_cni_config(self, pod_cidr: str) -> None:
+        """A bridge network for this node's pod CIDR: gateway on the bridge, no masquerade.
+
+        No ipMasq and no portmap, so the CNI plugins create no netfilter rule either; pods on
+        other nodes are reached through the bed's routes between nodes.
+        """
+        self.pod_cidr = pod_cidr
+        conf = {
+            "cniVersion": "0.4.0",
+            "name": "zeroproxy-bed",
+            "plugins": [{
+                "type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False,
+                "hairpinMode": True,
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]],
+                         "routes": [{"dst": "0.0.0.0/0"}]},
+            }, {"type": "loopback"}],
+        }
+        path = self._source("/etc/cni/net.d") / "10-zeroproxy-bed.conflist"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(conf, indent=2))
+        tmp.rename(path)
+
+    # -- teardown --------------------------------------------------------------------------------
+
+    def reset(self) -> list[str]:
+        """kubeadm reset (containers, certificates, manifests), then stop every process."""
+        errors: list[str] = []
+        self.stop_kubelet()
+        if self.holder is not None and self.holder.poll() is None:
+            if (BIN_DIR / "kubeadm").exists() and self.containerd is not None:
+                # The kubeconfig points nowhere on purpose: with a real one, reset of a control
+                # plane node looks for etcd members for minutes once the mirror pods exist.
+                try:
+                    self.run(["kubeadm", "reset", "--force", "--kubeconfig", "/nonexistent/kubeconfig",
+                              "--cri-socket", CONTAINERD_SOCK], timeout=RESET_TIMEOUT_S)
+                except CommandFailed as exc:
+                    errors.append(f"{self.name}: kubeadm reset failed: {exc}")
+        if self.containerd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.containerd.terminate()
+            try:
+                self.containerd.wait(10)
+            except subprocess.TimeoutExpired:
+                self.containerd.kill()
+        return errors
+
+    def kill_everything(self) -> None:
+        """Every process of the node: its cgroups (v1 and v2), mount namespace and netns."""
+        pids: set[int] = set(_v1_pids(self.cgroup_root))
+        if self.holder is not None:
+            with contextlib.suppress(OSError):
+                pids |= set(_pids_with_ns("mnt", os.stat(f"/proc/{self.holder.pid}/ns/mnt").st_ino))
+        with contextlib.suppress(OSError):
+            pids |= set(_pids_with_ns("net", os.stat(NETNS_DIR / self.netns).st_ino))
+        pids.discard(os.getpid())
+        _kill(sorted(pids))
+
+
+# --- the cluster --------------------------------------------------------------------------------
+
+
+class KubeCluster:
+    """A kubeadm cluster of ``nodes`` nodes on this machine; ``close()`` removes all of it.
+
+    ``up()`` builds it: containerd and the kubelet on every node, ``kubeadm init`` on the first
+    with the repository's ``manifests/kubeadm/init-v1beta2.yaml`` (addresses filled in, phases
+    ``addon/kube-proxy`` and ``addon/coredns`` skipped), ``kubeadm join`` on the others, a CNI
+    bridge per node, and every node Ready. No service proxy runs yet: deploying one is the
+    caller's (``deploy_zeroproxy``), as it is a user's.
+    """
+
+    def __init__(self, nodes: int = 1, *, prefix: str = "zpk", state_dir: Path = STATE_DIR) -> None:
+        if not 1 <= nodes <= 9:
+            raise ValueError(f"nodes must be 1..9, got {nodes}")
+        self.n_nodes = nodes
+        self.bed = TestBed(prefix)
+        self.id = self.bed.id
+        self.dir = DATA_DIR / self.id
+        self.nodes: list[KubeNode] = []
+        self.forwarder: APIForwarder | None = None
+        self._state_file = state_dir / f"{self.id}.json"
+        self._created_dirs: list[Path] = []
+        self._closed = False
+        self.token = f"{secrets.token_hex(3)}.{secrets.token_hex(8)}"
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self._write_state()
+            self.dir.mkdir(parents=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> KubeCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<KubeCluster {self.id} nodes={[n.name for n in self.nodes]}>"
+
+    @property
+    def control_plane(self) -> KubeNode:
+        return self.nodes[0]
+
+    @property
+    def admin_kubeconfig(self) -> Path:
+        """The admin kubeconfig for the host: the API server through the loopback forwarder."""
+        return self.dir / "admin.conf"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.control_plane.ip}:6443"
+
+    def _write_state(self) -> None:
+        self._state_file.write_text(json.dumps({
+            "id": self.id, "pid": os.getpid(), "starttime": testbed._proc_starttime(os.getpid()),
+            "dir": str(self.dir), "created_dirs": [str(d) for d in self._created_dirs],
+            "cgroup_roots": [n.cgroup_root for n in self.nodes],
+            "holders": [n.holder.pid for n in self.nodes if n.holder is not None],
+        }))
+
+    # -- bring-up --------------------------------------------------------------------------------
+
+    def up(self) -> KubeCluster:
+        """Build the cluster; on any failure everything built so far is removed and it raises."""
+        try:
+            self._up()
+        except BaseException:
+            log.error("cluster %s failed to come up; logs are in %s", self.id, self.dir)
+            self.close()
+            raise
+        return self
+
+    def _up(self) -> None:
+        start = time.monotonic()
+        bin_dir = ensure_binaries()
+        if bin_dir != BIN_DIR:
+            raise ClusterError(f"scripts/build-k8s.sh put the binaries in {bin_dir}, expected {BIN_DIR}")
+        images = sorted(ensure_images().glob("*.tar"))
+        if not images:
+            raise ClusterError(f"no image archives in {IMAGES_DIR}")
+        for path in [*NODE_PATHS, NODE_CGROUP2]:
+            self._mountpoint(Path(path))
+        underlay = self.bed.underlay4
+        gateway = str(underlay.network_address + BLACKHOLE_GATEWAY_OFFSET)
+        for index in range(1, self.n_nodes + 1):
+            # The controller-manager hands out pod CIDRs in the order nodes register: node N
+            # gets 10.244.(N-1).0/24. The bed routes them between nodes up front; each node's
+            # real podCIDR is checked against this once it registers.
+            bed_node = self.bed.add_node(f"node{index}", pod_cidr4=f"10.244.{index - 1}.0/24",
+                                         pod_cidr6=f"fd00:10:244:{index:x}::/64", pod_router=False)
+            self.bed.iproute(bed_node.netns).route("add", dst="0.0.0.0/0", gateway=gateway)
+            node = KubeNode(self, bed_node, index)
+            self.nodes.append(node)
+            _make_v1_cgroup(node.cgroup_root)
+            node.start_namespaces()
+            self._write_state()
+            node.start_containerd(images)
+            node.start_kubelet_loop()
+        self._init(self.control_plane)
+        for node in self.nodes[1:]:
+            self._join(node)
+        wait_until("every node Ready", self._all_ready, BRINGUP_TIMEOUT_S, interval=1.0,
+                   detail=lambda: self.kubectl("get", "nodes", "-o", "wide", check=False).stdout)
+        log.info("cluster %s up in %.0fs (%d nodes)", self.id, time.monotonic() - start, len(self.nodes))
+
+    def _mountpoint(self, path: Path) -> None:
+        """A host directory the nodes mount over; created (and later removed) if missing."""
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        path.mkdir(parents=True, exist_ok=True)
+        self._created_dirs.extend(reversed(missing))
+        self._write_state()
+
+    def kubeadm_config(self, node: KubeNode) -> list[dict[str, Any]]:
+        """The repository's v1beta2 init config with the bed's addresses, names and kubelet."""
+        docs = [d for d in yaml.safe_load_all(KUBEADM_CONFIG.read_text()) if d]
+        for doc in docs:
+            if doc["kind"] == "InitConfiguration":
+                doc["localAPIEndpoint"]["advertiseAddress"] = node.ip
+                doc["nodeRegistration"]["name"] = node.name
+                doc["nodeRegistration"]["criSocket"] = CONTAINERD_SOCK
+                doc["bootstrapTokens"] = [{"token": self.token, "ttl": "2h0m0s",
+                                           "usages": ["signing", "authentication"],
+                                           "groups": ["system:bootstrappers:kubeadm:default-node-token"]}]
+            elif doc["kind"] == "ClusterConfiguration":
+                doc["controlPlaneEndpoint"] = self.endpoint
+                doc["imageRepository"] = IMAGE_REPOSITORY
+                doc["kubernetesVersion"] = f"v{K8S_VERSION}"
+                doc["networking"] = {"podSubnet": POD_SUBNET, "serviceSubnet": SERVICE_SUBNET,
+                                     "dnsDomain": DNS_DOMAIN}
+                # The host reaches the API server through a loopback forwarder.
+                doc.setdefault("apiServer", {})["certSANs"] = ["127.0.0.1", node.ip]
+        docs.append({
+            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
+            # No systemd here: the kubelet manages cgroups itself (runc does the same).
+            "cgroupDriver": "cgroupfs",
+            # kube-proxy's KUBE-MARK-* chains: nothing uses them without kube-proxy, and the
+            # bed's nodes must hold no netfilter rule.
+            "makeIPTablesUtilChains": False,
+            # Pods with dnsPolicy Default get the node's resolver; this one answers nothing.
+            "resolvConf": "/etc/resolv.conf",
+            "clusterDNS": [DNS_IP], "clusterDomain": DNS_DOMAIN,
+            "failSwapOn": False,
+            # A shared 2-core VM: no eviction because the disk or memory of the machine is in use.
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+            "imageGCHighThresholdPercent": 100,
+        })
+        return docs
+
+    def _init(self, node: KubeNode) -> None:
+        config = node.dir / "kubeadm-init.yaml"
+        config.write_text(yaml.safe_dump_all(self.kubeadm_config(node), sort_keys=False))
+        # kubeadm tries `systemctl` for the kubelet (there is none) and only warns: the loop
+        # started above runs the kubelet as soon as kubeadm writes its config.
+        result = node.run(["kubeadm", "init", "--config", str(config),
+                           "--skip-phases=addon/kube-proxy,addon/coredns"], timeout=BRINGUP_TIMEOUT_S)
+        (node.dir / "kubeadm-init.log").write_text(result.stdout + result.stderr)
+        admin = node._source("/etc/kubernetes") / "admin.conf"
+        self.forwarder = APIForwarder(node.netns, (node.ip, 6443))
+        kubeconfig = yaml.safe_load(admin.read_text())
+        for c in kubeconfig["clusters"]:
+            c["cluster"]["server"] = f"https://127.0.0.1:{self.forwarder.port}"
+        self.admin_kubeconfig.write_text(yaml.safe_dump(kubeconfig))
+        self.admin_kubeconfig.chmod(0o600)
+        self._wait_registered(node)
+
+    def _join(self, node: KubeNode) -> None:
+        ca = (self.control_plane._source("/etc/kubernetes") / "pki" / "ca.crt").read_bytes()
+        config = node.dir / "kubeadm-join.yaml"
+        config.write_text(yaml.safe_dump({
+            "apiVersion": "kubeadm.k8s.io/v1beta2", "kind": "JoinConfiguration",
+            "discovery": {"bootstrapToken": {"apiServerEndpoint": self.endpoint, "token": self.token,
+                                             "caCertHashes": [f"sha256:{_spki_sha256(ca)}"]}},
+            "nodeRegistration": {"name": node.name, "criSocket": CONTAINERD_SOCK},
+        }, sort_keys=False))
+        result = node.run(["kubeadm", "join", "--config", str(config)], timeout=BRINGUP_TIMEOUT_S)
+        (node.dir / "kubeadm-join.log").write_text(result.stdout + result.stderr)
+        self._wait_registered(node)
+
+    def _wait_registered(self, node: KubeNode) -> None:
+        def pod_cidr() -> str:
+            out = self.kubectl("get", "node", node.name, "-o", "jsonpath={.spec.podCIDR}", check=False)
+            return out.stdout.strip() if out.returncode == 0 else ""
+
+        cidr = wait_until(f"node {node.name} registered with a podCIDR", pod_cidr, BRINGUP_TIMEOUT_S,
+                          detail=lambda: _tail(node.kubelet_log))
+        if ipaddress.ip_network(cidr) != node.bed_node.pod_cidr4:
+            raise ClusterError(f"node {node.name} got podCIDR {cidr}, the bed routes {node.bed_node.pod_cidr4}")
+        node.write_cni_config(cidr)
+
+    def _all_ready(self) -> bool:
+        out = self.kubectl("get", "nodes", "-o", "json", check=False)
+        if out.returncode:
+            return False
+        items = json.loads(out.stdout)["items"]
+        ready = {i["metadata"]["name"] for i in items
+                 if any(c["type"] == "Ready" and c["status"] == "True" for c in i["status"]["conditions"])}
+        return ready == {n.name for n in self.nodes}
+
+    # -- using it --------------------------------------------------------------------------------
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """kubectl on the host with the admin kubeconfig (through the forwarder)."""
+        argv = [str(BIN_DIR / "kubectl"), "--kubeconfig", str(self.admin_kubeconfig), *args]
+        try:
+            proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise CommandFailed(-9, argv, exc.stdout, f"timed out after {timeout:.0f}s") from None
+        if check and proc.returncode:
+            raise CommandFailed(proc.returncode, argv, proc.stdout, proc.stderr)
+        return proc
+
+    def api_client(self) -> Any:
+        """An official-client ApiClient for the admin user (through the forwarder)."""
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=str(self.admin_kubeconfig), client_configuration=configuration)
+        return client.ApiClient(configuration)
+
+    def node(self, name: str) -> KubeNode:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    # -- teardown --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove the cluster whatever state it is in; idempotent, never stops halfway."""
+        if self._closed:
+            return
+        errors: list[str] = []
+        if self.forwarder is not None:
+            self.forwarder.close()
+        for node in reversed(self.nodes):
+            try:
+                errors += node.reset()
+            except Exception as exc:
+                errors.append(f"{node.name}: reset: {exc}")
+        for _ in range(3):
+            for node in self.nodes:
+                node.kill_everything()
+            time.sleep(0.2)
+        for node in self.nodes:
+            errors += _remove_v1_cgroup(node.cgroup_root)
+        # The bed's own v1 parent (zeroproxy-bed-<id>) in every v1 hierarchy.
+        if self.nodes:
+            errors += _remove_v1_cgroup(self.nodes[0].cgroup_root.rsplit("/", 1)[0].lstrip("/") or "/")
+        self.bed.close()
+        if self.dir.exists():
+            _rmtree(self.dir, errors)
+        for d in reversed(self._created_dirs):
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                errors.append(f"could not remove {d}: {exc}")
+        if errors:
+            log.warning("cluster %s teardown: %s", self.id, "; ".join(errors))
+        if not self.dir.exists() and not any(d.exists() for d in self._created_dirs):
+            with contextlib.suppress(FileNotFoundError):
+                self._state_file.unlink()
+        self._closed = True
+
+
+def _rmtree(path: Path, errors: list[str]) -> None:
+    """Remove a node directory; overlay mounts left by a crash are unmounted first."""
+    for attempt in range(3):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if attempt == 2:
+                errors.append(f"could not remove {path}: {exc}")
+                return
+            for line in Path("/proc/self/mountinfo").read_text().splitlines():
+                mnt = line.split()[4]
+                if mnt.startswith(str(path) + "/"):
+                    subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
+            time.sleep(0.5)
+
+
+def _spki_sha256(ca_pem: bytes) -> str:
+    """kubeadm's CA pin: sha256 of the CA certificate's SubjectPublicKeyInfo (DER)."""
+    der = subprocess.run(["openssl", "x509", "-noout", "-pubkey"], input=ca_pem, check=True,
+                         capture_output=True).stdout
+    body = b"".join(line for line in der.splitlines() if not line.startswith(b"-----"))
+    return hashlib.sha256(base64.b64decode(body)).hexdigest()
+
+
+def cleanup_stale(state_dir: Path = STATE_DIR) -> list[str]:
+    """Remove clusters whose creating process is gone (killed before it could clean up)."""
+    removed = []
+    if not state_dir.is_dir():
+        return removed
+    for path in sorted(state_dir.glob("*.json")):
+        with contextlib.suppress(Exception):
+            state = json.loads(path.read_text())
+            if testbed._proc_starttime(state["pid"]) == state["starttime"]:
+                continue  # still owned by a live process
+            for pid in state.get("holders", []):
+                _kill([pid])
+            for rel in state.get("cgroup_roots", []):
+                _kill(sorted(_v1_pids(rel)))
+            time.sleep(0.5)
+            errors: list[str] = []
+            for rel in state.get("cgroup_roots", []):
+                errors += _remove_v1_cgroup(rel)
+                errors += _remove_v1_cgroup(rel.rsplit("/", 1)[0])
+            _rmtree(Path(state["dir"]), errors)
+            for d in reversed(state.get("created_dirs", [])):
+                with contextlib.suppress(OSError):
+                    Path(d).rmdir()
+            path.unlink()
+            removed.append(state["id"])
+    testbed.cleanup_stale("zpk")
+    return removed
+
+
+@contextlib.contextmanager
+def cluster(nodes: int = 1, **kwargs: Any) -> Iterator[KubeCluster]:
+    """``with cluster(2) as c:`` a Ready cluster, removed afterwards whatever happened."""
+    c = KubeCluster(nodes, **kwargs)
+    try:
+        c.up()
+        yield c
+    finally:
+        c.close()
+
+
+# --- deploying zeroproxy as a user would ----------------------------------------------------------
+
+MANIFESTS = ROOT / "manifests"
+ZEROPROXY_IMAGE = "localhost/zeroproxy"
+
+
+def zeroproxy_overlay(cluster: KubeCluster, image_tag: str, directory: Path | None = None) -> Path:
+    """A kustomize overlay of ``manifests/`` for this cluster; returns its directory.
+
+    It changes exactly three things, the ones a user changes: the image tag, the API server
+    address in the agent's config, and the DaemonSet's cgroup hostPath (each bed node sees its
+    own cgroup subtree there, where a real node would use /sys/fs/cgroup).
+    """
+    directory = directory or cluster.dir / "overlay"
+    directory.mkdir(parents=True, exist_ok=True)
+    configmap = yaml.safe_load((MANIFESTS / "30-configmap.yaml").read_text())
+    agent_config = yaml.safe_load(configmap["data"]["config.yaml"])
+    agent_config["apiServer"] = f"https://{cluster.endpoint}"
+    (directory / "configmap.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": configmap["metadata"]["name"], "namespace": configmap["metadata"]["namespace"]},
+        "data": {"config.yaml": yaml.safe_dump(agent_config, sort_keys=False)},
+    }, sort_keys=False))
+    (directory / "daemonset.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "zeroproxy", "namespace": "zeroproxy"},
+        "spec": {"template": {"spec": {"volumes": [{"name": "cgroup", "hostPath": {"path": NODE_CGROUP2}}]}}},
+    }, sort_keys=False))
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        # kubectl 1.20's kustomize takes a base outside the overlay by relative path.
+        "bases": [os.path.relpath(MANIFESTS, directory)],
+        "images": [{"name": ZEROPROXY_IMAGE, "newTag": image_tag}],
+        "patchesStrategicMerge": ["configmap.yaml", "daemonset.yaml"],
+    }, sort_keys=False))
+    return directory
+
+
+def image_tags(images_dir: Path = IMAGES_DIR) -> dict[str, Path]:
+    """Every ``repo:tag`` in the image archives (their manifest.json RepoTags) -> its archive."""
+    import tarfile
+
+    tags: dict[str, Path] = {}
+    for archive in sorted(images_dir.glob("*.tar")):
+        with tarfile.open(archive) as tar:
+            member = tar.extractfile("manifest.json")
+            if member is None:
+                continue
+            for entry in json.load(member):
+                for tag in entry.get("RepoTags") or []:
+                    tags[tag] = archive
+    return tags
+
+
+def zeroproxy_image_tag(images_dir: Path = IMAGES_DIR) -> str:
+    """The tag of the zeroproxy image ``scripts/build-images.sh`` built (the newest archive)."""
+    found = [(archive.stat().st_mtime, tag.rsplit(":", 1)[1]) for tag, archive in image_tags(images_dir).items()
+             if tag.rsplit(":", 1)[0] == ZEROPROXY_IMAGE]
+    if not found:
+        raise ClusterError(f"no {ZEROPROXY_IMAGE} image in {images_dir}: run scripts/build-images.sh")
+    return max(found)[1]
+
+
+def rollout_done(cluster: KubeCluster, namespace: str, kind_name: str) -> bool:
+    """``kubectl rollout status`` says the rollout finished (without blocking)."""
+    out = cluster.kubectl("-n", namespace, "rollout", "status", kind_name, "--watch=false", check=False)
+    return out.returncode == 0 and "successfully rolled out" in out.stdout
+
+
+def deploy_zeroproxy(cluster: KubeCluster, image_tag: str, timeout: float = BRINGUP_TIMEOUT_S) -> Path:
+    """``kubectl apply -k`` the overlay and wait until every node's zeroproxy pod is Ready."""
+    overlay = zeroproxy_overlay(cluster, image_tag)
+    cluster.kubectl("apply", "-k", str(overlay), timeout=120)
+    wait_until("the zeroproxy DaemonSet rolled out on every node",
+               lambda: rollout_done(cluster, "zeroproxy", "daemonset/zeroproxy"), timeout, interval=1.0,
+               detail=lambda: cluster.kubectl("-n", "zeroproxy", "get", "pods", "-o", "wide", check=False).stdout
+               + cluster.kubectl("-n", "zeroproxy", "logs", "daemonset/zeroproxy", "--tail=30",
+                                 check=False).stdout)
+    return overlay
+
+
+# --- helpers for tests and users ---------------------------------------------------------------
+
+AGNHOST_IMAGE = f"{IMAGE_REPOSITORY}/e2e/agnhost:2.21"
+
+
+def apply(cluster: KubeCluster, *objects: dict[str, Any], namespace: str | None = None) -> None:
+    """``kubectl apply`` of objects given as dicts."""
+    ns = ["-n", namespace] if namespace else []
+    cluster.kubectl(*ns, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                                "items": list(objects)}))
+
+
+def get(cluster: KubeCluster, *what: str, namespace: str | None = None) -> dict[str, Any]:
+    ns = ["-n", namespace] if namespace else []
+    return json.loads(cluster.kubectl(*ns, "get", *what, "-o", "json").stdout)
+
+
+def ready_pods(cluster: KubeCluster, namespace: str, selector: str) -> list[dict[str, Any]]:
+    """Pods matching ``selector`` that are Ready and not being deleted."""
+    pods = get(cluster, "pods", "-l", selector, namespace=namespace)["items"]
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")
+            and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+
+
+def wait_ready(cluster: KubeCluster, namespace: str, selector: str, count: int,
+               timeout: float = 180.0) -> list[dict[str, Any]]:
+    """Wait until exactly ``count`` pods matching ``selector`` are Ready; returns them."""
+    return wait_until(f"{count} Ready pod(s) {selector} in {namespace}",
+                      lambda: (p if len(p := ready_pods(cluster, namespace, selector)) == count else None),
+                      timeout, interval=1.0,
+                      detail=lambda: cluster.kubectl("-n", namespace, "get", "pods,events", "-o", "wide",
+                                                     check=False).stdout)
+
+
+def pod_exec(cluster: KubeCluster, namespace: str, pod: str, argv: Sequence[str],
+             timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return cluster.kubectl("-n", namespace, "exec", pod, "--", *argv, timeout=timeout, check=check)
+
+
+def netns_inodes(cluster: KubeCluster) -> dict[int, str]:
+    """Every network namespace of the cluster -> a /proc path to enter it.
+
+    The host's, the bed's (underlay, nodes) and every pod's: found through the processes in the
+    nodes' cgroup subtrees and mount namespaces, so pods the kubelet made are included.
+    """
+    found: dict[int, str] = {os.stat("/proc/self/ns/net").st_ino: "/proc/self/ns/net"}
+    for name in [cluster.bed.underlay_netns, *(n.netns for n in cluster.nodes)]:
+        found.setdefault(os.stat(NETNS_DIR / name).st_ino, str(NETNS_DIR / name))
+    pids: set[int] = set()
+    for node in cluster.nodes:
+        for dirpath, _, files in os.walk(node.bed_node.cgroup_path):
+            if "cgroup.procs" in files:
+                with contextlib.suppress(OSError):
+                    pids |= {int(p) for p in Path(dirpath, "cgroup.procs").read_text().split()}
+    for pid in sorted(pids):
+        with contextlib.suppress(OSError):
+            found.setdefault(os.stat(f"/proc/{pid}/ns/net").st_ino, f"/proc/{pid}/ns/net")
+    return found
+
+
+def netfilter_rulesets(cluster: KubeCluster) -> dict[int, str]:
+    """The nftables ruleset and the legacy iptables rules of every namespace of the cluster."""
+    out: dict[int, str] = {}
+    for inode, path in netns_inodes(cluster).items():
+        text = []
+        argvs = [["nft", "list", "ruleset"]]
+        argvs += [[tool] for tool in ("iptables-legacy-save", "ip6tables-legacy-save") if shutil.which(tool)]
+        for argv in argvs:
+            proc = subprocess.run(["nsenter", f"--net={path}", "--", *argv], capture_output=True, text=True,
+                                  timeout=30)
+            if proc.returncode and "No such file" in proc.stderr:
+                continue  # the namespace's process exited between listing and entering
+            # iptables-save prints a timestamp comment; only tables, chains and rules matter.
+            text += [ln for ln in proc.stdout.splitlines() if ln and not ln.startswith("#")]
+        out[inode] = "\n".join(text)
+    return out
