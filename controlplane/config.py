@@ -251,7 +251,14 @@ def _port_range(value: Any) -> tuple[int, int]:
     return (lo, hi)
 
 
+# `devices: auto`: the interfaces that carry the node's default routes, found at agent start
+# (dataplane.tc.default_route_devices), as Cilium detects its devices.
+DEVICES_AUTO = ("auto",)
+
+
 def _devices(value: Any) -> tuple[str, ...]:
+    if value == "auto" or value == ["auto"]:
+        return DEVICES_AUTO
     if isinstance(value, str):
         return tuple(d for d in value.split(",") if d)
     if not isinstance(value, list | tuple) or not all(isinstance(d, str) and d for d in value):

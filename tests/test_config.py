@@ -12,6 +12,8 @@ import yaml
 
 from controlplane import config
 from controlplane.config import ConfigError, parse, parse_duration
+from dataplane import tc
+from zeroproxy.testbed import TestBed
 
 HEADER = {"apiVersion": config.API_VERSION, "kind": config.KIND}
 
@@ -103,6 +105,17 @@ def test_printed_config_parses_back(tmp_path: Path) -> None:
                     clusterCIDR="10.244.0.0/16", conntrack={"udpTimeout": "30s"}))
     again = parse(yaml.safe_load(yaml.safe_dump(config.dump(cfg))))
     assert again == cfg
+
+
+def test_devices_auto_parses_prints_and_resolves_to_default_route_interfaces(testbed: TestBed) -> None:
+    cfg = parse(doc(devices="auto"))
+    assert cfg.devices == config.DEVICES_AUTO
+    assert parse(yaml.safe_load(yaml.safe_dump(config.dump(cfg)))).devices == config.DEVICES_AUTO
+    # In a real namespace: the interface of the default route, not loopback or a second link.
+    node = testbed.add_node("n1")
+    assert tc.default_route_devices(node.netns) == ()
+    testbed.iproute(node.netns).route("add", dst="0.0.0.0/0", gateway=testbed.nodes["n1"].ip4.rsplit(".", 1)[0] + ".1")
+    assert tc.default_route_devices(node.netns) == ("eth0",)
 
 
 def _agent(*args: str) -> subprocess.CompletedProcess[str]:

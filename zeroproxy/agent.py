@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from controlplane.changes import SCALE_STATE_PODS, ChangeTracker, ServiceKey
-from controlplane.config import Config
+from controlplane.config import DEVICES_AUTO, Config
 from controlplane.filesource import FileSource
 from controlplane.health import HealthServer, ProxyHealth, ServiceHealth, ServiceHealthServers
 from controlplane.metrics import DatapathCollector, Metrics, pin_stats
@@ -298,11 +298,19 @@ class Agent:
         )
         self.datapath.attach()
         self._local_addresses = await asyncio.to_thread(tc.local_addresses)
-        if self.config.devices:
+        devices = self.config.devices
+        if devices == DEVICES_AUTO:
+            devices = await asyncio.to_thread(tc.default_route_devices)
+            if not devices:
+                log.warning("devices: auto found no interface with a default route: no NodePort/ExternalIP/"
+                            "LoadBalancer programs (set devices explicitly)")
+            else:
+                log.info("devices: auto -> %s (the default routes' interfaces)", ", ".join(devices))
+        if devices:
             ct = self.config.conntrack
             defaults = tc.CtTimeouts()
             self.nodeport = tc.NodeDatapath(
-                self.config.bpffs, self.config.devices, node_port_range=self.config.node_port_range,
+                self.config.bpffs, devices, node_port_range=self.config.node_port_range,
                 snat_ports=self.config.snat_port_range,
                 timeouts=tc.CtTimeouts(
                     syn=defaults.syn,
@@ -311,7 +319,7 @@ class Agent:
             )
             self.nodeport.load()
             await asyncio.to_thread(self.nodeport.attach)  # pyroute2 needs a thread of its own here
-            log.info("NodePort/ExternalIP/LoadBalancer programs on %s", ", ".join(self.config.devices))
+            log.info("NodePort/ExternalIP/LoadBalancer programs on %s", ", ".join(devices))
         if self.config.scale_to_zero.enabled:
             await self._start_scale_to_zero()
         loop = asyncio.get_running_loop()
