@@ -19,6 +19,7 @@ import errno
 import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,25 @@ def local_addresses(netns: str | None = None) -> list[IPAddress]:
     with _iproute(netns) as ipr:
         return sorted({ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()},
                       key=lambda a: (a.version, a))
+
+
+def default_route_devices(netns: str | None = None) -> tuple[str, ...]:
+    """Names of the interfaces the namespace's IPv4/IPv6 default routes leave by, sorted.
+
+    What ``devices: auto`` resolves to: on a node that is the interface external clients reach
+    it through (eth0, ens5, bond0 ...), never loopback, a pod veth or the CNI bridge.
+    """
+    with _iproute(netns) as ipr:
+        indexes = set()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for route in ipr.get_routes(family=family, table=254):
+                if route["dst_len"] == 0 and route.get_attr("RTA_OIF") is not None:
+                    indexes.add(route.get_attr("RTA_OIF"))
+                for hop in route.get_attr("RTA_MULTIPATH") or []:
+                    if route["dst_len"] == 0:
+                        indexes.add(hop["oif"])
+        names = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links() if link["index"] in indexes}
+    return tuple(sorted(n for n in names if n and n != "lo"))
 
 
 # ---- namespaces --------------------------------------------------------------------------------
