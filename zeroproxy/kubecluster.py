@@ -585,8 +585,7 @@ class KubeCluster:
         self.dir = DATA_DIR / self.id
         self.nodes: list[KubeNode] = []
         self.forwarder: APIForwarder | None = None
-        self._state_file = state_dir / f"{self.id}.json"
-        self._created_dirs: list[Path] = []
+        self._state_file = state_dir / f"cluster-{self.id}.json"
         self._closed = False
         self.token = f"{secrets.token_hex(3)}.{secrets.token_hex(8)}"
         try:
@@ -622,7 +621,7 @@ class KubeCluster:
     def _write_state(self) -> None:
         self._state_file.write_text(json.dumps({
             "id": self.id, "pid": os.getpid(), "starttime": testbed._proc_starttime(os.getpid()),
-            "dir": str(self.dir), "created_dirs": [str(d) for d in self._created_dirs],
+            "dir": str(self.dir),
             "cgroup_roots": [n.cgroup_root for n in self.nodes],
             "holders": [n.holder.pid for n in self.nodes if n.holder is not None],
         }))
@@ -673,15 +672,21 @@ class KubeCluster:
         log.info("cluster %s up in %.0fs (%d nodes)", self.id, time.monotonic() - start, len(self.nodes))
 
     def _mountpoint(self, path: Path) -> None:
-        """A host directory the nodes mount over; created (and later removed) if missing."""
-        missing = []
-        p = path
-        while not p.exists():
-            missing.append(p)
-            p = p.parent
-        path.mkdir(parents=True, exist_ok=True)
-        self._created_dirs.extend(reversed(missing))
-        self._write_state()
+        """A host directory the nodes mount over; created if missing, removed by the last cluster.
+
+        Clusters on one machine share these directories (each mounts its own node directories
+        over them, in its own mount namespaces), so they are recorded in one shared file and
+        only the last live cluster removes them: removing a directory another mount namespace
+        has a mount on would detach that mount.
+        """
+        with _shared_mountpoints() as created:
+            missing = []
+            p = path
+            while not p.exists():
+                missing.append(p)
+                p = p.parent
+            path.mkdir(parents=True, exist_ok=True)
+            created.extend(str(d) for d in reversed(missing) if str(d) not in created)
 
     def kubeadm_config(self, node: KubeNode) -> list[dict[str, Any]]:
         """The repository's v1beta2 init config with the bed's addresses, names and kubelet."""
@@ -823,19 +828,61 @@ class KubeCluster:
         self.bed.close()
         if self.dir.exists():
             _rmtree(self.dir, errors)
-        for d in reversed(self._created_dirs):
+        if not self.dir.exists():
+            with contextlib.suppress(FileNotFoundError):
+                self._state_file.unlink()
+        errors += _remove_mountpoints_if_last(self._state_file.parent)
+        if errors:
+            log.warning("cluster %s teardown: %s", self.id, "; ".join(errors))
+        self._closed = True
+
+
+MOUNTPOINTS_FILE = STATE_DIR / "mountpoints.json"  # host directories some cluster created
+
+
+@contextlib.contextmanager
+def _shared_mountpoints() -> Iterator[list[str]]:
+    """The shared list of created mountpoints, locked for the block; written back after it."""
+    import fcntl
+
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(STATE_DIR / "mountpoints.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            created = json.loads(MOUNTPOINTS_FILE.read_text())
+        except (FileNotFoundError, ValueError):
+            created = []
+        yield created
+        tmp = MOUNTPOINTS_FILE.with_suffix(".tmp")
+        tmp.write_text(json.dumps(created))
+        tmp.rename(MOUNTPOINTS_FILE)
+
+
+def _live_clusters(state_dir: Path) -> list[str]:
+    live = []
+    for path in state_dir.glob("cluster-*.json"):
+        with contextlib.suppress(Exception):
+            state = json.loads(path.read_text())
+            if "starttime" in state and testbed._proc_starttime(state["pid"]) == state["starttime"]:
+                live.append(state["id"])
+    return live
+
+
+def _remove_mountpoints_if_last(state_dir: Path) -> list[str]:
+    """rmdir the created mountpoints (deepest first) when no cluster is live any more."""
+    errors: list[str] = []
+    with _shared_mountpoints() as created:
+        if _live_clusters(state_dir):
+            return errors
+        for d in sorted(created, key=len, reverse=True):
             try:
-                d.rmdir()
+                os.rmdir(d)
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 errors.append(f"could not remove {d}: {exc}")
-        if errors:
-            log.warning("cluster %s teardown: %s", self.id, "; ".join(errors))
-        if not self.dir.exists() and not any(d.exists() for d in self._created_dirs):
-            with contextlib.suppress(FileNotFoundError):
-                self._state_file.unlink()
-        self._closed = True
+        created[:] = [d for d in created if os.path.exists(d)]
+    return errors
 
 
 def _rmtree(path: Path, errors: list[str]) -> None:
@@ -870,7 +917,7 @@ def cleanup_stale(state_dir: Path = STATE_DIR) -> list[str]:
     removed = []
     if not state_dir.is_dir():
         return removed
-    for path in sorted(state_dir.glob("*.json")):
+    for path in sorted(state_dir.glob("cluster-*.json")):
         with contextlib.suppress(Exception):
             state = json.loads(path.read_text())
             if testbed._proc_starttime(state["pid"]) == state["starttime"]:
@@ -885,12 +932,10 @@ def cleanup_stale(state_dir: Path = STATE_DIR) -> list[str]:
                 errors += _remove_v1_cgroup(rel)
                 errors += _remove_v1_cgroup(rel.rsplit("/", 1)[0])
             _rmtree(Path(state["dir"]), errors)
-            for d in reversed(state.get("created_dirs", [])):
-                with contextlib.suppress(OSError):
-                    Path(d).rmdir()
             path.unlink()
             removed.append(state["id"])
     testbed.cleanup_stale("zpk")
+    _remove_mountpoints_if_last(state_dir)
     return removed
 
 
