@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from zeroproxy import e2e
 from zeroproxy import kubecluster as kc
 from zeroproxy.kubecluster import KubeCluster
 
@@ -260,6 +262,57 @@ def test_node_drained_and_uncordoned(kube: KubeCluster, ns: str) -> None:
     assert len(answers(lines)) >= 3
 
 
+def test_pod_reaches_a_service_by_its_dns_name(kube: KubeCluster, ns: str) -> None:
+    """The pod's resolver asks the cluster DNS Service (10.96.0.10, itself reached through
+    zeroproxy), then connects to the answer through zeroproxy: short name, FQDN, headless."""
+    headless = service("web-headless", clusterIP="None")
+    headless["spec"]["selector"] = {"app": "web"}
+    kc.apply(kube, netexec("web", 2), service("web"), headless, client_pod(), namespace=ns)
+    backends = {p["metadata"]["name"] for p in kc.wait_ready(kube, ns, "app=web", 2)}
+    kc.wait_ready(kube, ns, "app=client", 1)
+    for url in ("http://web/hostname", f"http://web.{ns}.svc.{kc.DNS_DOMAIN}/hostname",
+                f"http://web-headless.{ns}.svc.{kc.DNS_DOMAIN}:{NETEXEC_PORT}/hostname"):
+        lines = curl_loop(kube, ns, url, 20)
+        assert not failures(lines), (url, failures(lines))
+        assert set(answers(lines)) == backends, url
+    resolv = kc.pod_exec(kube, ns, "client", ["cat", "/etc/resolv.conf"]).stdout
+    assert f"nameserver {kc.DNS_IP}" in resolv and f"search {ns}.svc.{kc.DNS_DOMAIN}" in resolv
+
+
+def _external_curl(kube: KubeCluster, netns: str, url: str, count: int) -> list[str]:
+    lines = []
+    for _ in range(count):
+        proc = subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "--", "curl", "-sS", "--fail", "-m", "5", url],
+                              capture_output=True, text=True, timeout=30)
+        lines.append(f"OK:{proc.stdout}" if proc.returncode == 0 else f"FAIL:{proc.returncode} {proc.stderr}")
+    return lines
+
+
+def test_nodeport_from_an_external_host_on_either_node(kube: KubeCluster, ns: str) -> None:
+    """An external host on the underlay reaches a NodePort on both nodes (TC programs on the
+    devices `devices: auto` found), answered by backends on both nodes (remote ones SNATed);
+    with externalTrafficPolicy Local the backend sees the external client's own address."""
+    ext = kube.bed.externals.get("ext") or kube.bed.add_external("ext")
+    local = service("local", type_="NodePort", externalTrafficPolicy="Local")
+    local["spec"]["selector"] = {"app": "web"}
+    kc.apply(kube, netexec("web", 2), service("web", type_="NodePort"), local, namespace=ns)
+    backends = kc.wait_ready(kube, ns, "app=web", 2)
+    names = {p["metadata"]["name"] for p in backends}
+    port = kc.get(kube, "service", "web", namespace=ns)["spec"]["ports"][0]["nodePort"]
+    for node in kube.nodes:
+        url = f"http://{node.ip}:{port}/hostname"
+        lines = kc.wait_until(f"NodePort {url} from outside", lambda u=url: (
+            ok if not failures(ok := _external_curl(kube, ext.netns, u, 30)) else None), 60)
+        assert set(answers(lines)) == names, (node.name, answers(lines))
+    local_port = kc.get(kube, "service", "local", namespace=ns)["spec"]["ports"][0]["nodePort"]
+    for pod in backends:
+        node = kube.node(pod["spec"]["nodeName"])
+        url = f"http://{node.ip}:{local_port}/clientip"
+        lines = kc.wait_until(f"eTP=Local {url}", lambda u=url: (
+            ok if not failures(ok := _external_curl(kube, ext.netns, u, 5)) else None), 60)
+        assert {ln.removeprefix("OK:").rsplit(":", 1)[0] for ln in lines} == {ext.ip4}, lines
+
+
 def test_no_netfilter_rule_in_any_namespace(kube: KubeCluster, ns: str) -> None:
     """Every namespace of the cluster (host, bed, nodes, every pod the kubelet made) holds the
     same rules with zeroproxy deployed and serving as before any proxy: none in the bed."""
@@ -275,6 +328,30 @@ def test_no_netfilter_rule_in_any_namespace(kube: KubeCluster, ns: str) -> None:
     assert len(pod_namespaces) >= 3  # the client and both backends at least
     offenders = {inode: text for inode, text in after.items() if inode != host and text.strip()}
     assert not offenders, json.dumps(offenders, indent=1)[:3000]
+
+
+# Specs zeroproxy may fail although kube-proxy passes them, each with its reason. Empty: none.
+E2E_EXCEPTIONS: dict[str, str] = {}
+E2E_LAST = kc.CACHE_DIR / "e2e-last"
+
+
+def test_e2e_services_zeroproxy_fails_nothing_kube_proxy_passes(kube: KubeCluster) -> None:
+    """Kubernetes' own `[sig-network] Services` specs on this cluster, against the anchor run's
+    committed table (real kube-proxy 1.20.2 on the same two-node bed with the same DNS:
+    ``./zp e2e --proxy kube-proxy``). The same spec list; nothing kube-proxy passes fails here
+    unless it is a named exception."""
+    anchor = json.loads((e2e.RESULTS_DIR / "services-kube-proxy.json").read_text())
+    work = E2E_LAST / kube.id
+    table = e2e.run(kube, "zeroproxy", work)
+    e2e.write_results(table, E2E_LAST / "services-zeroproxy.json")
+    print(e2e.summary(table))
+    assert set(table["specs"]) == set(anchor["specs"]), "the runs must cover the same specs"
+    assert set(table["dropped"]) == set(anchor["dropped"])
+    regressions = {n: table["messages"].get(n, "") for n, status in anchor["specs"].items()
+                   if status == "passed" and table["specs"][n] != "passed" and n not in E2E_EXCEPTIONS}
+    assert not regressions, json.dumps(regressions, indent=1)
+    assert sum(st == "passed" for st in table["specs"].values()) >= sum(
+        st == "passed" for st in anchor["specs"].values()) - len(E2E_EXCEPTIONS)
 
 
 # --- the continuous client loop of the rolling-update tests --------------------------------------

@@ -327,10 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dataplane.conntrack import add_parser as add_ct_parser
     from zeroproxy.cluster_cli import add_parser as add_cluster_parser
+    from zeroproxy.e2e import add_parser as add_e2e_parser
     from zeroproxy.scale_cli import add_parser as add_scale_parser
 
     add_scale_parser(sub)
     add_cluster_parser(sub)
+    add_e2e_parser(sub)
     add_ct_parser(sub)
     return p
 

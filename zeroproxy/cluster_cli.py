@@ -55,11 +55,9 @@ def serve(nodes: int, proxy: str, ready_fd: int) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     report = os.fdopen(ready_fd, "w")
-    c = kubecluster.KubeCluster(nodes)
+    c = kubecluster.KubeCluster(nodes, proxy=proxy)
     try:
         c.up()
-        if proxy == "zeroproxy":
-            kubecluster.deploy_zeroproxy(c, kubecluster.zeroproxy_image_tag())
         CURRENT.write_text(json.dumps({"pid": os.getpid(), "id": c.id, "kubeconfig": str(c.admin_kubeconfig),
                                        "nodes": [{"name": n.name, "ip": n.ip, "netns": n.netns}
                                                  for n in c.nodes], "proxy": proxy}))

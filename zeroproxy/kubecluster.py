@@ -576,10 +576,18 @@ class KubeCluster:
     caller's (``deploy_zeroproxy``), as it is a user's.
     """
 
-    def __init__(self, nodes: int = 1, *, prefix: str = "zpk", state_dir: Path = STATE_DIR) -> None:
+    PROXIES = ("none", "zeroproxy", "kube-proxy")
+
+    def __init__(self, nodes: int = 1, *, proxy: str = "none", dns: bool = True, prefix: str = "zpk",
+                 state_dir: Path = STATE_DIR) -> None:
         if not 1 <= nodes <= 9:
             raise ValueError(f"nodes must be 1..9, got {nodes}")
+        if proxy not in self.PROXIES:
+            raise ValueError(f"proxy must be one of {', '.join(self.PROXIES)}, got {proxy!r}")
         self.n_nodes = nodes
+        self.proxy = proxy
+        self.dns = dns
+        self.dns_server: subprocess.Popen[Any] | None = None
         self.bed = TestBed(prefix)
         self.id = self.bed.id
         self.dir = DATA_DIR / self.id
@@ -669,7 +677,51 @@ class KubeCluster:
             self._join(node)
         wait_until("every node Ready", self._all_ready, BRINGUP_TIMEOUT_S, interval=1.0,
                    detail=lambda: self.kubectl("get", "nodes", "-o", "wide", check=False).stdout)
+        if self.dns:
+            self._start_dns()
+        if self.proxy == "zeroproxy":
+            deploy_zeroproxy(self, zeroproxy_image_tag())
+        elif self.proxy == "kube-proxy":
+            self._deploy_kube_proxy()
         log.info("cluster %s up in %.0fs (%d nodes)", self.id, time.monotonic() - start, len(self.nodes))
+
+    def _start_dns(self) -> None:
+        """The bed's cluster DNS (``zeroproxy.clusterdns``) behind kube-system/kube-dns.
+
+        Bookworm packages no CoreDNS, so the bed runs its own small server as a process on the
+        control-plane node (listening on the node's address) and publishes the selector-less
+        ``kube-dns`` Service at the kubelet's clusterDNS address with the server as its one
+        endpoint. Pods reach it through whichever service proxy runs, like any Service.
+        """
+        node = self.control_plane
+        self.dns_server = node.spawn(
+            [str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else "python3",
+             "-m", "zeroproxy.clusterdns", "--kubeconfig", "/etc/kubernetes/admin.conf",
+             "--listen", f"{node.ip}:53", "--domain", DNS_DOMAIN, "--publish", DNS_IP],
+            log_to=node.dir / "clusterdns.log", cwd=str(ROOT))
+        wait_until("the kube-dns Service and its endpoint",
+                   lambda: self.kubectl("-n", "kube-system", "get", "endpoints", "kube-dns", "-o",
+                                        "jsonpath={.subsets[0].addresses[0].ip}", check=False).stdout.strip()
+                   == node.ip, 60, detail=lambda: _tail(node.dir / "clusterdns.log"))
+
+    def _deploy_kube_proxy(self) -> None:
+        """The real kube-proxy 1.20.2 (iptables mode), as kubeadm's addon phase installs it.
+
+        Only for the e2e anchor run: its rules live in the bed's node namespaces and go with them.
+        ``conntrack.maxPerCore: 0``: nf_conntrack_max is global and read-only outside the
+        machine's root netns, so kube-proxy must not try to set it.
+        """
+        node = self.control_plane
+        docs = self.kubeadm_config(node)
+        docs.append({"apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
+                     "mode": "iptables", "clusterCIDR": POD_SUBNET, "conntrack": {"maxPerCore": 0}})
+        config = node.dir / "kubeadm-kube-proxy.yaml"
+        config.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        node.run(["kubeadm", "init", "phase", "addon", "kube-proxy", "--config", str(config)], timeout=120)
+        wait_until("the kube-proxy DaemonSet rolled out on every node",
+                   lambda: rollout_done(self, "kube-system", "daemonset/kube-proxy"), BRINGUP_TIMEOUT_S,
+                   interval=1.0, detail=lambda: self.kubectl("-n", "kube-system", "get", "pods", "-o", "wide",
+                                                             check=False).stdout)
 
     def _mountpoint(self, path: Path) -> None:
         """A host directory the nodes mount over; created if missing, removed by the last cluster.
@@ -740,6 +792,8 @@ class KubeCluster:
         self.admin_kubeconfig.write_text(yaml.safe_dump(kubeconfig))
         self.admin_kubeconfig.chmod(0o600)
         self._wait_registered(node)
+        # Two nodes are a small cluster: workloads may run on the control-plane node too.
+        self.kubectl("taint", "nodes", node.name, "node-role.kubernetes.io/master:NoSchedule-")
 
     def _join(self, node: KubeNode) -> None:
         ca = (self.control_plane._source("/etc/kubernetes") / "pki" / "ca.crt").read_bytes()
@@ -809,6 +863,9 @@ class KubeCluster:
         if self._closed:
             return
         errors: list[str] = []
+        if self.dns_server is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.dns_server.terminate()
         if self.forwarder is not None:
             self.forwarder.close()
         for node in reversed(self.nodes):
