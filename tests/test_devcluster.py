@@ -7,6 +7,7 @@ ServiceAccount token. Each of those behaviours is exercised here against the rea
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import uuid
@@ -300,6 +301,35 @@ def test_rbac_mode_refuses_unprivileged_tokens(tmp_path: Any) -> None:
             with pytest.raises(client.ApiException) as err:
                 core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="nope")))
             assert err.value.status == 403
+
+
+def test_v1beta1_mode_serves_1_20s_own_endpointslices(tmp_path: Any) -> None:
+    """endpointslice_api="v1beta1": the API as kubeadm 1.20 serves it, no CRD, no v1."""
+    with DevCluster(endpointslice_api="v1beta1", tmp_parent=tmp_path) as c, c.api_client() as api:
+        groups = {g.name: [v.version for v in g.versions] for g in client.ApisApi(api).get_api_versions().groups}
+        assert groups["discovery.k8s.io"] == ["v1beta1"]
+        assert c.endpointslice_path == "/apis/discovery.k8s.io/v1beta1/endpointslices"
+        assert c._get("/apis/discovery.k8s.io/v1/endpointslices")[0] == 404
+        crds = client.ApiextensionsV1Api(api).list_custom_resource_definition().items
+        assert not crds
+        body = {"apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+                "metadata": {"name": "s", "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+                "endpoints": [{"addresses": ["10.244.0.1"], "nodeName": "a",
+                               "topology": {"kubernetes.io/hostname": "a"},
+                               "conditions": {"ready": True, "serving": True, "terminating": False}}]}
+        resp = api.call_api("/apis/discovery.k8s.io/v1beta1/namespaces/default/endpointslices", "POST",
+                            body=body, header_params={"Accept": "application/json",
+                                                      "Content-Type": "application/json"},
+                            auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True)
+        stored = json.loads(resp.data)
+        resp.release_conn()
+    # What a 1.20 apiserver keeps with default feature gates: topology and ready; nodeName
+    # (EndpointSliceNodeName) and serving/terminating (EndpointSliceTerminatingCondition) are
+    # alpha there and dropped on write. The agent reads what is left.
+    endpoint = stored["endpoints"][0]
+    assert endpoint["topology"] == {"kubernetes.io/hostname": "a"}
+    assert "nodeName" not in endpoint and endpoint["conditions"] == {"ready": True}
 
 
 def test_close_stops_processes_and_removes_files() -> None:

@@ -5,10 +5,13 @@ resourceVersions, 410 Gone, RBAC), not a mock. No registry we can reach ships a 
 so ``scripts/build-apiserver.sh`` builds 1.20.2 from Debian's source package once and caches it;
 ``DevCluster`` runs that binary with Debian's etcd, both bound to 127.0.0.1 on free ports.
 
-Kubernetes 1.20 has no ``discovery.k8s.io/v1``; the agent is written against v1, so DevCluster
-turns off the built-in v1beta1 and serves EndpointSlice v1 through a CRD with the same schema.
-No controller-manager runs: nothing creates EndpointSlices, Endpoints or default ServiceAccounts,
-so callers create what they need themselves.
+Kubernetes 1.20 serves EndpointSlices as ``discovery.k8s.io/v1beta1`` only; v1 came in 1.21.
+By default (``endpointslice_api="v1"``) DevCluster turns the built-in v1beta1 off and serves v1
+through a CRD with v1's schema, so the tests see the version current clusters serve. With
+``endpointslice_api="v1beta1"`` it is the plain 1.20 API, as a kubeadm 1.20 cluster serves it:
+the agent must find that by API discovery and fall back. No controller-manager runs: nothing
+creates EndpointSlices, Endpoints or default ServiceAccounts, so callers create what they need
+themselves.
 
 Typical use::
 
@@ -50,6 +53,8 @@ CACHE_DIR = Path(os.environ.get("ZP_CACHE_DIR", "/var/tmp/zeroproxy"))
 APISERVER_BINARY = CACHE_DIR / f"kube-apiserver-{APISERVER_VERSION}" / "kube-apiserver"
 
 ADMIN_USER = "zeroproxy-admin"
+# DevCluster's EndpointSlice versions: "v1" from a CRD (the default) or 1.20's own "v1beta1".
+ENDPOINTSLICE_APIS = ("v1", "v1beta1")
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 _LOG_TAIL_LINES = 40
@@ -249,10 +254,15 @@ class DevCluster:
         extra_apiserver_args: Sequence[str] = (),
         startup_timeout: float = 90.0,
         tmp_parent: str | os.PathLike[str] | None = None,
+        endpointslice_api: str = "v1",
     ) -> None:
         if authorization_mode not in ("AlwaysAllow", "RBAC"):
             raise ValueError(f"authorization_mode must be AlwaysAllow or RBAC, not {authorization_mode!r}")
+        if endpointslice_api not in ENDPOINTSLICE_APIS:
+            raise ValueError(f"endpointslice_api must be one of {', '.join(ENDPOINTSLICE_APIS)}, "
+                             f"not {endpointslice_api!r}")
         self.authorization_mode = authorization_mode
+        self.endpointslice_api = endpointslice_api
         self.service_cluster_ip_range = service_cluster_ip_range
         self.extra_apiserver_args = list(extra_apiserver_args)
         self.startup_timeout = startup_timeout
@@ -277,6 +287,16 @@ class DevCluster:
     def url(self) -> str:
         """The apiserver's HTTPS URL; it stays the same across stop/start_apiserver."""
         return f"https://127.0.0.1:{self.apiserver_port}"
+
+    @property
+    def endpointslice_api_version(self) -> str:
+        """The apiVersion EndpointSlices are written with on this cluster."""
+        return f"discovery.k8s.io/{self.endpointslice_api}"
+
+    @property
+    def endpointslice_path(self) -> str:
+        """The cluster-wide EndpointSlice collection; ``/namespaces/<ns>`` goes before the plural."""
+        return f"/apis/{self.endpointslice_api_version}/endpointslices"
 
     @property
     def etcd_endpoint(self) -> str:
@@ -312,7 +332,7 @@ class DevCluster:
         self.close()
 
     def start(self) -> DevCluster:
-        """Start etcd and the apiserver and wait until EndpointSlice v1 is served."""
+        """Start etcd and the apiserver and wait until EndpointSlices are served."""
         if self.workdir is not None:
             raise DevClusterError("DevCluster already started")
         self._apiserver_binary = ensure_apiserver()
@@ -324,7 +344,10 @@ class DevCluster:
             self._write_pki()
             self._start_etcd()
             self._first_start_apiserver()
-            self._install_endpointslice_crd()
+            if self.endpointslice_api == "v1":
+                self._install_endpointslice_crd()
+            else:
+                self._wait_endpointslice_served()
         except BaseException:
             self.close()
             raise
@@ -498,7 +521,7 @@ class DevCluster:
             # the API rejects (loopback) every 10 s; the Service itself is still created.
             "--endpoint-reconciler-type=none",
             # EndpointSlice v1 comes from our CRD; the built-in v1beta1 would own the group.
-            "--runtime-config=discovery.k8s.io/v1beta1=false",
+            *(["--runtime-config=discovery.k8s.io/v1beta1=false"] if self.endpointslice_api == "v1" else []),
             "--profiling=false",
             "--logtostderr=true",
             "--v=1",
@@ -520,7 +543,7 @@ class DevCluster:
 
     def start_apiserver(self) -> None:
         """(Re)start the apiserver on the same port and etcd; returns once /readyz is ok and
-        EndpointSlice v1 (after the first start) is served again."""
+        EndpointSlices (after the first start) are served again."""
         if self.apiserver_running:
             raise DevClusterError("the apiserver is already running")
         assert self._apiserver_binary is not None
@@ -594,7 +617,7 @@ class DevCluster:
 
     def _wait_endpointslice_served(self) -> None:
         """Established is not enough: discovery and the handler come up a moment later."""
-        self._wait(lambda: self._get("/apis/discovery.k8s.io/v1/endpointslices?limit=1")[0] == 200,
-                   self._procs.apiserver, self.apiserver_log, "discovery.k8s.io/v1 endpointslices")
+        self._wait(lambda: self._get(f"{self.endpointslice_path}?limit=1")[0] == 200,
+                   self._procs.apiserver, self.apiserver_log, self.endpointslice_path)
 
 
