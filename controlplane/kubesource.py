@@ -1,9 +1,12 @@
 """The Kubernetes API as a source: list, then watch from the list's resourceVersion, per kind.
 
-One watcher thread per resource (Services, discovery.k8s.io/v1 EndpointSlices, this node's
-Node, optionally this node's Pods and every node's Pods that carry the scale-to-zero state
-label) runs the informer protocol of client-go's reflector:
+One watcher thread per resource (Services, EndpointSlices, this node's Node, optionally this
+node's Pods and every node's Pods that carry the scale-to-zero state label) runs the informer
+protocol of client-go's reflector:
 
+0. for a resource with fallback versions (EndpointSlice: ``discovery.k8s.io/v1``, else
+   ``v1beta1`` as kube-proxy up to 1.20 read it), ask API discovery (``GET /apis/<group>``)
+   which one the server serves, before every list from scratch -- never guess from a 404;
 1. **list** (paged, ``limit=500``) and hand the complete set to ``on_list`` -- the consumer
    replaces what it had for that kind, so a relist also catches deletions it never saw;
 2. **watch** from the list's resourceVersion with ``allowWatchBookmarks``, handing each
@@ -14,7 +17,10 @@ label) runs the informer protocol of client-go's reflector:
 4. on any other failure (apiserver gone, connection refused, TLS, 5xx) wait with a capped
    exponential backoff plus jitter and retry the watch from the last version, or the list if
    none was completed yet. The dataplane keeps its last good state meanwhile; nothing here
-   ever tells the consumer "everything is gone" because the apiserver is.
+   ever tells the consumer "everything is gone" because the apiserver is. A failure is logged
+   as a warning when it starts and again at most every :data:`WARN_INTERVAL` while it lasts
+   (naming resource, request path and error), and its end at info: a stuck agent never goes
+   quiet in its log.
 
 Watchers talk HTTP through the official client's ``ApiClient.call_api`` (auth, TLS, token
 refresh for bound service-account tokens) but read the JSON themselves with
@@ -56,6 +62,7 @@ CONNECT_TIMEOUT = 10.0
 READ_SLACK = 30.0  # a read may wait this much longer than the watch's own timeout before we give up
 BACKOFF_INITIAL = 0.5
 BACKOFF_CAP = 30.0
+WARN_INTERVAL = 30.0  # a failure that goes on is logged at warning level again this often
 
 OnList = Callable[[str, list[dict[str, Any]], float], None]  # kind, objects, received (wall time)
 OnEvent = Callable[[str, str, dict[str, Any], float], None]  # kind, ADDED/MODIFIED/DELETED, object, received
@@ -72,6 +79,9 @@ class Resource:
     field_selector: str = ""
     label_selector: str = ""
     store: str = ""  # what the consumer files the objects under; "" = kind (two Pod watches differ)
+    # Older versions of api_version's group to use, in order, when API discovery says the
+    # server does not serve api_version (a group API only; path must then be under it).
+    fallback_versions: tuple[str, ...] = ()
 
     @property
     def plural(self) -> str:
@@ -81,6 +91,11 @@ class Resource:
     def name(self) -> str:
         """The first argument of every callback: the store, or the kind when it has none."""
         return self.store or self.kind
+
+    def at_version(self, version: str) -> tuple[str, str]:
+        """(apiVersion, collection path) of this resource in another version of its group."""
+        group, _, current = self.api_version.rpartition("/")
+        return f"{group}/{version}", self.path.replace(f"/apis/{group}/{current}/", f"/apis/{group}/{version}/", 1)
 
 
 def resources(node_name: str, *, watch_pods: bool = False, scale_states: bool = False) -> list[Resource]:
@@ -93,7 +108,9 @@ def resources(node_name: str, *, watch_pods: bool = False, scale_states: bool = 
     state to send connections to running endpoints only."""
     out = [
         Resource("Service", "v1", "/api/v1/services"),
-        Resource("EndpointSlice", "discovery.k8s.io/v1", "/apis/discovery.k8s.io/v1/endpointslices"),
+        # v1 since Kubernetes 1.21; 1.20's controller-manager writes and serves v1beta1 only.
+        Resource("EndpointSlice", "discovery.k8s.io/v1", "/apis/discovery.k8s.io/v1/endpointslices",
+                 fallback_versions=("v1beta1",)),
         Resource("Node", "v1", "/api/v1/nodes", f"metadata.name={node_name}"),
     ]
     if watch_pods:
@@ -196,6 +213,9 @@ class Watcher:
         from kubernetes import client
 
         self.resource = resource
+        # What is listed and watched; API discovery may move both to a fallback version.
+        self.api_version = resource.api_version
+        self.path = resource.path
         self.api = client.ApiClient(configuration)  # own connection pool: one stuck watch stalls nothing else
         self.loop = loop
         self.on_list = on_list
@@ -207,7 +227,11 @@ class Watcher:
         self._stop = threading.Event()
         self._response: Any = None
         self._thread = threading.Thread(target=self._run, name=f"watch-{resource.name}", daemon=True)
-        self._failing = False  # an outage is logged once when it starts and once when it ends
+        self.warn_interval = WARN_INTERVAL
+        self._last_path = resource.path  # of the request in flight, for the failure log
+        self._failing_since: float | None = None  # monotonic start of the current run of failures
+        self._failures = 0  # failed attempts in it
+        self._last_warning = float("-inf")
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -248,30 +272,48 @@ class Watcher:
                 reason = _reason(e)
                 self.stats.errors[reason] = self.stats.errors.get(reason, 0) + 1
                 delay = self.backoff.next()
-                if not self._failing:
-                    log.warning("%s: %s failed: %s; retrying with backoff (next in %.1fs, at most %.0fs); "
-                                "the dataplane keeps its last state", self.resource.name, what, _short(e), delay,
-                                self.backoff.cap)
-                else:
-                    log.debug("%s: %s failed again: %s; next try in %.1fs", self.resource.name, what, _short(e),
-                              delay)
-                self._failing = True
+                self._log_failure(what, e, delay)
                 self._status(f"{what}_error", reason)
                 self._stop.wait(delay)
 
+    def _log_failure(self, what: str, e: BaseException, delay: float) -> None:
+        """A warning when failures start and at most every ``warn_interval`` while they go on,
+        so that an agent stuck on, say, a 403 or 404 keeps saying so; the rest at debug."""
+        now = time.monotonic()
+        self._failures += 1
+        if self._failing_since is None:
+            self._failing_since = now
+            self._last_warning = now
+            log.warning("%s: %s GET %s failed: %s; retrying with backoff (next in %.1fs, at most %.0fs); "
+                        "the dataplane keeps its last state", self.resource.name, what, self._last_path,
+                        _short(e), delay, self.backoff.cap)
+        elif now - self._last_warning >= self.warn_interval:
+            self._last_warning = now
+            log.warning("%s: %s GET %s still failing (%d attempts over %.0fs): %s; next try in %.1fs",
+                        self.resource.name, what, self._last_path, self._failures, now - self._failing_since,
+                        _short(e), delay)
+        else:
+            log.debug("%s: %s GET %s failed again: %s; next try in %.1fs", self.resource.name, what,
+                      self._last_path, _short(e), delay)
+
     def _recovered(self) -> None:
         self.backoff.reset()
-        if self._failing:
-            self._failing = False
-            log.info("%s: apiserver reachable again", self.resource.name)
+        if self._failing_since is not None:
+            log.info("%s: GET %s works again, after %d failed attempts over %.0fs", self.resource.name,
+                     self._last_path, self._failures, time.monotonic() - self._failing_since)
+            self._failing_since = None
+            self._failures = 0
 
-    def _request(self, query: list[tuple[str, str]], read_timeout: float) -> Any:
-        if self.resource.field_selector:
-            query.append(("fieldSelector", self.resource.field_selector))
-        if self.resource.label_selector:
-            query.append(("labelSelector", self.resource.label_selector))
+    def _request(self, query: list[tuple[str, str]], read_timeout: float, path: str = "") -> Any:
+        if not path:
+            path = self.path
+            if self.resource.field_selector:
+                query.append(("fieldSelector", self.resource.field_selector))
+            if self.resource.label_selector:
+                query.append(("labelSelector", self.resource.label_selector))
+        self._last_path = path
         return self.api.call_api(
-            self.resource.path, "GET", query_params=query,
+            path, "GET", query_params=query,
             header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
             _preload_content=False, _return_http_data_only=True,
             _request_timeout=(CONNECT_TIMEOUT, read_timeout),
@@ -281,6 +323,8 @@ class Watcher:
         """A complete, paged list; returns its resourceVersion after handing the objects over."""
         from kubernetes.client import ApiException
 
+        if self.resource.fallback_versions:
+            self._discover()
         items: list[dict[str, Any]] = []
         token = ""
         while True:
@@ -302,7 +346,7 @@ class Watcher:
             for obj in body.get("items") or []:
                 # List items come without kind/apiVersion; the translation needs kind.
                 obj.setdefault("kind", self.resource.kind)
-                obj.setdefault("apiVersion", self.resource.api_version)
+                obj.setdefault("apiVersion", self.api_version)
                 _trim(obj)
                 items.append(obj)
             meta = body.get("metadata") or {}
@@ -318,6 +362,27 @@ class Watcher:
         self._deliver(self.on_list, self.resource.name, items, time.time())
         self._recovered()
         return rv
+
+    def _discover(self) -> None:
+        """Pick the newest version of the resource's group that the server serves (API
+        discovery, ``GET /apis/<group>``) and list and watch that one from now on."""
+        group, _, preferred = self.resource.api_version.rpartition("/")
+        resp = self._request([], 30.0, path=f"/apis/{group}")
+        try:
+            body = json.loads(resp.data)
+        finally:
+            resp.release_conn()
+        served = [str(v.get("version")) for v in body.get("versions") or [] if isinstance(v, dict)]
+        wanted = (preferred, *self.resource.fallback_versions)
+        version = next((v for v in wanted if v in served), None)
+        if version is None:
+            raise WatchError(f"API group {group} serves {', '.join(served) or 'no version'}; "
+                             f"{self.resource.kind} needs one of {', '.join(wanted)}")
+        api_version, path = self.resource.at_version(version)
+        if api_version != self.api_version or not self.stats.lists:
+            log.info("%s: using %s (the server serves %s of %s)", self.resource.name, api_version,
+                     ", ".join(served), group)
+        self.api_version, self.path = api_version, path
 
     def _watch(self, rv: str) -> str:
         """Watch until the server ends the stream; returns the resourceVersion to resume from."""
@@ -353,7 +418,7 @@ class Watcher:
                     self.stats.bookmarks += 1
                 elif kind in ("ADDED", "MODIFIED", "DELETED"):
                     obj.setdefault("kind", self.resource.kind)
-                    obj.setdefault("apiVersion", self.resource.api_version)
+                    obj.setdefault("apiVersion", self.api_version)
                     _trim(obj)
                     self.stats.events += 1
                     self._deliver(self.on_event, self.resource.name, kind, obj, time.time())

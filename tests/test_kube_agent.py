@@ -43,7 +43,6 @@ class Env:
         self.tmp = tmp
         self.api = cluster.api_client()
         self.core = client.CoreV1Api(self.api)
-        self.disc = client.DiscoveryV1Api(self.api)
         self.node: Node = bed.add_node("a")
         self.client: Pod = bed.add_pod(self.node, "client")
         self.backends: list[Pod] = [bed.add_pod(self.node, f"web-{i}") for i in range(1, 5)]
@@ -76,25 +75,37 @@ class Env:
         # 1.20 answers with a Status the typed client cannot parse: read it raw.
         _json(self.core.delete_namespaced_service(name, ns, _preload_content=False))
 
+    def _slices(self, method: str, ns: str, name: str = "", body: Any = None) -> dict[str, Any]:
+        """EndpointSlice requests in the cluster's version (the typed client has no v1beta1)."""
+        path = self.cluster.endpointslice_path.replace("/endpointslices", f"/namespaces/{ns}/endpointslices")
+        return _json(self.api.call_api(
+            path + (f"/{name}" if name else ""), method, body=body,
+            header_params={"Accept": "application/json", "Content-Type": "application/json"},
+            auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True))
+
     def put_slice(self, ns: str, svc: str, endpoints: list[tuple[Pod, dict[str, bool], str]],
                   name: str | None = None) -> None:
-        """Create or replace a slice whose endpoints are (pod, conditions, nodeName)."""
+        """Create or replace a slice whose endpoints are (pod, conditions, node name).
+
+        v1 says the node in ``nodeName``; v1beta1 as 1.20's controller writes it, in
+        ``topology`` (its nodeName is an alpha field that the apiserver drops)."""
         body = endpoint_slice(svc, [], HTTP, namespace=ns, name=name or f"{svc}-1")
-        body["endpoints"] = [{"addresses": [pod.ip4], "conditions": cond, "nodeName": node}
+        body["apiVersion"] = self.cluster.endpointslice_api_version
+        beta = self.cluster.endpointslice_api == "v1beta1"
+        body["endpoints"] = [{"addresses": [pod.ip4], "conditions": cond,
+                              **({"topology": {"kubernetes.io/hostname": node}} if beta else {"nodeName": node})}
                              for pod, cond, node in endpoints]
         try:
-            _json(self.disc.create_namespaced_endpoint_slice(ns, body, _preload_content=False))
+            self._slices("POST", ns, body=body)
         except client.ApiException as e:
             if e.status != 409:
                 raise
-            old = _json(self.disc.read_namespaced_endpoint_slice(body["metadata"]["name"], ns,
-                                                                 _preload_content=False))
+            old = self._slices("GET", ns, body["metadata"]["name"])
             body["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
-            _json(self.disc.replace_namespaced_endpoint_slice(body["metadata"]["name"], ns, body,
-                                                              _preload_content=False))
+            self._slices("PUT", ns, body["metadata"]["name"], body)
 
     def delete_slice(self, ns: str, name: str) -> None:
-        _json(self.disc.delete_namespaced_endpoint_slice(name, ns, _preload_content=False))
+        self._slices("DELETE", ns, name)
 
     # ---- the kernel side --------------------------------------------------------------------------
 
@@ -156,12 +167,11 @@ TERMINATING = {"ready": False, "serving": True, "terminating": True}
 TERMINATING_NOT_SERVING = {"ready": False, "serving": False, "terminating": True}
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, stale_beds_removed: list[str]) -> Iterator[Env]:
-    with DevCluster() as cluster:
+def _env(tmp: Path, endpointslice_api: str) -> Iterator[Env]:
+    with DevCluster(endpointslice_api=endpointslice_api) as cluster:
         bed = TestBed(prefix="zp")
         try:
-            e = Env(cluster, bed, tmp_path_factory.mktemp("kube-agent"))
+            e = Env(cluster, bed, tmp)
             try:
                 e.agent.start()
                 yield e
@@ -172,14 +182,40 @@ def env(tmp_path_factory: pytest.TempPathFactory, stale_beds_removed: list[str])
             bed.close()
 
 
-@pytest.fixture
-def agent_env(env: Env) -> Env:
-    """The module's Env with the apiserver and the agent running (an earlier test may have stopped them)."""
+def _running(env: Env) -> Env:
     if not env.cluster.apiserver_running:
         env.cluster.start_apiserver()
     if env.agent.proc is None or env.agent.proc.poll() is not None:
         env.agent.start()
     return env
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, stale_beds_removed: list[str]) -> Iterator[Env]:
+    """EndpointSlice v1 (DevCluster's CRD), as Kubernetes 1.21 and later serve it."""
+    yield from _env(tmp_path_factory.mktemp("kube-agent"), "v1")
+
+
+@pytest.fixture
+def agent_env(env: Env) -> Env:
+    """The module's Env with the apiserver and the agent running (an earlier test may have stopped them)."""
+    return _running(env)
+
+
+@pytest.fixture(scope="module")
+def beta_env(tmp_path_factory: pytest.TempPathFactory, stale_beds_removed: list[str]) -> Iterator[Env]:
+    """The API exactly as 1.20 serves it: EndpointSlice discovery.k8s.io/v1beta1 only."""
+    yield from _env(tmp_path_factory.mktemp("kube-agent-v1beta1"), "v1beta1")
+
+
+@pytest.fixture
+def beta_agent_env(beta_env: Env) -> Env:
+    return _running(beta_env)
+
+
+def test_endpointslice_version_is_chosen_by_discovery(agent_env: Env) -> None:
+    log = agent_env.agent.log_text(since_start=False)
+    assert "EndpointSlice: using discovery.k8s.io/v1 (the server serves v1 of discovery.k8s.io)" in log, log[-3000:]
 
 
 def test_services_and_slices_follow_the_api(agent_env: Env) -> None:
@@ -396,7 +432,9 @@ def test_agent_sigkill_restart_under_traffic_keeps_stale_until_resync(agent_env:
         assert status == 503, body
         report = json.loads(body)
         assert set(report) == {"lastUpdated", "currentTime", "nodeEligible"} and report["lastUpdated"] == ""
-        assert e.get(e.agent.healthz_url + "/livez")[0] == 503
+        # ...but it is not wedged: a restart cannot bring the apiserver back, so liveness holds
+        # (kube-proxy's rule: waiting for the initial lists does not count).
+        assert e.get(e.agent.healthz_url + "/livez")[0] == 200
         assert e.programmed()[f"{stale}:80/TCP"] == [f"{web3.ip4}:{PORT}"]
         assert "initial sync done" not in e.agent.log_text()
 
@@ -518,3 +556,66 @@ def test_session_affinity_holds_then_expires(agent_env: Env) -> None:
         time.sleep(1.3)  # idle past timeoutSeconds
     # twelve fresh random choices among three backends all alike has probability 3^-11
     assert len(set(chosen)) > 1, chosen
+
+
+# ---- discovery.k8s.io/v1beta1: the API of a real 1.20 cluster ---------------------------------------
+
+
+def test_v1beta1_slices_are_found_by_discovery_and_followed(beta_agent_env: Env) -> None:
+    """A 1.20 apiserver serves EndpointSlices as v1beta1 only, with the node in topology: the
+    agent finds the version by discovery, and Services, slices, updates, node locality
+    (healthCheckNodePort counts this node's endpoints) and deletes all reach the kernel."""
+    e = beta_agent_env
+    log = e.agent.log_text(since_start=False)
+    assert "EndpointSlice: using discovery.k8s.io/v1beta1 (the server serves v1beta1 of discovery.k8s.io)" in log
+    assert "HTTP 404" not in log, log[-3000:]  # decided by discovery, not by trying v1 first
+    ns = e.namespace()
+    web1, web2, web3, _ = e.backends
+    vip = e.create_service(ns, "web")["spec"]["clusterIP"]
+    fe = f"{vip}:80/TCP"
+    e.put_slice(ns, "web", [(web1, READY, "a"), (web2, READY, "b")])
+    e.wait_programmed(fe, [web1, web2])
+    assert set(ok_names(e.traffic(vip, count=60))) == {"web-1", "web-2"}
+    e.put_slice(ns, "web", [(web3, READY, "a"), (web2, NOT_READY, "b")])
+    e.wait_programmed(fe, [web3])
+    assert ok_names(e.traffic(vip, count=20)) == {"web-3": 20}
+
+    svc = e.create_service(ns, "lb", type="LoadBalancer", externalTrafficPolicy="Local")
+    url = f"http://127.0.0.1:{svc['spec']['healthCheckNodePort']}/"
+    e.put_slice(ns, "lb", [(web1, READY, "a"), (web2, READY, "b"), (web3, READY, "b")])
+    e.wait_programmed(f"{svc['spec']['clusterIP']}:80/TCP", [web1, web2, web3])
+    deadline = time.monotonic() + 20
+    got: Any = None
+    while time.monotonic() < deadline:
+        try:
+            got = e.get(url)
+        except OSError as err:  # not listening yet
+            got = err
+        if isinstance(got, tuple) and got[0] == 200:
+            break
+        time.sleep(0.1)
+    assert isinstance(got, tuple) and json.loads(got[1])["localEndpoints"] == 1, got  # web-1: topology says "a"
+
+    e.delete_slice(ns, "web-1")
+    e.wait_programmed(fe, [])
+    assert all(r["error"] == "ECONNREFUSED" for r in e.traffic(vip, count=5))
+    e.delete_service(ns, "web")
+    e.wait_programmed(fe, None)
+
+
+def test_v1beta1_watch_survives_an_apiserver_restart(beta_agent_env: Env) -> None:
+    """The relist after an outage rediscovers the version and the watch resumes on v1beta1."""
+    e = beta_agent_env
+    ns = e.namespace()
+    web1, web2, _, _ = e.backends
+    vip = e.create_service(ns, "again")["spec"]["clusterIP"]
+    e.put_slice(ns, "again", [(web1, READY, "a")])
+    e.wait_programmed(f"{vip}:80/TCP", [web1])
+    outages = e.agent.log_text().count("retrying with backoff")
+    e.cluster.stop_apiserver(kill=True)
+    e.agent.wait_log("retrying with backoff", count=outages + 1)
+    e.cluster.start_apiserver()
+    e.put_slice(ns, "again", [(web2, READY, "a")])
+    e.wait_programmed(f"{vip}:80/TCP", [web2], timeout=60)
+    assert ok_names(e.traffic(vip, count=10)) == {"web-2": 10}
+    e.agent.wait_log("works again")

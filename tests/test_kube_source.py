@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -17,6 +18,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from controlplane import kubesource
 from controlplane.kubesource import KubeSource, Resource, load_configuration, resources
 from zeroproxy.devcluster import DevCluster
 
@@ -26,6 +28,13 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[DevCluster]:
     with DevCluster() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def beta_cluster() -> Iterator[DevCluster]:
+    """The 1.20 API as a kubeadm cluster serves it: EndpointSlice discovery.k8s.io/v1beta1 only."""
+    with DevCluster(endpointslice_api="v1beta1") as c:
         yield c
 
 
@@ -201,3 +210,88 @@ def test_configuration_sources(cluster: DevCluster, tmp_path: Path, monkeypatch:
     monkeypatch.delenv("KUBERNETES_SERVICE_PORT")
     cfg = load_configuration(api_server=cluster.url)  # the DaemonSet's explicit apiserver address
     assert cfg.host == cluster.url and can_list(cfg)
+
+
+def _create_slice(cluster: DevCluster, namespace: str, name: str) -> None:
+    body = {"apiVersion": cluster.endpointslice_api_version, "kind": "EndpointSlice",
+            "metadata": {"name": name, "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.244.0.1"]}]}
+    path = cluster.endpointslice_path.replace("/endpointslices", f"/namespaces/{namespace}/endpointslices")
+    with cluster.api_client() as api:
+        _read(api.call_api(path, "POST", body=body, header_params={"Content-Type": "application/json"},
+                           auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True))
+
+
+@pytest.mark.parametrize("which", ["v1", "v1beta1"])
+def test_endpointslice_version_comes_from_api_discovery(which: str, request: pytest.FixtureRequest,
+                                                        recorders: list[Recorder]) -> None:
+    c: DevCluster = request.getfixturevalue("cluster" if which == "v1" else "beta_cluster")
+    ns = _namespace(c)
+    _create_slice(c, ns, "before")
+    rec = Recorder(load_configuration(str(c.kubeconfig_path)), resources("a"))
+    recorders.append(rec)
+    rec.wait(lambda: {k for k, _ in rec.lists} == {"Service", "EndpointSlice", "Node"}, "initial lists")
+    watcher = rec.source.watchers["EndpointSlice"]
+    assert (watcher.api_version, watcher.path) == (c.endpointslice_api_version, c.endpointslice_path)
+    listed = [o for o in dict(rec.lists)["EndpointSlice"] if o["metadata"]["namespace"] == ns]
+    assert [(o["apiVersion"], o["metadata"]["name"]) for o in listed] == [(c.endpointslice_api_version, "before")]
+    _create_slice(c, ns, "during")  # the watch is on the same version
+    rec.wait(lambda: ("EndpointSlice", "ADDED", f"{ns}/during") in rec.events, "a watched slice")
+    assert not watcher.stats.errors, watcher.stats.errors  # found by asking, not by a failed request
+
+
+def _namespace(cluster: DevCluster) -> str:
+    name = f"zp-{uuid.uuid4().hex[:8]}"
+    with cluster.api_client() as api:
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": name}})
+    return name
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, resource: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "zeroproxy.kubesource"
+            and r.levelno == logging.WARNING and r.getMessage().startswith(f"{resource}: ")]
+
+
+def test_a_failing_list_keeps_warning_and_names_path_and_status(beta_cluster: DevCluster, recorders: list[Recorder],
+                                                                caplog: pytest.LogCaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """v1 asked of a 1.20 apiserver (no fallback): 404 on every try. The log must say so
+    again and again, at warning level, not once and then fall silent."""
+    monkeypatch.setattr(kubesource, "WARN_INTERVAL", 1.0)
+    caplog.set_level(logging.DEBUG, logger="zeroproxy.kubesource")
+    path = "/apis/discovery.k8s.io/v1/endpointslices"
+    rec = Recorder(load_configuration(str(beta_cluster.kubeconfig_path)),
+                   [Resource("EndpointSlice", "discovery.k8s.io/v1", path)])
+    recorders.append(rec)
+    rec.wait(lambda: len(_warnings(caplog, "EndpointSlice")) >= 3, "three warnings")
+    first, *again = _warnings(caplog, "EndpointSlice")
+    assert first.startswith(f"EndpointSlice: list GET {path} failed: HTTP 404: ") and "retrying with backoff" in first
+    for line in again:
+        assert line.startswith(f"EndpointSlice: list GET {path} still failing (") and ": HTTP 404: " in line, line
+    # rate-limited: the watcher failed more often than it warned (backoff capped at 2 s here)
+    assert sum(rec.source.watchers["EndpointSlice"].stats.errors.values()) >= len(again) + 1
+    assert rec.lists == []
+
+
+def test_outage_warns_while_it_lasts_and_recovery_is_logged(cluster: DevCluster, namespace: str,
+                                                             recorders: list[Recorder],
+                                                             caplog: pytest.LogCaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kubesource, "WARN_INTERVAL", 1.0)
+    caplog.set_level(logging.DEBUG, logger="zeroproxy.kubesource")
+    rec = Recorder(load_configuration(str(cluster.kubeconfig_path)), [resources("a")[0]])  # Services
+    recorders.append(rec)
+    rec.wait(lambda: len(rec.lists) == 1, "the list")
+    cluster.stop_apiserver(kill=True)
+    try:
+        rec.wait(lambda: len(_warnings(caplog, "Service")) >= 2, "repeated warnings")
+    finally:
+        cluster.start_apiserver()
+    assert all("/api/v1/services" in w for w in _warnings(caplog, "Service"))
+    with cluster.api_client() as api:
+        _read(client.CoreV1Api(api).create_namespaced_service(namespace, svc_body("back"), _preload_content=False))
+    infos = lambda: [r.getMessage() for r in caplog.records  # noqa: E731
+                     if r.levelno == logging.INFO and "works again" in r.getMessage()]
+    rec.wait(lambda: bool(infos()), "the recovery at info level")
+    assert infos()[0].startswith("Service: GET /api/v1/services works again, after ")
