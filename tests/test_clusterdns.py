@@ -53,9 +53,11 @@ def api(cluster: DevCluster) -> Iterator[Any]:
 
 
 @pytest.fixture
-def ns(api: Any) -> Iterator[str]:
+def ns(api: Any, cluster: DevCluster) -> Iterator[str]:
     name = f"zp-dns-{uuid.uuid4().hex[:8]}"
     core = client.CoreV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    slices = ("discovery.k8s.io", cluster.endpointslice_api, name, "endpointslices")
     core.create_namespace({"metadata": {"name": name}})
     try:
         yield name
@@ -64,6 +66,8 @@ def ns(api: Any) -> Iterator[str]:
         # objects first, then the namespace (which then stays Terminating, harmlessly).
         for svc in core.list_namespaced_service(name).items:
             core.delete_namespaced_service(svc.metadata.name, name)
+        for sl in custom.list_namespaced_custom_object(*slices)["items"]:
+            custom.delete_namespaced_custom_object(*slices, sl["metadata"]["name"])
         core.delete_namespace(name)
 
 
@@ -88,6 +92,15 @@ def wait_for(fn: Callable[[], T], what: str, timeout: float = 30.0) -> T:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: still {value!r} after {timeout:.0f}s")
         time.sleep(0.05)
+
+
+def _recv_exactly(conn: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        assert chunk, "the server closed the TCP connection"
+        buf += chunk
+    return buf
 
 
 def fqdn(*labels: str) -> str:
@@ -147,6 +160,13 @@ def test_dual_stack_clusterip_a_aaaa_srv_ptr_over_udp_and_tcp(api: Any, dns: Clu
     assert query(dns, fqdn("_http", "_udp", "web", ns, "svc"), "SRV").header.rcode == RCODE.NXDOMAIN
     assert query(dns, fqdn("_udp", "web", ns, "svc"), "SRV").header.rcode == RCODE.NOERROR
     assert query(dns, fqdn("_sctp", "web", ns, "svc"), "SRV").header.rcode == RCODE.NXDOMAIN
+    # Several queries on one TCP connection, as glibc sends A and AAAA after a truncated answer.
+    with socket.create_connection(("127.0.0.1", dns.port), timeout=5) as conn:
+        for qtype, want in (("A", {v4}), ("AAAA", {v6}), ("A", {v4})):
+            packed = DNSRecord.question(name, qtype).pack()
+            conn.sendall(len(packed).to_bytes(2, "big") + packed)
+            size = int.from_bytes(_recv_exactly(conn, 2), "big")
+            assert values(DNSRecord.parse(_recv_exactly(conn, size)), qtype) == want
     # PTR for both ClusterIPs.
     ptr4 = query(dns, ".".join(reversed(v4.split("."))) + ".in-addr.arpa.", "PTR")
     assert values(ptr4, "PTR") == {name}
@@ -275,6 +295,12 @@ def test_negative_answers_are_fast_and_carry_the_soa(api: Any, dns: ClusterDNS, 
     for name, qtype in (("example.com.", "A"), ("local.", "A"), (".", "NS"), ("10.0.0.1.in-addr.arpa.", "PTR")):
         r = query(dns, name, qtype)
         assert r.header.rcode == RCODE.REFUSED and not r.rr, name
+    # Garbage gets FORMERR, not silence and not a crash.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(b"\x12\x34" + b"\x01\x00\x00\x01" + b"\xff" * 20, ("127.0.0.1", dns.port))
+        bad = DNSRecord.parse(sock.recv(512))
+        assert bad.header.id == 0x1234 and bad.header.rcode == RCODE.FORMERR
     # The schema version, and the (deprecated, still required) pod A records.
     assert values(query(dns, f"dns-version.{DOMAIN}.", "TXT"), "TXT") == {'"1.0.1"'}
     assert values(query(dns, fqdn("10-244-0-7", ns, "pod"), "A"), "A") == {"10.244.0.7"}

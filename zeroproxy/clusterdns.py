@@ -2,8 +2,9 @@
 
 zeroproxy is a kube-proxy replacement; it ships no DNS server and users keep CoreDNS. The test
 bed's kubeadm cluster needs *some* cluster DNS (15 of the e2e Services tests reach Services by
-name or look ExternalNames up), and Debian bookworm packages no CoreDNS: sid has no coredns
-source package either, only some of its Go dependencies (golang-github-coredns-caddy-dev, ...).
+name or look ExternalNames up), and Debian packages no CoreDNS: bookworm, trixie, sid and
+experimental have no coredns source package, and sid has only some of its Go dependencies
+(golang-github-coredns-caddy-dev, miekg/dns, dnstap, ...; not infobloxopen/go-trees, zipkin-go).
 So the bed runs this instead: a DNS server on dnslib that watches Services and EndpointSlices
 with the official ``kubernetes`` client and answers the records of Kubernetes' DNS
 specification (kubernetes/dns, docs/specification.md):
@@ -75,7 +76,6 @@ from dnslib import (
     DNSLabel,
     DNSRecord,
 )
-from dnslib.server import DNSHandler, DNSLogger
 
 log = logging.getLogger("zeroproxy.clusterdns")
 
@@ -87,6 +87,7 @@ MANAGED_BY = "clusterdns.zeroproxy.io"
 TOLERATE_UNREADY = "service.alpha.kubernetes.io/tolerate-unready-endpoints"
 MAX_UDP_PAYLOAD = 1232  # the EDNS size DNS flag day 2020 settled on: no IP fragmentation
 CNAME_CHAIN_LIMIT = 8
+TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may keep a connection open without asking
 LIST_PAGE_SIZE = 500
 WATCH_TIMEOUT_RANGE = (240, 300)  # seconds; randomised so the two watches do not renew together
 CONNECT_TIMEOUT = 10.0
@@ -316,7 +317,7 @@ def _address_record(ip: Address) -> tuple[int, Any]:
 
 
 class ClusterResolver:
-    """Turns a question into an answer from a :class:`ClusterState` (dnslib's resolver API)."""
+    """Turns a question into an answer from a :class:`ClusterState`."""
 
     def __init__(self, state: ClusterState, domain: str = "cluster.local", ttl: int = DEFAULT_TTL) -> None:
         self.state = state
@@ -329,8 +330,8 @@ class ClusterResolver:
         self._ptr_generation = -1
         self._ptr: dict[Address, list[str]] = {}
 
-    # dnslib calls this from its server threads.
-    def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
+    # Called from the server threads, concurrently.
+    def resolve(self, request: DNSRecord) -> DNSRecord:
         reply = request.reply(ra=0, aa=1)
         if request.header.opcode != 0:
             reply.header.rcode = RCODE.NOTIMP
@@ -558,42 +559,84 @@ class ClusterResolver:
 
 # --- serving -----------------------------------------------------------------------------------
 
-class _Handler(DNSHandler):
-    """dnslib's handler with EDNS and truncation to the client's UDP size (dnslib does none)."""
+class _Handler(socketserver.BaseRequestHandler):
+    """One UDP query, or every query on one TCP connection.
 
-    def get_reply(self, data: bytes) -> bytes:
+    Not dnslib's DNSHandler: that one answers a single query per TCP connection (glibc sends
+    A and AAAA over the same one after a truncated answer) and never truncates UDP answers.
+    Here UDP answers are cut to the client's EDNS size (512 bytes without EDNS).
+    """
+
+    server: _UDPServer | _TCPServer
+
+    def handle(self) -> None:
+        if isinstance(self.request, socket.socket):
+            self.request.settimeout(TCP_IDLE_TIMEOUT)
+            try:
+                while True:
+                    head = self._recv(2)
+                    data = self._recv(int.from_bytes(head, "big")) if head else b""
+                    if not data:
+                        return
+                    reply = self._reply(data, "tcp")
+                    if reply:
+                        self.request.sendall(len(reply).to_bytes(2, "big") + reply)
+            except OSError as e:  # timeout, reset: the client is gone
+                log.debug("tcp %s: %s", self.client_address[0], e)
+            return
+        data, sock = self.request
+        reply = self._reply(data, "udp")
+        if reply:
+            sock.sendto(reply, self.client_address)
+
+    def _recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.request.recv(n - len(buf))
+            if not chunk:
+                return b""
+            buf += chunk
+        return buf
+
+    def _reply(self, data: bytes, protocol: str) -> bytes:
         try:
             request = DNSRecord.parse(data)
         except DNSError as e:
-            log.debug("unparsable query from %s: %s", self.client_address, e)
+            log.debug("%s %s: unparsable query: %s", protocol, self.client_address[0], e)
             if len(data) < 12:
-                raise
+                return b""
             header = DNSHeader(id=int.from_bytes(data[:2], "big"), qr=1, rcode=RCODE.FORMERR)
-            return DNSRecord(header).pack()
-        reply = self.server.resolver.resolve(request, self)  # type: ignore[attr-defined]
+            return bytes(DNSRecord(header).pack())
+        if request.header.qr:
+            return b""  # a response sent to us: never answer those
+        reply = self.server.resolver.resolve(request)
         opt = next((rr for rr in request.ar if rr.rtype == QTYPE.OPT), None)
         if opt is not None:
             reply.add_ar(EDNS0(udp_len=MAX_UDP_PAYLOAD))
         packed = reply.pack()
-        if self.protocol == "udp":
+        if protocol == "udp":
             limit = min(max(512, opt.rclass), MAX_UDP_PAYLOAD) if opt is not None else 512
             if len(packed) > limit:
-                short = DNSRecord(DNSHeader(id=reply.header.id, bitmap=reply.header.bitmap, tc=1), q=request.q)
+                short = DNSRecord(DNSHeader(id=reply.header.id, bitmap=reply.header.bitmap), q=request.q)
                 short.header.tc = 1
                 if opt is not None:
                     short.add_ar(EDNS0(udp_len=MAX_UDP_PAYLOAD))
                 packed = short.pack()
-        log.debug("%s %s %s -> %s, %d answers", self.protocol, self.client_address[0], request.q.qname,
-                  RCODE.get(reply.header.rcode), len(reply.rr))
+        log.debug("%s %s %s %s -> %s, %d answers", protocol, self.client_address[0], request.q.qname,
+                  QTYPE.get(request.q.qtype), RCODE.get(reply.header.rcode), len(reply.rr))
         return bytes(packed)
 
 
-class _UDPServer(socketserver.ThreadingMixIn, socketserver.UDPServer):
-    daemon_threads = True
+class _UDPServer(socketserver.UDPServer):
+    """Answers in its one thread: an answer is a few dict reads and never waits on anything,
+    so a thread per datagram (ThreadingMixIn) would only add its start-up cost to each query."""
+
+    resolver: ClusterResolver
     allow_reuse_address = False  # SO_REUSEADDR on UDP would let a second server share the port
 
 
 class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    resolver: ClusterResolver
     daemon_threads = True
     allow_reuse_address = True
 
@@ -615,10 +658,7 @@ def _bind(host: str, port: int, resolver: ClusterResolver) -> tuple[_UDPServer, 
             if port:
                 raise
             continue
-        dns_logger = DNSLogger("-recv,-send,-request,-reply,-truncated,-data", prefix=False)
-        for server in (udp, tcp):
-            server.resolver = resolver  # type: ignore[attr-defined]
-            server.logger = dns_logger  # type: ignore[attr-defined]
+        udp.resolver = tcp.resolver = resolver
         return udp, tcp
     raise ClusterDNSError(f"no port free for both UDP and TCP on {host}")
 
@@ -686,9 +726,13 @@ class Watcher:
             try:
                 if not rv:
                     rv = self._list()
+                started = time.monotonic()
                 rv = self._watch(rv)
-                delay = BACKOFF_INITIAL
-                continue
+                if time.monotonic() - started > 1.0:
+                    delay = BACKOFF_INITIAL
+                    continue
+                # A watch that ends as soon as it starts, without an error, must not spin.
+                reason = "the watch ended at once"
             except ApiException as e:
                 if e.status == 410:
                     self.stats.relists_gone += 1
@@ -696,7 +740,8 @@ class Watcher:
                     rv = ""
                     continue
                 if e.status == 404 and self.kind == "EndpointSlice":
-                    self.version = ""  # served versions changed (upgrade, CRD removed): look again
+                    # Served versions changed (an upgrade, a CRD removed): discover and list again.
+                    self.version, rv = "", ""
                 reason = f"HTTP {e.status} {e.reason}"
             except ClusterDNSError as e:
                 reason = str(e)
