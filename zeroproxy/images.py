@@ -417,20 +417,32 @@ def debian_package_files(package: str) -> list[str]:
 
 
 def debian_packages_of(paths: Iterable[str]) -> list[str]:
-    """The installed Debian packages that own these files (looked up under /usr too: merged /usr)."""
-    owners: set[str] = set()
+    """The installed Debian packages that own these files (looked up under /usr too: merged /usr).
+
+    One dpkg-query call for all of them: each call reads every package's file list.
+    """
+    wanted: dict[str, list[str]] = {}
     for path in paths:
         candidates = [path, os.path.realpath(path)]
         candidates += ["/usr" + c for c in list(candidates) if not c.startswith("/usr/")]
-        for candidate in dict.fromkeys(candidates):
-            proc = subprocess.run(["dpkg-query", "-S", candidate], capture_output=True, text=True, check=False)
-            if proc.returncode == 0:
-                owners.update(line.split(":", 1)[0].split(",")[0].strip() for line in proc.stdout.splitlines()
-                              if not line.startswith("diversion"))
-                break
-        else:
+        wanted[path] = list(dict.fromkeys(candidates))
+    if not wanted:
+        return []
+    every = sorted({c for cs in wanted.values() for c in cs})
+    proc = subprocess.run(["dpkg-query", "-S", *every], capture_output=True, text=True, check=False)
+    owner: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("diversion") or ": " not in line:
+            continue
+        packages, _, owned = line.partition(": ")
+        owner[owned.strip()] = packages.split(",")[0].split(":")[0].strip()
+    found: set[str] = set()
+    for path, candidates in wanted.items():
+        hit = next((owner[c] for c in candidates if c in owner), None)
+        if hit is None:
             raise ImageError(f"{path}: no installed Debian package owns it")
-    return sorted(owners)
+        found.add(hit)
+    return sorted(found)
 
 
 # --- docker-archive ----------------------------------------------------------------------------
