@@ -1164,3 +1164,37 @@ def netfilter_rulesets(cluster: KubeCluster) -> dict[int, str]:
             text += [ln for ln in proc.stdout.splitlines() if ln and not ln.startswith("#")]
         out[inode] = "\n".join(text)
     return out
+
+
+def machine_snapshot() -> dict[str, list[str]]:
+    """What a cluster could leave behind on this machine, as sorted lists (compare two).
+
+    Network namespaces, cgroups (v2 and every v1 hierarchy, two levels deep), mounts of the
+    host's mount namespace, bpffs pins, the kubeadm/kubelet/CNI/containerd paths, the bed's
+    state and data directories, and processes of the cluster's programs.
+    """
+    snap: dict[str, list[str]] = {}
+    snap["netns"] = sorted(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else []
+    cgroups = []
+    for mount in [*cgroup_v1_mounts(), testbed.find_cgroup2_mount()]:
+        for child in mount.iterdir():
+            if child.is_dir():
+                cgroups.append(str(child))
+                cgroups += [str(g) for g in child.iterdir() if g.is_dir()]
+    snap["cgroups"] = sorted(cgroups)
+    snap["mounts"] = sorted(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    snap["bpffs"] = sorted(str(p) for p in Path("/sys/fs/bpf").rglob("*")) if Path("/sys/fs/bpf").is_dir() else []
+    snap["paths"] = sorted(p for p in [*NODE_PATHS, NODE_CGROUP2, "/etc/cni", "/opt/cni"] if os.path.lexists(p))
+    snap["state"] = sorted(str(p) for d in (STATE_DIR, DATA_DIR) if d.is_dir() for p in d.iterdir()
+                           if p.name not in ("mountpoints.json", "mountpoints.lock"))
+    names = ("kubelet", "containerd", "containerd-shim", "containerd-shim-runc-v2", "kube-apiserver",
+             "kube-controller", "kube-scheduler", "etcd", "kube-proxy", "pause", "agnhost", "runc")
+    procs = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                comm = Path(f"/proc/{entry}/comm").read_text().strip()
+                if comm in names or comm.startswith("containerd-shim"):
+                    procs.append(f"{comm}[{entry}]")
+    snap["processes"] = sorted(procs)
+    return snap
