@@ -24,6 +24,7 @@ from kubernetes import client
 
 from zeroproxy.clusterdns import ClusterDNS, endpointslice_version, publish_kube_dns
 from zeroproxy.devcluster import ENDPOINTSLICE_APIS, REPO_ROOT, DevCluster
+from zeroproxy.testbed import TestBed
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -425,3 +426,45 @@ def test_cli_serves_and_exits_cleanly_on_sigterm(cluster: DevCluster, tmp_path: 
         log = stderr.read()
         stderr.close()
     assert "serving cluster.local on 127.0.0.1 port" in log and "stopping" in log, log
+
+
+def test_glibc_resolves_through_a_pods_search_path(api: Any, cluster: DevCluster, ns: str, testbed: TestBed,
+                                                   tmp_path: Any) -> None:
+    """What pods really do: glibc's resolver, a kubelet-style resolv.conf (search path, ndots:5)
+    and port 53, in a netns of the bed's whose loopback the server listens on."""
+    core = client.CoreV1Api(api)
+    web = core.create_namespaced_service(ns, {"metadata": {"name": "web"}, "spec": {
+        "ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 80}]}})
+    v4 = next(ip for ip in web.spec.cluster_i_ps if ":" not in ip)
+    v6 = next(ip for ip in web.spec.cluster_i_ps if ":" in ip)
+    core.create_namespaced_service(ns, {"metadata": {"name": "alias"}, "spec": {
+        "type": "ExternalName", "externalName": f"web.{ns}.svc.{DOMAIN}"}})
+    pod = testbed.add_external("pod")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(f"nameserver 127.0.0.1\nsearch {ns}.svc.{DOMAIN} svc.{DOMAIN} {DOMAIN}\n"
+                      "options ndots:5 attempts:2 timeout:2\n")
+
+    def getent_lines(*args: str) -> tuple[int, list[list[str]]]:
+        # A private mount namespace: the bind mount over /etc/resolv.conf is seen by getent only.
+        proc = testbed.run_in_netns(pod.netns, [
+            "unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec getent "$@"',
+            str(resolv), *args], check=False)
+        return proc.returncode, [line.split() for line in proc.stdout.splitlines() if line.strip()]
+
+    def getent(*args: str) -> tuple[int, set[str]]:
+        code, lines = getent_lines(*args)
+        return code, {fields[0] for fields in lines}
+
+    with ClusterDNS(str(cluster.kubeconfig_path), "127.0.0.1", 53, DOMAIN, netns=pod.netns) as server:
+        assert server.wait_synced(60)
+        assert wait_for(lambda: getent("ahostsv4", "web"), "web through the search path") == (0, {v4})
+        assert getent("ahostsv6", "web") == (0, {v6})
+        assert getent("ahosts", f"web.{ns}") == (0, {v4, v6})
+        assert getent("ahostsv4", f"web.{ns}.svc") == (0, {v4})
+        # The ExternalName's CNAME into the zone comes with the target's address.
+        assert getent("ahostsv4", "alias") == (0, {v4})
+        # Unknown names: every search-path candidate is NXDOMAIN, then the name itself REFUSED.
+        assert getent("hosts", "nope")[0] == 2
+        assert getent("hosts", "www.example.com")[0] == 2
+        # Reverse lookup of the ClusterIP.
+        assert getent_lines("hosts", v4) == (0, [[v4, f"web.{ns}.svc.{DOMAIN}"]])

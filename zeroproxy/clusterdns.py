@@ -46,6 +46,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import random
 import signal
 import socket
@@ -797,9 +798,14 @@ class ClusterDNS:
     """The server: watchers + UDP and TCP listeners. ``start()``, then ``close()``."""
 
     def __init__(self, kubeconfig: str, host: str = "127.0.0.1", port: int = 53, domain: str = "cluster.local",
-                 ttl: int = DEFAULT_TTL, backoff_cap: float = BACKOFF_CAP) -> None:
+                 ttl: int = DEFAULT_TTL, backoff_cap: float = BACKOFF_CAP,
+                 netns: str | os.PathLike[str] | None = None) -> None:
+        """``netns`` (a /run/netns name or a path): listen inside that network namespace while
+        the API is reached from the caller's, e.g. a pod-like netns whose resolv.conf points at
+        127.0.0.1 while the apiserver is on the host's loopback."""
         self.kubeconfig = kubeconfig
         self.host, self.port = host, port
+        self.netns = netns
         self.state = ClusterState()
         self.resolver = ClusterResolver(self.state, domain, ttl)
         self.backoff_cap = backoff_cap
@@ -818,9 +824,10 @@ class ClusterDNS:
         from kubernetes import config
 
         try:
-            udp, tcp = _bind(self.host, self.port, self.resolver)
+            udp, tcp = self._bind()
         except OSError as e:
-            raise ClusterDNSError(f"--listen {self.host}:{self.port}: {e.strerror or e}") from None
+            where = f" in netns {self.netns}" if self.netns else ""
+            raise ClusterDNSError(f"--listen {self.host}:{self.port}{where}: {e.strerror or e}") from None
         self._servers = [udp, tcp]
         self.port = udp.server_address[1]
         for server in self._servers:
@@ -835,6 +842,31 @@ class ClusterDNS:
             self.watchers[kind].thread.start()
         log.info("serving %s on %s port %d (UDP and TCP)", self.resolver.domain, self.host, self.port)
         return self
+
+    def _bind(self) -> tuple[_UDPServer, _TCPServer]:
+        if self.netns is None:
+            return _bind(self.host, self.port, self.resolver)
+        # setns() moves only the calling thread: a throwaway thread makes the sockets there (a
+        # socket stays in the namespace it was made in) and every other thread stays here.
+        from dataplane.netns import enter
+
+        netns = self.netns
+        result: list[tuple[_UDPServer, _TCPServer]] = []
+        error: list[BaseException] = []
+
+        def bind_there() -> None:
+            try:
+                enter(netns)
+                result.append(_bind(self.host, self.port, self.resolver))
+            except BaseException as e:  # handed to the caller below
+                error.append(e)
+
+        t = threading.Thread(target=bind_there, name="clusterdns-bind")
+        t.start()
+        t.join()
+        if error:
+            raise error[0]
+        return result[0]
 
     def wait_synced(self, timeout: float) -> bool:
         """True once both kinds were listed (until then queries get SERVFAIL)."""
@@ -970,6 +1002,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen", default="127.0.0.1:53", help="ADDR:PORT for UDP and TCP (default %(default)s)")
     parser.add_argument("--domain", default="cluster.local", help="cluster domain (default %(default)s)")
     parser.add_argument("--ttl", type=int, default=DEFAULT_TTL, help="record TTL in seconds (default %(default)s)")
+    parser.add_argument("--netns", help="listen inside this network namespace (/run/netns name or path); "
+                                         "the API is reached from the current one")
     parser.add_argument("--publish", metavar="DNS_IP",
                         help="also create/update kube-system/kube-dns at this ClusterIP pointing at --listen")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
@@ -978,7 +1012,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s clusterdns %(levelname)s %(message)s")
     try:
         host, port = parse_hostport(args.listen)
-        server = ClusterDNS(args.kubeconfig, host, port, args.domain, args.ttl).start()
+        server = ClusterDNS(args.kubeconfig, host, port, args.domain, args.ttl, netns=args.netns).start()
     except ClusterDNSError as e:
         log.error("%s", e)
         return 2
