@@ -29,12 +29,14 @@ examples:
   python -m bench                          full run: N = 1, 1000, 10000, 30000, 5 rounds
   python -m bench --services 1,100 --rounds 1 --duration 0.5 --out /tmp/b
   python -m bench --modes direct,zeroproxy --scenarios short
+  python -m bench --modes direct,iptables,kube-proxy,zeroproxy --scenarios short --services 1,1000
   python -m bench --scenarios nodeport --nodeport-services 1,1000
   python -m bench --scenarios s2z,apisource --apisource-services 1000
   python -m bench --render bench-results/X/results.json   re-write the .md and plots
 
 Run as root. Everything the run creates (namespaces, cgroups, nginx processes, rule sets inside
-its own namespaces, BPF programs and pins) is removed at the end, also after a failure.
+its own namespaces, BPF programs and pins, the kube-apiserver and kube-proxy of the kube-proxy
+mode) is removed at the end, also after a failure.
 """
 
 
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     print((out / "results.md").read_text())
     for path in files:
         print(f"wrote {path}")
-    problems = results["cleanup"].get("datapath_errors") or results["cleanup"].get("leftover_rules")
+    problems = (results["cleanup"].get("datapath_errors") or results["cleanup"].get("leftover_rules")
+                or results["cleanup"].get("host_rules_unchanged") is False)
     if problems or not results["cleanup"].get("bed_closed"):
         print(f"bench: cleanup problems: {results['cleanup']}", file=sys.stderr)
         return 1

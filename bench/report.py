@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.topology import DIRECT, IPTABLES, MODES, NFTABLES, ZEROPROXY
+from bench.topology import DIRECT, IPTABLES, KUBE_PROXY, MODES, NFTABLES, ZEROPROXY
 
 AGENT = "zeroproxy-agent"  # "mode" of the programming/memory rows measured on the real agent process
 ZPCTL_PROCESS = "bench.zpctl (datapath + ServiceMaps)"
@@ -22,7 +22,7 @@ SCENARIO_TITLES = {
     "keepalive": "Keep-alive requests (request -> full reply on an open connection)",
 }
 MODE_STYLE = {DIRECT: ("black", "o"), IPTABLES: ("tab:red", "s"), NFTABLES: ("tab:orange", "^"),
-              ZEROPROXY: ("tab:blue", "D"), AGENT: ("tab:cyan", "v")}
+              ZEROPROXY: ("tab:blue", "D"), AGENT: ("tab:cyan", "v"), KUBE_PROXY: ("tab:purple", "P")}
 
 
 def write_all(results: dict[str, Any], out: Path, *, plots: bool = True) -> list[Path]:
@@ -83,32 +83,40 @@ def markdown(results: dict[str, Any]) -> str:
         f"IPVS: {results['notes'].get('ipvs', 'not measured')}.",
         "",
     ]
+    # kube-proxy columns only where the real kube-proxy ran (older results render as they did)
+    kp = any(s["mode"] == KUBE_PROXY for s in results.get("summary", []))
+    modes = (IPTABLES, NFTABLES, ZEROPROXY, *((KUBE_PROXY,) if kp else ()))
+    pairs = ("zeroproxy_vs_direct", "iptables_vs_zeroproxy", "nftables_vs_zeroproxy",
+             *(("kube_proxy_vs_zeroproxy", "kube_proxy_vs_iptables") if kp else ()))
+    header = ["services", "service", "direct", *modes, *(p.replace("_vs_", "/").replace("kube_proxy", KUBE_PROXY)
+                                                       for p in pairs)]
     for scenario in [x for x in cfg["scenarios"] if x in SCENARIO_TITLES]:
         lines += [f"## {SCENARIO_TITLES.get(scenario, scenario)}", ""]
         rows_lat, rows_rate = [], []
         for count in counts:
             d = by.get((count, scenario, DIRECT, None), {})
             for pos in _positions(results, count):
-                cells = [by.get((count, scenario, mode, pos), {}) for mode in (IPTABLES, NFTABLES, ZEROPROXY)]
+                cells = [by.get((count, scenario, mode, pos), {}) for mode in modes]
                 r = rat.get((count, scenario, pos), {})
                 rows_lat.append([f"{count:,}", pos, _f(d.get("p50_us")),
                                  *(f"{_f(c.get('p50_us'))} / {_f(c.get('p99_us'))}" for c in cells),
-                                 _x(r.get("zeroproxy_vs_direct_p50")), _x(r.get("iptables_vs_zeroproxy_p50")),
-                                 _x(r.get("nftables_vs_zeroproxy_p50"))])
+                                 *(_x(r.get(f"{p}_p50")) for p in pairs)])
                 rows_rate.append([f"{count:,}", pos, _f(d.get("rate")), *(_f(c.get("rate")) for c in cells),
-                                  _x(r.get("zeroproxy_vs_direct_rate")), _x(r.get("iptables_vs_zeroproxy_rate")),
-                                  _x(r.get("nftables_vs_zeroproxy_rate"))])
+                                  *(_x(r.get(f"{p}_rate")) for p in pairs)])
         lines += ["Latency in µs (p50 / p99; direct: p50):", ""]
-        lines += _table(["services", "service", "direct", "iptables", "nftables", "zeroproxy",
-                         "zeroproxy/direct", "iptables/zeroproxy", "nftables/zeroproxy"], rows_lat)
+        lines += _table(header, rows_lat)
         lines += ["", "Requests per second:", ""]
-        lines += _table(["services", "service", "direct", "iptables", "nftables", "zeroproxy",
-                         "zeroproxy/direct", "iptables/zeroproxy", "nftables/zeroproxy"], rows_rate)
+        lines += _table(header, rows_rate)
+        if kp:
+            lines += ["", "kube-proxy: the real kube-proxy 1.20.2 (iptables mode); first/last = first/last service in "
+                      "its own KUBE-SERVICES chain, which it writes in Go map order (so not the services the other "
+                      "columns use), with two rules per service there (the masquerade mark, then the jump)."]
         lines.append("")
     errors = sum(s["errors"] for s in results.get("summary", []))
     lines += [f"Failed requests over all runs: {errors}.", ""]
 
     prog = results.get("programming", [])
+    kp_prog = any(p["mode"] == KUBE_PROXY for p in prog)
     if prog:
         lines += ["## Control plane: time to program N services from empty", ""]
         rows = []
@@ -120,17 +128,30 @@ def markdown(results: dict[str, Any]) -> str:
             if nft.get("chunk_s"):
                 nft_txt += f" ({len(nft['chunk_s'])} x <={nft['chunk']} services)"
             agent = cell.get(AGENT, {})
-            rows.append([f"{count:,}", _f(cell.get(IPTABLES, {}).get("seconds"), "{:.2f} s"), nft_txt,
-                         _f(cell.get(ZEROPROXY, {}).get("seconds"), "{:.3f} s"),
-                         _f(agent.get("seconds"), "{:.2f} s"),
-                         _f(agent.get("rss_kb") and agent["rss_kb"] / 1024, "{:.0f} MB"),
-                         _f(mem.get(ZPCTL_PROCESS, {}).get("rss_kb") and mem[ZPCTL_PROCESS]["rss_kb"] / 1024,
-                            "{:.0f} MB")])
+            row = [f"{count:,}", _f(cell.get(IPTABLES, {}).get("seconds"), "{:.2f} s"), nft_txt,
+                   _f(cell.get(ZEROPROXY, {}).get("seconds"), "{:.3f} s"),
+                   _f(agent.get("seconds"), "{:.2f} s"),
+                   _f(agent.get("rss_kb") and agent["rss_kb"] / 1024, "{:.0f} MB"),
+                   _f(mem.get(ZPCTL_PROCESS, {}).get("rss_kb") and mem[ZPCTL_PROCESS]["rss_kb"] / 1024,
+                      "{:.0f} MB")]
+            if kp_prog:
+                row += _kube_proxy_cells(cell.get(KUBE_PROXY, {}))
+            rows.append(row)
+        kp_header = ["kube-proxy restart to rules (its sync)", "kube-proxy POST to rules (new services)",
+                     "kube-proxy RSS"] if kp_prog else []
         lines += _table(["services", "iptables-restore", "nft -f", "zeroproxy ServiceMaps.sync",
-                         "zeroproxy agent start to synced", "agent RSS", "loader RSS"], rows)
+                         "zeroproxy agent start to synced", "agent RSS", "loader RSS", *kp_header], rows)
         lines += ["", "The agent column is a cold start of `zeroproxy agent --source file:` with N Services and "
                   "EndpointSlices (Python start, bcc compile, YAML parse, translation, first sync). Loader RSS is "
                   "bench.zpctl: datapath + ServiceMaps only."]
+        if kp_prog:
+            lines += ["", "kube-proxy (the real 1.20.2, iptables mode, min-sync-period 1 s): *restart* = kube-proxy "
+                      "started with its rules removed and N Services + EndpointSlices in the kube-apiserver, until "
+                      "the end of the sync whose rules hold all N (kube-proxy's sync_proxy_rules_last_timestamp); "
+                      "in brackets its own sync_proxy_rules_duration for that one sync (rule build + "
+                      "iptables-restore). *POST* = from the first POST of the services new at this N (8 parallel "
+                      "requests; the earlier ones stay) until the running kube-proxy's rules hold all N; it "
+                      "includes the API's own creation time (in brackets)."]
         boot = next((p for p in prog if p["services"] == 0), None)
         if boot:
             lines += ["", f"zeroproxy compile + attach (once): {boot['seconds']:.2f} s."]
@@ -168,6 +189,18 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"- {k}: {v}" for k, v in results.get("tools", {}).items()]
     lines.append("")
     return "\n".join(lines)
+
+
+def _kube_proxy_cells(row: dict[str, Any]) -> list[str]:
+    if not row:
+        return ["-", "-", "-"]
+    restart, post = row.get("restart", {}), row.get("post", {})
+    sync = restart.get("first_sync_s")
+    created = post.get("created", {})
+    return [_f(row.get("seconds"), "{:.2f} s") + (f" ({sync:.2f} s)" if sync is not None else ""),
+            _f(post.get("seconds"), "{:.2f} s")
+            + f" ({post.get('posted', 0):,} new; API {created.get('seconds', 0):.1f} s)",
+            _f(row.get("rss_kb") and row["rss_kb"] / 1024, "{:.0f} MB")]
 
 
 def nodeport_markdown(results: dict[str, Any]) -> list[str]:
@@ -340,11 +373,12 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     prog = [p for p in results.get("programming", []) if p["services"]]
     if prog:
         fig, ax = plt.subplots(figsize=(6, 4.2))
-        for mode in (IPTABLES, NFTABLES, ZEROPROXY, AGENT):
+        for mode in (IPTABLES, NFTABLES, ZEROPROXY, AGENT, KUBE_PROXY):
             pts = sorted((p["services"], p["seconds"]) for p in prog if p["mode"] == mode)
             if pts:
                 color, marker = MODE_STYLE[mode]
-                label = {ZEROPROXY: "zeroproxy (ServiceMaps.sync)", AGENT: "zeroproxy agent cold start"}.get(mode, mode)
+                label = {ZEROPROXY: "zeroproxy (ServiceMaps.sync)", AGENT: "zeroproxy agent cold start",
+                         KUBE_PROXY: "kube-proxy 1.20 restart to rules"}.get(mode, mode)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")

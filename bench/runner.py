@@ -28,7 +28,7 @@ from typing import Any
 from bench import SCHEMA, client, nodeport, rules
 from bench.report import AGENT, ZP_FULL_SYNC, ZPCTL_PROCESS
 from bench.services import Service, make_services
-from bench.topology import CLUSTER_CIDR, DIRECT, IPTABLES, MODES, NFTABLES, ZEROPROXY, Topology, timed
+from bench.topology import CLUSTER_CIDR, DIRECT, IPTABLES, KUBE_PROXY, MODES, NFTABLES, ZEROPROXY, Topology, timed
 from zeroproxy.testbed import NETNS_DIR, TestBed, cleanup_stale
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 BED_PREFIX = "zpbench"
 BPF_STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
 FIRST, LAST = "first", "last"
-SERVICE_MODES = (IPTABLES, NFTABLES, ZEROPROXY)
+SERVICE_MODES = (IPTABLES, NFTABLES, ZEROPROXY, KUBE_PROXY)
 NODEPORT, S2Z, APISOURCE = "nodeport", "s2z", "apisource"
 SCENARIOS = (*client.SCENARIOS, NODEPORT, S2Z, APISOURCE)
 
@@ -253,6 +253,14 @@ def run(cfg: Config, *, progress: bool = True, keep_workdir: bool = False) -> di
         "bpf_stats": [],
         "cleanup": {},
     }
+    if KUBE_PROXY in cfg.modes:
+        from bench import kubeproxy
+
+        results["tools"]["kube-proxy"] = kubeproxy.version()
+        results["notes"]["kube-proxy"] = (
+            "the real kube-proxy 1.20.2, iptables mode, as a process in the kp node's netns, reading Services and "
+            "discovery.k8s.io/v1beta1 EndpointSlices from a real kube-apiserver 1.20.2 (DevCluster); first/last = "
+            "first/last service in its KUBE-SERVICES chain (Go map order), read after programming")
     if NODEPORT in cfg.scenarios:
         results["nodeport"] = {"runs": [], "programming": []}
         results["notes"]["nodeport"] = nodeport.__doc__.split("\n\n")[0].replace("\n", " ")
@@ -265,7 +273,7 @@ def run(cfg: Config, *, progress: bool = True, keep_workdir: bool = False) -> di
     results["cleanup"].update(bed_id=bed.id, pin_dir=str(topo.pin_dir), workdir=str(workdir))
     np_topo = None
     if NODEPORT in cfg.scenarios:
-        np_topo = nodeport.NodePortTopology(topo, cfg.modes, max(cfg.nodeport_services))
+        np_topo = nodeport.NodePortTopology(topo, nodeport_modes(cfg.modes), max(cfg.nodeport_services))
         results["cleanup"]["nodeport_pin_dir"] = str(np_topo.pin_dir)
     try:
         bar.note("building the topology")
@@ -276,6 +284,9 @@ def run(cfg: Config, *, progress: bool = True, keep_workdir: bool = False) -> di
             info = topo.start_zeroproxy()
             results["programming"].append({"services": 0, "mode": ZEROPROXY, "what": "compile+attach",
                                            "seconds": info["load_s"] + info["attach_s"], **_pick(info)})
+        if KUBE_PROXY in cfg.modes:
+            bar.note("starting kube-apiserver for kube-proxy")
+            results["kube_proxy"] = topo.start_kube_proxy()
         if np_topo is not None:
             np_topo.build()
         for count in cfg.services:
@@ -289,6 +300,12 @@ def run(cfg: Config, *, progress: bool = True, keep_workdir: bool = False) -> di
         bar.close()
         errors = np_topo.teardown() if np_topo is not None else []
         results["cleanup"]["datapath_errors"] = errors + topo.teardown()
+        if KUBE_PROXY in cfg.modes:
+            kp = topo.kube_proxy_cleanup
+            results["cleanup"]["kube_proxy"] = kp
+            # the machine's own namespace: nothing of kube-proxy's may appear there
+            results["cleanup"]["host_rules_unchanged"] = (
+                kp.get("host_kube_lines_after") == kp.get("host_kube_lines_before") if kp else None)
         try:
             results["cleanup"]["leftover_rules"] = topo.leftover_rules()
             if np_topo is not None:
@@ -319,7 +336,12 @@ def derive(results: dict[str, Any]) -> None:
     if "nodeport" in results:
         np = results["nodeport"]
         np["summary"] = summarise(np["runs"])
-        np["ratios"] = ratios(np["runs"], direct_by_position=True)
+        np["ratios"] = ratios(np["runs"], direct_by_position=True, pairs=BASE_PAIRS)
+
+
+def nodeport_modes(modes: Sequence[str]) -> list[str]:
+    """The NodePort scenario has no kube-proxy column (yet): the real kube-proxy is ClusterIP only."""
+    return [m for m in modes if m != KUBE_PROXY]
 
 
 def run_scale_to_zero(cfg: Config) -> dict[str, Any]:
@@ -343,6 +365,7 @@ def _run_count(cfg: Config, topo: Topology, binary: Path, count: int, results: d
     _program(cfg, topo, services, results)
     bar.step(f"N={count}: programmed")
     cases = cases_for(count, cfg.modes)
+    kp_row = next((p for p in results["programming"] if p["mode"] == KUBE_PROXY and p["services"] == count), None)
     for scenario in cfg.client_scenarios:
         for rnd in range(cfg.rounds):
             for case in rotated(cases, rnd):
@@ -351,6 +374,9 @@ def _run_count(cfg: Config, topo: Topology, binary: Path, count: int, results: d
                 rec.update(services=count, round=rnd)
                 results["runs"].append(rec)
                 bar.step(f"N={count} {scenario} r{rnd + 1} {case.label}")
+    if kp_row is not None:
+        # kube-proxy rewrites KUBE-SERVICES in a new order on every sync: say whether none came
+        kp_row["order_unchanged"] = topo.kube_proxy_order_now(services) == topo.kube_proxy_order
     if cfg.bpf_stats and ZEROPROXY in cfg.modes:
         bar.note(f"N={count}: bpf_stats")
         results["bpf_stats"].extend(measure_bpf_stats(cfg, topo, binary, services))
@@ -381,11 +407,24 @@ def _program(cfg: Config, topo: Topology, services: list[Service], results: dict
                                        "start to 'initial sync done'", **info})
         results["memory"].append({"services": count, "process": "zeroproxy agent", "rss_kb": info["rss_kb"],
                                   "hwm_kb": info["hwm_kb"]})
+    if KUBE_PROXY in cfg.modes:
+        info = topo.load_kube_proxy(services)
+        results["programming"].append({"services": count, "mode": KUBE_PROXY, "what": KUBE_PROXY_WHAT, **info})
+        results["memory"].append({"services": count, "process": "kube-proxy", "rss_kb": info["rss_kb"],
+                                  "hwm_kb": info["hwm_kb"]})
 
 
-def target_of(case: Case, services: Sequence[Service], endpoints: Sequence[tuple[str, int]]) -> list[str]:
+KUBE_PROXY_WHAT = ("kube-proxy restarted (rules removed by --cleanup) with N Services + EndpointSlices in the API, "
+                   "until its rules hold all N; 'post': from POSTing the new services to the API until the running "
+                   "kube-proxy's rules hold all N")
+
+
+def target_of(case: Case, services: Sequence[Service], endpoints: Sequence[tuple[str, int]],
+              topo: Topology | None = None) -> list[str]:
     if case.position is None:
         return [f"{ip}:{port}" for ip, port in endpoints]
+    if case.mode == KUBE_PROXY and topo is not None:
+        return [topo.kube_proxy_service(services, case.position).target]
     svc = services[0] if case.position == FIRST else services[-1]
     return [svc.target]
 
@@ -393,7 +432,7 @@ def target_of(case: Case, services: Sequence[Service], endpoints: Sequence[tuple
 def run_case(cfg: Config, topo: Topology, binary: Path, services: Sequence[Service], case: Case,
              scenario: str) -> dict[str, Any]:
     """One client run; returns the client's JSON plus what was measured."""
-    targets = target_of(case, services, topo.endpoints)
+    targets = target_of(case, services, topo.endpoints, topo)
     argv = client.argv(binary, targets, scenario=scenario, threads=cfg.threads, duration=cfg.duration_s,
                        warmup=cfg.warmup_s, cpu=cfg.client_cpu)
     pod = topo.clients[case.mode]
@@ -525,8 +564,16 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def ratios(runs: list[dict[str, Any]], *, direct_by_position: bool = False) -> list[dict[str, Any]]:
-    """zeroproxy/direct, iptables/zeroproxy and nftables/zeroproxy for p50 and rate.
+BASE_PAIRS = {"zeroproxy_vs_direct": (ZEROPROXY, DIRECT), "iptables_vs_zeroproxy": (IPTABLES, ZEROPROXY),
+              "nftables_vs_zeroproxy": (NFTABLES, ZEROPROXY)}
+PAIRS = {**BASE_PAIRS, "kube_proxy_vs_zeroproxy": (KUBE_PROXY, ZEROPROXY),
+         "kube_proxy_vs_iptables": (KUBE_PROXY, IPTABLES)}
+
+
+def ratios(runs: list[dict[str, Any]], *, direct_by_position: bool = False,
+           pairs: dict[str, tuple[str, str]] = PAIRS) -> list[dict[str, Any]]:
+    """zeroproxy/direct, iptables/zeroproxy, nftables/zeroproxy, kube-proxy/zeroproxy and
+    kube-proxy/iptables (the real program against its shape) for p50 and rate.
 
     Each ratio is the median over rounds of the ratio *within* a round: the cases of one round
     run back to back, so pairing them cancels most of a shared machine's drift. With
@@ -537,8 +584,6 @@ def ratios(runs: list[dict[str, Any]], *, direct_by_position: bool = False) -> l
     keys = sorted({(r["services"], r["scenario"], r["position"]) for r in runs if r["position"]},
                   key=lambda k: (k[0], client.SCENARIOS.index(k[1]) if k[1] in client.SCENARIOS else 9, k[2]))
     rounds = sorted({r["round"] for r in runs})
-    pairs = {"zeroproxy_vs_direct": (ZEROPROXY, DIRECT), "iptables_vs_zeroproxy": (IPTABLES, ZEROPROXY),
-             "nftables_vs_zeroproxy": (NFTABLES, ZEROPROXY)}
     out = []
     for count, scenario, position in keys:
         row: dict[str, Any] = {"services": count, "scenario": scenario, "position": position}

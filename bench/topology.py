@@ -6,13 +6,15 @@ Layout (all built with the test bed, so it is torn down even when a run fails)::
     client-ipt     -> node ipt    --+-- underlay bridge -- node be -- be-0, be-1, be-2 (nginx)
     client-nft     -> node nft    --+
     client-zp      -> node zp     --+
+    client-kp      -> node kp     --+   (the real kube-proxy 1.20.2, bench/kubeproxy.py)
 
 Every mode takes the same path (pod -> its node -> underlay -> backend node -> backend pod),
 like a ClusterIP whose endpoints run on another node. Each mode gets its own client node so
 its datapath is installed once per service count and modes can be interleaved run by run
 without reloading anything: kube-proxy-shaped rules sit in the ``ipt`` / ``nft`` node's
 namespace (where kube-proxy puts them, hooked at PREROUTING), zeroproxy's socket programs on the
-``zp`` node's cgroup (where its agent attaches), and the ``direct`` node has neither, which also
+``zp`` node's cgroup (where its agent attaches), the real kube-proxy's rules in the ``kp``
+node's namespace (written by kube-proxy itself from a real apiserver), and the ``direct`` node has neither, which also
 keeps conntrack off its path.
 """
 
@@ -34,8 +36,9 @@ from zeroproxy.testbed import Node, Pod, TestBed
 log = logging.getLogger(__name__)
 
 DIRECT, IPTABLES, NFTABLES, ZEROPROXY = "direct", "iptables", "nftables", "zeroproxy"
-MODES = (DIRECT, IPTABLES, NFTABLES, ZEROPROXY)
-NODE_NAMES = {DIRECT: "direct", IPTABLES: "ipt", NFTABLES: "nft", ZEROPROXY: "zp"}
+KUBE_PROXY = "kube-proxy"  # the real kube-proxy 1.20.2, iptables mode (bench/kubeproxy.py)
+MODES = (DIRECT, IPTABLES, NFTABLES, ZEROPROXY, KUBE_PROXY)
+NODE_NAMES = {DIRECT: "direct", IPTABLES: "ipt", NFTABLES: "nft", ZEROPROXY: "zp", KUBE_PROXY: "kp"}
 BACKEND_PORT = 80
 CLUSTER_CIDR = "10.244.0.0/16"  # every node's pod CIDR (10.244.N.0/24) lies inside it
 REPO = Path(__file__).resolve().parent.parent
@@ -110,6 +113,9 @@ class Topology:
         self.zpctl: subprocess.Popen[str] | None = None
         self.nft_loaded = False
         self.ipt_loaded = False
+        self.kube_proxy: Any = None  # bench.kubeproxy.KubeProxy once started
+        self.kube_proxy_order: list[int] = []  # service indices in kube-proxy's KUBE-SERVICES order
+        self.kube_proxy_cleanup: dict[str, Any] = {}
 
     @property
     def endpoints(self) -> list[tuple[str, int]]:
@@ -261,6 +267,37 @@ class Topology:
         agent_cgroup = self.agent_cgroup if self.agent_cgroup.is_dir() else None
         return done + loader.cleanup(agent_cgroup, self.agent_pin_dir)
 
+    # -- the real kube-proxy ----------------------------------------------------------------------
+
+    def start_kube_proxy(self) -> dict[str, Any]:
+        """The apiserver kube-proxy reads and its config; kube-proxy itself starts with the first N."""
+        from bench.kubeproxy import KubeProxy
+
+        self.kube_proxy = KubeProxy(self.bed, self.nodes[KUBE_PROXY], self.workdir, CLUSTER_CIDR)
+        info = self.kube_proxy.start_api()
+        return {**info, "config": self.kube_proxy.config()}
+
+    def load_kube_proxy(self, services: Sequence[Service]) -> dict[str, Any]:
+        """Post the services kube-proxy does not have yet, then time its restart (bench.kubeproxy)."""
+        info = self.kube_proxy.program(services)
+        self.kube_proxy_order = info.pop("order")
+        return {**info, "first_service": self.kube_proxy_order[0], "last_service": self.kube_proxy_order[-1]}
+
+    def kube_proxy_service(self, services: Sequence[Service], position: str) -> Service:
+        """The first or last service in kube-proxy's KUBE-SERVICES (Go map order, not index order)."""
+        index = self.kube_proxy_order[0] if position == "first" else self.kube_proxy_order[-1]
+        return services[index]
+
+    def kube_proxy_order_now(self, services: Sequence[Service]) -> list[int]:
+        return self.kube_proxy.rule_order(services)
+
+    def stop_kube_proxy(self) -> None:
+        if self.kube_proxy is not None:
+            self.kube_proxy_cleanup = self.kube_proxy.close()
+            self.kube_proxy = None
+            if errors := self.kube_proxy_cleanup.get("errors"):
+                raise RuntimeError("; ".join(errors))
+
     # -- teardown --------------------------------------------------------------------------------
 
     def teardown(self) -> list[str]:
@@ -270,7 +307,7 @@ class Topology:
         """
         errors: list[str] = []
         steps = [("iptables", self.unload_iptables), ("nftables", self.unload_nftables),
-                 ("zeroproxy", self.stop_zeroproxy)]
+                 ("zeroproxy", self.stop_zeroproxy), (KUBE_PROXY, self.stop_kube_proxy)]
         for name, step in steps:
             if name == ZEROPROXY or name in self.nodes:
                 try:

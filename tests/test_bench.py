@@ -131,8 +131,8 @@ def test_smoke_run_produces_results_and_cleans_up(bench_tools: None, stale_beds_
 
     # every case ran twice per scenario and carried traffic without a single failure
     runs = results["runs"]
-    cases_n1 = 4  # direct + first service of three service modes
-    cases_n20 = 7  # direct + first and last of three service modes
+    cases_n1 = 5  # direct + first service of four service modes (the real kube-proxy included)
+    cases_n20 = 9  # direct + first and last of four service modes
     assert len(runs) == (cases_n1 + cases_n20) * 2 * 2
     for r in runs:
         assert r["requests"] > 0, r
@@ -140,7 +140,8 @@ def test_smoke_run_produces_results_and_cleans_up(bench_tools: None, stale_beds_
         assert 0 < r["latency_us"]["p50"] <= r["latency_us"]["p99"]
     by_mode = {(r["services"], r["mode"], r["position"]) for r in runs}
     assert (20, "direct", None) in by_mode
-    assert {(20, m, p) for m in ("iptables", "nftables", "zeroproxy") for p in ("first", "last")} <= by_mode
+    assert {(20, m, p) for m in ("iptables", "nftables", "zeroproxy", "kube-proxy") for p in ("first", "last")} \
+        <= by_mode
     # the service modes really went through a ClusterIP, direct through the backend addresses
     assert {t for r in runs if r["mode"] == "zeroproxy" and r["position"] == "last" for t in r["targets"]} \
         == {f"{vip(19)}:80"}
@@ -150,8 +151,9 @@ def test_smoke_run_produces_results_and_cleans_up(bench_tools: None, stale_beds_
     assert {r["scenario"] for r in results["summary"]} == {"short", "keepalive"}
 
     programming = {(p["services"], p["mode"]) for p in results["programming"]}
-    assert {(n, m) for n in (1, 20) for m in ("iptables", "nftables", "zeroproxy", "zeroproxy-agent")} \
+    assert {(n, m) for n in (1, 20) for m in ("iptables", "nftables", "zeroproxy", "zeroproxy-agent", "kube-proxy")} \
         <= programming
+    _check_kube_proxy(results)
     nft20 = next(p for p in results["programming"] if p["services"] == 20 and p["mode"] == "nftables")
     assert len(nft20["chunk_s"]) == 3  # 20 services in chunks of 8
     agent20 = next(p for p in results["programming"] if p["services"] == 20 and p["mode"] == "zeroproxy-agent")
@@ -184,6 +186,7 @@ def test_smoke_run_produces_results_and_cleans_up(bench_tools: None, stale_beds_
 
     md = (out / "results.md").read_text()
     assert "zeroproxy/direct" in md and "| 20 | last |" in md and "| 9 | remote |" in md
+    assert "kube-proxy/zeroproxy" in md and "kube-proxy restart to rules" in md
     for png in ("latency.png", "throughput.png", "programming.png", "nodeport.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -201,10 +204,40 @@ def test_smoke_run_produces_results_and_cleans_up(bench_tools: None, stale_beds_
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        assert cleanup["workdir"] not in cmdline, f"pid {pid} survived: {cmdline!r}"
+        assert cleanup["workdir"] not in cmdline, f"pid {pid} survived: {cmdline!r}"  # kube-proxy too
+        assert results["kube_proxy"]["apiserver_dir"] not in cmdline, f"pid {pid} survived: {cmdline!r}"
     assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == bpf_stats_before
     root_rules = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
     assert rules.NFT_TABLE not in root_rules and "KUBE-" not in root_rules
+
+
+def _check_kube_proxy(results: dict) -> None:
+    """The real kube-proxy wrote its rules into the kp node's netns, from the API, and they went."""
+    kp = {p["services"]: p for p in results["programming"] if p["mode"] == "kube-proxy"}
+    for n in (1, 20):
+        restart, post = kp[n]["restart"], kp[n]["post"]
+        # 1.20 writes two KUBE-SERVICES rules per service (masquerade mark + jump), then the NodePort one
+        assert restart["kube_services_rules"] == post["kube_services_rules"] == 2 * n + 1, kp[n]
+        assert restart["nat_rules"] > 6 * n and restart["syncs"] >= 1
+        assert kp[n]["seconds"] > 0 and post["seconds"] > 0 and kp[n]["rss_kb"] > 0
+        assert kp[n]["order_unchanged"] is True  # the client runs hit what was read as first / last
+    assert (kp[1]["post"]["posted"], kp[20]["post"]["posted"], kp[20]["post"]["already"]) == (1, 19, 1)
+    assert kp[20]["post"]["created"]["objects"] == 38
+    # first / last in kube-proxy's own rule order, which is its Go map order, not the index
+    for n in (1, 20):
+        hits = {r["position"]: r["targets"] for r in results["runs"]
+                if r["mode"] == "kube-proxy" and r["services"] == n}
+        assert hits["first"] == [f"{vip(kp[n]['first_service'])}:80"]
+        if n > 1:
+            assert hits["last"] == [f"{vip(kp[n]['last_service'])}:80"]
+    assert results["kube_proxy"]["config"]["conntrack"] == {"maxPerCore": 0}
+    assert results["tools"]["kube-proxy"] == "Kubernetes v1.20.2"
+    # torn down: --cleanup ran in the netns (what it keeps is recorded and removed), the machine's
+    # own namespace never saw a KUBE- rule; leftover_rules (checked by the caller) covers the kp node
+    cleanup = results["cleanup"]
+    assert cleanup["kube_proxy"]["final"]["seconds"] > 0
+    assert cleanup["host_rules_unchanged"] is True
+    assert not Path(results["kube_proxy"]["apiserver_dir"]).exists()
 
 
 def test_sigterm_mid_run_still_cleans_up(bench_tools: None, stale_beds_removed: list[str], tmp_path: Path) -> None:
