@@ -610,7 +610,12 @@ class _Handler(socketserver.BaseRequestHandler):
             return bytes(DNSRecord(header).pack())
         if request.header.qr:
             return b""  # a response sent to us: never answer those
-        reply = self.server.resolver.resolve(request)
+        try:
+            reply = self.server.resolver.resolve(request)
+        except Exception:  # a bug here must cost one SERVFAIL, not a client's timeout
+            log.exception("answering %s %s", request.q.qname, QTYPE.get(request.q.qtype))
+            reply = request.reply(ra=0, aa=0)
+            reply.header.rcode = RCODE.SERVFAIL
         opt = next((rr for rr in request.ar if rr.rtype == QTYPE.OPT), None)
         if opt is not None:
             reply.add_ar(EDNS0(udp_len=MAX_UDP_PAYLOAD))
