@@ -228,13 +228,15 @@ PYTHONPATH=$here python3 -m zeroproxy.images rootfs-image --tag "$repository:$ta
     || die "writing $archive failed"
 mv -f "$archive.tmp" "$archive"
 echo "$key" > "$tag_key"
-# Archives and rootfs tarballs of older contents are never loaded again: drop them.
-for f in "$work"/tags/*; do
-    [ "$(cat "$f")" = "$key" ] && continue
-    rm -f "$images/zeroproxy-$(basename "$f").tar" "$f"
-done
+# Archives and rootfs tarballs of older contents: keep the newest two contents (a bed or a test
+# may still be loading the previous one while the tree is edited), drop the rest.
+mapfile -t keep < <(ls -t "$work"/rootfs-*.tar | head -n 2)
 for f in "$work"/rootfs-*.tar; do
-    [ "$f" = "$rootfs_tar" ] || rm -f "$f"
+    [[ " ${keep[*]} " == *" $f "* ]] || rm -f "$f"
+done
+for f in "$work"/tags/*; do
+    [ -f "$work/rootfs-$(cut -c1-12 "$f").tar" ] && continue
+    rm -f "$images/zeroproxy-$(basename "$f").tar" "$f"
 done
 copy_rootfs
 log "$repository:$tag: $archive ($(du -m "$archive" | cut -f1) MB) in $(( $(date +%s) - start ))s"

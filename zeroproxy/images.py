@@ -742,7 +742,9 @@ def e2e_images(k8s_bin: Path) -> list[Image]:
     for package in AGNHOST_PACKAGES:
         layer.package_programs(package)
     layer.symlink("/usr/bin/sh", "dash")
+    # The names Debian's alternatives would give them.
     layer.symlink("/usr/bin/nc", "nc.openbsd")
+    layer.symlink("/usr/bin/awk", "mawk")
     layer.command("getent")
     for etc in ("/etc/protocols", "/etc/services"):
         layer.host_path(etc)
