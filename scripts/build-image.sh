@@ -92,7 +92,8 @@ mapfile -t mirrors < <(zp_debian_source_uris | LC_ALL=C sort -u | awk '{ print "
 criu_sha=$(sha256sum < "$criu" | cut -d' ' -f1)
 # The base holds setup.sh's packages, runc and CRIU's libraries (derived from the binary, hence
 # its hash here rather than the package names: resolving them takes a second).
-base_key=$( { printf '%s\n' "${setup_pkgs[@]}" "${mirrors[@]}" "criu $criu_sha"; mmdebstrap --version 2>/dev/null || true; } |
+base_key=$( { printf '%s\n' "${setup_pkgs[@]}" "${mirrors[@]}" "criu $criu_sha"
+             dpkg-query -W -f='mmdebstrap ${Version}\n' mmdebstrap 2>/dev/null || true; } |
             sha256sum | cut -c1-16)
 key=$( { printf 'base %s\n' "$base_key"
          sha256sum -- "${sources[@]}" scripts/build-image.sh zeroproxy/images.py Containerfile

@@ -26,7 +26,9 @@ die() { printf 'build-images: ERROR: %s\n' "$*" >&2; exit 1; }
 . "$here/scripts/lib/apt.sh"
 pkgs=(dash bash coreutils grep sed mawk findutils procps hostname iproute2 curl wget netcat-openbsd
       bind9-dnsutils iputils-ping libc-bin iptables conntrack etcd-server netbase)
-if [ -n "$(zp_missing_packages "${pkgs[@]}")" ]; then
+# One dpkg-query for all of them (the fast path): each installed package prints one "ii".
+installed=$(dpkg-query -W -f='${db:Status-Abbrev}\n' "${pkgs[@]}" 2>/dev/null | grep -c '^ii' || true)
+if [ "$installed" != "${#pkgs[@]}" ] && [ -n "$(zp_missing_packages "${pkgs[@]}")" ]; then
     [ "$(id -u)" = 0 ] || die "need root to install $(zp_missing_packages "${pkgs[@]}" | tr '\n' ' ')"
     zp_apt_install "${pkgs[@]}" || die "apt-get install failed"
 fi

@@ -52,16 +52,20 @@ def built(k8s_bin: Path) -> list[images.Built]:
 
 
 @pytest.fixture(scope="module")
-def zeroproxy_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """scripts/build-image.sh's archive, hardlinked here: a build of newer sources (the tree is
-    edited while tests run) may retire the cache's copy halfway through this module."""
+def zeroproxy_archive() -> Iterator[Path]:
+    """scripts/build-image.sh's archive, hardlinked aside for this module: a build of newer
+    sources (the tree is edited while tests run) may retire the cache's copy halfway through."""
     out = subprocess.run(["bash", str(REPO / "scripts" / "build-image.sh")], capture_output=True, text=True,
                          check=False, timeout=3600)
     assert out.returncode == 0, out.stderr
     archive = Path(out.stdout.strip().splitlines()[-1])
-    kept = tmp_path_factory.mktemp("zeroproxy-image") / archive.name
+    aside = Path(tempfile.mkdtemp(prefix="zp-images-test-", dir=archive.parent.parent))
+    kept = aside / archive.name
     os.link(archive, kept)
-    return kept
+    try:
+        yield kept
+    finally:
+        shutil.rmtree(aside)
 
 
 # --- the archives --------------------------------------------------------------------------------
