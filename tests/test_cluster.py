@@ -35,7 +35,7 @@ def kube() -> Iterator[KubeCluster]:
         cluster.up()
         # Before any service proxy: what every namespace holds (nothing, on this bed).
         cluster.rulesets_before = kc.netfilter_rulesets(cluster)  # type: ignore[attr-defined]
-        kc.deploy_zeroproxy(cluster, kc.zeroproxy_image_tag())
+        kc.deploy_zeroproxy(cluster, cluster.image_tag)
         yield cluster
     finally:
         cluster.close()
@@ -216,7 +216,7 @@ def test_daemonset_rolling_update_under_traffic_fails_no_request(kube: KubeClust
     kc.wait_ready(kube, ns, "app=web", 2)
     kc.wait_ready(kube, ns, "app=client", 1)
     old_agents = {p["metadata"]["uid"] for p in kc.ready_pods(kube, "zeroproxy", "app.kubernetes.io/name=zeroproxy")}
-    tag = kc.zeroproxy_image_tag()
+    tag = kube.image_tag
     new_tag = f"{tag}-rollout"
     for node in kube.nodes:
         node.run(["ctr", "--address", kc.CONTAINERD_SOCK, "-n", "k8s.io", "images", "tag", "--force",

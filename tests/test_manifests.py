@@ -209,7 +209,9 @@ def test_daemonset_uses_precise_capabilities_not_privileged() -> None:
     security = daemonset_container()["securityContext"]
     assert security.get("privileged") is False
     assert security["capabilities"]["drop"] == ["ALL"]
-    assert security["capabilities"]["add"] == ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE", "SYS_PTRACE",
+    # No SYS_RESOURCE: runc refuses a capability the runtime lacks (this VM withholds it), and
+    # kernels >= 5.11 do not charge BPF maps to RLIMIT_MEMLOCK (tests/test_cluster.py runs it).
+    assert security["capabilities"]["add"] == ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE",
                                                "CHECKPOINT_RESTORE"]
     # Bidirectional propagation is only allowed for privileged containers (the API server
     # refuses it otherwise, see test_deploy.py): the mounts must do without it.

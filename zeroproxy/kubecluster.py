@@ -154,11 +154,16 @@ def cgroup_v1_mounts(mountinfo: str | None = None) -> list[Path]:
     return mounts
 
 
-def _make_v1_cgroup(relative: str) -> None:
-    """``relative`` in every v1 hierarchy; cpuset dirs get their parent's cpus and mems."""
+def _v1_path(mount: Path, cgroup: str) -> Path:
+    """A cgroup path (``/a/b``, as the kubelet's cgroupRoot) inside one v1 hierarchy."""
+    return mount / cgroup.strip("/")
+
+
+def _make_v1_cgroup(cgroup: str) -> None:
+    """``cgroup`` in every v1 hierarchy; cpuset dirs get their parent's cpus and mems."""
     for mount in cgroup_v1_mounts():
         path = mount
-        for part in Path(relative).parts:
+        for part in Path(cgroup.strip("/")).parts:
             parent, path = path, path / part
             if path.is_dir():
                 continue
@@ -168,10 +173,10 @@ def _make_v1_cgroup(relative: str) -> None:
                     (path / knob).write_text((parent / knob).read_text())
 
 
-def _v1_pids(relative: str) -> set[int]:
+def _v1_pids(cgroup: str) -> set[int]:
     pids: set[int] = set()
     for mount in cgroup_v1_mounts():
-        top = mount / relative
+        top = _v1_path(mount, cgroup)
         if not top.is_dir():
             continue
         for dirpath, _, files in os.walk(top):
@@ -181,11 +186,13 @@ def _v1_pids(relative: str) -> set[int]:
     return pids
 
 
-def _remove_v1_cgroup(relative: str, timeout: float = 10.0) -> list[str]:
-    """Remove ``relative`` and everything below it from every v1 hierarchy (deepest first)."""
+def _remove_v1_cgroup(cgroup: str, timeout: float = 10.0) -> list[str]:
+    """Remove ``cgroup`` and everything below it from every v1 hierarchy (deepest first)."""
     errors = []
+    if not cgroup.strip("/"):
+        raise ValueError(f"refusing to remove the root of every cgroup hierarchy ({cgroup!r})")
     for mount in cgroup_v1_mounts():
-        top = mount / relative
+        top = _v1_path(mount, cgroup)
         if not top.is_dir():
             continue
         deadline = time.monotonic() + timeout
@@ -588,6 +595,7 @@ class KubeCluster:
         self.proxy = proxy
         self.dns = dns
         self.dns_server: subprocess.Popen[Any] | None = None
+        self.image_tag = ""  # the zeroproxy image this cluster's nodes hold
         self.bed = TestBed(prefix)
         self.id = self.bed.id
         self.dir = DATA_DIR / self.id
@@ -651,9 +659,7 @@ class KubeCluster:
         bin_dir = ensure_binaries()
         if bin_dir != BIN_DIR:
             raise ClusterError(f"scripts/build-k8s.sh put the binaries in {bin_dir}, expected {BIN_DIR}")
-        images = sorted(ensure_images().glob("*.tar"))
-        if not images:
-            raise ClusterError(f"no image archives in {IMAGES_DIR}")
+        images = self._image_archives(ensure_images())
         for path in [*NODE_PATHS, NODE_CGROUP2]:
             self._mountpoint(Path(path))
         underlay = self.bed.underlay4
@@ -680,10 +686,33 @@ class KubeCluster:
         if self.dns:
             self._start_dns()
         if self.proxy == "zeroproxy":
-            deploy_zeroproxy(self, zeroproxy_image_tag())
+            deploy_zeroproxy(self, self.image_tag)
         elif self.proxy == "kube-proxy":
             self._deploy_kube_proxy()
         log.info("cluster %s up in %.0fs (%d nodes)", self.id, time.monotonic() - start, len(self.nodes))
+
+    def _image_archives(self, images_dir: Path) -> list[Path]:
+        """The archives to load: every node and e2e image, and the newest zeroproxy image.
+
+        Hard links in the cluster's directory, so a build running meanwhile (which prunes old
+        archives) cannot take them away halfway through an import.
+        """
+        tags = image_tags(images_dir)
+        newest = zeroproxy_image_tag(images_dir)
+        chosen = {archive for tag, archive in tags.items()
+                  if tag.rsplit(":", 1)[0] != ZEROPROXY_IMAGE or tag == f"{ZEROPROXY_IMAGE}:{newest}"}
+        if not chosen:
+            raise ClusterError(f"no image archives in {images_dir}")
+        links = self.dir / "images"
+        links.mkdir(exist_ok=True)
+        out = []
+        for archive in sorted(chosen):
+            link = links / archive.name
+            if not link.exists():
+                os.link(archive, link)
+            out.append(link)
+        self.image_tag = newest
+        return out
 
     def _start_dns(self) -> None:
         """The bed's cluster DNS (``zeroproxy.clusterdns``) behind kube-system/kube-dns.
@@ -881,7 +910,7 @@ class KubeCluster:
             errors += _remove_v1_cgroup(node.cgroup_root)
         # The bed's own v1 parent (zeroproxy-bed-<id>) in every v1 hierarchy.
         if self.nodes:
-            errors += _remove_v1_cgroup(self.nodes[0].cgroup_root.rsplit("/", 1)[0].lstrip("/") or "/")
+            errors += _remove_v1_cgroup(self.nodes[0].cgroup_root.rsplit("/", 1)[0])
         self.bed.close()
         if self.dir.exists():
             _rmtree(self.dir, errors)
@@ -1175,6 +1204,7 @@ def machine_snapshot() -> dict[str, list[str]]:
     """
     snap: dict[str, list[str]] = {}
     snap["netns"] = sorted(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else []
+    snap["root"] = sorted(os.listdir("/"))  # nothing may land at the top of the filesystem
     cgroups = []
     for mount in [*cgroup_v1_mounts(), testbed.find_cgroup2_mount()]:
         for child in mount.iterdir():
