@@ -353,6 +353,8 @@ class KubeNode:
         self.dir.mkdir(parents=True)
         for path in NODE_PATHS:
             self._source(path).mkdir()
+        # kubeadm's package ships it; a joined node's kubelet watches it for static pods.
+        (self._source("/etc/kubernetes") / "manifests").mkdir()
         resolv = self.dir / "resolv.conf"
         # kubeadm's preflight resolves the node name; a resolver on loopback that nothing
         # answers fails at once instead of after a timeout, and nothing leaves the bed.
