@@ -127,7 +127,8 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: fl
 
 
 def ensure_binaries() -> Path:
-    """The Kubernetes binaries (built once, cached); returns their directory."""
+    """The node runtime packages and the Kubernetes binaries (built once, cached); their dir."""
+    subprocess.run(["bash", str(ROOT / "scripts" / "setup-cluster.sh")], check=True)
     out = subprocess.run(["bash", str(ROOT / "scripts" / "build-k8s.sh")], check=True,
                          stdout=subprocess.PIPE, text=True).stdout.strip()
     return Path(out.splitlines()[-1]) if out else BIN_DIR
