@@ -35,15 +35,14 @@ RESULTS_DIR = kc.ROOT / "docs" / "e2e"
 E2E_REGISTRY = f"{kc.IMAGE_REPOSITORY}/e2e"
 SHARD_TIMEOUT_S = 1800.0
 
-# Specs left out on this machine, by a regex on the spec name, each with its reason.
+# Specs left out on this machine, by a regex on the spec name, each with its reason. Only what
+# needs a cloud provider's load balancer: everything else runs, or skips itself and says why.
 DROPPED: dict[str, str] = {
-    r"LoadBalancer|ESIPP|\[Feature:LoadBalancer\]|load balancer":
-        "needs a cloud provider's load balancer (no cloud here)",
-    r"\[Disruptive\]|\[Serial\]":
-        "disruptive or serial: restarts or reconfigures cluster components the other shards use",
-    r"\[Feature:[^\]]*\]|\[Flaky\]|\[Slow\]":
-        "gated behind a feature or marked slow/flaky upstream (the conformance runs skip them too)",
+    r"[Ll]oad ?[Bb]alancer|ESIPP|LB health check|change the type and ports of a service":
+        "needs a cloud provider's load balancer (this machine has no cloud)",
 }
+# Specs that restart or reconfigure what the others use: run alone, after the parallel shards.
+SERIAL = r"\[Disruptive\]|\[Serial\]"
 
 
 @dataclass
@@ -123,25 +122,13 @@ def run(cluster: kc.KubeCluster, proxy: str, work: Path, *, focus: str = SERVICE
     names = list_specs(cluster, focus, work)
     dropped = {n: r for n in names if (r := dropped_reason(n))}
     runnable = [n for n in names if n not in dropped]
-    groups = [runnable[i::shards] for i in range(shards)]
+    parallel = [n for n in runnable if not re.search(SERIAL, n)]
+    serial = [n for n in runnable if re.search(SERIAL, n)]
     env = {"KUBE_TEST_REPO_LIST": str(repo_list(work / "repo-list.yaml"))}
-    procs = []
-    for i, group in enumerate(g for g in groups if g):
-        report = work / f"shard-{i}"
-        report.mkdir(parents=True, exist_ok=True)
-        shard_focus = "^(?:" + "|".join(go_regex_escape(n) for n in group) + ")$"
-        procs.append((report, cluster.control_plane.spawn(_e2e_argv(cluster, report, shard_focus), env=env,
-                                                          log_to=work / f"shard-{i}.log")))
-        log.info("e2e shard %d: %d specs", i, len(group))
-    deadline = time.monotonic() + SHARD_TIMEOUT_S
-    for _, proc in procs:
-        try:
-            proc.wait(max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    reports = _run_shards(cluster, work, [parallel[i::shards] for i in range(shards)], "shard", env)
+    reports += _run_shards(cluster, work, [serial], "serial", env)
     results: dict[str, Result] = {}
-    for report, _ in procs:
+    for report in reports:
         for junit in report.glob("junit*.xml"):
             for r in parse_junit(junit):
                 if r.name in runnable:
@@ -156,6 +143,27 @@ def run(cluster: kc.KubeCluster, proxy: str, work: Path, *, focus: str = SERVICE
         "dropped": dropped,
     }
     return table
+
+
+def _run_shards(cluster: kc.KubeCluster, work: Path, groups: list[list[str]], prefix: str,
+                env: dict[str, str]) -> list[Path]:
+    """One e2e.test per non-empty group, side by side; waits for all; returns their report dirs."""
+    procs = []
+    for i, group in enumerate(g for g in groups if g):
+        report = work / f"{prefix}-{i}"
+        report.mkdir(parents=True, exist_ok=True)
+        focus = "^(?:" + "|".join(go_regex_escape(n) for n in group) + ")$"
+        procs.append((report, cluster.control_plane.spawn(_e2e_argv(cluster, report, focus), env=env,
+                                                          log_to=work / f"{prefix}-{i}.log")))
+        log.info("e2e %s %d: %d specs", prefix, i, len(group))
+    deadline = time.monotonic() + SHARD_TIMEOUT_S
+    for _, proc in procs:
+        try:
+            proc.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return [report for report, _ in procs]
 
 
 def summary(table: dict[str, Any]) -> str:
