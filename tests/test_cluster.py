@@ -30,7 +30,9 @@ NETEXEC_PORT = 8080
 @pytest.fixture(scope="module")
 def kube() -> Iterator[KubeCluster]:
     kc.cleanup_stale()
+    machine_before = kc.machine_snapshot()
     cluster = KubeCluster(2)
+    cluster.machine_before = machine_before  # type: ignore[attr-defined]
     try:
         cluster.up()
         # Before any service proxy: what every namespace holds (nothing, on this bed).
@@ -52,7 +54,8 @@ def ns(kube: KubeCluster) -> Iterator[str]:
     try:
         yield name
     finally:
-        kube.kubectl("delete", "namespace", name, "--wait=true", "--timeout=120s", check=False, timeout=150)
+        # Each test has its own namespace: no need to wait while the namespace controller empties it.
+        kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 # --- workloads -----------------------------------------------------------------------------------
@@ -222,16 +225,15 @@ def test_daemonset_rolling_update_under_traffic_fails_no_request(kube: KubeClust
         node.run(["ctr", "--address", kc.CONTAINERD_SOCK, "-n", "k8s.io", "images", "tag", "--force",
                   f"{kc.ZEROPROXY_IMAGE}:{tag}", f"{kc.ZEROPROXY_IMAGE}:{new_tag}"])
     kc.pod_exec(kube, ns, "client", ["sh", "-c", _background_loop(f"http://{svc_ip(kube, ns, 'web')}/hostname")])
-    try:
-        kc.deploy_zeroproxy(kube, new_tag)
-        agents = kc.ready_pods(kube, "zeroproxy", "app.kubernetes.io/name=zeroproxy")
-        assert {p["metadata"]["uid"] for p in agents}.isdisjoint(old_agents)
-        assert {p["spec"]["containers"][0]["image"] for p in agents} == {f"{kc.ZEROPROXY_IMAGE}:{new_tag}"}
-        n_before = len(_loop_lines(kube, ns))
-        kc.wait_until("traffic after the rollout", lambda: len(_loop_lines(kube, ns)) > n_before + 20, 60)
-        lines = _stop_loop(kube, ns)
-    finally:
-        kc.deploy_zeroproxy(kube, tag)
+    # The cluster stays on the new tag (the same image), so later tests see a rolled-out agent.
+    kc.deploy_zeroproxy(kube, new_tag)
+    kube.image_tag = new_tag
+    agents = kc.ready_pods(kube, "zeroproxy", "app.kubernetes.io/name=zeroproxy")
+    assert {p["metadata"]["uid"] for p in agents}.isdisjoint(old_agents)
+    assert {p["spec"]["containers"][0]["image"] for p in agents} == {f"{kc.ZEROPROXY_IMAGE}:{new_tag}"}
+    n_before = len(_loop_lines(kube, ns))
+    kc.wait_until("traffic after the rollout", lambda: len(_loop_lines(kube, ns)) > n_before + 20, 60)
+    lines = _stop_loop(kube, ns)
     assert len(lines) > 50
     assert not failures(lines), failures(lines)[:10]
 
@@ -268,13 +270,19 @@ def test_pod_reaches_a_service_by_its_dns_name(kube: KubeCluster, ns: str) -> No
     headless = service("web-headless", clusterIP="None")
     headless["spec"]["selector"] = {"app": "web"}
     kc.apply(kube, netexec("web", 2), service("web"), headless, client_pod(), namespace=ns)
-    backends = {p["metadata"]["name"] for p in kc.wait_ready(kube, ns, "app=web", 2)}
+    pods = kc.wait_ready(kube, ns, "app=web", 2)
+    backends = {p["metadata"]["name"] for p in pods}
     kc.wait_ready(kube, ns, "app=client", 1)
-    for url in ("http://web/hostname", f"http://web.{ns}.svc.{kc.DNS_DOMAIN}/hostname",
-                f"http://web-headless.{ns}.svc.{kc.DNS_DOMAIN}:{NETEXEC_PORT}/hostname"):
+    for url in ("http://web/hostname", f"http://web.{ns}.svc.{kc.DNS_DOMAIN}/hostname"):
         lines = curl_loop(kube, ns, url, 20)
         assert not failures(lines), (url, failures(lines))
         assert set(answers(lines)) == backends, url
+    # Headless: the name resolves to every ready pod (the resolver, not zeroproxy, picks one).
+    headless_name = f"web-headless.{ns}.svc.{kc.DNS_DOMAIN}"
+    dig = kc.pod_exec(kube, ns, "client", ["dig", "+short", headless_name]).stdout.split()
+    assert sorted(dig) == sorted(p["status"]["podIP"] for p in pods)
+    lines = curl_loop(kube, ns, f"http://{headless_name}:{NETEXEC_PORT}/hostname", 5)
+    assert not failures(lines) and set(answers(lines)) <= backends, lines
     resolv = kc.pod_exec(kube, ns, "client", ["cat", "/etc/resolv.conf"]).stdout
     assert f"nameserver {kc.DNS_IP}" in resolv and f"search {ns}.svc.{kc.DNS_DOMAIN}" in resolv
 
@@ -377,3 +385,22 @@ def _stop_loop(kube: KubeCluster, ns: str) -> list[str]:
     return _loop_lines(kube, ns)
 
 
+# --- last: the teardown --------------------------------------------------------------------------
+
+
+def test_teardown_leaves_the_machine_as_it_was(kube: KubeCluster) -> None:
+    """Runs last in this module (pytest keeps file order): closes the cluster, with everything
+    the tests above made still in it (pods, pod netns, overlay snapshots, kubelet volumes, v1
+    and v2 cgroups, pins, kubeadm state), and compares the machine with its state before
+    the cluster was built: netns, cgroups, mounts, pins, kubeadm paths, state, processes."""
+    during = kc.machine_snapshot()
+    before: dict[str, list[str]] = kube.machine_before  # type: ignore[attr-defined]
+    # The snapshot does see what a cluster creates, so an empty difference below means something.
+    assert set(during["netns"]) - set(before["netns"])
+    assert [c for c in during["cgroups"] if kube.id in c]
+    assert [p for p in during["processes"] if p.startswith("kubelet")]
+    assert [s for s in during["state"] if kube.id in s]
+    kube.close()
+    after = kc.machine_snapshot()
+    left = {k: sorted(set(after[k]) - set(before[k])) for k in after}
+    assert not any(left.values()), left
