@@ -607,6 +607,7 @@ class KubeCluster:
         self._state_file = state_dir / f"cluster-{self.id}.json"
         self._closed = False
         self.token = f"{secrets.token_hex(3)}.{secrets.token_hex(8)}"
+        self._lock = _one_cluster_lock(state_dir, self.id)
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
             self._write_state()
@@ -924,6 +925,40 @@ class KubeCluster:
         if errors:
             log.warning("cluster %s teardown: %s", self.id, "; ".join(errors))
         self._closed = True
+        self._lock.close()  # the next cluster may start
+
+
+ONE_CLUSTER_WAIT_S = 3600.0
+
+
+def _one_cluster_lock(state_dir: Path, cluster_id: str) -> Any:
+    """One cluster per machine at a time: an exclusive lock held for the cluster's life.
+
+    Two clusters side by side were seen to cross (the second one's kubelet synced pods of the
+    first: both name their nodes node1, node2 on the same bed addresses), and a teardown check
+    cannot tell another cluster's objects from its own leftovers. So a second cluster waits.
+    """
+    import fcntl
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(state_dir / "one-cluster.lock", "a+")  # held until close(); not inherited
+    deadline = time.monotonic() + ONE_CLUSTER_WAIT_S
+    logged = False
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if not logged:
+                log.warning("cluster %s: another cluster is up on this machine (%s); waiting for it to go",
+                            cluster_id, ", ".join(_live_clusters(state_dir)) or "unknown")
+                logged = True
+            if time.monotonic() > deadline:
+                lock.close()
+                raise ClusterError(f"another cluster held {state_dir}/one-cluster.lock for "
+                                   f"{ONE_CLUSTER_WAIT_S:.0f}s: {', '.join(_live_clusters(state_dir))}") from None
+            time.sleep(1)
+    return lock
 
 
 MOUNTPOINTS_FILE = STATE_DIR / "mountpoints.json"  # host directories some cluster created
