@@ -29,16 +29,13 @@ KUBE-MARK-*, the canary chains -- is recorded), then the bench empties the table
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import http.client
 import logging
 import os
 import re
 import signal
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +46,7 @@ import yaml
 
 from bench.services import NAMESPACE, Service
 from dataplane.netns import in_netns
+from zeroproxy.relay import TCPRelay
 from zeroproxy.testbed import Node, TestBed
 
 log = logging.getLogger(__name__)
@@ -139,71 +137,6 @@ def create_objects(api_client: Any, services: Sequence[Service], *, node_name: s
 # --- the relay from the node's loopback to the apiserver -----------------------------------------
 
 
-class LoopbackRelay:
-    """127.0.0.1:<port> inside ``netns``, relayed to ``target`` in the caller's namespace.
-
-    The listening socket is made inside the netns; the relay thread lives in the caller's
-    namespace, so its upstream sockets reach the machine's loopback. Nothing else crosses.
-    """
-
-    def __init__(self, netns: str, target: tuple[str, int]) -> None:
-        self.target = target
-        with in_netns(netns):
-            self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"kube-proxy-relay-{netns}", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the kube-proxy API relay did not start")
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        self._server = await asyncio.start_server(self._handle, sock=self._listener)
-        self._ready.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._server.serve_forever()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(*self.target), 10)
-        except (OSError, TimeoutError):
-            writer.close()
-            return
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                with contextlib.suppress(OSError, RuntimeError):
-                    dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-
-        def stop() -> None:
-            self._server.close()
-            for task in asyncio.all_tasks(self._loop):
-                task.cancel()
-
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(stop)
-        self._thread.join(10)
-        with contextlib.suppress(RuntimeError):
-            self._loop.close()
-
-
 # --- kube-proxy ----------------------------------------------------------------------------------
 
 
@@ -235,7 +168,7 @@ class KubeProxy:
         self.cluster_cidr = cluster_cidr
         self.cluster: Any = None
         self.api: Any = None
-        self.relay: LoopbackRelay | None = None
+        self.relay: TCPRelay | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.config_path = workdir / "kube-proxy.yaml"
         self.kubeconfig_path = workdir / "kube-proxy.kubeconfig"
@@ -259,7 +192,8 @@ class KubeProxy:
         self.api = self.cluster.api_client()
         client.CoreV1Api(self.api).create_namespace(
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}, _preload_content=False).read()
-        self.relay = LoopbackRelay(self.node.netns, ("127.0.0.1", self.cluster.apiserver_port))
+        self.relay = TCPRelay(("127.0.0.1", self.cluster.apiserver_port), listen_netns=self.node.netns,
+                              name=f"kube-proxy-relay-{self.node.netns}")
         self.kubeconfig_path.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config",
             "clusters": [{"name": "bench", "cluster": {"server": f"https://127.0.0.1:{self.relay.port}",

@@ -26,7 +26,7 @@ every pod process, hostNetwork and static pods included, lands under the node's 
 
 Nodes talk to each other over the bed's underlay and route each other's pod CIDRs; the default
 route points at an underlay address nobody has, so nothing leaves the bed's namespaces. The host
-reaches the API server through ``APIForwarder``, a loopback listener that dials from inside the
+reaches the API server through ``zeroproxy.relay.TCPRelay``, a loopback listener that dials from inside the
 first node's namespace.
 
 ``close()`` tears down everything even after a failure: kubelet loop, ``kubeadm reset``,
@@ -36,7 +36,6 @@ v2 cgroups) and every directory. ``cleanup_stale()`` finishes the job of a run t
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import hashlib
@@ -47,9 +46,7 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -57,8 +54,9 @@ from typing import Any
 
 import yaml
 
-from dataplane.netns import NETNS_DIR, in_netns
+from dataplane.netns import NETNS_DIR
 from zeroproxy import testbed
+from zeroproxy.relay import TCPRelay
 from zeroproxy.testbed import CommandFailed, TestBed
 
 log = logging.getLogger(__name__)
@@ -229,80 +227,6 @@ def _pids_with_ns(kind: str, inode: int) -> list[int]:
 
 
 # --- the API server, seen from the host ---------------------------------------------------------
-
-
-class APIForwarder:
-    """A TCP listener on 127.0.0.1 whose connections are dialled from inside a node's netns.
-
-    The API server listens on the node's underlay address, which exists only inside the bed.
-    Rather than giving the host an address there, every accepted connection gets an upstream
-    socket created inside the node's namespace (a socket keeps the namespace it was made in).
-    Runs on its own thread and event loop; ``close()`` stops it.
-    """
-
-    def __init__(self, netns: str, target: tuple[str, int], port: int = 0) -> None:
-        self.netns = netns
-        self.target = target
-        self._listener = socket.create_server(("127.0.0.1", port))
-        self.port: int = self._listener.getsockname()[1]
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=f"api-forward-{netns}", daemon=True)
-        self._ready = threading.Event()
-        self._thread.start()
-        self._ready.wait(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        self._server = await asyncio.start_server(self._handle, sock=self._listener)
-        self._ready.set()
-        async with self._server:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._server.serve_forever()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        with in_netns(self.netns):
-            upstream = socket.socket(socket.AF_INET6 if ":" in self.target[0] else socket.AF_INET,
-                                     socket.SOCK_STREAM)
-        upstream.setblocking(False)
-        try:
-            await asyncio.wait_for(loop.sock_connect(upstream, self.target), 10)
-            up_reader, up_writer = await asyncio.open_connection(sock=upstream)
-        except (OSError, TimeoutError):
-            upstream.close()
-            writer.close()
-            return
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                with contextlib.suppress(OSError, RuntimeError):
-                    dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-
-        def stop() -> None:
-            self._server.close()
-            for task in asyncio.all_tasks(self._loop):
-                task.cancel()
-
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(stop)
-        self._thread.join(10)
-        with contextlib.suppress(RuntimeError):
-            self._loop.close()
 
 
 # --- nodes --------------------------------------------------------------------------------------
@@ -603,7 +527,7 @@ class KubeCluster:
         self.id = self.bed.id
         self.dir = DATA_DIR / self.id
         self.nodes: list[KubeNode] = []
-        self.forwarder: APIForwarder | None = None
+        self.forwarder: TCPRelay | None = None
         self._state_file = state_dir / f"cluster-{self.id}.json"
         self._closed = False
         self.token = f"{secrets.token_hex(3)}.{secrets.token_hex(8)}"
@@ -818,7 +742,9 @@ class KubeCluster:
                            "--skip-phases=addon/kube-proxy,addon/coredns"], timeout=BRINGUP_TIMEOUT_S)
         (node.dir / "kubeadm-init.log").write_text(result.stdout + result.stderr)
         admin = node._source("/etc/kubernetes") / "admin.conf"
-        self.forwarder = APIForwarder(node.netns, (node.ip, 6443))
+        # The API server listens only on the node's underlay address, inside the bed: the host
+        # reaches it through a loopback listener whose upstream sockets are made in the node.
+        self.forwarder = TCPRelay((node.ip, 6443), dial_netns=node.netns, name=f"api-forward-{self.id}")
         kubeconfig = yaml.safe_load(admin.read_text())
         for c in kubeconfig["clusters"]:
             c["cluster"]["server"] = f"https://127.0.0.1:{self.forwarder.port}"

@@ -2,8 +2,8 @@
 #
 # Nothing host-specific is in the repository: builds that fetch from Debian (source packages,
 # a bootstrapped root) take the mirror from the system's own apt sources, so they work wherever
-# the machine's apt works. Copied from scripts/build-apiserver.sh's system_source_uris (which
-# keeps its own copy for now) so that new scripts need not each carry one.
+# the machine's apt works. scripts/lib/k8s-src.sh (the Kubernetes source package) and
+# scripts/build-image.sh (the image's Debian root) both use it.
 
 # "URI suite" lines, one per Debian bookworm suite with component main that apt is configured
 # for: deb822 stanzas of type deb in /etc/apt/sources.list.d/*.sources, and one-line

@@ -57,45 +57,13 @@ zp_k8s_ldflags() {
 
 # deb-src entries are derived from the system's own Debian bookworm sources so that whichever
 # mirror this machine is configured for is the one we use; nothing host-specific is in the repo.
-_zp_k8s_system_source_uris() {
-    local f
-    # deb822 files: URIs of stanzas that are of type deb and name a bookworm suite.
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] || continue
-        awk 'BEGIN { RS = ""; FS = "\n" }
-             {
-               types = ""; uris = ""; suites = ""; comps = ""
-               for (i = 1; i <= NF; i++) {
-                 if ($i ~ /^#/) continue
-                 split($i, kv, ":"); key = tolower(kv[1]); val = substr($i, length(kv[1]) + 2)
-                 if (key == "types") types = val
-                 else if (key == "uris") uris = val
-                 else if (key == "suites") suites = val
-                 else if (key == "components") comps = val
-               }
-               if (types ~ /(^|[ \t])deb([ \t]|$)/ && suites ~ /(^|[ \t])bookworm(-updates|-security)?([ \t]|$)/ \
-                   && comps ~ /(^|[ \t])main([ \t]|$)/ && $0 !~ /(^|\n)Enabled:[ \t]*no/) {
-                 n = split(uris, u, /[ \t]+/)
-                 ns = split(suites, s, /[ \t]+/)
-                 for (j = 1; j <= n; j++) for (k = 1; k <= ns; k++)
-                   if (u[j] != "" && s[k] ~ /^bookworm(-updates|-security)?$/) print u[j], s[k]
-               }
-             }' "$f"
-    done
-    # One-line format: "deb [options] URI suite components..."
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -f "$f" ] || continue
-        sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$f" |
-            awk '$1 == "deb" && $3 ~ /^bookworm(-updates|-security)?$/ {
-                   for (i = 4; i <= NF; i++) if ($i == "main") { print $2, $3; break }
-                 }'
-    done
-}
+# shellcheck source=scripts/lib/debian-sources.sh
+. "$(dirname "${BASH_SOURCE[0]}")/debian-sources.sh"
 
 # Fetch and extract the source package into $zp_k8s_tree (Debian's patches applied).
 _zp_k8s_fetch() {
     local entries e uri suite src_version dsc private_apt
-    mapfile -t entries < <(_zp_k8s_system_source_uris | sort -u)
+    mapfile -t entries < <(zp_debian_source_uris | sort -u)
     ((${#entries[@]})) || die "no Debian bookworm 'deb' entry with component main in /etc/apt/sources.list or
 /etc/apt/sources.list.d/*.sources; cannot tell which Debian mirror to fetch the kubernetes source from"
 
