@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -349,7 +350,8 @@ def test_e2e_services_zeroproxy_fails_nothing_kube_proxy_passes(kube: KubeCluste
     ``./zp e2e --proxy kube-proxy``). The same spec list; nothing kube-proxy passes fails here
     unless it is a named exception."""
     anchor = json.loads((e2e.RESULTS_DIR / "services-kube-proxy.json").read_text())
-    work = E2E_LAST / kube.id
+    work = E2E_LAST / "zeroproxy-test"
+    shutil.rmtree(work, ignore_errors=True)
     table = e2e.run(kube, "zeroproxy", work)
     e2e.write_results(table, E2E_LAST / "services-zeroproxy.json")
     print(e2e.summary(table))
