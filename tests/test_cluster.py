@@ -339,8 +339,13 @@ def test_no_netfilter_rule_in_any_namespace(kube: KubeCluster, ns: str) -> None:
     assert not offenders, json.dumps(offenders, indent=1)[:3000]
 
 
-# Specs zeroproxy may fail although kube-proxy passes them, each with its reason. Empty: none.
-E2E_EXCEPTIONS: dict[str, str] = {}
+# Specs zeroproxy may not pass although kube-proxy does, each with its reason.
+E2E_EXCEPTIONS: dict[str, str] = {
+    "[sig-network] Services should work after restarting kube-proxy [Disruptive]":
+        "deletes the kube-proxy pods and checks Services afterwards; with zeroproxy there are none, so the "
+        "spec skips itself (SkipUnlessComponentRunsAsPodsAndClientCanDeleteThem). The same property for "
+        "zeroproxy's own pods is test_daemonset_rolling_update_under_traffic_fails_no_request.",
+}
 E2E_LAST = kc.CACHE_DIR / "e2e-last"
 
 

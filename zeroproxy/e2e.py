@@ -128,18 +128,26 @@ def run(cluster: kc.KubeCluster, proxy: str, work: Path, *, focus: str = SERVICE
     env = {"KUBE_TEST_REPO_LIST": str(repo_list(work / "repo-list.yaml"))}
     reports = _run_shards(cluster, work, [parallel[i::shards] for i in range(shards)], "shard", env)
     reports += _run_shards(cluster, work, [serial], "serial", env)
+    return make_table(proxy, focus, len(cluster.nodes), runnable, dropped, reports, time.monotonic() - start)
+
+
+def make_table(proxy: str, focus: str, nodes: int, runnable: list[str], dropped: dict[str, str],
+               reports: list[Path], seconds: float) -> dict[str, Any]:
+    """The run's table from its JUnit reports. Every report lists every spec, the ones another
+    shard ran as skipped: a skip never overrides a result another report has."""
     results: dict[str, Result] = {}
     for report in reports:
         for junit in report.glob("junit*.xml"):
             for r in parse_junit(junit):
-                if r.name in runnable:
+                if r.name in runnable and (r.name not in results or r.status != "skipped"):
                     results[r.name] = r
+    work = reports[0].parent if reports else Path(".")
     if not any(r.status in ("passed", "failed") for r in results.values()):
         raise kc.ClusterError(f"no e2e spec ran ({len(results)} reported, all skipped): see the shard logs in {work}")
     table = {
         "schema": "zeroproxy-e2e/1", "proxy": proxy, "focus": focus,
-        "kubernetes": f"v{kc.K8S_VERSION}", "nodes": len(cluster.nodes),
-        "seconds": round(time.monotonic() - start, 1),
+        "kubernetes": f"v{kc.K8S_VERSION}", "nodes": nodes,
+        "seconds": round(seconds, 1),
         "specs": {n: (results[n].status if n in results else "failed") for n in runnable},
         "messages": {n: results[n].message if n in results else "no result: the shard died or timed out"
                      for n in runnable if n not in results or results[n].status != "passed"},
