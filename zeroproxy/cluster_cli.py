@@ -47,10 +47,13 @@ def _alive(pid: int) -> bool:
 def serve(nodes: int, proxy: str, ready_fd: int) -> int:
     """The supervisor: bring the cluster up, report on ``ready_fd``, hold it until SIGTERM."""
     stop = False
+    up = False
 
     def on_term(*_: object) -> None:
         nonlocal stop
         stop = True
+        if not up:  # still bringing it up: abort that; the teardown below still runs
+            raise SystemExit(143)
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
@@ -58,6 +61,7 @@ def serve(nodes: int, proxy: str, ready_fd: int) -> int:
     c = kubecluster.KubeCluster(nodes, proxy=proxy)
     try:
         c.up()
+        up = True
         CURRENT.write_text(json.dumps({"pid": os.getpid(), "id": c.id, "kubeconfig": str(c.admin_kubeconfig),
                                        "nodes": [{"name": n.name, "ip": n.ip, "netns": n.netns}
                                                  for n in c.nodes], "proxy": proxy}))
