@@ -190,7 +190,12 @@ def markdown(tables: Sequence[dict[str, Any]]) -> str:
     """Spec names x proxies, the dropped specs with their reasons."""
     proxies = [t["proxy"] for t in tables]
     names = sorted({n for t in tables for n in t["specs"]})
-    lines = ["| spec | " + " | ".join(proxies) + " |", "|---|" + "---|" * len(proxies)]
+    lines = [f"# Kubernetes e2e `{tables[0]['focus'] if tables else ''}`: " + " vs ".join(proxies), "",
+             f"Kubernetes {tables[0]['kubernetes'] if tables else ''}, the same {tables[0]['nodes'] if tables else ''}"
+             "-node kubeadm bed and DNS for every column, the same spec list "
+             "(`./zp e2e --proxy kube-proxy|zeroproxy`; `./zp test` reruns zeroproxy's and fails on any spec "
+             "kube-proxy passes and zeroproxy does not, except the named exceptions in tests/test_cluster.py).", "",
+             "| spec | " + " | ".join(proxies) + " |", "|---|" + "---|" * len(proxies)]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(t["specs"].get(n, "-") for t in tables) + " |")
     dropped = {n: r for t in tables for n, r in t["dropped"].items()}
