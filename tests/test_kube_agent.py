@@ -423,9 +423,14 @@ def test_agent_sigkill_restart_under_traffic_keeps_stale_until_resync(agent_env:
         e.agent.wait_log("retrying with backoff", timeout=60)
         # The new agent adopted the maps and cannot list: the stale service must stay (it might
         # still exist for all the agent knows) and the agent must say it is stuck.
-        deadline = time.monotonic() + HEALTH_TIMEOUT + 10
+        # The first retry can be logged before the health server listens (the programs are
+        # still compiling): until the deadline, a refused connection is "not yet".
+        deadline = time.monotonic() + HEALTH_TIMEOUT + 60
         while True:
-            status, body = e.get(e.agent.healthz_url + "/healthz")
+            try:
+                status, body = e.get(e.agent.healthz_url + "/healthz")
+            except OSError as exc:
+                status, body = 0, str(exc)
             if status == 503 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
