@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from controlplane import config as zpconfig
+from zeroproxy import images
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
@@ -418,20 +419,8 @@ def test_kubeadm_field_check_catches_wrong_fields() -> None:
 
 
 def containerfile_lines() -> list[str]:
-    """Instructions with continuation lines joined and comments dropped."""
-    out: list[str] = []
-    pending = ""
-    for raw in CONTAINERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        out.append(pending + line)
-        pending = ""
-    assert not pending, "the Containerfile ends inside a continued line"
-    return out
+    """Instructions with continuation lines joined and comments dropped (the image build's reader)."""
+    return images.containerfile_lines(CONTAINERFILE)
 
 
 def containerfile_instructions(name: str) -> list[str]:

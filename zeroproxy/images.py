@@ -831,14 +831,9 @@ def write_repo_list(path: Path, registry: str = E2E_REPOSITORY) -> Path:
 # --- zeroproxy's own image (scripts/build-image.sh) -----------------------------------------------
 
 
-def containerfile_config(path: Path) -> dict[str, Any]:
-    """ENV, WORKDIR, ENTRYPOINT and CMD of the Containerfile: the one place they are written.
-
-    scripts/build-image.sh writes its archive with exactly these, so the image the tests load and
-    the one `podman build -f Containerfile` makes from the same rootfs cannot disagree.
-    """
-    env: dict[str, str] = {}
-    out: dict[str, Any] = {"env": env, "workdir": "/", "entrypoint": None, "cmd": None}
+def containerfile_lines(path: Path) -> list[str]:
+    """The Containerfile's instructions, continuation lines joined and comments dropped."""
+    out: list[str] = []
     pending = ""
     for raw in path.read_text().splitlines():
         line = raw.strip()
@@ -847,7 +842,20 @@ def containerfile_config(path: Path) -> dict[str, Any]:
         if line.endswith("\\"):
             pending += line[:-1] + " "
             continue
-        line, pending = pending + line, ""
+        out.append(pending + line)
+        pending = ""
+    return out
+
+
+def containerfile_config(path: Path) -> dict[str, Any]:
+    """ENV, WORKDIR, ENTRYPOINT and CMD of the Containerfile: the one place they are written.
+
+    scripts/build-image.sh writes its archive with exactly these, so the image the tests load and
+    the one `podman build -f Containerfile` makes from the same rootfs cannot disagree.
+    """
+    env: dict[str, str] = {}
+    out: dict[str, Any] = {"env": env, "workdir": "/", "entrypoint": None, "cmd": None}
+    for line in containerfile_lines(path):
         word, _, rest = line.partition(" ")
         word, rest = word.upper(), rest.strip()
         if word == "ENV":

@@ -381,10 +381,6 @@ class KubeNode:
             self.run(["ctr", "--address", CONTAINERD_SOCK, "-n", "k8s.io", "images", "import", str(image)],
                      timeout=300)
 
-    def images(self) -> set[str]:
-        out = self.run(["ctr", "--address", CONTAINERD_SOCK, "-n", "k8s.io", "images", "ls", "-q"]).stdout
-        return set(out.split())
-
     # -- kubelet ---------------------------------------------------------------------------------
 
     def start_kubelet_loop(self) -> None:
