@@ -1,5 +1,5 @@
 """API source cold start: agent start to "initial sync done" with N Services + EndpointSlices
-served by a real kube-apiserver (zeroproxy.devcluster: etcd + kube-apiserver 1.20, EndpointSlice
+served by a real kube-apiserver (testbed.devcluster: etcd + kube-apiserver 1.20, EndpointSlice
 v1 through a CRD), next to the file source with the same N objects.
 
 The objects are created before the agent starts (creation is not timed as part of the cold
@@ -73,9 +73,9 @@ def create(api_client: Any, services: Sequence[Service], workers: int = CREATE_W
 
 def run(counts: Sequence[int], *, step: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
     """For each N (ascending): make the apiserver hold N services, then time both agent sources."""
-    from zeroproxy.devcluster import DevCluster
-    from zeroproxy.sandbox import free_port
-    from zeroproxy.testbed import TestBed
+    from testbed.bed import TestBed
+    from testbed.devcluster import DevCluster
+    from testbed.sandbox import free_port
 
     out: list[dict[str, Any]] = []
     bed = TestBed(prefix="zpbapi")

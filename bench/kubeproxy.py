@@ -7,7 +7,7 @@ service), and how long it takes from Services + EndpointSlices in the API to rul
 
 Set-up, all of it owned by the bench and removed after the run:
 
-- the real kube-apiserver 1.20.2 + etcd of the API-source scenario (``zeroproxy.devcluster``),
+- the real kube-apiserver 1.20.2 + etcd of the API-source scenario (``testbed.devcluster``),
   with ``endpointslice_api="v1beta1"``: kube-proxy 1.20 reads EndpointSlices through its
   v1beta1 informer (EndpointSliceProxying is on by default in 1.20), never Endpoints;
 - kube-proxy as a plain process in the kp node's netns (setns, as every bed process; never
@@ -46,8 +46,8 @@ import yaml
 
 from bench.services import NAMESPACE, Service
 from dataplane.netns import in_netns
-from zeroproxy.relay import TCPRelay
-from zeroproxy.testbed import Node, TestBed
+from testbed.bed import Node, TestBed
+from testbed.relay import TCPRelay
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class KubeProxy:
         """apiserver + etcd, the bench namespace, the relay and kube-proxy's two config files."""
         from kubernetes import client
 
-        from zeroproxy.devcluster import DevCluster
+        from testbed.devcluster import DevCluster
 
         ensure_binary()
         self.cleanup["host_kube_lines_before"] = self.host_kube_lines()

@@ -54,7 +54,7 @@ from bench.topology import (
     set_sysctls,
     timed,
 )
-from zeroproxy.testbed import External, Node, Pod
+from testbed.bed import External, Node, Pod
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from bench import SCHEMA, client, nodeport, rules
 from bench.report import AGENT, ZP_FULL_SYNC, ZPCTL_PROCESS
 from bench.services import Service, make_services
 from bench.topology import CLUSTER_CIDR, DIRECT, IPTABLES, KUBE_PROXY, MODES, NFTABLES, ZEROPROXY, Topology, timed
-from zeroproxy.testbed import NETNS_DIR, TestBed, cleanup_stale
+from testbed.bed import NETNS_DIR, TestBed, cleanup_stale
 
 log = logging.getLogger(__name__)
 

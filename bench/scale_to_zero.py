@@ -26,15 +26,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from dataplane.runtime import ContainerSpec, RuncRuntime
-from dataplane.scaler import Backend, ScalerThread
-from zeroproxy import rootfs
-from zeroproxy.testbed import CGROUP_DIR_PREFIX, Pod, TestBed
+from scaletozero.runtime import ContainerSpec, RuncRuntime
+from scaletozero.scaler import Backend, ScalerThread
+from testbed import rootfs
+from testbed.bed import CGROUP_DIR_PREFIX, Pod, TestBed, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 PORT = 8080
@@ -78,14 +77,6 @@ def timed_gets(client: Pod, host: str, count: int) -> list[dict[str, Any]]:
     return results
 
 
-def wait_for(cond: Any, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.005)
-
-
 def summary(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
@@ -113,7 +104,8 @@ def run(cycles: int, steady: int, workdir: Path) -> dict[str, Any]:
         fs = rootfs.build_busybox_rootfs(workdir / "rootfs", {"/www/index.html": "hello\n" * 100})
         runtime.run(ContainerSpec(id="web", rootfs=fs.path, args=rootfs.httpd_command(PORT), netns=pod.netns_path,
                                   rootfs_mounts=fs.mounts))
-        wait_for(lambda: f":{PORT} " in bed.run_in_netns(pod.netns, ["ss", "-Htln"]).stdout, "httpd listens")
+        wait_until(lambda: f":{PORT} " in bed.run_in_netns(pod.netns, ["ss", "-Htln"]).stdout, "httpd listens",
+                   interval=0.005, error=TimeoutError)
 
         baseline = [r["total"] for r in timed_gets(client, pod.ip4, steady)]
 
@@ -129,13 +121,15 @@ def run(cycles: int, steady: int, workdir: Path) -> dict[str, Any]:
         scaler.call(scaler.scaler.add, Backend("bench/web", "web", pod.netns_path, (pod.ip4,), idle_timeout=1.0))
         first_byte, scaler_restore, checkpoint = [], [], []
         for _ in range(cycles):
-            wait_for(lambda: scaler.status()["bench/web"].state == "checkpointed", "checkpointed")
+            wait_until(lambda: scaler.status()["bench/web"].state == "checkpointed", "checkpointed",
+                       interval=0.005, error=TimeoutError)
             first_byte.append(timed_gets(client, pod.ip4, 1)[0]["first_byte"])
             st = scaler.status()["bench/web"]
             scaler_restore.append(st.last_restore_seconds or 0.0)
             checkpoint.append(st.last_checkpoint_seconds or 0.0)
         # steady state right after a wake (idle timeout is 1 s: the sequential requests keep it awake)
-        wait_for(lambda: scaler.status()["bench/web"].state == "checkpointed", "checkpointed")
+        wait_until(lambda: scaler.status()["bench/web"].state == "checkpointed", "checkpointed",
+                   interval=0.005, error=TimeoutError)
         after_wake = [r["total"] for r in timed_gets(client, pod.ip4, steady + 1)[1:]]
         proxied = scaler.status()["bench/web"].accepted
         return {

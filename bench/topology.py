@@ -31,7 +31,7 @@ from typing import Any
 
 from bench import rules, zpctl
 from bench.services import Service
-from zeroproxy.testbed import Node, Pod, TestBed
+from testbed.bed import Node, Pod, TestBed
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@
 # developer machine, scripts/setup.sh runs inside that root (ZP_IMAGE_BUILD=1: venv at
 # /opt/zeroproxy/.venv, zeroproxy and its Python dependencies from PyPI), and the CRIU that
 # scripts/build-criu.sh built on this host goes to /usr/local/sbin/criu. The root becomes one
-# layer (zeroproxy/images.py) with the ENV, WORKDIR, ENTRYPOINT and CMD the Containerfile
+# layer (testbed/images.py) with the ENV, WORKDIR, ENTRYPOINT and CMD the Containerfile
 # declares; the Containerfile itself is `FROM scratch` + `ADD` of the same rootfs tarball
 # (--rootfs), so what the tests load and what a user builds with podman are the same files.
 #
@@ -65,7 +65,7 @@ fi
 # The repository files the image installs from: what setup.sh's `pip install -e .` packages
 # (pyproject.toml's packages) and what it runs. Tracked and untracked-but-not-ignored files, so a
 # working tree with uncommitted edits builds what is on disk.
-source_paths=(pyproject.toml README.md zp scripts/setup.sh scripts/lib bpf controlplane dataplane zeroproxy bench)
+source_paths=(pyproject.toml README.md zp scripts/setup.sh scripts/lib bpf controlplane dataplane scaletozero zeroproxy)
 cd "$here"
 mapfile -t sources < <(git ls-files --cached --others --exclude-standard -- "${source_paths[@]}" | LC_ALL=C sort -u |
                        while read -r f; do [ -f "$f" ] && printf '%s\n' "$f"; done)
@@ -96,7 +96,7 @@ base_key=$( { printf '%s\n' "${setup_pkgs[@]}" "${mirrors[@]}" "criu $criu_sha"
              dpkg-query -W -f='mmdebstrap ${Version}\n' mmdebstrap 2>/dev/null || true; } |
             sha256sum | cut -c1-16)
 key=$( { printf 'base %s\n' "$base_key"
-         sha256sum -- "${sources[@]}" scripts/build-image.sh zeroproxy/images.py Containerfile
+         sha256sum -- "${sources[@]}" scripts/build-image.sh testbed/images.py Containerfile
          printf 'criu %s\n' "$criu_sha"; } | sha256sum | cut -d' ' -f1)
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml | head -n 1)
 [ -n "$version" ] || die "no version = \"...\" in pyproject.toml"
@@ -149,7 +149,7 @@ base=$work/base-$base_key
 if [ ! -f "$base.done" ]; then
     rm -rf "$base"
     # CRIU's shared libraries, as the Debian packages that ship them.
-    mapfile -t criu_pkgs < <(PYTHONPATH=$here python3 -m zeroproxy.images deb-packages "$criu") \
+    mapfile -t criu_pkgs < <(PYTHONPATH=$here python3 -m testbed.images deb-packages "$criu") \
         || die "could not map $criu's libraries to Debian packages"
     mapfile -t base_pkgs < <(printf '%s\n' "${setup_pkgs[@]}" "${criu_pkgs[@]}" runc ca-certificates | LC_ALL=C sort -u)
     log "bootstrapping Debian bookworm into $base (${#base_pkgs[@]} packages; a few minutes)"
@@ -214,7 +214,7 @@ if [ ! -f "$rootfs_tar" ]; then
         done
         chroot "$root" /usr/bin/ldd /usr/local/sbin/criu | grep -q "not found" \
             && { echo "build-image: criu lacks libraries in the image root" >&2; exit 1; }
-        PYTHONPATH=$ZP_HERE python3 -m zeroproxy.images rootfs-image --rootfs "$root" --tag "localhost/zeroproxy:pending" \
+        PYTHONPATH=$ZP_HERE python3 -m testbed.images rootfs-image --rootfs "$root" --tag "localhost/zeroproxy:pending" \
             --containerfile "$ZP_HERE/Containerfile" --out "$ZP_TMP/image.tar" --layer-out "$ZP_ROOTFS_TAR.tmp" \
             --clamp-mtime "$ZP_EPOCH" >/dev/null
     ' || die "building the image root failed (see above)"
@@ -224,7 +224,7 @@ if [ ! -f "$rootfs_tar" ]; then
 fi
 
 # --- the archive for this tag --------------------------------------------------------------------
-PYTHONPATH=$here python3 -m zeroproxy.images rootfs-image --tag "$repository:$tag" \
+PYTHONPATH=$here python3 -m testbed.images rootfs-image --tag "$repository:$tag" \
     --containerfile "$here/Containerfile" --out "$archive.tmp" --layer-out "$rootfs_tar" >/dev/null \
     || die "writing $archive failed"
 mv -f "$archive.tmp" "$archive"

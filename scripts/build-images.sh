@@ -4,7 +4,7 @@
 #   - the node images kubeadm 1.20.2 names under imageRepository localhost/zp (pause,
 #     kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, etcd, a coredns
 #     placeholder) and the e2e images (localhost/zp/e2e/agnhost:2.21, .../pause:3.2), written by
-#     `python -m zeroproxy.images build` from scripts/build-k8s.sh's binaries and Debian packages;
+#     `python -m testbed.images build` from scripts/build-k8s.sh's binaries and Debian packages;
 #   - zeroproxy's own image localhost/zeroproxy:<version>-<content hash> (scripts/build-image.sh).
 # Load them with `ctr -n k8s.io images import DIR/<name>.tar`.
 #
@@ -38,7 +38,7 @@ k8s_bin=$(bash "$here/scripts/build-k8s.sh") || die "scripts/build-k8s.sh failed
 [ -d "$k8s_bin" ] || die "scripts/build-k8s.sh printed $k8s_bin, which is not a directory"
 
 mkdir -p "$images"
-PYTHONPATH=$here python3 -m zeroproxy.images build --out "$images" --k8s-bin "$k8s_bin" >/dev/null \
-    || die "python -m zeroproxy.images build failed"
+PYTHONPATH=$here python3 -m testbed.images build --out "$images" --k8s-bin "$k8s_bin" >/dev/null \
+    || die "python -m testbed.images build failed"
 bash "$here/scripts/build-image.sh" >/dev/null || die "scripts/build-image.sh failed"
 echo "$images"

@@ -55,6 +55,9 @@ site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 mkdir -p "$site/_zeroproxy_bcc"
 ln -sfn /usr/lib/python3/dist-packages/bcc "$site/_zeroproxy_bcc/bcc"
 echo "$site/_zeroproxy_bcc" > "$site/zeroproxy-bcc.pth"
+# The test bed and the benchmark (testbed/, bench/) are not in the wheel; the dev venv finds them
+# in the checkout, from any working directory (the agents and helpers the tests start included).
+echo "$here" > "$site/zeroproxy-dev.pth"
 
 # Reinstall only when the project metadata changed since the last install.
 want=$(sha256sum "$here/pyproject.toml" | cut -d' ' -f1)

@@ -1,15 +1,18 @@
-"""Fixtures shared by all tests: a network-namespace test bed that is always torn down."""
+"""Fixtures shared by all tests: a network-namespace test bed that is always torn down, and CRIU."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from zeroproxy.testbed import TestBed, cleanup_stale
+from testbed.bed import TestBed, cleanup_stale
 
 BED_PREFIX = "zp"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +34,18 @@ def testbed(stale_beds_removed: list[str]) -> Iterator[TestBed]:
         yield bed
     finally:
         bed.close()
+
+
+@pytest.fixture(scope="session")
+def criu() -> Path:
+    """CRIU 4.2.1 from scripts/build-criu.sh (cached after the first build; it also installs runc).
+
+    Only that build works on this kernel (Debian's 3.17 does not); the runtime passes it to runc
+    as ``--criu``.
+    """
+    res = subprocess.run(["bash", str(REPO / "scripts/build-criu.sh")], capture_output=True, text=True,
+                         check=False, timeout=900)
+    assert res.returncode == 0, f"build-criu.sh failed:\n{res.stderr[-3000:]}"
+    path = Path(res.stdout.strip().splitlines()[-1])
+    assert path.is_file() and os.access(path, os.X_OK), path
+    return path

@@ -28,10 +28,11 @@ from typing import Any
 import pytest
 
 from controlplane import annotations
-from dataplane import bpfsys, sklookup
-from dataplane.activator import Activator, PodProxy, inside
-from dataplane.scaler import classify
-from zeroproxy.testbed import Pod, TestBed
+from dataplane import bpfsys
+from scaletozero import sklookup
+from scaletozero.activator import Activator, PodProxy, inside
+from scaletozero.scaler import classify
+from testbed.bed import Pod, TestBed
 
 PORT = 9000
 
@@ -313,7 +314,7 @@ def test_hold_timeout_resets_held_clients(h: Harness) -> None:
 
 
 def test_failed_wake_resets_held_clients_with_the_reason(h: Harness) -> None:
-    from dataplane.activator import WakeError
+    from scaletozero.activator import WakeError
 
     h.fail_wake = WakeError("restore failed: images gone", "no_images")
     s = h.connect()

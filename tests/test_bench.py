@@ -19,7 +19,7 @@ import pytest
 
 from bench import rules
 from bench.services import make_services, service_entries, vip
-from zeroproxy.testbed import NETNS_DIR, TestBed, find_cgroup2_mount
+from testbed.bed import NETNS_DIR, TestBed, find_cgroup2_mount
 
 REPO = Path(__file__).resolve().parent.parent
 ENDPOINTS = [("10.244.1.10", 80), ("10.244.1.11", 80), ("10.244.1.12", 80)]

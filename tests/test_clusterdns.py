@@ -1,4 +1,4 @@
-"""The test bed's cluster DNS (zeroproxy/clusterdns.py, not part of the product) against a real
+"""The test bed's cluster DNS (testbed/clusterdns.py, not part of the product) against a real
 kube-apiserver 1.20.2 (DevCluster), queried over UDP and TCP on loopback with dnslib's client.
 
 Every test runs twice: with EndpointSlices served as discovery.k8s.io/v1 (DevCluster's CRD,
@@ -22,9 +22,9 @@ import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
 from kubernetes import client
 
-from zeroproxy.clusterdns import ClusterDNS, endpointslice_version, publish_kube_dns
-from zeroproxy.devcluster import ENDPOINTSLICE_APIS, REPO_ROOT, DevCluster
-from zeroproxy.testbed import TestBed
+from testbed.bed import TestBed
+from testbed.clusterdns import ClusterDNS, endpointslice_version, publish_kube_dns
+from testbed.devcluster import ENDPOINTSLICE_APIS, REPO_ROOT, DevCluster
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -415,7 +415,7 @@ def _free_port() -> int:
 def test_cli_serves_and_exits_cleanly_on_sigterm(cluster: DevCluster, tmp_path: Any) -> None:
     port = _free_port()
     stderr = open(tmp_path / "stderr", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "zeroproxy.clusterdns", "--kubeconfig",
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.clusterdns", "--kubeconfig",
                              str(cluster.kubeconfig_path), "--listen", f"127.0.0.1:{port}", "--domain", DOMAIN],
                             cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})

@@ -17,10 +17,10 @@ from controlplane.model import FrontendKind
 from controlplane.translate import translate
 from dataplane import inspect, maps
 from dataplane.loader import SOCK_HOOKS, attached
-from zeroproxy import nettools
-from zeroproxy.k8sobjects import endpoint_slice, node, service
-from zeroproxy.sandbox import AgentProcess
-from zeroproxy.testbed import Node, Pod, TestBed
+from testbed import nettools
+from testbed.bed import Node, Pod, TestBed
+from testbed.k8sobjects import endpoint_slice, node, service
+from testbed.sandbox import AgentProcess
 
 VIP4 = "10.96.0.10"
 VIP6 = "fd00:10:96::10"

@@ -13,7 +13,7 @@ import yaml
 from controlplane import config
 from controlplane.config import ConfigError, parse, parse_duration
 from dataplane import tc
-from zeroproxy.testbed import TestBed
+from testbed.bed import TestBed
 
 HEADER = {"apiVersion": config.API_VERSION, "kind": config.KIND}
 
@@ -177,7 +177,7 @@ def test_snat_port_range_parses_and_must_not_overlap_node_ports() -> None:
 
 def test_node_port_range_reaches_translation() -> None:
     from controlplane.changes import ChangeTracker
-    from zeroproxy.k8sobjects import service
+    from testbed.k8sobjects import service
 
     svc = service("np", ["10.96.0.5"], [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30500}],
                   type="NodePort")

@@ -42,7 +42,7 @@ from test_manifests import AGENT_NEEDS, by_kind, embedded_config, manifest_objec
 
 from controlplane.kubesource import resources
 from dataplane.loader import cgroup2_mount, cleanup
-from zeroproxy.devcluster import DevCluster
+from testbed.devcluster import DevCluster
 
 # The first run on a fresh machine builds kube-apiserver inside the first fixture (minutes).
 pytestmark = pytest.mark.timeout(1800)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes import client, watch
 
-from zeroproxy.devcluster import APISERVER_VERSION, DevCluster, DevClusterError, endpointslice_crd
+from testbed.devcluster import APISERVER_VERSION, DevCluster, DevClusterError, endpointslice_crd
 
 # The first run on a fresh machine builds kube-apiserver inside the first fixture (minutes).
 pytestmark = pytest.mark.timeout(1800)

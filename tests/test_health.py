@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from controlplane.health import HealthServer, ProxyHealth, ServiceHealth, ServiceHealthServers
-from zeroproxy.sandbox import free_port
+from testbed.sandbox import free_port
 
 
 def get(url: str) -> tuple[int, dict]:

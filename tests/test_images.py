@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zeroproxy import images
+from testbed import images
 
 REPO = Path(__file__).resolve().parent.parent
 CTR_TIMEOUT = 120

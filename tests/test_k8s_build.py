@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from zeroproxy import devcluster
+from testbed import devcluster
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "build-k8s.sh"

@@ -23,11 +23,11 @@ import pytest
 from kubernetes import client
 
 from dataplane import inspect
-from zeroproxy import nettools
-from zeroproxy.devcluster import DevCluster
-from zeroproxy.k8sobjects import endpoint_slice, service
-from zeroproxy.sandbox import AgentProcess
-from zeroproxy.testbed import Node, Pod, TestBed
+from testbed import nettools
+from testbed.bed import Node, Pod, TestBed
+from testbed.devcluster import DevCluster
+from testbed.k8sobjects import endpoint_slice, service
+from testbed.sandbox import AgentProcess
 
 pytestmark = pytest.mark.timeout(900)  # a fresh machine builds kube-apiserver in the first fixture
 

@@ -11,7 +11,7 @@ import ipaddress
 
 from controlplane.changes import TRIGGER_TIME_ANNOTATION, ChangeTracker
 from controlplane.translate import translate
-from zeroproxy.k8sobjects import endpoint_slice, node, service
+from testbed.k8sobjects import endpoint_slice, node, service
 
 HTTP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 

@@ -20,7 +20,7 @@ from kubernetes import client
 
 from controlplane import kubesource
 from controlplane.kubesource import KubeSource, Resource, load_configuration, resources
-from zeroproxy.devcluster import DevCluster
+from testbed.devcluster import DevCluster
 
 pytestmark = pytest.mark.timeout(600)
 

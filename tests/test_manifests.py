@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from controlplane import config as zpconfig
-from zeroproxy import images
+from testbed import images
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"

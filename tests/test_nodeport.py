@@ -25,8 +25,8 @@ from dataplane.conntrack import read_flows, read_reverse
 from dataplane.inspect import service_list
 from dataplane.loader import SockDatapath
 from dataplane.services import ServiceMaps
-from zeroproxy.k8sobjects import endpoint_slice, node, service
-from zeroproxy.testbed import External, Node, Pod, TestBed
+from testbed.bed import External, Node, Pod, TestBed
+from testbed.k8sobjects import endpoint_slice, node, service
 
 WEB_PORT, DNS_PORT, ECHO_PORT, WEB6_PORT = 8080, 5353, 9000, 8086
 NP_WEB, NP_DNS, NP_LOCAL, NP_ECHO, NP_SELF, NP_WEB6 = 30080, 30053, 30081, 30090, 30085, 30086

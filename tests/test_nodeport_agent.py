@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from dataplane import conntrack, inspect, tc
-from zeroproxy import nettools
-from zeroproxy.k8sobjects import endpoint_slice, node, service
-from zeroproxy.sandbox import AgentProcess
-from zeroproxy.testbed import TestBed
+from testbed import nettools
+from testbed.bed import TestBed
+from testbed.k8sobjects import endpoint_slice, node, service
+from testbed.sandbox import AgentProcess
 
 WEB_PORT, NODE_PORT = 8080, 30080
 SNAT_PORTS = "40000-40999"  # the agents' --snat-port-range, narrower than the default to see it used

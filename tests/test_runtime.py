@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from dataplane.netns import in_netns
-from dataplane.runtime import (
+from scaletozero.runtime import (
     CRIU_CONFIG_ANNOTATION,
     CheckpointError,
     ContainerNotFound,
@@ -30,7 +30,7 @@ from dataplane.runtime import (
     RuncRuntime,
     State,
 )
-from zeroproxy import rootfs
+from testbed import rootfs
 
 REPO = Path(__file__).resolve().parent.parent
 POD_IP = "10.99.0.2"
@@ -38,18 +38,6 @@ CLIENT_IP = "10.99.0.1"
 PORT = 8080
 BODY = "hello from a checkpointed pod\n"
 
-
-
-@pytest.fixture(scope="session")
-def criu() -> Path:
-    """The CRIU that scripts/build-criu.sh builds (or finds cached); also installs runc."""
-    res = subprocess.run(
-        ["bash", str(REPO / "scripts/build-criu.sh")], capture_output=True, text=True, check=False, timeout=900
-    )
-    assert res.returncode == 0, f"build-criu.sh failed:\n{res.stderr[-3000:]}"
-    path = Path(res.stdout.strip().splitlines()[-1])
-    assert path.is_file() and os.access(path, os.X_OK), path
-    return path
 
 
 @dataclass

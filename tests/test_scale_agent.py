@@ -21,10 +21,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,12 @@ from kubernetes import client
 
 from controlplane import annotations
 from dataplane import inspect
-from dataplane.runtime import ContainerSpec, RuncRuntime, State
-from zeroproxy import rootfs
-from zeroproxy.devcluster import DevCluster
-from zeroproxy.k8sobjects import endpoint_slice
-from zeroproxy.sandbox import AgentProcess
-from zeroproxy.testbed import CGROUP_DIR_PREFIX, Pod, TestBed
+from scaletozero.runtime import ContainerSpec, RuncRuntime, State
+from testbed import rootfs
+from testbed.bed import CGROUP_DIR_PREFIX, Pod, TestBed, wait_until
+from testbed.devcluster import DevCluster
+from testbed.k8sobjects import endpoint_slice
+from testbed.sandbox import AgentProcess
 
 pytestmark = pytest.mark.timeout(900)  # a fresh machine builds kube-apiserver and CRIU first
 
@@ -60,31 +59,11 @@ print(json.dumps({"status": int(head.split()[1]), "body": body.decode(), "retran
 """
 
 
-@pytest.fixture(scope="module")
-def criu() -> Path:
-    """CRIU 4.2.1 from scripts/build-criu.sh (cached after the first build; installs runc)."""
-    res = subprocess.run(["bash", str(REPO / "scripts/build-criu.sh")], capture_output=True, text=True,
-                         check=False, timeout=900)
-    assert res.returncode == 0, f"build-criu.sh failed:\n{res.stderr[-3000:]}"
-    return Path(res.stdout.strip().splitlines()[-1])
-
-
 def _json(resp: Any) -> dict[str, Any]:
     try:
         return json.loads(resp.data)
     finally:
         resp.release_conn()
-
-
-def wait_until(cond: Callable[[], Any], what: str, timeout: float = 60.0, log: Callable[[], str] = str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}\n{log()[-4000:]}")
-        time.sleep(0.05)
 
 
 def get(pod: Pod, addr: str, port: int) -> dict[str, Any]:
@@ -205,17 +184,17 @@ def test_agent_checkpoints_publishes_and_routes_to_running_endpoints(world: Worl
     ip = {name: f"{pod.ip4}:{PORT}" for name, pod in w.web.items()}
 
     # 1. web-1 goes idle: checkpointed by the agent, published on the Pod with an Event
-    wait_until(lambda: w.label("web-1") == "checkpointed", "web-1 labelled checkpointed", log=log)
+    wait_until(lambda: w.label("web-1") == "checkpointed", "web-1 labelled checkpointed", detail=log)
     assert w.runtime.state(w.cid("web-1")) == State.CHECKPOINTED
     assert w.label("web-2") is None  # not opted in: never labelled
     uid = w.pod("web-1")["metadata"]["uid"]
     event = wait_until(lambda: [e for e in w.events("web-1") if e["reason"] == "Checkpointed"], "Checkpointed event",
-                       log=log)[0]
+                       detail=log)[0]
     assert event["involvedObject"]["uid"] == uid and event["type"] == "Normal"
     assert event["source"] == {"component": "zeroproxy", "host": "a"}
 
     # 2. one running, one checkpointed: only the running one gets connections, nothing wakes
-    wait_until(lambda: w.programmed(vip) == [ip["web-2"]], "only web-2 programmed", log=log)
+    wait_until(lambda: w.programmed(vip) == [ip["web-2"]], "only web-2 programmed", detail=log)
     for _ in range(10):
         r = get(w.client, vip, 80)
         assert (r["status"], r["body"], r["retrans"]) == (200, "hello from web-2\n", 0)
@@ -226,8 +205,8 @@ def test_agent_checkpoints_publishes_and_routes_to_running_endpoints(world: Worl
     # 3. web-2 opts in too: both checkpointed, so both are programmed, and a connection wakes one
     _json(w.core.patch_namespaced_pod("web-2", w.ns, {"metadata": {"annotations": annotations.annotate("1s")}},
                                       _preload_content=False))
-    wait_until(lambda: w.label("web-2") == "checkpointed", "web-2 labelled checkpointed", log=log)
-    wait_until(lambda: w.programmed(vip) == sorted(ip.values()), "both programmed (all parked)", log=log)
+    wait_until(lambda: w.label("web-2") == "checkpointed", "web-2 labelled checkpointed", detail=log)
+    wait_until(lambda: w.programmed(vip) == sorted(ip.values()), "both programmed (all parked)", detail=log)
     before = {name: w.status()[f"{w.ns}/{name}"]["restores"] for name in w.web}
     r = get(w.client, vip, 80)
     assert r["status"] == 200 and r["retrans"] == 0
@@ -236,7 +215,7 @@ def test_agent_checkpoints_publishes_and_routes_to_running_endpoints(world: Worl
     after = w.status()
     assert after[f"{w.ns}/{woke}"]["restores"] == before[woke] + 1
     assert after[f"{w.ns}/{other}"]["restores"] == before[other]  # the other slept on
-    wait_until(lambda: "Restored" in w.reasons(woke), f"Restored event on {woke}", log=log)
+    wait_until(lambda: "Restored" in w.reasons(woke), f"Restored event on {woke}", detail=log)
     assert "Restored" not in w.reasons(other)
 
     # 4. the CLI reads the agent's state file; the scaler's metrics are on the agent's /metrics

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,11 @@ import pytest
 from controlplane import annotations
 from controlplane.translate import PodInfo, translate
 from dataplane import tc
-from dataplane.activator import PROBE_HEAD_LIMIT, probe_verdict
-from dataplane.runtime import ContainerSpec, RuncRuntime, State
-from dataplane.scaler import PodStatus, ScalerThread, backend_for_pod
-from zeroproxy import rootfs
-from zeroproxy.testbed import CGROUP_DIR_PREFIX, Host, Pod, TestBed
+from scaletozero.activator import PROBE_HEAD_LIMIT, probe_verdict
+from scaletozero.runtime import ContainerSpec, RuncRuntime, State
+from scaletozero.scaler import PodStatus, ScalerThread, backend_for_pod
+from testbed import k8sobjects, rootfs
+from testbed.bed import CGROUP_DIR_PREFIX, Host, Pod, TestBed, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 PORT = 8080
@@ -56,23 +55,6 @@ except ConnectionResetError:
 s.close()
 print(json.dumps(out))
 """
-
-
-@pytest.fixture(scope="module")
-def criu() -> Path:
-    """CRIU 4.2.1 from scripts/build-criu.sh (cached after the first build; installs runc)."""
-    res = subprocess.run(["bash", str(REPO / "scripts/build-criu.sh")], capture_output=True, text=True,
-                         check=False, timeout=900)
-    assert res.returncode == 0, f"build-criu.sh failed:\n{res.stderr[-3000:]}"
-    return Path(res.stdout.strip().splitlines()[-1])
-
-
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        time.sleep(0.02)
 
 
 def pids_in_netns(pod: Pod) -> list[int]:
@@ -103,10 +85,7 @@ class Bed:
 
     def pod_object(self, pod: Pod, mode: str | None) -> dict[str, Any]:
         ann = annotations.annotate(idle_timeout="1s", restore_timeout="20s", probe_response=mode)
-        return {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": pod.name, "namespace": "default", "annotations": ann},
-                "spec": {"nodeName": "a"},
-                "status": {"phase": "Running", "podIP": pod.ip4, "podIPs": [{"ip": pod.ip4}, {"ip": pod.ip6}]}}
+        return k8sobjects.pod(pod.name, "a", [pod.ip4, pod.ip6], annotations=ann)
 
     def start(self) -> None:
         for name, pod in self.web.items():

@@ -14,10 +14,8 @@ in tests/test_scale_agent.py.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +23,11 @@ import pytest
 
 from controlplane import annotations
 from dataplane import inspect
-from dataplane.runtime import ContainerSpec, RuncRuntime, State
-from zeroproxy import rootfs
-from zeroproxy.k8sobjects import endpoint_slice, service
-from zeroproxy.sandbox import AgentProcess
-from zeroproxy.testbed import CGROUP_DIR_PREFIX, Pod, TestBed
+from scaletozero.runtime import ContainerSpec, RuncRuntime, State
+from testbed import k8sobjects, rootfs
+from testbed.bed import CGROUP_DIR_PREFIX, TestBed, wait_until
+from testbed.k8sobjects import endpoint_slice, service
+from testbed.sandbox import AgentProcess
 
 REPO = Path(__file__).resolve().parent.parent
 PORT = 8080
@@ -44,31 +42,6 @@ while chunk := s.recv(65536):
     data += chunk
 print(data.partition(b"\r\n\r\n")[2].decode(), end="")
 """
-
-
-@pytest.fixture(scope="module")
-def criu() -> Path:
-    """CRIU 4.2.1 from scripts/build-criu.sh (cached after the first build; installs runc)."""
-    res = subprocess.run(["bash", str(REPO / "scripts/build-criu.sh")], capture_output=True, text=True,
-                         check=False, timeout=900)
-    assert res.returncode == 0, f"build-criu.sh failed:\n{res.stderr[-3000:]}"
-    return Path(res.stdout.strip().splitlines()[-1])
-
-
-def wait_until(cond: Callable[[], Any], what: str, log: Callable[[], str], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}\n{log()[-4000:]}")
-        time.sleep(0.05)
-
-
-def pod_object(pod: Pod, node: str, annotations_: dict[str, str], state: str | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": pod.name, "namespace": "default", "annotations": annotations_}
-    if state is not None:
-        meta["labels"] = {annotations.STATE: state}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {"nodeName": node},
-            "status": {"phase": "Running", "podIP": pod.ip4, "podIPs": [{"ip": pod.ip4}, {"ip": pod.ip6}]}}
 
 
 @pytest.fixture
@@ -101,9 +74,11 @@ def test_file_source_label_and_local_state_choose_running_endpoints(criu: Path, 
             ep["targetRef"] = {"kind": "Pod", "namespace": "default", "name": name}
         return [service("web", [VIP], [{"name": "http", "port": 80, "targetPort": PORT, "protocol": "TCP"}]), body,
                 # web-1: this node's opted-in pod, no label (the file source has no publisher)
-                pod_object(web["web-1"], "a", annotations.annotate(idle_timeout="1s"), None),
+                k8sobjects.pod("web-1", "a", [web["web-1"].ip4, web["web-1"].ip6],
+                               annotations=annotations.annotate(idle_timeout="1s")),
                 # web-2: "another node's" pod whose scaler published a state (nodeName b)
-                pod_object(web["web-2"], "b", {}, web2_state)]
+                k8sobjects.pod("web-2", "b", [web["web-2"].ip4, web["web-2"].ip6],
+                               labels={annotations.STATE: web2_state} if web2_state else None)]
 
     def programmed() -> list[str] | None:
         return {s.frontend: sorted(s.backends) for s in inspect.service_list(agent.pin_dir)}.get(f"{VIP}:80/TCP")
@@ -123,14 +98,14 @@ def test_file_source_label_and_local_state_choose_running_endpoints(criu: Path, 
         agent.start()
         # web-2 labelled checkpointed, web-1 running: only web-1 (until it goes idle itself)
         assert programmed() in ([ip["web-1"]], sorted(ip.values())), agent.log_text()[-3000:]
-        wait_until(lambda: status().get("state") == "checkpointed", "web-1 checkpointed", agent.log_text)
+        wait_until(lambda: status().get("state") == "checkpointed", "web-1 checkpointed", detail=agent.log_text)
         assert runtime.state("default.web-1") == State.CHECKPOINTED
         # both parked now (web-1 by the agent's own state, web-2 by its label): both programmed
-        wait_until(lambda: programmed() == sorted(ip.values()), "both programmed", agent.log_text)
+        wait_until(lambda: programmed() == sorted(ip.values()), "both programmed", detail=agent.log_text)
 
         # web-2 runs again (its label says so): only web-2, and nothing wakes web-1
         agent.write(objects("running"))
-        wait_until(lambda: programmed() == [ip["web-2"]], "only web-2 programmed", agent.log_text)
+        wait_until(lambda: programmed() == [ip["web-2"]], "only web-2 programmed", detail=agent.log_text)
         bodies = {client.check_output([sys.executable, "-c", GET, VIP, "80"], timeout=90) for _ in range(10)}
         assert bodies == {"hello from web-2\n"}
         st = status()

@@ -15,7 +15,7 @@ import yaml
 
 from controlplane import annotations
 from controlplane.changes import SCALE_STATE_PODS, ChangeTracker
-from zeroproxy.k8sobjects import endpoint_slice, service
+from testbed.k8sobjects import endpoint_slice, service
 
 PORTS = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 
@@ -134,7 +134,7 @@ def test_file_source_objects_with_the_label() -> None:
 
 
 def test_publication_of_state_changes() -> None:
-    from dataplane.scaler import PodState, publication
+    from scaletozero.scaler import PodState, publication
 
     assert publication(PodState.RUNNING, PodState.CHECKPOINTING) == ("running", None)
     label, event = publication(PodState.CHECKPOINTING, PodState.CHECKPOINTED, seconds=0.2)

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +32,12 @@ from controlplane import annotations
 from controlplane.translate import translate
 from dataplane import loader, tc
 from dataplane.loader import SockDatapath
-from dataplane.runtime import ContainerSpec, RuncRuntime, State
-from dataplane.scaler import Backend, PodStatus, ScalerThread, backend_for_pod
 from dataplane.services import ServiceMaps
-from zeroproxy import rootfs
-from zeroproxy.k8sobjects import endpoint_slice, node, service
-from zeroproxy.testbed import CGROUP_DIR_PREFIX, Host, Node, Pod, TestBed
+from scaletozero.runtime import ContainerSpec, RuncRuntime, State
+from scaletozero.scaler import Backend, PodStatus, ScalerThread, backend_for_pod
+from testbed import k8sobjects, rootfs
+from testbed.bed import CGROUP_DIR_PREFIX, Host, Node, Pod, TestBed, wait_until
+from testbed.k8sobjects import endpoint_slice, node, service
 
 REPO = Path(__file__).resolve().parent.parent
 PORT = 8080
@@ -98,24 +98,6 @@ def assert_served(results: list[dict[str, Any]], path: str = "/index.html",
     else:
         assert {r["body"] for r in results} <= set(bodies), results
     assert [r["retrans"] for r in results] == [0] * len(results), "SYN/data retransmissions seen"
-
-
-@pytest.fixture(scope="session")
-def criu() -> Path:
-    """CRIU 4.2.1 from scripts/build-criu.sh (cached after the first build; installs runc)."""
-    res = subprocess.run(["bash", str(REPO / "scripts/build-criu.sh")], capture_output=True, text=True,
-                         check=False, timeout=900)
-    assert res.returncode == 0, f"build-criu.sh failed:\n{res.stderr[-3000:]}"
-    return Path(res.stdout.strip().splitlines()[-1])
-
-
-def pod_object(pod: Pod, annotations_: dict[str, str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod.name, "namespace": "default", "annotations": annotations_},
-        "spec": {"nodeName": pod.node.name},
-        "status": {"phase": "Running", "podIPs": [{"ip": pod.ip4}, {"ip": pod.ip6}], "podIP": pod.ip4},
-    }
 
 
 class NodeSide:
@@ -189,10 +171,10 @@ class Cluster:
                                     "nodePort": NODE_PORT}], type="NodePort"),
             endpoint_slice("web", [self.web["web-a"].ip4], http_port, name="web-a", node_name="a"),
             endpoint_slice("web", [self.web["web-b"].ip4], http_port, name="web-b", node_name="b"),
-            *(pod_object(p, annotations.annotate(idle_timeout=IDLE, restore_timeout="20s"))
+            *(k8sobjects.pod(p.name, p.node.name, [p.ip4, p.ip6],
+                             annotations=annotations.annotate(idle_timeout=IDLE, restore_timeout="20s"))
               for p in self.web.values()),
-            pod_object(self.client_a, {}),
-            pod_object(self.client_b, {}),
+            *(k8sobjects.pod(c.name, c.node.name, [c.ip4, c.ip6]) for c in (self.client_a, self.client_b)),
         ]
 
     def start(self) -> None:
@@ -230,7 +212,7 @@ class Cluster:
         return side.scaler.status()[f"default/{name}"]
 
     def wait_state(self, name: str, state: str, timeout: float = 60.0) -> PodStatus:
-        wait_until(lambda: self.status(name).state == state, f"{name} {state}", timeout)
+        wait_until(lambda: self.status(name).state == state, f"{name} {state}", timeout=timeout)
         return self.status(name)
 
     def close(self) -> None:
@@ -241,14 +223,6 @@ class Cluster:
             except Exception as e:
                 errors.append(str(e))
         assert not errors, errors
-
-
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        time.sleep(0.02)
 
 
 def listening(pod: Pod) -> str:
@@ -576,7 +550,8 @@ def test_scale_run_daemon_follows_pod_annotations_and_status_shows_it(criu: Path
     state_file = tmp_path / "state.json"
 
     def write(annotated: bool) -> None:
-        obj = pod_object(pod, annotations.annotate("1s") if annotated else {})
+        obj = k8sobjects.pod(pod.name, pod.node.name, [pod.ip4, pod.ip6],
+                             annotations=annotations.annotate("1s") if annotated else {})
         obj["metadata"]["namespace"] = "default"
         tmp = source.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump_all([node("n", [n.ip4]), obj]))
@@ -599,7 +574,8 @@ def test_scale_run_daemon_follows_pod_annotations_and_status_shows_it(criu: Path
          "--state-file", str(state_file), "--metrics-port", str(metrics_port)],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        wait_until(lambda: state().get("state") == "checkpointed" or proc.poll() is not None, "checkpointed", 60)
+        wait_until(lambda: state().get("state") == "checkpointed" or proc.poll() is not None,
+                   "checkpointed", timeout=60)
         assert proc.poll() is None, (tmp_path / "scale.log").read_text()[-3000:]
         assert runtime.state(cid) == State.CHECKPOINTED
         assert_served(http(client, pod.ip4), bodies=("hello from web\n",))
@@ -619,9 +595,9 @@ def test_scale_run_daemon_follows_pod_annotations_and_status_shows_it(criu: Path
         assert 'zeroproxy_s2z_wakes_total{pod="default/web"} 1.0' in metrics
 
         # opt out while checkpointed: the pod is restored and no longer managed
-        wait_until(lambda: state().get("state") == "checkpointed", "checkpointed again", 60)
+        wait_until(lambda: state().get("state") == "checkpointed", "checkpointed again", timeout=60)
         write(False)
-        wait_until(lambda: json.loads(state_file.read_text())["pods"] == [], "opted out", 60)
+        wait_until(lambda: json.loads(state_file.read_text())["pods"] == [], "opted out", timeout=60)
         assert runtime.state(cid) == State.RUNNING
         assert_served(http(client, pod.ip4), bodies=("hello from web\n",))
     finally:

@@ -26,7 +26,7 @@ from dataplane import loader, maps, tc
 from dataplane.conntrack import read_flows, read_reverse
 from dataplane.services import ServiceMaps
 from dataplane.tc import CtTimeouts, NodeDatapath, in_netns, node_port_addresses, prog_test_run
-from zeroproxy.testbed import TestBed
+from testbed.bed import TestBed
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2

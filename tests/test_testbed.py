@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns as pr_netns
 
-from zeroproxy import nettools
-from zeroproxy.testbed import (
+from testbed import nettools
+from testbed.bed import (
     CGROUP_DIR_PREFIX,
     STATE_DIR,
     Host,
@@ -337,7 +337,7 @@ def test_teardown_after_exception_removes_everything(stale_beds_removed: list[st
 
 CRASHING_CREATOR = """
 import os, signal, subprocess
-from zeroproxy.testbed import TestBed
+from testbed.bed import TestBed
 bed = TestBed(prefix="zpcrash")
 pod = bed.add_pod(bed.add_node("n1"), "pod")
 proc = pod.run(["sleep", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

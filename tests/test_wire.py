@@ -67,7 +67,7 @@ def test_maps_fed_through_the_wire_match_a_direct_sync(datapath: SockDatapath) -
 
 
 def test_internal_backends_of_a_local_policy_frontend_survive_the_wire() -> None:
-    from zeroproxy.k8sobjects import endpoint_slice, service
+    from testbed.k8sobjects import endpoint_slice, service
 
     objects = [
         service("lb", ["10.96.5.5"], [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30555}],

@@ -19,7 +19,6 @@ DEFAULT_BPFFS = "/sys/fs/bpf/zeroproxy"
 
 EPILOG = """\
 examples:
-  zeroproxy demo                                   # a sandbox on this machine: pods, services, traffic
   zeroproxy agent --kubeconfig ~/.kube/config --cgroup /sys/fs/cgroup/kubepods
   zeroproxy agent --config /etc/zeroproxy/config.yaml   # fields like KubeProxyConfiguration
   zeroproxy agent --source file:cluster.yaml --cgroup /sys/fs/cgroup/kubepods
@@ -27,7 +26,9 @@ examples:
   zeroproxy status                                 # attachments and datapath counters
   zeroproxy cleanup --cgroup /sys/fs/cgroup/kubepods
   zeroproxy print-bpf                              # the C text handed to bcc
-  zeroproxy cluster up --nodes 2                   # a kubeadm cluster on this machine, zeroproxy deployed
+
+The demo sandbox, the kubeadm test cluster and the e2e runs are the test bed's, not the agent's:
+  ./zp demo | ./zp cluster up | ./zp e2e      (python -m testbed ...)
 """
 
 
@@ -212,12 +213,6 @@ def cmd_print_bpf(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from zeroproxy.demo import run_demo
-
-    return run_demo(requests=args.requests, keep_going=args.keep)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zeroproxy",
@@ -320,19 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     bpffs_arg(pb)
     pb.set_defaults(func=cmd_print_bpf)
 
-    d = sub.add_parser("demo", help="build a sandbox on this machine, run the agent, send traffic, clean up")
-    d.add_argument("--requests", type=int, default=30, help="requests per service (default %(default)s)")
-    d.add_argument("--keep", action="store_true", help="keep the sandbox until Enter is pressed")
-    d.set_defaults(func=cmd_demo)
-
     from dataplane.conntrack import add_parser as add_ct_parser
-    from zeroproxy.cluster_cli import add_parser as add_cluster_parser
-    from zeroproxy.e2e import add_parser as add_e2e_parser
     from zeroproxy.scale_cli import add_parser as add_scale_parser
 
     add_scale_parser(sub)
-    add_cluster_parser(sub)
-    add_e2e_parser(sub)
     add_ct_parser(sub)
     return p
 

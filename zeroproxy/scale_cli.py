@@ -55,7 +55,7 @@ class NodeScaler:
 
     def __init__(self, cfg: Any, node_name: str, tracker: Any, request_sync: Any, *,
                  registry: Any = None, publisher: Any = None) -> None:
-        from dataplane.activator import ScaleMetrics
+        from scaletozero.activator import ScaleMetrics
 
         self.cfg = cfg
         self.node_name = node_name
@@ -71,8 +71,8 @@ class NodeScaler:
         self._published: dict[str, str | None] = {}
 
     async def start(self) -> None:
-        from dataplane.runtime import RuncRuntime
-        from dataplane.scaler import Scaler
+        from scaletozero.runtime import RuncRuntime
+        from scaletozero.scaler import Scaler
 
         self.runtime = RuncRuntime(Path(self.cfg.runtime_dir), Path(self.cfg.criu),
                                    cgroup_parent=self.cfg.cgroup_parent)
@@ -88,7 +88,7 @@ class NodeScaler:
         self._changed.set()
 
     async def _follow(self) -> None:
-        from dataplane.scaler import node_backends
+        from scaletozero.scaler import node_backends
 
         while True:
             await self._changed.wait()
@@ -106,7 +106,7 @@ class NodeScaler:
 
     def _on_state(self, name: str, old: Any, new: Any, reason: str, seconds: float | None) -> None:
         from controlplane.kubesource import PodEvent
-        from dataplane.scaler import publication
+        from scaletozero.scaler import publication
 
         label, event = publication(old, new, reason, seconds)
         namespace, _, pod = name.partition("/")
@@ -166,8 +166,8 @@ async def _run(args: argparse.Namespace) -> None:
 
     from controlplane.filesource import FileSource
     from controlplane.translate import translate
-    from dataplane.runtime import RuncRuntime
-    from dataplane.scaler import Scaler, node_backends
+    from scaletozero.runtime import RuncRuntime
+    from scaletozero.scaler import Scaler, node_backends
 
     kind, _, path = args.source.partition(":")
     if kind != "file" or not path:

@@ -6,7 +6,7 @@
  * to the activation proxy's listener, which lives in the same namespace. With the flag off it
  * only counts the attempt (idle detection) and the kernel's normal lookup finds the app.
  *
- * Userspace (dataplane/sklookup.py) owns slots and every write; ctypes mirrors of the structs
+ * Userspace (scaletozero/sklookup.py) owns slots and every write; ctypes mirrors of the structs
  * below live there and a test checks their sizes against bcc's. The maps are not pinned: they,
  * the links and the proxy's listeners all belong to the agent process and go away with it. */
 #ifndef ZP_ACTIVATION_H

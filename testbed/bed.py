@@ -32,9 +32,9 @@ import signal
 import subprocess
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
@@ -44,7 +44,9 @@ from dataplane.netns import NETNS_DIR
 from dataplane.netns import cgroup2_mount as find_cgroup2_mount
 from dataplane.netns import in_netns as _inside_netns
 from dataplane.netns import setns as _setns
-from zeroproxy import nettools
+from testbed import nettools
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -725,6 +727,30 @@ class TestBed:
                 log.warning("test bed %s: pid %d did not exit", self.id, proc.pid)
                 alive.append(proc)
         self._procs = alive
+
+
+def wait_until(cond: Callable[[], T], what: str, *, timeout: float = 60.0, interval: float = 0.05,
+               detail: Callable[[], str] | None = None, tolerate: tuple[type[BaseException], ...] = (),
+               error: type[Exception] = AssertionError) -> T:
+    """Poll ``cond`` until it returns something truthy, and return that; else raise ``error`` naming ``what``.
+
+    ``detail`` (a log tail, say) is appended to the message; exceptions in ``tolerate`` count as
+    "not yet" (an API that is still starting), and the last one is named if time runs out.
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = cond()
+            if value:
+                return value
+        except tolerate as exc:
+            last_exc = exc
+        if time.monotonic() > deadline:
+            extra = f"; last error: {last_exc}" if last_exc else ""
+            more = f"\n{detail()[-4000:]}" if detail else ""
+            raise error(f"timed out after {timeout:g}s waiting for {what}{extra}{more}")
+        time.sleep(interval)
 
 
 def wait_for_line(proc: subprocess.Popen[str], expected: str, timeout: float) -> None:

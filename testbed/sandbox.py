@@ -15,7 +15,7 @@ from typing import Any
 
 from dataplane import netns
 from dataplane.loader import cleanup
-from zeroproxy.k8sobjects import dump
+from testbed.k8sobjects import dump
 
 BPFFS_ROOT = Path("/sys/fs/bpf")
 

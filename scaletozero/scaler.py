@@ -50,9 +50,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dataplane.activator import PROBE_OFF, Activator, Netns, PodProxy, ScaleMetrics, WakeError, inside
-from dataplane.runtime import CheckpointError, ContainerRuntime, RuntimeDriverError
-from dataplane.sklookup import NetnsLink, SkLookup
+from scaletozero.activator import PROBE_OFF, Activator, Netns, PodProxy, ScaleMetrics, WakeError, inside
+from scaletozero.runtime import CheckpointError, ContainerRuntime, RuntimeDriverError
+from scaletozero.sklookup import NetnsLink, SkLookup
 
 log = logging.getLogger(__name__)
 

@@ -54,6 +54,19 @@ def endpoint_slice(service_name: str, addresses: Iterable[str], ports: Iterable[
     }
 
 
+def pod(name: str, node_name: str, ips: Sequence[str], *, namespace: str = "default",
+        annotations: dict[str, str] | None = None, labels: dict[str, str] | None = None,
+        phase: str = "Running") -> dict[str, Any]:
+    """A v1 Pod as the kubelet reports it: scheduled to ``node_name``, ``ips`` its podIPs (first = podIP)."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "annotations": dict(annotations or {})}
+    if labels:
+        meta["labels"] = dict(labels)
+    status: dict[str, Any] = {"phase": phase, "podIPs": [{"ip": ip} for ip in ips]}
+    if ips:
+        status["podIP"] = ips[0]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {"nodeName": node_name}, "status": status}
+
+
 def node(name: str, internal_ips: Sequence[str]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
             "status": {"addresses": [{"type": "InternalIP", "address": a} for a in internal_ips]}}

@@ -1,6 +1,6 @@
-"""``zeroproxy cluster up|down|status``: a kubeadm cluster on this machine with zeroproxy on it.
+"""``./zp cluster up|down|status`` (``python -m testbed cluster``): a kubeadm cluster with zeroproxy on it.
 
-``up`` starts a supervisor process that owns the cluster (``zeroproxy.kubecluster``): it builds
+``up`` starts a supervisor process that owns the cluster (``testbed.kubecluster``): it builds
 the nodes, deploys zeroproxy from ``manifests/`` as a user would, writes a kubeconfig for the host
 and then waits. ``down`` asks it to tear everything down and waits until it has. One owner means
 one teardown path, the same one the tests use; a supervisor that was killed is cleaned up by
@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from zeroproxy import kubecluster
+from testbed import kubecluster
 
 CURRENT = kubecluster.STATE_DIR / "current.json"
 UP_TIMEOUT_S = 900.0
@@ -91,7 +91,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     read_fd, write_fd = os.pipe()
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "zeroproxy", "cluster", "_serve", "--nodes", str(args.nodes),
+            [sys.executable, "-m", "testbed", "cluster", "_serve", "--nodes", str(args.nodes),
              "--proxy", args.proxy, "--ready-fd", str(write_fd)],
             pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, cwd=kubecluster.ROOT)
@@ -148,8 +148,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     c = sub.add_parser("cluster", help="a kubeadm cluster on this machine (netns nodes) with zeroproxy deployed",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  zeroproxy cluster up --nodes 2\n  zeroproxy cluster status\n"
-                              "  zeroproxy cluster down\n")
+                       epilog="examples:\n  ./zp cluster up --nodes 2\n  ./zp cluster status\n"
+                              "  ./zp cluster down\n")
     csub = c.add_subparsers(dest="cluster_cmd", required=True)
     up = csub.add_parser("up", help="build the cluster and deploy zeroproxy; prints the kubeconfig")
     up.add_argument("--nodes", type=int, default=2, choices=range(1, 5), help="number of nodes (default 2)")

@@ -17,13 +17,13 @@ the layer by the sha256 of its tar, so equal inputs give an equal id.
 
 CLI (root not needed for `build`):
 
-    python -m zeroproxy.images build --out /var/tmp/zeroproxy/images
-    python -m zeroproxy.images build --out DIR --k8s-bin DIR --only kube-proxy
-    python -m zeroproxy.images list
-    python -m zeroproxy.images repo-list --out /tmp/repo-list.yaml    # for KUBE_TEST_REPO_LIST
-    python -m zeroproxy.images rootfs-image --rootfs DIR --tag localhost/zeroproxy:0.1.0-abc \\
+    python -m testbed.images build --out /var/tmp/zeroproxy/images
+    python -m testbed.images build --out DIR --k8s-bin DIR --only kube-proxy
+    python -m testbed.images list
+    python -m testbed.images repo-list --out /tmp/repo-list.yaml    # for KUBE_TEST_REPO_LIST
+    python -m testbed.images rootfs-image --rootfs DIR --tag localhost/zeroproxy:0.1.0-abc \\
         --containerfile Containerfile --out IMAGE.tar --layer-out ROOTFS.tar
-    python -m zeroproxy.images deb-packages /path/to/binary          # Debian packages of its libs
+    python -m testbed.images deb-packages /path/to/binary          # Debian packages of its libs
 """
 
 from __future__ import annotations
@@ -540,7 +540,7 @@ def _write_archive_files(image: Image, layer_path: Path, diff_id: str, out: Path
             "os": "linux",
             "config": image.config_body(),
             "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
-            "history": [{"created_by": "zeroproxy.images", "comment": "one layer written by zeroproxy/images.py"}],
+            "history": [{"created_by": "testbed.images", "comment": "one layer written by testbed/images.py"}],
         })
         config_id = hashlib.sha256(config).hexdigest()
         manifest = _json([{"Config": f"{config_id}.json", "RepoTags": image.tags,
@@ -666,7 +666,7 @@ def _shell_layer() -> Layer:
 
 
 _COREDNS_STUB = """#!/bin/sh
-# zeroproxy's test bed: a placeholder for localhost/zp/coredns:1.7.0 (zeroproxy/images.py).
+# zeroproxy's test bed: a placeholder for localhost/zp/coredns:1.7.0 (testbed/images.py).
 # kubeadm's preflight insists that every image `kubeadm config images list` names exists, but
 # the bed skips the addon/coredns phase and runs its own cluster DNS; Debian packages no CoreDNS.
 echo "localhost/zp/coredns:1.7.0 is zeroproxy's test-bed placeholder, not CoreDNS:" >&2
@@ -904,7 +904,7 @@ def rootfs_image(rootfs: Path | None, tag: str, containerfile: Path, out: Path, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zeroproxy.images", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m testbed.images", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[-1:]))
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -942,7 +942,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             libs = [lib for p in args.programs for lib in shared_libraries(p)]
             print("\n".join(debian_packages_of(libs)))
     except ImageError as e:
-        print(f"zeroproxy.images: {e}", file=sys.stderr)
+        print(f"testbed.images: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -36,7 +36,7 @@ DOCROOT = "/www"
 # Applets linked into /bin: the shell for debugging with `runc exec`, httpd to serve.
 _APPLETS = ("sh", "httpd", "ls", "cat", "sleep")
 
-# Mount points every OCI container of ours mounts something on (see dataplane.runtime).
+# Mount points every OCI container of ours mounts something on (see scaletozero.runtime).
 _SKELETON_DIRS = ("bin", "dev", "etc", "proc", "sys", "tmp", "www")
 
 _PASSWD = "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"

@@ -1,6 +1,6 @@
 """The activation proxy: holds connections for a checkpointed pod, wakes it once, relays them.
 
-The sk_lookup program (dataplane/sklookup.py) hands every new connection for a checkpointed
+The sk_lookup program (scaletozero/sklookup.py) hands every new connection for a checkpointed
 pod's app ports to a listener this module made *inside the pod's network namespace*. The
 accepted socket therefore already has the pod address and the app's port as its local address:
 one listener per family serves every port of a pod, and `getsockname()` says which port the

@@ -87,7 +87,7 @@ class RestoreError(RuntimeDriverError):
 class ContainerSpec:
     """What a backend container is: its rootfs, command and the pod netns it joins.
 
-    rootfs_mounts are extra OCI mounts the rootfs needs (see zeroproxy.rootfs.Rootfs.mounts).
+    rootfs_mounts are extra OCI mounts the rootfs needs (see testbed.rootfs.Rootfs.mounts).
     tcp_established lets CRIU dump and restore established TCP connections; without it a dump
     with open connections fails, which is what scale-to-zero wants unless asked otherwise.
     """

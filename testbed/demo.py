@@ -1,4 +1,4 @@
-"""`zeroproxy demo`: the whole ClusterIP path on this one machine, no cluster needed.
+"""`./zp demo` (`python -m testbed demo`): the whole ClusterIP path on this one machine, no cluster needed.
 
 Builds a node and pods out of network namespaces and a private cgroup subtree, writes
 Kubernetes YAML for three Services, runs a real agent on it, sends TCP and UDP from a client
@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from dataplane import inspect
-from zeroproxy import nettools
-from zeroproxy.k8sobjects import endpoint_slice, node, service
-from zeroproxy.sandbox import AgentProcess
-from zeroproxy.testbed import TestBed, cleanup_stale
+from testbed import nettools
+from testbed.bed import TestBed, cleanup_stale
+from testbed.k8sobjects import endpoint_slice, node, service
+from testbed.sandbox import AgentProcess
 
 WEB4, WEB6, DNS4, GONE4 = "10.96.0.10", "fd00:10:96::10", "10.96.0.53", "10.96.0.99"
 

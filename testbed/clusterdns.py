@@ -36,7 +36,7 @@ resourceVersion, relist on 410 Gone, retry anything else with a capped exponenti
 kubeadm ``clusterDNS`` address with Endpoints and an EndpointSlice pointing at this server, so
 that pods reach it through the proxy under test. Run it as::
 
-    python -m zeroproxy.clusterdns --kubeconfig K --listen 10.0.0.2:53 --domain cluster.local \\
+    python -m testbed.clusterdns --kubeconfig K --listen 10.0.0.2:53 --domain cluster.local \\
         [--publish 10.96.0.10]
 """
 
@@ -78,7 +78,7 @@ from dnslib import (
     DNSRecord,
 )
 
-log = logging.getLogger("zeroproxy.clusterdns")
+log = logging.getLogger("testbed.clusterdns")
 
 SCHEMA_VERSION = "1.0.1"  # of the Kubernetes DNS specification that these records follow
 DEFAULT_TTL = 5  # seconds, as CoreDNS's kubernetes plugin: Services change often in tests
@@ -994,12 +994,12 @@ def parse_hostport(text: str, what: str = "--listen") -> tuple[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m zeroproxy.clusterdns",
+        prog="python -m testbed.clusterdns",
         description="Cluster DNS for zeroproxy's test bed (not part of zeroproxy): answers the "
                     "Kubernetes DNS specification's records from Services and EndpointSlices.",
         epilog="examples:\n"
-               "  python -m zeroproxy.clusterdns --kubeconfig admin.conf --listen 10.0.0.2:53\n"
-               "  python -m zeroproxy.clusterdns --kubeconfig admin.conf --listen 10.0.0.2:53 "
+               "  python -m testbed.clusterdns --kubeconfig admin.conf --listen 10.0.0.2:53\n"
+               "  python -m testbed.clusterdns --kubeconfig admin.conf --listen 10.0.0.2:53 "
                "--publish 10.96.0.10\n"
                "  dig @10.0.0.2 kubernetes.default.svc.cluster.local",
         formatter_class=argparse.RawDescriptionHelpFormatter)

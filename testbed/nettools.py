@@ -1,6 +1,6 @@
 """Small traffic tools for functional tests: an identity/echo server and a request/reply client.
 
-They run inside test-bed pods as ``python -m zeroproxy.nettools serve|client ...``. The server tells
+They run inside test-bed pods as ``python -m testbed.nettools serve|client ...``. The server tells
 the client who answered and which peer address it saw, because that is what a load balancer test
 has to check (which backend, was the source NATed). The client prints one JSON line per attempt,
 so a test can assert on every single request instead of a summary, and never hangs: every socket
@@ -77,7 +77,7 @@ def serve_argv(
     python: str = sys.executable,
 ) -> list[str]:
     """The command line that starts a server; kept next to the parser so the two cannot drift."""
-    argv = [python, "-m", "zeroproxy.nettools", "serve", "--name", name, "--family", family]
+    argv = [python, "-m", "testbed.nettools", "serve", "--name", name, "--family", family]
     argv += [x for port in tcp for x in ("--tcp", str(port))]
     argv += [x for port in udp for x in ("--udp", str(port))]
     argv += [x for addr in bind for x in ("--bind", addr)]
@@ -99,7 +99,7 @@ def client_argv(
     python: str = sys.executable,
 ) -> list[str]:
     """The command line that runs a client; see ``client --help`` for the meaning of each option."""
-    argv = [python, "-m", "zeroproxy.nettools", "client", "--target", target, "--proto", proto,
+    argv = [python, "-m", "testbed.nettools", "client", "--target", target, "--proto", proto,
             "--count", str(count), "--concurrency", str(concurrency), "--interval", str(interval),
             "--timeout", str(timeout)]
     if until_file is not None:
@@ -477,15 +477,15 @@ def _port(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m zeroproxy.nettools",
+        prog="python -m testbed.nettools",
         description="Identity/echo server and request/reply client for zeroproxy functional tests.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
-  python -m zeroproxy.nettools serve --name web-1 --tcp 8080 --udp 5353
-  python -m zeroproxy.nettools serve --name echo --tcp 9000 --echo --family 6
-  python -m zeroproxy.nettools client --target 10.96.0.10:80 --proto tcp --count 600
-  python -m zeroproxy.nettools client --target [fd00:96::a]:53 --proto udp-unconnected --count 5
-  python -m zeroproxy.nettools client --target 10.96.0.10:80 --interval 0.01 --until-file /tmp/stop
+  python -m testbed.nettools serve --name web-1 --tcp 8080 --udp 5353
+  python -m testbed.nettools serve --name echo --tcp 9000 --echo --family 6
+  python -m testbed.nettools client --target 10.96.0.10:80 --proto tcp --count 600
+  python -m testbed.nettools client --target [fd00:96::a]:53 --proto udp-unconnected --count 5
+  python -m testbed.nettools client --target 10.96.0.10:80 --interval 0.01 --until-file /tmp/stop
 """,
     )
     sub = parser.add_subparsers(dest="command", required=True)

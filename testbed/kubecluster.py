@@ -5,7 +5,7 @@ kubelet, EndpointSlices written by the controller-manager, kubelet probes, rolli
 module builds that cluster from the Kubernetes 1.20.2 binaries ``scripts/build-k8s.sh`` makes and
 the images ``scripts/build-images.sh`` makes, with no registry and no network.
 
-Each node is a test-bed node (``zeroproxy.testbed``: a network namespace on the bed's underlay,
+Each node is a test-bed node (``testbed.bed``: a network namespace on the bed's underlay,
 a cgroup subtree of the bed's own) plus two namespaces of its own, held by one small process:
 
 - a private **mount namespace**. kubeadm and the kubelet hard-code ``/etc/kubernetes``,
@@ -26,7 +26,7 @@ every pod process, hostNetwork and static pods included, lands under the node's 
 
 Nodes talk to each other over the bed's underlay and route each other's pod CIDRs; the default
 route points at an underlay address nobody has, so nothing leaves the bed's namespaces. The host
-reaches the API server through ``zeroproxy.relay.TCPRelay``, a loopback listener that dials from inside the
+reaches the API server through ``testbed.relay.TCPRelay``, a loopback listener that dials from inside the
 first node's namespace.
 
 ``close()`` tears down everything even after a failure: kubelet loop, ``kubeadm reset``,
@@ -48,16 +48,16 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dataplane.netns import NETNS_DIR
-from zeroproxy import testbed
-from zeroproxy.relay import TCPRelay
-from zeroproxy.testbed import CommandFailed, TestBed
+from testbed import bed
+from testbed.bed import CommandFailed, TestBed
+from testbed.relay import TCPRelay
 
 log = logging.getLogger(__name__)
 
@@ -103,25 +103,6 @@ def _tail(path: Path, n: int = _LOG_TAIL) -> str:
     except FileNotFoundError:
         return f"({path} does not exist)"
     return "\n".join(lines[-n:])
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5,
-               detail: Callable[[], str] | None = None) -> Any:
-    """Poll ``check`` until it returns something truthy; raise ClusterError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception as exc:  # a poll that fails is a poll that is not done yet
-            last_exc = exc
-        if time.monotonic() > deadline:
-            extra = f"; last error: {last_exc}" if last_exc else ""
-            more = f"\n{detail()}" if detail else ""
-            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}{extra}{more}")
-        time.sleep(interval)
 
 
 def ensure_binaries() -> Path:
@@ -235,7 +216,7 @@ def _pids_with_ns(kind: str, inode: int) -> list[int]:
 class KubeNode:
     """One kubeadm node: a bed node plus its mount/UTS namespaces, containerd and kubelet."""
 
-    def __init__(self, cluster: KubeCluster, bed_node: testbed.Node, index: int) -> None:
+    def __init__(self, cluster: KubeCluster, bed_node: bed.Node, index: int) -> None:
         self.cluster = cluster
         self.bed_node = bed_node
         self.index = index
@@ -300,7 +281,7 @@ class KubeNode:
                          "\n".join(lines)],
             cgroup=self.bed_node.host_cgroup_path, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        testbed.wait_for_line(self.holder, "ready", timeout=30)
+        bed.wait_for_line(self.holder, "ready", timeout=30)
 
     def ns_argv(self, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside the node's mount and UTS namespaces (the netns comes from spawn)."""
@@ -374,9 +355,9 @@ class KubeNode:
         config = self.dir / "containerd.toml"
         config.write_text(self.containerd_config())
         self.containerd = self.spawn(["containerd", "--config", str(config)], log_to=self.containerd_log)
-        wait_until(f"containerd on {self.name}", lambda: self.run(["ctr", "--address", CONTAINERD_SOCK,
-                                                                   "version"], check=False).returncode == 0,
-                   30, detail=lambda: _tail(self.containerd_log))
+        bed.wait_until(lambda: self.run(["ctr", "--address", CONTAINERD_SOCK, "version"], check=False).returncode == 0,
+                       f"containerd on {self.name}", timeout=30, interval=0.5,
+                       detail=lambda: _tail(self.containerd_log), tolerate=(Exception,), error=ClusterError)
         for image in images:
             self.run(["ctr", "--address", CONTAINERD_SOCK, "-n", "k8s.io", "images", "import", str(image)],
                      timeout=300)
@@ -560,7 +541,7 @@ class KubeCluster:
 
     def _write_state(self) -> None:
         self._state_file.write_text(json.dumps({
-            "id": self.id, "pid": os.getpid(), "starttime": testbed._proc_starttime(os.getpid()),
+            "id": self.id, "pid": os.getpid(), "starttime": bed._proc_starttime(os.getpid()),
             "dir": str(self.dir),
             "cgroup_roots": [n.cgroup_root for n in self.nodes],
             "holders": [n.holder.pid for n in self.nodes if n.holder is not None],
@@ -605,8 +586,9 @@ class KubeCluster:
         self._init(self.control_plane)
         for node in self.nodes[1:]:
             self._join(node)
-        wait_until("every node Ready", self._all_ready, BRINGUP_TIMEOUT_S, interval=1.0,
-                   detail=lambda: self.kubectl("get", "nodes", "-o", "wide", check=False).stdout)
+        bed.wait_until(self._all_ready, "every node Ready", timeout=BRINGUP_TIMEOUT_S, interval=1.0,
+                       detail=lambda: self.kubectl("get", "nodes", "-o", "wide", check=False).stdout,
+                       tolerate=(Exception,), error=ClusterError)
         if self.dns:
             self._start_dns()
         if self.proxy == "zeroproxy":
@@ -639,7 +621,7 @@ class KubeCluster:
         return out
 
     def _start_dns(self) -> None:
-        """The bed's cluster DNS (``zeroproxy.clusterdns``) behind kube-system/kube-dns.
+        """The bed's cluster DNS (``testbed.clusterdns``) behind kube-system/kube-dns.
 
         Bookworm packages no CoreDNS, so the bed runs its own small server as a process on the
         control-plane node (listening on the node's address) and publishes the selector-less
@@ -649,13 +631,13 @@ class KubeCluster:
         node = self.control_plane
         self.dns_server = node.spawn(
             [str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else "python3",
-             "-m", "zeroproxy.clusterdns", "--kubeconfig", "/etc/kubernetes/admin.conf",
+             "-m", "testbed.clusterdns", "--kubeconfig", "/etc/kubernetes/admin.conf",
              "--listen", f"{node.ip}:53", "--domain", DNS_DOMAIN, "--publish", DNS_IP],
             log_to=node.dir / "clusterdns.log", cwd=str(ROOT))
-        wait_until("the kube-dns Service and its endpoint",
-                   lambda: self.kubectl("-n", "kube-system", "get", "endpoints", "kube-dns", "-o",
-                                        "jsonpath={.subsets[0].addresses[0].ip}", check=False).stdout.strip()
-                   == node.ip, 60, detail=lambda: _tail(node.dir / "clusterdns.log"))
+        bed.wait_until(lambda: self.kubectl("-n", "kube-system", "get", "endpoints", "kube-dns", "-o",
+                                            "jsonpath={.subsets[0].addresses[0].ip}", check=False).stdout.strip()
+                       == node.ip, "the kube-dns Service and its endpoint", timeout=60, interval=0.5,
+                       detail=lambda: _tail(node.dir / "clusterdns.log"), tolerate=(Exception,), error=ClusterError)
 
     def _deploy_kube_proxy(self) -> None:
         """The real kube-proxy 1.20.2 (iptables mode), as kubeadm's addon phase installs it.
@@ -671,10 +653,10 @@ class KubeCluster:
         config = node.dir / "kubeadm-kube-proxy.yaml"
         config.write_text(yaml.safe_dump_all(docs, sort_keys=False))
         node.run(["kubeadm", "init", "phase", "addon", "kube-proxy", "--config", str(config)], timeout=120)
-        wait_until("the kube-proxy DaemonSet rolled out on every node",
-                   lambda: rollout_done(self, "kube-system", "daemonset/kube-proxy"), BRINGUP_TIMEOUT_S,
-                   interval=1.0, detail=lambda: self.kubectl("-n", "kube-system", "get", "pods", "-o", "wide",
-                                                             check=False).stdout)
+        bed.wait_until(lambda: rollout_done(self, "kube-system", "daemonset/kube-proxy"),
+                       "the kube-proxy DaemonSet rolled out on every node", timeout=BRINGUP_TIMEOUT_S, interval=1.0,
+                       detail=lambda: self.kubectl("-n", "kube-system", "get", "pods", "-o", "wide",
+                                                   check=False).stdout, tolerate=(Exception,), error=ClusterError)
 
     def _mountpoint(self, path: Path) -> None:
         """A host directory the nodes mount over; created if missing, removed by the last cluster.
@@ -768,8 +750,9 @@ class KubeCluster:
             out = self.kubectl("get", "node", node.name, "-o", "jsonpath={.spec.podCIDR}", check=False)
             return out.stdout.strip() if out.returncode == 0 else ""
 
-        cidr = wait_until(f"node {node.name} registered with a podCIDR", pod_cidr, BRINGUP_TIMEOUT_S,
-                          detail=lambda: _tail(node.kubelet_log))
+        cidr = bed.wait_until(pod_cidr, f"node {node.name} registered with a podCIDR", timeout=BRINGUP_TIMEOUT_S,
+                              detail=lambda: _tail(node.kubelet_log), tolerate=(Exception,), error=ClusterError,
+                              interval=0.5)
         if ipaddress.ip_network(cidr) != node.bed_node.pod_cidr4:
             raise ClusterError(f"node {node.name} got podCIDR {cidr}, the bed routes {node.bed_node.pod_cidr4}")
         node.write_cni_config(cidr)
@@ -909,7 +892,7 @@ def _live_clusters(state_dir: Path) -> list[str]:
     for path in state_dir.glob("cluster-*.json"):
         with contextlib.suppress(Exception):
             state = json.loads(path.read_text())
-            if "starttime" in state and testbed._proc_starttime(state["pid"]) == state["starttime"]:
+            if "starttime" in state and bed._proc_starttime(state["pid"]) == state["starttime"]:
                 live.append(state["id"])
     return live
 
@@ -966,7 +949,7 @@ def cleanup_stale(state_dir: Path = STATE_DIR) -> list[str]:
     for path in sorted(state_dir.glob("cluster-*.json")):
         with contextlib.suppress(Exception):
             state = json.loads(path.read_text())
-            if testbed._proc_starttime(state["pid"]) == state["starttime"]:
+            if bed._proc_starttime(state["pid"]) == state["starttime"]:
                 continue  # still owned by a live process
             for pid in state.get("holders", []):
                 _kill([pid])
@@ -980,7 +963,7 @@ def cleanup_stale(state_dir: Path = STATE_DIR) -> list[str]:
             _rmtree(Path(state["dir"]), errors)
             path.unlink()
             removed.append(state["id"])
-    testbed.cleanup_stale("zpk")
+    bed.cleanup_stale("zpk")
     _remove_mountpoints_if_last(state_dir)
     return removed
 
@@ -1069,11 +1052,11 @@ def deploy_zeroproxy(cluster: KubeCluster, image_tag: str, timeout: float = BRIN
     """``kubectl apply -k`` the overlay and wait until every node's zeroproxy pod is Ready."""
     overlay = zeroproxy_overlay(cluster, image_tag)
     cluster.kubectl("apply", "-k", str(overlay), timeout=120)
-    wait_until("the zeroproxy DaemonSet rolled out on every node",
-               lambda: rollout_done(cluster, "zeroproxy", "daemonset/zeroproxy"), timeout, interval=1.0,
-               detail=lambda: cluster.kubectl("-n", "zeroproxy", "get", "pods", "-o", "wide", check=False).stdout
+    bed.wait_until(lambda: rollout_done(cluster, "zeroproxy", "daemonset/zeroproxy"),
+                   "the zeroproxy DaemonSet rolled out on every node", timeout=timeout, interval=1.0,
+                   detail=lambda: cluster.kubectl("-n", "zeroproxy", "get", "pods", "-o", "wide", check=False).stdout
                + cluster.kubectl("-n", "zeroproxy", "logs", "daemonset/zeroproxy", "--tail=30",
-                                 check=False).stdout)
+                                 check=False).stdout, tolerate=(Exception,), error=ClusterError)
     return overlay
 
 
@@ -1104,11 +1087,10 @@ def ready_pods(cluster: KubeCluster, namespace: str, selector: str) -> list[dict
 def wait_ready(cluster: KubeCluster, namespace: str, selector: str, count: int,
                timeout: float = 180.0) -> list[dict[str, Any]]:
     """Wait until exactly ``count`` pods matching ``selector`` are Ready; returns them."""
-    return wait_until(f"{count} Ready pod(s) {selector} in {namespace}",
-                      lambda: (p if len(p := ready_pods(cluster, namespace, selector)) == count else None),
-                      timeout, interval=1.0,
-                      detail=lambda: cluster.kubectl("-n", namespace, "get", "pods,events", "-o", "wide",
-                                                     check=False).stdout)
+    return bed.wait_until(lambda: (p if len(p := ready_pods(cluster, namespace, selector)) == count else None),
+                          f"{count} Ready pod(s) {selector} in {namespace}", timeout=timeout, interval=1.0,
+                          detail=lambda: cluster.kubectl("-n", namespace, "get", "pods,events", "-o", "wide",
+                                                     check=False).stdout, tolerate=(Exception,), error=ClusterError)
 
 
 def pod_exec(cluster: KubeCluster, namespace: str, pod: str, argv: Sequence[str],
@@ -1166,7 +1148,7 @@ def machine_snapshot() -> dict[str, list[str]]:
     snap["netns"] = sorted(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else []
     snap["root"] = sorted(os.listdir("/"))  # nothing may land at the top of the filesystem
     cgroups = []
-    for mount in [*cgroup_v1_mounts(), testbed.find_cgroup2_mount()]:
+    for mount in [*cgroup_v1_mounts(), bed.find_cgroup2_mount()]:
         for child in mount.iterdir():
             if child.is_dir():
                 cgroups.append(str(child))

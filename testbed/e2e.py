@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zeroproxy import kubecluster as kc
+from testbed import kubecluster as kc
 
 log = logging.getLogger(__name__)
 
