@@ -37,10 +37,8 @@ from dataplane.services import ServiceMaps
 
 log = logging.getLogger("zeroproxy.agent")
 
-AgentConfig = Config  # the name earlier callers used
 ADDRESS_POLL_PERIOD = 5.0  # seconds between looks at the node's addresses
 FULL_SYNC_PERIOD = 3600.0  # re-translate everything this often even without failures (kube-proxy: 1 h)
-SERVICE_MAPS = ("zp_lb4_svc", "zp_lb6_svc", "zp_lb4_be", "zp_lb6_be")
 
 
 class Agent:
