@@ -11,7 +11,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from controlplane.model import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
+from dataplane.table import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 
 NAMESPACE = "bench"
 SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/12")  # kube-apiserver's default service range

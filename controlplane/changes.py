@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane import annotations
-from controlplane.model import Frontend, IPAddress, Protocol, ServiceEntry, ServiceTable
 from controlplane.objects import Severity
 from controlplane.translate import (
     API_VERSIONS,
@@ -46,6 +45,7 @@ from controlplane.translate import (
     PodInfo,
     translate,
 )
+from dataplane.table import Frontend, IPAddress, Protocol, ServiceEntry, ServiceTable
 
 log = logging.getLogger("zeroproxy.changes")
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.model import IPAddress
+from dataplane.table import IPAddress
 
 
 class Severity(enum.Enum):

@@ -46,16 +46,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane import annotations
-from controlplane.model import (
-    Backend,
-    Frontend,
-    FrontendKind,
-    IPAddress,
-    Protocol,
-    ServiceEntry,
-    ServicePortName,
-    ServiceTable,
-)
 from controlplane.objects import (
     Fields,
     ObjectError,
@@ -67,6 +57,16 @@ from controlplane.objects import (
     parse_endpoint_ip,
     parse_frontend_ip,
     parse_ip,
+)
+from dataplane.table import (
+    Backend,
+    Frontend,
+    FrontendKind,
+    IPAddress,
+    Protocol,
+    ServiceEntry,
+    ServicePortName,
+    ServiceTable,
 )
 
 DEFAULT_NODE_PORT_RANGE = (30000, 32767)

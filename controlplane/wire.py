@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from controlplane.model import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
+from dataplane.table import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 
 WIRE_VERSION = 2  # 2: ServiceEntry.internal_backends
 

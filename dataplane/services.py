@@ -22,8 +22,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from controlplane.model import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 from dataplane import maps
+from dataplane.table import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 
 log = logging.getLogger(__name__)
 

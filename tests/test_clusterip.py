@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from controlplane.model import FrontendKind
 from controlplane.translate import translate
 from dataplane import inspect, maps
 from dataplane.loader import SOCK_HOOKS, attached
+from dataplane.table import FrontendKind
 from testbed import nettools
 from testbed.bed import Node, Pod, TestBed
 from testbed.k8sobjects import endpoint_slice, node, service

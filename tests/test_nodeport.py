@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from controlplane.model import ServicePortName
 from controlplane.translate import translate
 from dataplane import loader, maps, tc
 from dataplane.conntrack import read_flows, read_reverse
 from dataplane.inspect import service_list
 from dataplane.loader import SockDatapath
 from dataplane.services import ServiceMaps
+from dataplane.table import ServicePortName
 from testbed.bed import External, Node, Pod, TestBed
 from testbed.k8sobjects import endpoint_slice, node, service
 

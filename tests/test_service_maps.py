@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.model import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 from dataplane import inspect
 from dataplane.loader import SockDatapath, cleanup
 from dataplane.services import ServiceMaps
+from dataplane.table import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 
 
 @pytest.fixture

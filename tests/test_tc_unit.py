@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from controlplane.model import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 from dataplane import loader, maps, tc
 from dataplane.conntrack import read_flows, read_reverse
 from dataplane.services import ServiceMaps
+from dataplane.table import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 from dataplane.tc import CtTimeouts, NodeDatapath, in_netns, node_port_addresses, prog_test_run
 from testbed.bed import TestBed
 

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import yaml
 
-from controlplane.model import Backend, Frontend, FrontendKind, Protocol, ServicePortName
 from controlplane.objects import ObjectError, Severity
 from controlplane.translate import (
     DEFAULT_AFFINITY_TIMEOUT_SECONDS,
@@ -25,6 +24,7 @@ from controlplane.translate import (
     Translation,
     translate,
 )
+from dataplane.table import Backend, Frontend, FrontendKind, Protocol, ServicePortName
 
 DATA = Path(__file__).parent / "data"
 ip = ipaddress.ip_address

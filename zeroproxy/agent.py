@@ -28,12 +28,12 @@ from controlplane.config import DEVICES_AUTO, Config
 from controlplane.filesource import FileSource
 from controlplane.health import HealthServer, ProxyHealth, ServiceHealth, ServiceHealthServers
 from controlplane.metrics import DatapathCollector, Metrics, pin_stats
-from controlplane.model import FrontendKind
 from controlplane.sync import SyncRunner
 from controlplane.translate import EXTRA_EXTERNAL_TRAFFIC_POLICY, EXTRA_HEALTH_CHECK_NODE_PORT
 from dataplane import tc
 from dataplane.loader import SockDatapath
 from dataplane.services import ServiceMaps
+from dataplane.table import FrontendKind
 
 log = logging.getLogger("zeroproxy.agent")
 
