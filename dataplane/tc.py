@@ -29,7 +29,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from dataplane import maps
 from dataplane.loader import BPF_DIR, bpffs_mounted, inline_includes
-from dataplane.netns import in_netns  # noqa: F401  (re-exported: tests import it from here)
 
 log = logging.getLogger(__name__)
 

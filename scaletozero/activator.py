@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # setns() is per thread and a socket keeps the namespace it was made in: this is how a process
 # in the host namespace makes sockets in pods.
-from dataplane.netns import in_netns as inside
+from dataplane.netns import in_netns
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class Netns:
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def socket(self, family: socket.AddressFamily, type: int = socket.SOCK_STREAM) -> socket.socket:
-        with inside(self.fd):
+        with in_netns(self.fd):
             return socket.socket(family, type)
 
     def close(self) -> None:

@@ -50,7 +50,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from scaletozero.activator import PROBE_OFF, Activator, Netns, PodProxy, ScaleMetrics, WakeError, inside
+from dataplane.netns import in_netns
+from scaletozero.activator import PROBE_OFF, Activator, Netns, PodProxy, ScaleMetrics, WakeError
 from scaletozero.runtime import CheckpointError, ContainerRuntime, RuntimeDriverError
 from scaletozero.sklookup import NetnsLink, SkLookup
 
@@ -180,7 +181,7 @@ def read_tcp(netns_fd: int) -> list[TcpSocket]:
     sockets in the pod count too, which is what idle detection wants.
     """
     out = []
-    with inside(netns_fd):
+    with in_netns(netns_fd):
         for name in ("tcp", "tcp6"):
             try:
                 lines = Path(f"/proc/thread-self/net/{name}").read_text().splitlines()[1:]

@@ -40,9 +40,8 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from dataplane.netns import NETNS_DIR
+from dataplane.netns import NETNS_DIR, in_netns
 from dataplane.netns import cgroup2_mount as find_cgroup2_mount
-from dataplane.netns import in_netns as _inside_netns
 from dataplane.netns import setns as _setns
 from testbed import nettools
 
@@ -81,7 +80,7 @@ class CommandFailed(subprocess.CalledProcessError):
 
 
 def _set_sysctls(netns: str, values: dict[str, str]) -> None:
-    with _inside_netns(netns):
+    with in_netns(netns):
         for key, value in values.items():
             Path("/proc/sys", key.replace(".", "/")).write_text(value)
 

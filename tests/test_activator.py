@@ -29,8 +29,9 @@ import pytest
 
 from controlplane import annotations
 from dataplane import bpfsys
+from dataplane.netns import in_netns
 from scaletozero import sklookup
-from scaletozero.activator import Activator, PodProxy, inside
+from scaletozero.activator import Activator, PodProxy
 from scaletozero.scaler import classify
 from testbed.bed import Pod, TestBed
 
@@ -121,7 +122,7 @@ class Harness:
     def connect(self, family: int = 4, timeout: float = 30.0) -> socket.socket:
         fd = os.open(self.client.netns_path, os.O_RDONLY)
         try:
-            with inside(fd):
+            with in_netns(fd):
                 fam = socket.AF_INET if family == 4 else socket.AF_INET6
                 s = socket.socket(fam, socket.SOCK_STREAM)
         finally:

@@ -23,9 +23,10 @@ import pytest
 
 from dataplane import loader, maps, tc
 from dataplane.conntrack import read_flows, read_reverse
+from dataplane.netns import in_netns
 from dataplane.services import ServiceMaps
 from dataplane.table import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
-from dataplane.tc import CtTimeouts, NodeDatapath, in_netns, node_port_addresses, prog_test_run
+from dataplane.tc import CtTimeouts, NodeDatapath, node_port_addresses, prog_test_run
 from testbed.bed import TestBed
 
 TC_ACT_OK = 0
