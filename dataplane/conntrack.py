@@ -1,4 +1,4 @@
-"""Read the TC path's conntrack and SNAT maps from their pins, for the CLI and for tests.
+"""Read the TC path's conntrack and SNAT maps from their pins, for the CLI (zeroproxy/ct_cli.py) and tests.
 
 Works without bcc and without the agent: it opens the pinned maps under the agent's bpffs
 directory read-only, so an operator can look at live flows while the agent runs (or after it
@@ -8,18 +8,14 @@ LRU keeps them until it needs the room) but marked, because the kernel ignores t
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import ipaddress
-import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from dataplane import maps
 
@@ -134,40 +130,3 @@ def format_flows(flows: Sequence[Flow]) -> str:
         lines.append(f"{f.proto:5} {f.client:21} {f.frontend:21} {f.backend:21} {f.snat or '-':21} "
                      f"{f.state:11} {expires}")
     return "\n".join(lines)
-
-
-def _arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--bpffs", "--bpffs-dir", dest="bpffs_dir", type=Path, default=Path("/sys/fs/bpf/zeroproxy"),
-                        help="the agent's pin directory (default: /sys/fs/bpf/zeroproxy)")
-    parser.add_argument("--json", action="store_true", help="one JSON object with flows and snat entries")
-    parser.set_defaults(func=show)
-    return parser
-
-
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """`zeroproxy ct`: the same view as `python -m dataplane.conntrack`."""
-    return _arguments(sub.add_parser("ct", help="NodePort conntrack and SNAT entries, read from the pinned maps",
-                                     epilog="example: zeroproxy ct --bpffs /sys/fs/bpf/zeroproxy --json"))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _arguments(argparse.ArgumentParser(
-        prog="python -m dataplane.conntrack",
-        description="Show the NodePort conntrack and SNAT entries of a zeroproxy agent.",
-        epilog="example: python -m dataplane.conntrack --bpffs-dir /sys/fs/bpf/zeroproxy --json",
-    ))
-    return show(parser.parse_args(argv))
-
-
-def show(args: argparse.Namespace) -> int:
-    flows = read_flows(args.bpffs_dir)
-    if args.json:
-        print(json.dumps({"flows": [asdict(f) for f in flows],
-                          "snat": [asdict(e) for e in read_reverse(args.bpffs_dir)]}, indent=1))
-    else:
-        print(format_flows(flows))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     bpffs_arg(pb)
     pb.set_defaults(func=cmd_print_bpf)
 
-    from dataplane.conntrack import add_parser as add_ct_parser
+    from zeroproxy.ct_cli import add_parser as add_ct_parser
     from zeroproxy.scale_cli import add_parser as add_scale_parser
 
     add_scale_parser(sub)
