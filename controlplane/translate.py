@@ -59,6 +59,8 @@ from controlplane.objects import (
     parse_ip,
 )
 from dataplane.table import (
+    DEFAULT_NODE_PORT_RANGE,
+    MAX_AFFINITY_TIMEOUT,
     Backend,
     Frontend,
     FrontendKind,
@@ -69,20 +71,12 @@ from dataplane.table import (
     ServiceTable,
 )
 
-DEFAULT_NODE_PORT_RANGE = (30000, 32767)
 DEFAULT_AFFINITY_TIMEOUT_SECONDS = 10800  # the API server's default for ClientIP affinity
-MAX_AFFINITY_TIMEOUT_SECONDS = 86400  # the API server's upper bound
+MAX_AFFINITY_TIMEOUT_SECONDS = MAX_AFFINITY_TIMEOUT  # the API server's upper bound
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
-
-# Keys of ServiceEntry.extra, so that consumers don't spell them themselves.
-EXTRA_EXTERNAL_TRAFFIC_POLICY = "externalTrafficPolicy"
-EXTRA_INTERNAL_TRAFFIC_POLICY = "internalTrafficPolicy"
-EXTRA_SESSION_AFFINITY = "sessionAffinity"
-EXTRA_SESSION_AFFINITY_TIMEOUT = "sessionAffinityTimeoutSeconds"
-EXTRA_HEALTH_CHECK_NODE_PORT = "healthCheckNodePort"
 
 API_VERSIONS: dict[str, tuple[str, ...]] = {  # kind -> the versions we read, preferred first
     "Service": ("v1",),
@@ -209,7 +203,8 @@ class _Service:
     external_policy: str
     internal_policy: str
     publish_not_ready: bool
-    extra: tuple[tuple[str, str], ...]
+    affinity_timeout: int  # seconds, 0 = no ClientIP affinity
+    health_check_node_port: int  # 0 = none, or not externalTrafficPolicy: Local
 
 
 @dataclass(frozen=True, order=True)
@@ -500,15 +495,13 @@ class _Translator:
             f.error("", "service ignored because of the errors above")
             return None
 
-        extra = {
-            EXTRA_EXTERNAL_TRAFFIC_POLICY: external_policy,
-            EXTRA_INTERNAL_TRAFFIC_POLICY: internal_policy,
-            EXTRA_SESSION_AFFINITY: affinity,
-        }
+        affinity_timeout = 0
         if affinity == "ClientIP":
-            extra[EXTRA_SESSION_AFFINITY_TIMEOUT] = str(timeout or DEFAULT_AFFINITY_TIMEOUT_SECONDS)
-        if health_port:
-            extra[EXTRA_HEALTH_CHECK_NODE_PORT] = str(health_port)
+            # validated to 1..MAX above; the clamp keeps a ServiceEntry valid whatever changes there
+            affinity_timeout = max(1, min(timeout or DEFAULT_AFFINITY_TIMEOUT_SECONDS, MAX_AFFINITY_TIMEOUT_SECONDS))
+        # healthCheckNodePort only means something under externalTrafficPolicy: Local (the API
+        # server allocates it only then); a file source may carry a stale one, which serves nothing.
+        health_check_node_port = (health_port or 0) if external_policy == "Local" else 0
 
         ports = self._ports(f, spec, svc_type)
         external_ips = self._addresses(
@@ -539,7 +532,8 @@ class _Translator:
             external_policy=external_policy,
             internal_policy=internal_policy,
             publish_not_ready=bool(publish),
-            extra=tuple(sorted(extra.items())),
+            affinity_timeout=affinity_timeout,
+            health_check_node_port=health_check_node_port,
         )
 
     def _cluster_ips(self, f: Fields, spec: dict[str, Any]) -> list[tuple[IPAddress, str]] | None:
@@ -802,11 +796,17 @@ class _Translator:
                 bucket = endpoints.get((p.name, p.protocol, family), {})
                 backends = self._choose(svc, fe.kind, list(bucket.values()))
                 internal = None
-                if fe.kind in EXTERNAL_KINDS and svc.external_policy == "Local" and self.node_name:
+                local_only = fe.kind in EXTERNAL_KINDS and svc.external_policy == "Local"
+                if local_only and self.node_name:
                     # kube-proxy: the node's own processes and its pods reaching an external
                     # address are in-cluster clients; they get the internal policy's endpoints
                     internal = self._choose(svc, FrontendKind.CLUSTER_IP, list(bucket.values()))
-                self.out.table[fe] = ServiceEntry(fe, spn, backends, svc.extra, internal)
+                self.out.table[fe] = ServiceEntry(
+                    fe, spn, backends, internal,
+                    affinity_timeout=svc.affinity_timeout,
+                    local_only=local_only,
+                    health_check_node_port=svc.health_check_node_port,
+                )
 
     def _choose(self, svc: _Service, kind: FrontendKind, eps: list[_Endpoint]) -> tuple[Backend, ...]:
         policy = svc.external_policy if kind in EXTERNAL_KINDS else svc.internal_policy

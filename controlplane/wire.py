@@ -21,7 +21,9 @@ import msgpack
 
 from dataplane.table import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 
-WIRE_VERSION = 2  # 2: ServiceEntry.internal_backends
+# 2: ServiceEntry.internal_backends; 3: typed affinity_timeout, local_only, health_check_node_port in
+# place of the string pairs of ServiceEntry.extra (a v2 peer is refused, not half-read)
+WIRE_VERSION = 3
 
 _KINDS = {k.value: k for k in FrontendKind}
 
@@ -61,19 +63,26 @@ def _entry(e: ServiceEntry) -> list[Any]:
         _frontend(e.frontend),
         [e.service.namespace, e.service.name, e.service.port],
         _backends(e.backends),
-        [list(kv) for kv in e.extra],
         None if e.internal_backends is None else _backends(e.internal_backends),
+        e.affinity_timeout,
+        e.local_only,
+        e.health_check_node_port,
     ]
 
 
 def _unentry(v: list[Any]) -> ServiceEntry:
-    fe, svc, backends, extra, internal = v
+    fe, svc, backends, internal, affinity, local_only, health_port = v
+    if not isinstance(affinity, int) or not isinstance(local_only, bool) or not isinstance(health_port, int):
+        raise TypeError(f"affinity/local/health fields of the wrong type: {affinity!r}, {local_only!r}, "
+                        f"{health_port!r}")
     return ServiceEntry(
         _unfrontend(fe),
         ServicePortName(*svc),
         _unbackends(backends),
-        tuple((k, val) for k, val in extra),
         None if internal is None else _unbackends(internal),
+        affinity_timeout=affinity,
+        local_only=local_only,
+        health_check_node_port=health_port,
     )
 
 

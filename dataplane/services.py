@@ -36,7 +36,6 @@ SOCKET_KINDS = (FrontendKind.CLUSTER_IP, FrontendKind.EXTERNAL_IP, FrontendKind.
 # one exact lookup.
 ALL_KINDS = (*SOCKET_KINDS, FrontendKind.NODE_PORT)
 EXTERNAL_KINDS = (FrontendKind.NODE_PORT, FrontendKind.EXTERNAL_IP, FrontendKind.LOAD_BALANCER)
-EXTERNAL_TRAFFIC_POLICY = "externalTrafficPolicy"  # key in ServiceEntry.extra (controlplane.translate)
 
 MAX_REV_NAT_ID = 0xFFFF
 MAX_BACKEND_ID = 0xFFFFFFFF
@@ -225,9 +224,9 @@ class ServiceMaps:
     def backend_count(self) -> int:
         return len(self.v4.backends) + len(self.v6.backends)
 
-    def stats(self) -> dict[maps.Stat, int]:
+    def stats(self) -> dict[maps.Reason, int]:
         out = {}
-        for stat in maps.Stat:
+        for stat in maps.SOCK_REASONS:
             per_cpu = self.stats_table[ctypes.c_uint32(stat)]
             out[stat] = sum(per_cpu)
         return out
@@ -435,7 +434,7 @@ def _frontend_flags(entry: ServiceEntry) -> int:
     flags = maps.SvcFlag.EXTERNAL
     if kind is FrontendKind.NODE_PORT:
         flags |= maps.SvcFlag.NODEPORT
-    if dict(entry.extra).get(EXTERNAL_TRAFFIC_POLICY) == "Local":
+    if entry.local_only:
         flags |= maps.SvcFlag.LOCAL
     return int(flags)
 

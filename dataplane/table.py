@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# kube-apiserver's default --service-node-port-range, the one copy: the config's default, the
+# range translation checks nodePorts against, and the one the TC path's SNAT ports must avoid.
+DEFAULT_NODE_PORT_RANGE = (30000, 32767)
 
 
 class Protocol(enum.IntEnum):
@@ -81,37 +85,44 @@ class Backend:
         return f"{addr}:{self.port}"
 
 
+MAX_AFFINITY_TIMEOUT = 86400  # seconds; the API server's upper bound for ClientIP affinity
+
+
 @dataclass(frozen=True)
 class ServiceEntry:
-    """Everything the dataplane needs to program one frontend."""
+    """Everything the dataplane needs to program one frontend.
+
+    Typed fields, not Kubernetes vocabulary: the control plane decides what a Service's policies
+    mean for this frontend (which backends, how long a client sticks, whether only this node's
+    backends serve outside clients) and the dataplane only writes that down.
+    """
 
     frontend: Frontend
     service: ServicePortName
     backends: tuple[Backend, ...] = ()  # already filtered to the ones to use, in a stable order
-    # Later features (session affinity, traffic policies, scale to zero) add fields here with
-    # defaults so that older callers keep working.
-    extra: tuple[tuple[str, str], ...] = field(default=())
     # For an external frontend (NodePort, ExternalIP, LB IP) whose traffic policies give traffic
     # from the node and its pods other backends than traffic from outside (externalTrafficPolicy
     # Local, as kube-proxy: in-cluster clients use the internal policy's endpoints): those
     # backends. None = the same as ``backends``.
     internal_backends: tuple[Backend, ...] | None = None
+    _: KW_ONLY
+    affinity_timeout: int = 0  # seconds of ClientIP session affinity, 1..MAX_AFFINITY_TIMEOUT; 0 = none
+    # External frontend of an externalTrafficPolicy: Local service: outside clients reach only this
+    # node's backends (``backends``) and keep their source address; the TC programs mark it LOCAL.
+    local_only: bool = False
+    # The service's healthCheckNodePort when it is externalTrafficPolicy: Local, else 0. Not a map
+    # field: the agent's health servers read it from the table; the map writer ignores it.
+    health_check_node_port: int = 0
 
-    def extra_value(self, key: str, default: str | None = None) -> str | None:
-        for k, v in self.extra:
-            if k == key:
-                return v
-        return default
-
-    @property
-    def affinity_timeout(self) -> int:
-        """Seconds of ClientIP session affinity; 0 when the service has none."""
-        if self.extra_value("sessionAffinity") != "ClientIP":
-            return 0
-        try:
-            return max(1, min(int(self.extra_value("sessionAffinityTimeoutSeconds") or 10800), 86400))
-        except ValueError:
-            return 10800
+    def __post_init__(self) -> None:
+        # A programming error on the sending side, not bad user input (translate validates that):
+        # refuse it here rather than write a timeout the datapath would misread.
+        if not 0 <= self.affinity_timeout <= MAX_AFFINITY_TIMEOUT:
+            raise ValueError(f"{self.frontend}: affinity_timeout {self.affinity_timeout} is outside "
+                             f"0..{MAX_AFFINITY_TIMEOUT}")
+        if not 0 <= self.health_check_node_port <= 65535:
+            raise ValueError(f"{self.frontend}: health_check_node_port {self.health_check_node_port} "
+                             "is not a port")
 
 
 # The complete desired state: frontend -> entry. A source + translation produces one of these;

@@ -116,8 +116,8 @@ def test_local_policy_frontend_has_two_views_written_and_removed_in_order(datapa
         return ServiceEntry(
             Frontend(ipaddress.ip_address("192.0.2.7"), 80, Protocol.TCP, FrontendKind.LOAD_BALANCER),
             ServicePortName("default", "lb"), tuple(Backend(ipaddress.ip_address(b), 80) for b in local),
-            (("externalTrafficPolicy", policy),),
-            None if internal is None else tuple(Backend(ipaddress.ip_address(b), 80) for b in internal))
+            None if internal is None else tuple(Backend(ipaddress.ip_address(b), 80) for b in internal),
+            local_only=policy == "Local")
 
     def views() -> dict[str, list[str]]:
         return {s.view: sorted(s.backends) for s in inspect.service_list(datapath.pin_dir)}

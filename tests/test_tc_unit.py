@@ -201,13 +201,12 @@ def rig(stale_beds_removed: list[str]) -> Iterator[Rig]:
 
 def _entry(kind: FrontendKind, addr: str, port: int, proto: Protocol, backends: list[str],
            name: str, local: bool = False, internal: list[str] | None = None) -> ServiceEntry:
-    extra = (("externalTrafficPolicy", "Local" if local else "Cluster"),)
     return ServiceEntry(
         Frontend(ipaddress.ip_address(addr), port, proto, kind),
         ServicePortName("default", name),
         tuple(Backend(ipaddress.ip_address(b), 8080) for b in backends),
-        extra,
         None if internal is None else tuple(Backend(ipaddress.ip_address(b), 8080) for b in internal),
+        local_only=local,
     )
 
 
@@ -497,9 +496,7 @@ def test_client_ip_affinity_on_the_tc_path(rig: Rig) -> None:
     rig.reset()
     fe = Frontend(ipaddress.ip_address("0.0.0.0"), 30080, Protocol.TCP, FrontendKind.NODE_PORT)
     both = (Backend(ipaddress.ip_address(POD_A), 8080), Backend(ipaddress.ip_address(POD_B), 8080))
-    cluster = (("externalTrafficPolicy", "Cluster"),)
-    sticky = ServiceEntry(fe, ServicePortName("default", "web"), both,
-                          (*cluster, ("sessionAffinity", "ClientIP"), ("sessionAffinityTimeoutSeconds", "60")))
+    sticky = ServiceEntry(fe, ServicePortName("default", "web"), both, affinity_timeout=60)
 
     def destinations(sports: range) -> set[str]:
         out = set()
@@ -516,7 +513,7 @@ def test_client_ip_affinity_on_the_tc_path(rig: Rig) -> None:
     assert [(k.netns_cookie, k.family) for k in keys] == [(client_id, 4)]
     # without affinity the same client spreads over both backends
     rig.reset()
-    rig.services.sync([ServiceEntry(fe, ServicePortName("default", "web"), both, cluster)])
+    rig.services.sync([ServiceEntry(fe, ServicePortName("default", "web"), both)])
     assert destinations(range(42000, 42032)) == {POD_A, POD_B}
 
 

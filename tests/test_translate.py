@@ -129,13 +129,8 @@ def test_sample_cluster_gives_every_frontend_with_its_backends():
     assert got == expected
     for frontend, entry in t.table.items():
         assert entry.frontend == frontend
-    echo = dict(t.table[fe("10.96.20.20", 7)].extra)
-    assert echo == {
-        "externalTrafficPolicy": "Cluster",
-        "internalTrafficPolicy": "Cluster",
-        "sessionAffinity": "ClientIP",
-        "sessionAffinityTimeoutSeconds": "600",
-    }
+    echo = t.table[fe("10.96.20.20", 7)]
+    assert (echo.affinity_timeout, echo.local_only, echo.health_check_node_port) == (600, False, 0)
     b = t.table[fe("10.96.10.10", 80)].backends[2]
     assert (b.node_name, b.ready, b.serving, b.terminating) == ("node-b", True, True, False)
 
@@ -295,7 +290,7 @@ def test_service_naming_us_as_its_proxy_is_programmed():
     assert backends(t, fe("10.96.0.1", 80)) == ["10.244.0.1:8080"]
 
 
-def test_extra_records_policies_and_affinity():
+def test_entries_carry_affinity_local_and_health_port_typed():
     t = clean(
         translate(
             [
@@ -314,22 +309,35 @@ def test_extra_records_policies_and_affinity():
             ]
         )
     )
-    a, b, c = (t.table[fe(f"10.96.0.{i}", 80)].extra for i in (1, 2, 3))
-    assert a == (
-        ("externalTrafficPolicy", "Cluster"),
-        ("internalTrafficPolicy", "Cluster"),
-        ("sessionAffinity", "None"),
+    def typed(e):
+        return e.affinity_timeout, e.local_only, e.health_check_node_port
+
+    a, b, c = (t.table[fe(f"10.96.0.{i}", 80)] for i in (1, 2, 3))
+    assert typed(a) == (0, False, 0)
+    assert typed(b) == (DEFAULT_AFFINITY_TIMEOUT_SECONDS, False, 0) and DEFAULT_AFFINITY_TIMEOUT_SECONDS == 10800
+    # eTP Local makes only the external frontends local-only; the ClusterIP one serves everyone
+    assert typed(c) == (30, False, 32100)
+    hash(c)  # entries stay hashable: the dataplane diffs them
+
+
+def test_local_only_marks_the_external_frontends_of_an_etp_local_service():
+    svc = service(
+        "lb", clusterIP="10.96.0.4", type="LoadBalancer", externalTrafficPolicy="Local",
+        healthCheckNodePort=32101, externalIPs=["192.0.2.4"],
+        ports=[{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30444}],
+        status={"loadBalancer": {"ingress": [{"ip": "198.51.100.4"}]}},
     )
-    assert dict(b)["sessionAffinityTimeoutSeconds"] == str(DEFAULT_AFFINITY_TIMEOUT_SECONDS) == "10800"
-    assert c == (
-        ("externalTrafficPolicy", "Local"),
-        ("healthCheckNodePort", "32100"),
-        ("internalTrafficPolicy", "Local"),
-        ("sessionAffinity", "ClientIP"),
-        ("sessionAffinityTimeoutSeconds", "30"),
-    )
-    assert list(c) == sorted(c)
-    hash(t.table[fe("10.96.0.3", 80)])  # entries stay hashable: the dataplane diffs them
+    t = clean(translate([svc], node_name="node-a"))
+    got = {(e.frontend.kind.value, e.local_only, e.health_check_node_port) for e in t.table.values()}
+    assert got == {("ClusterIP", False, 32101), ("NodePort", True, 32101), ("ExternalIP", True, 32101),
+                   ("LoadBalancer", True, 32101)}
+
+
+def test_a_health_check_node_port_without_etp_local_is_not_carried():
+    svc = service("np", clusterIP="10.96.0.5", type="NodePort", healthCheckNodePort=32102,
+                  ports=[{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30445}])
+    t = clean(translate([svc]))
+    assert {e.health_check_node_port for e in t.table.values()} == {0}
 
 
 # --- endpoints -------------------------------------------------------------------------------

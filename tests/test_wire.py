@@ -42,6 +42,27 @@ def test_other_versions_and_garbage_are_refused() -> None:
         decode_sync(b"\xc1 not msgpack")
     with pytest.raises(WireError, match="malformed"):
         decode_sync(msgpack.packb([WIRE_VERSION, [[["x"], [], [], []]], None]))
+    # version 2 carried a string bag where 3 has typed fields: refused, never half-read
+    v2_entry = [[bytes(4), 80, 6, "ClusterIP"], ["default", "web", ""], [], [["sessionAffinity", "None"]], None]
+    with pytest.raises(WireError, match="wire version 2"):
+        decode_sync(msgpack.packb([2, [v2_entry], None], use_bin_type=True))
+    entry = [[bytes(4), 80, 6, "ClusterIP"], ["default", "web", ""], [], None]
+    for bad in ([*entry, 86401, False, 0], [*entry, 0, "yes", 0], [*entry, "600", False, 0],
+                [*entry, 0, False, 70000]):
+        with pytest.raises(WireError, match="malformed"):
+            decode_sync(msgpack.packb([WIRE_VERSION, [bad], None], use_bin_type=True))
+
+
+def test_typed_fields_survive_the_wire() -> None:
+    from testbed.k8sobjects import service
+
+    objects = [service("sticky", ["10.96.5.6"], [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30556}],
+                       type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32000,
+                       sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 77}})]
+    t = translate(objects, "node-a").table
+    got = {(e.frontend.kind.value, e.affinity_timeout, e.local_only, e.health_check_node_port)
+           for e in decode_sync(encode_sync(t.values())).entries}
+    assert got == {("ClusterIP", 77, False, 32000), ("NodePort", 77, True, 32000)}
 
 
 @pytest.fixture

@@ -29,7 +29,6 @@ from controlplane.filesource import FileSource
 from controlplane.health import HealthServer, ProxyHealth, ServiceHealth, ServiceHealthServers
 from controlplane.metrics import DatapathCollector, Metrics, pin_stats
 from controlplane.sync import SyncRunner
-from controlplane.translate import EXTRA_EXTERNAL_TRAFFIC_POLICY, EXTRA_HEALTH_CHECK_NODE_PORT
 from dataplane import tc
 from dataplane.loader import SockDatapath
 from dataplane.services import ServiceMaps
@@ -373,10 +372,9 @@ def _health_check(key: ServiceKey, entries: Any, node_name: str) -> tuple[int, i
     port = 0
     local: set[Any] = set()
     for entry in entries:
-        extra = dict(entry.extra)
-        if extra.get(EXTRA_EXTERNAL_TRAFFIC_POLICY) != "Local" or not extra.get(EXTRA_HEALTH_CHECK_NODE_PORT):
+        if not entry.health_check_node_port:  # set only under externalTrafficPolicy: Local
             continue
-        port = int(extra[EXTRA_HEALTH_CHECK_NODE_PORT])
+        port = entry.health_check_node_port
         if entry.frontend.kind is FrontendKind.CLUSTER_IP:
             continue  # eTP filters only external frontends; their backends are this node's
         local.update(b.address for b in entry.backends if b.ready and b.node_name == node_name)
