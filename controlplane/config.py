@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from dataplane.table import DEFAULT_NODE_PORT_RANGE
+
 API_VERSION = "zeroproxy.io/v1alpha1"
 KIND = "ZeroproxyConfiguration"
 
@@ -96,7 +98,7 @@ class Config:
     kubeconfig: str = ""  # clientConnection.kubeconfig; "" = in-cluster, then $KUBECONFIG, ~/.kube
     cluster_cidr: tuple[str, ...] = ()
     node_port_addresses: tuple[str, ...] = ()
-    node_port_range: tuple[int, int] = (30000, 32767)  # the apiserver's --service-node-port-range
+    node_port_range: tuple[int, int] = DEFAULT_NODE_PORT_RANGE  # the apiserver's --service-node-port-range
     healthz_bind_address: str = DEFAULT_HEALTHZ_BIND_ADDRESS  # "" disables the server
     metrics_bind_address: str = DEFAULT_METRICS_BIND_ADDRESS  # "" disables the server
     conntrack: ConntrackConfig = ConntrackConfig()

@@ -29,6 +29,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from dataplane import maps
 from dataplane.loader import BPF_DIR, bpffs_mounted, inline_includes
+from dataplane.table import DEFAULT_NODE_PORT_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ CLSACT_INGRESS = "ffff:fff2"  # clsact's ingress and egress hooks, as pyroute2 w
 CLSACT_EGRESS = "ffff:fff3"
 FILTER_PRIO = 1  # one filter per hook; replacing it at this priority/handle is atomic
 FILTER_HANDLE = 1
-DEFAULT_NODE_PORT_RANGE = (30000, 32767)
 # Above Linux's default ip_local_port_range (32768-60999), so a SNATed flow never shares a port
 # with a connection the node opened itself, and above the NodePort range.
 DEFAULT_SNAT_PORTS = (61000, 65535)
