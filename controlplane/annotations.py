@@ -34,9 +34,10 @@ connections only while no endpoint of the same service port runs.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from controlplane.config import DurationError, parse_duration
 
 PREFIX = "zeroproxy.io/"
 SCALE_TO_ZERO = PREFIX + "scale-to-zero"
@@ -63,29 +64,6 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_RESTORE_TIMEOUT = 30.0
 IDLE_TIMEOUT_BOUNDS = (1.0, 7 * 24 * 3600.0)
 RESTORE_TIMEOUT_BOUNDS = (1.0, 600.0)
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
-
-
-class DurationError(ValueError):
-    """Not a duration we accept; the message says what was expected."""
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in a Go-style duration such as "5m", "1m30s", "250ms" (no sign, no bare number)."""
-    s = text.strip()
-    if not s:
-        raise DurationError("empty duration")
-    pos, total = 0, 0.0
-    while pos < len(s):
-        m = _PART.match(s, pos)
-        if not m:
-            raise DurationError(f"{text!r} is not a duration like 30s, 5m, 1h30m or 250ms")
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    return total
-
 
 def format_duration(seconds: float) -> str:
     """The shortest form parse_duration reads back (for CLI output)."""

@@ -124,36 +124,35 @@ class Config:
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_BARE_SECONDS = re.compile(r"\d+(?:\.\d*)?|\.\d+")  # what duration flags also accept
+
+
+class DurationError(ValueError):
+    """Not a duration: the message says what was expected."""
 
 
 def parse_duration(value: Any) -> float:
-    """A Go/metav1 duration ("30s", "1m30s", "500ms", "24h0m0s") in seconds."""
+    """A Go/metav1 duration ("30s", "1m30s", "500ms", "24h0m0s") in seconds; no sign.
+
+    The one duration parser: the config file, the flags (through :func:`apply_flags`) and the
+    Pod annotations of controlplane/annotations.py all read durations with it, so "1m30s" means
+    the same wherever an operator writes it. Bounds are the caller's.
+    """
     if not isinstance(value, str):
-        raise ValueError(f"must be a duration string like \"30s\" or \"1m30s\", got {_describe(value)}")
+        raise DurationError(f"must be a duration string like \"30s\" or \"1m30s\", got {_describe(value)}")
     text = value.strip()
-    if text in ("0", ""):
-        if text == "":
-            raise ValueError("must be a duration like \"30s\", got an empty string")
+    if text == "":
+        raise DurationError("must be a duration like \"30s\", got an empty string")
+    if text == "0":
         return 0.0
     pos, total = 0, 0.0
     while pos < len(text):
         m = _DURATION_PART.match(text, pos)
         if m is None:
-            raise ValueError(f"must be a duration like \"30s\" or \"1m30s\", got {value!r}")
+            raise DurationError(f"{value!r} is not a duration like \"30s\", \"1m30s\" or \"250ms\"")
         total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
         pos = m.end()
     return total
-
-
-def parse_duration_flag(value: str) -> float:
-    """For flags: a duration, or a bare number of seconds (what earlier versions accepted)."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = parse_duration(value)
-    if seconds < 0:
-        raise ValueError(f"must not be negative, got {value!r}")
-    return seconds
 
 
 def parse_bind_address(value: Any) -> str:
@@ -378,6 +377,8 @@ def _restore_timeout(value: Any) -> float:
     return seconds
 
 
+_DURATION_PARSERS = (_positive_duration, _nonnegative_duration, _optional_duration, _restore_timeout)
+
 _SCALE_TO_ZERO_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "enabled": ("enabled", _bool),
     "runtimeDir": ("runtime_dir", _path),
@@ -506,6 +507,61 @@ def load_file(path: str | os.PathLike[str], base: Config | None = None) -> Confi
         return parse(data, base)
     except ConfigError as e:
         raise ConfigError(e.problems, origin) from None
+
+
+# --- command-line flags ---------------------------------------------------------------------------
+# A flag sets the same attribute as a file field and goes through that field's parser, so a flag
+# never accepts what the file refuses (or the other way round). Two differences, both for
+# typing on a command line: a list is one comma-separated string, and a duration may also be a
+# bare number of seconds ("0.05", what the flags always accepted).
+
+_FLAG_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "nodePortAddresses": lambda v: _cidr_list(v, comma_string=True),
+}
+
+
+def _field(name: str) -> tuple[str | None, str, Callable[[Any], Any]]:
+    """(nested Config attribute or None, attribute, parser) of a file field ("syncPeriod",
+    "scaleToZero.criu", "clientConnection.kubeconfig"); KeyError for a field the file lacks."""
+    section, _, sub = name.partition(".")
+    if not sub:
+        attr, parser = _FIELDS[name]
+        return None, attr, _FLAG_PARSERS.get(name, parser)
+    if name == "clientConnection.kubeconfig":
+        return None, "kubeconfig", _string
+    nested, table = {"conntrack": ("conntrack", _CONNTRACK_FIELDS),
+                     "scaleToZero": ("scale_to_zero", _SCALE_TO_ZERO_FIELDS)}[section]
+    attr, parser = table[sub]
+    return nested, attr, parser
+
+
+def apply_flags(cfg: Config, flags: Mapping[str, tuple[str, Any]]) -> Config:
+    """``cfg`` (defaults, then the file) with command-line flags applied, checked across fields.
+
+    ``flags`` maps a file field name to (the flag's name, its value as typed); a value of None
+    means the flag was not given. Raises ConfigError naming every bad flag, e.g.
+    ``--nodeport-range: must be within 1-65535 ...``.
+    """
+    problems: list[str] = []
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for name, (flag, value) in flags.items():
+        if value is None:
+            continue
+        section, attr, parser = _field(name)
+        if parser in _DURATION_PARSERS and isinstance(value, str) and _BARE_SECONDS.fullmatch(value.strip()):
+            value = f"{value.strip()}s"
+        try:
+            parsed = parser(value)
+        except ValueError as e:
+            problems.append(f"{flag}: {e}")
+            continue
+        (nested.setdefault(section, {}) if section else top)[attr] = parsed
+    if problems:
+        raise ConfigError(problems)
+    for section, changes in nested.items():
+        top[section] = replace(getattr(cfg, section), **changes)
+    return validate(replace(cfg, **top))
 
 
 def config_fields() -> list[str]:

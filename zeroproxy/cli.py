@@ -8,14 +8,15 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from controlplane.config import DEFAULT_BPFFS
+from dataplane.table import DEFAULT_NODE_PORT_RANGE
+
 if TYPE_CHECKING:
     from controlplane.config import Config
-
-DEFAULT_BPFFS = "/sys/fs/bpf/zeroproxy"
 
 EPILOG = """\
 examples:
@@ -50,15 +51,6 @@ def _default_cgroup() -> str:
         return "/sys/fs/cgroup"
 
 
-def _duration(text: str) -> float:
-    from controlplane.config import parse_duration_flag
-
-    try:
-        return parse_duration_flag(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -68,69 +60,39 @@ def _setup_logging(level: str) -> None:
 
 
 def agent_config(args: argparse.Namespace) -> Config:
-    """Defaults < --config file < flags; raises ConfigError naming every bad field."""
+    """Defaults < --config file < flags; raises ConfigError naming every bad field or flag."""
     from controlplane import config as cfgmod
 
     base = cfgmod.Config(cgroup=Path(_default_cgroup()))
     cfg = cfgmod.load_file(args.config, base) if args.config else base
-    overrides = {
-        "source": args.source,
-        "cgroup": Path(args.cgroup) if args.cgroup else None,
-        "bpffs": Path(args.bpffs) if args.bpffs else None,
-        "node_name": args.node_name,
-        "devices": tuple(d for d in args.devices.split(",") if d) if args.devices is not None else None,
-        "kubeconfig": args.kubeconfig,
-        "api_server": args.master,
-        "proxy_name": args.proxy_name,
-        "healthz_bind_address": args.healthz_bind_address,
-        "metrics_bind_address": args.metrics_bind_address,
-        "health_timeout": args.health_timeout,
-        "health_check_node_port_address": args.healthcheck_nodeport_address,
-        "cluster_cidr": tuple(c for c in args.cluster_cidr.split(",") if c) if args.cluster_cidr is not None
-        else None,
-        "node_port_addresses": tuple(c for c in args.nodeport_addresses.split(",") if c)
-        if args.nodeport_addresses is not None else None,
-        "node_port_range": args.nodeport_range,
-        "snat_port_range": args.snat_port_range,
-        "sync_period": args.sync_period,
-        "min_sync_period": args.min_sync_period,
-        "watch_pods": args.watch_pods,
-    }
-    problems = []
-    checks = {"source": cfgmod._source, "healthz_bind_address": cfgmod.parse_bind_address,
-              "metrics_bind_address": cfgmod.parse_bind_address, "api_server": cfgmod._api_server,
-              "health_check_node_port_address": cfgmod._ip,
-              "cluster_cidr": lambda v: cfgmod._cidr_list(v, comma_string=False),
-              "node_port_addresses": lambda v: cfgmod._cidr_list(v, comma_string=False),
-              "node_port_range": cfgmod._port_range, "snat_port_range": cfgmod._port_range}
-    for attr, check in checks.items():
-        if overrides[attr] is not None:
-            try:
-                overrides[attr] = check(overrides[attr])
-            except ValueError as e:
-                problems.append(f"--{_FLAG_OF.get(attr, attr.replace('_', '-'))}: {e}")
-    s2z = {"enabled": args.scale_to_zero, "runtime_dir": args.runtime_dir, "criu": args.criu,
-           "cgroup_parent": args.s2z_cgroup_parent, "restore_timeout": args.restore_timeout,
-           "state_file": args.scale_state_file}
-    s2z_checks = {"runtime_dir": cfgmod._path, "criu": cfgmod._path, "cgroup_parent": cfgmod._cgroup_parent,
-                  "restore_timeout": lambda v: cfgmod._restore_timeout(cfgmod.format_duration(v)),
-                  "state_file": cfgmod._path}
-    for attr, check in s2z_checks.items():
-        if s2z[attr] is not None:
-            try:
-                s2z[attr] = check(s2z[attr])
-            except ValueError as e:
-                problems.append(f"--{_FLAG_OF.get(attr, attr.replace('_', '-'))}: {e}")
-    if problems:
-        raise cfgmod.ConfigError(problems)
-    overrides["scale_to_zero"] = replace(cfg.scale_to_zero, **{k: v for k, v in s2z.items() if v is not None})
-    return cfgmod.validate(cfg.with_overrides(**overrides))
-
-
-_FLAG_OF = {"api_server": "master", "health_check_node_port_address": "healthcheck-nodeport-address",
-            "node_port_addresses": "nodeport-addresses", "node_port_range": "nodeport-range",
-            "cgroup_parent": "s2z-cgroup-parent",
-            "state_file": "scale-state-file"}
+    # file field -> (flag, value as typed); config checks each with the field's own parser
+    return cfgmod.apply_flags(cfg, {
+        "source": ("--source", args.source),
+        "cgroup": ("--cgroup", args.cgroup or None),
+        "bpffs": ("--bpffs", args.bpffs or None),
+        "nodeName": ("--node-name", args.node_name),
+        "devices": ("--devices", args.devices),
+        "clientConnection.kubeconfig": ("--kubeconfig", args.kubeconfig),
+        "apiServer": ("--master", args.master),
+        "proxyName": ("--proxy-name", args.proxy_name),
+        "healthzBindAddress": ("--healthz-bind-address", args.healthz_bind_address),
+        "metricsBindAddress": ("--metrics-bind-address", args.metrics_bind_address),
+        "healthTimeout": ("--health-timeout", args.health_timeout),
+        "healthCheckNodePortAddress": ("--healthcheck-nodeport-address", args.healthcheck_nodeport_address),
+        "clusterCIDR": ("--cluster-cidr", args.cluster_cidr),
+        "nodePortAddresses": ("--nodeport-addresses", args.nodeport_addresses),
+        "nodePortRange": ("--nodeport-range", args.nodeport_range),
+        "snatPortRange": ("--snat-port-range", args.snat_port_range),
+        "syncPeriod": ("--sync-period", args.sync_period),
+        "minSyncPeriod": ("--min-sync-period", args.min_sync_period),
+        "watchPods": ("--watch-pods", args.watch_pods),
+        "scaleToZero.enabled": ("--scale-to-zero", args.scale_to_zero),
+        "scaleToZero.runtimeDir": ("--runtime-dir", args.runtime_dir),
+        "scaleToZero.criu": ("--criu", args.criu),
+        "scaleToZero.cgroupParent": ("--s2z-cgroup-parent", args.s2z_cgroup_parent),
+        "scaleToZero.restoreTimeout": ("--restore-timeout", args.restore_timeout),
+        "scaleToZero.stateFile": ("--scale-state-file", args.scale_state_file),
+    })
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -225,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def bpffs_arg(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--bpffs", default=DEFAULT_BPFFS,
+        sp.add_argument("--bpffs", default=str(DEFAULT_BPFFS),
                         help="directory on a bpf filesystem for pinned maps and programs (default %(default)s)")
 
     a = sub.add_parser("agent", help="run the node agent", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -262,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="/healthz and /livez, kube-proxy compatible; empty disables (default 0.0.0.0:10256)")
     a.add_argument("--metrics-bind-address", default=None, metavar="IP:PORT",
                    help="Prometheus /metrics; empty disables (default 127.0.0.1:10249)")
-    a.add_argument("--health-timeout", type=_duration, default=None,
+    a.add_argument("--health-timeout", default=None,
                    help="/healthz fails when a change waited longer than this (default 2 x --sync-period)")
     a.add_argument("--healthcheck-nodeport-address", default=None, metavar="IP",
                    help="address the healthCheckNodePort servers of externalTrafficPolicy=Local services "
@@ -272,14 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated CIDRs: NodePorts answer only on node addresses inside them")
     a.add_argument("--nodeport-range", default=None,
                    help="the cluster's NodePort range, as kube-apiserver's --service-node-port-range "
-                        "(default 30000-32767); nodePorts outside it are rejected")
+                        f"(default {DEFAULT_NODE_PORT_RANGE[0]}-{DEFAULT_NODE_PORT_RANGE[1]}); nodePorts outside "
+                        "it are rejected")
     a.add_argument("--snat-port-range", default=None,
                    help="source ports of NodePort flows SNATed to a remote backend (default 61000-65535); "
                         "must not overlap the NodePort range or the node's ip_local_port_range")
-    a.add_argument("--min-sync-period", type=_duration, default=None,
+    a.add_argument("--min-sync-period", default=None,
                    help="minimum time between two syncs, e.g. 100ms or 0.1; bursts of changes coalesce "
                         "(default 100ms)")
-    a.add_argument("--sync-period", type=_duration, default=None,
+    a.add_argument("--sync-period", default=None,
                    help="maximum time between two syncs, e.g. 60s (default 60s)")
     a.add_argument("--watch-pods", action="store_const", const=True, default=None,
                    help="also watch this node's Pods (scale to zero needs them)")
@@ -288,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--runtime-dir", default=None, help="scale to zero: runc runtime dir of the pods' containers")
     a.add_argument("--criu", default=None, help="scale to zero: CRIU >= 4.2.1 binary")
     a.add_argument("--s2z-cgroup-parent", default=None, help="scale to zero: cgroup of restored containers")
-    a.add_argument("--restore-timeout", type=_duration, default=None, metavar="DURATION",
+    a.add_argument("--restore-timeout", default=None, metavar="DURATION",
                    help="scale to zero: how long held connections wait for a restore (default 30s)")
     a.add_argument("--scale-state-file", default=None, help="scale to zero: state file for `zeroproxy scale status`")
     a.set_defaults(func=cmd_agent)
