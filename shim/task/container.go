@@ -1,0 +1,137 @@
+package task
+
+import (
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/runtime/v2/runc"
+	"github.com/containerd/containerd/runtime/v2/runc/options"
+	taskAPI "github.com/containerd/containerd/runtime/v2/task"
+	runcC "github.com/containerd/go-runc"
+)
+
+// State is one container's lifecycle as zeroproxy sees it. The strings are the Python side's
+// scaletozero.runtime.State values, which mirror this list.
+type State string
+
+const (
+	StateCreated      State = "created"
+	StateRunning      State = "running"
+	StateCheckpointed State = "checkpointed" // process gone, images on disk; Running to containerd
+	StateRestoring    State = "restoring"
+	StateFailed       State = "failed" // the last restore failed; images kept, still Running to containerd
+	StateStopped      State = "stopped"
+)
+
+// scaledDown says the process is gone while containerd must still see it Running.
+func (s State) scaledDown() bool {
+	return s == StateCheckpointed || s == StateRestoring || s == StateFailed
+}
+
+// container is one containerd container in this shim: runc's Container while a process exists,
+// plus what survives a checkpoint, which runc's Container cannot (runc forgets a dumped container).
+type container struct {
+	id        string
+	namespace string
+	// req is containerd's create request with the options resolved to runc's: a restore builds a
+	// new runc Container from it, pointed at the images.
+	req  taskAPI.CreateTaskRequest
+	opts *options.Options
+	dir  string // checkpoint images and CRIU's logs
+
+	// op serialises the operations that change which process exists (create/start aside):
+	// checkpoint, restore, kill, exec and delete. It is held across runc and CRIU, so nothing
+	// that only reads state takes it.
+	op sync.Mutex
+
+	mu    sync.Mutex // guards the fields below; never held across runc
+	state State
+	// dumping is set while CRIU dumps: the state stays running (the process exists until the
+	// end of the dump), but its exit is the checkpoint's, not a real one.
+	dumping  bool
+	rc       *runc.Container // nil while scaled down and after a kill while scaled down
+	pid      int             // host pid of the current init, or of the last one while scaled down
+	initGone chan struct{}   // closed when the dumped init's exit has been reaped and dropped
+	pending  *runcC.Exit     // the init's exit during a dump that then failed: a real exit after all
+	early    []runcC.Exit    // exits of unknown pids during a restore (the restored init may exit at once)
+	hidden   map[int]bool    // pids whose exit is still to come and must be dropped
+	killing  bool            // a stop signal arrived while scaled down; the exit is on its way
+	exited   chan struct{}   // closed on the init's real exit
+	status   int
+	exitedAt time.Time
+
+	checkpoints int
+	restores    int
+	last        *OpResult
+	server      *http.Server
+}
+
+func newContainer(ns string, req *taskAPI.CreateTaskRequest, opts *options.Options) *container {
+	return &container{
+		id:        req.ID,
+		namespace: ns,
+		req:       *req,
+		opts:      opts,
+		dir:       containerDir(ns, req.ID),
+		state:     StateCreated,
+		hidden:    map[int]bool{},
+		exited:    make(chan struct{}),
+	}
+}
+
+// snapshot is a consistent read of what RPCs answer from.
+type snapshot struct {
+	state   State
+	dumping bool
+	rc      *runc.Container
+	pid     int
+}
+
+func (c *container) snap() snapshot {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return snapshot{state: c.state, dumping: c.dumping, rc: c.rc, pid: c.pid}
+}
+
+// OpResult is the answer to a checkpoint or restore, and the last one is part of every state.
+type OpResult struct {
+	Op        string             `json:"op"`
+	OK        bool               `json:"ok"`
+	State     State              `json:"state"` // after the operation
+	Pid       int                `json:"pid"`   // host pid of the container's init; 0 unless running
+	Images    string             `json:"images,omitempty"`
+	TimingsMs map[string]float64 `json:"timings_ms"`
+	Error     string             `json:"error,omitempty"`
+	// CriuError is CRIU's first "Error (" line: the cause; later ones are the unwinding.
+	CriuError string    `json:"criu_error,omitempty"`
+	CriuLog   string    `json:"criu_log,omitempty"`
+	At        time.Time `json:"at"`
+}
+
+// StateReply is the answer to the state verb.
+type StateReply struct {
+	ID          string    `json:"id"`
+	Namespace   string    `json:"namespace"`
+	State       State     `json:"state"`
+	Dumping     bool      `json:"dumping"`
+	Pid         int       `json:"pid"` // 0 unless a process exists
+	Images      string    `json:"images,omitempty"`
+	Checkpoints int       `json:"checkpoints"`
+	Restores    int       `json:"restores"`
+	Last        *OpResult `json:"last,omitempty"`
+}
+
+func (c *container) stateReply() StateReply {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	r := StateReply{ID: c.id, Namespace: c.namespace, State: c.state, Dumping: c.dumping,
+		Checkpoints: c.checkpoints, Restores: c.restores, Last: c.last}
+	if c.rc != nil && c.state == StateRunning {
+		r.Pid = c.pid
+	}
+	if c.state.scaledDown() {
+		r.Images = imagesPath(c.dir)
+	}
+	return r
+}
