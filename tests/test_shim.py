@@ -1,0 +1,465 @@
+"""containerd-shim-zeroproxy-v2 under a real containerd 1.6.20, runc 1.1.5 and CRIU 4.2.1.
+
+Each test starts its own containerd as a plain process: its own root, state and sockets under a
+temporary directory, and its own mount namespace in which that directory is bind-mounted over
+/run/containerd, where containerd 1.6 puts shim sockets and runc's state whatever its config says.
+The namespace is a slave of the host's, so pod netns mounted later under /run/netns (a shared
+mount) still appear in it, and nothing mounted in it leaks out.
+The system's containerd paths are never used. The shim is registered by name: containerd runs
+``containerd-shim-zeroproxy-v2`` from the PATH it was given, for containers created with
+``--runtime io.containerd.zeroproxy.v2``. Containers are busybox httpd in a test-bed pod netns
+(``ctr run --rootfs DIR --with-ns network:/run/netns/...``), their cgroups under a parent of the
+test's own in every hierarchy. ``ctr`` plays containerd's client, as the kubelet's CRI would.
+
+Everything is removed even when a test fails: tasks, containers, the containerd, every shim of it
+(found by its containerd address), the cgroups, the temporary directory, and, by the test bed,
+the netns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scaletozero.runtime import cgroup_mounts
+from scaletozero.shimclient import ShimClient, ShimOpFailed, ShimRefused, ShimUnreachable
+from scaletozero.state import ContainerState
+from testbed.bed import Node, Pod, TestBed, wait_until
+from testbed.rootfs import build_busybox_rootfs
+
+REPO = Path(__file__).resolve().parent.parent
+RUNTIME = "io.containerd.zeroproxy.v2"
+NAMESPACE = "zptest"
+PORT = 8080
+
+
+@pytest.fixture(scope="session")
+def shim_binary() -> Path:
+    """The shim from scripts/build-shim.sh (cached after the first build)."""
+    res = subprocess.run(["bash", str(REPO / "scripts/build-shim.sh")], capture_output=True, text=True,
+                         check=False, timeout=900)
+    assert res.returncode == 0, f"build-shim.sh failed:\n{res.stderr[-3000:]}"
+    path = Path(res.stdout.strip().splitlines()[-1])
+    assert path.name == "containerd-shim-zeroproxy-v2" and os.access(path, os.X_OK), path
+    return path
+
+
+@dataclass
+class Event:
+    topic: str
+    body: dict[str, Any]
+
+
+@dataclass
+class Containerd:
+    """One private containerd and the ctr commands the tests need."""
+
+    dir: Path
+    address: Path
+    proc: subprocess.Popen[bytes]
+    socket_dir: Path
+    image_dir: Path
+    options_file: Path
+    criu_conf: Path
+    cgroup_parent: str
+    events: list[Event] = field(default_factory=list)
+    _watchers: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "containerd.log"
+
+    def ctr_argv(self, *args: str) -> list[str]:
+        return ["ctr", "--address", str(self.address), "--namespace", NAMESPACE, *args]
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(self.ctr_argv(*args), capture_output=True, text=True, check=False, timeout=timeout)
+        if check and res.returncode:
+            raise AssertionError(f"ctr {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}\n"
+                                 f"containerd log:\n{_tail(self.log)}")
+        return res
+
+    def run_args(self, cid: str, rootfs: Path, pod: Pod, *, detach: bool = True) -> list[str]:
+        """``ctr run`` arguments for busybox httpd in the pod's netns on our runtime.
+
+        Output goes to a file (``--log-uri``): it outlives ctr and needs no FIFO, which the shim,
+        in containerd's mount namespace, could not open in the host's /run/containerd.
+        """
+        return [
+            "run", *(["--detach"] if detach else []), "--rootfs", "--runtime", RUNTIME,
+            "--runtime-config-path", str(self.options_file),
+            "--with-ns", f"network:{pod.netns_path}", "--cgroup", f"{self.cgroup_parent}/{cid}",
+            "--annotation", f"org.criu.config={self.criu_conf}",
+            "--log-uri", f"file://{self.dir / (cid + '.log')}",
+            str(rootfs), cid, "/bin/busybox", "httpd", "-f", "-v", "-p", str(PORT), "-h", "/www"]
+
+    def task(self, cid: str) -> tuple[int, str] | None:
+        """(pid, status) from ``ctr task ls``, None if there is no task."""
+        for line in self.ctr("task", "ls").stdout.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == cid:
+                return int(parts[1]), parts[2]
+        return None
+
+    def watch_events(self) -> None:
+        """Collect containerd's events (``ctr events``) from now on, in a thread."""
+        proc = subprocess.Popen(["ctr", "--address", str(self.address), "events"], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+        self._watchers.append(proc)
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                m = re.search(r" (/\S+) (\{.*\})\s*$", line)
+                if m:
+                    with contextlib.suppress(ValueError):
+                        self.events.append(Event(m.group(1), json.loads(m.group(2))))
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def exits(self, cid: str) -> list[dict[str, Any]]:
+        """TaskExit events of a container's init process."""
+        return [e.body for e in list(self.events)
+                if e.topic == "/tasks/exit" and e.body.get("container_id") == cid and e.body.get("id") == cid]
+
+    def shim_pids(self) -> list[int]:
+        """Shims of this containerd: their command line carries its address."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"containerd-shim-zeroproxy-v2") and str(self.address).encode() in argv:
+                pids.append(int(entry.name))
+        return pids
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _containerd_config(d: Path) -> str:
+    """No CRI (the kubelet is not part of these tests) and no snapshotters that probe the host."""
+    return "\n".join([
+        "version = 2",
+        f'root = "{d}/root"',
+        f'state = "{d}/state"',
+        'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",',
+        '  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",',
+        '  "io.containerd.snapshotter.v1.aufs"]',
+        "[grpc]",
+        f'  address = "{d}/containerd.sock"',
+        "[ttrpc]",
+        f'  address = "{d}/containerd.sock.ttrpc"',
+        '[plugins."io.containerd.internal.v1.opt"]',
+        f'  path = "{d}/opt"',
+        "",
+    ])
+
+
+@pytest.fixture
+def containerd(shim_binary: Path, criu: Path) -> Iterator[Containerd]:
+    """A containerd with the shim on its PATH; everything it and its shims made is removed after."""
+    d = Path(tempfile.mkdtemp(prefix="zp-shim-", dir="/tmp"))
+    (d / "run").mkdir()
+    (d / "config.toml").write_text(_containerd_config(d))
+    options_file = d / "shim.toml"
+    options_file.write_text(f'CriuPath = "{criu}"\n')
+    criu_conf = d / "criu.conf"
+    # zeroproxy's eBPF redirect, not iptables, keeps new connections away from a dumping process.
+    criu_conf.write_text("network-lock skip\n")
+    env = {"PATH": f"{shim_binary.parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "HOME": "/root", "ZP_SHIM_SOCKET_DIR": str(d / "ctl"), "ZP_SHIM_IMAGE_DIR": str(d / "images")}
+    script = f"mount --bind {d}/run /run/containerd && exec containerd --config {d}/config.toml"
+    with open(d / "containerd.log", "ab") as log:
+        proc = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", "sh", "-c", script],
+                                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    cd = Containerd(dir=d, address=d / "containerd.sock", proc=proc, socket_dir=d / "ctl",
+                    image_dir=d / "images", options_file=options_file, criu_conf=criu_conf,
+                    cgroup_parent=f"/zeroproxy-shimtest-{uuid.uuid4().hex[:8]}")
+    try:
+        wait_until(lambda: proc.poll() is None and cd.ctr("version", check=False).returncode == 0,
+                   "the test's containerd to answer", timeout=30, interval=0.2,
+                   detail=lambda: _tail(cd.log))
+        yield cd
+    finally:
+        _teardown(cd)
+
+
+def _teardown(cd: Containerd) -> None:
+    """Remove everything, each step whatever the previous one did."""
+    if cd.proc.poll() is None:
+        with contextlib.suppress(Exception):
+            ids = cd.ctr("containers", "ls", "-q", check=False, timeout=20).stdout.split()
+            for cid in ids:
+                cd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False, timeout=20)
+                cd.ctr("task", "delete", "--force", cid, check=False, timeout=20)
+                cd.ctr("containers", "rm", cid, check=False, timeout=20)
+        cd.proc.terminate()
+        try:
+            cd.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            cd.proc.kill()
+            cd.proc.wait(10)
+    for w in cd._watchers:
+        w.kill()
+        w.wait(10)
+    for pid in cd.shim_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    # Container processes left by a killed shim, then the cgroups runc made for them.
+    for mnt in cgroup_mounts():
+        top = mnt / cd.cgroup_parent.lstrip("/")
+        if not top.is_dir():
+            continue
+        dirs = sorted((p for p in [top, *top.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts))
+        for cg in dirs:
+            with contextlib.suppress(OSError):
+                for pid in (cg / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+        for cg in dirs:
+            with contextlib.suppress(OSError):
+                wait_until(lambda cg=cg: not (cg / "cgroup.procs").read_text().strip(), f"{cg} empty", timeout=5)
+                cg.rmdir()
+    shutil.rmtree(cd.dir, ignore_errors=True)
+    leftovers = [m / cd.cgroup_parent.lstrip("/") for m in cgroup_mounts()
+                 if (m / cd.cgroup_parent.lstrip("/")).exists()]
+    assert not leftovers, f"cgroups left behind: {leftovers}"
+    assert not cd.shim_pids(), "shims left behind"
+    assert not cd.dir.exists(), f"{cd.dir} left behind"
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def pids_in_netns(pod: Pod) -> list[int]:
+    """Every process in the pod's network namespace."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(entry / "ns/net").st_ino == pod.netns_inode:
+                    found.append(int(entry.name))
+    return found
+
+
+def http_get(node: Node, pod: Pod) -> str:
+    """GET / on the pod's IP from its node, as the kubelet's probe or a client pod would."""
+    return node.check_output(["curl", "-sS", "--max-time", "5", f"http://{pod.ip4}:{PORT}/"], timeout=15)
+
+
+def serving(node: Node, pod: Pod, body: str) -> bool:
+    try:
+        return http_get(node, pod) == body
+    except Exception:
+        return False
+
+
+@dataclass
+class Web:
+    node: Node
+    pod: Pod
+    body: str
+    rootfs: Path
+
+
+def make_web(testbed: TestBed, cd: Containerd, name: str) -> Web:
+    node = testbed.add_node(f"{name}n")
+    pod = testbed.add_pod(node, name)
+    body = f"served by {name} {uuid.uuid4().hex[:8]}\n"
+    rootfs = build_busybox_rootfs(cd.dir / f"rootfs-{name}", {"/www/index.html": body}).path
+    return Web(node, pod, body, rootfs)
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+def test_checkpoint_restore_cycles_kill_while_checkpointed_and_delete(containerd: Containerd,
+                                                                    testbed: TestBed) -> None:
+    cd = containerd
+    web = make_web(testbed, cd, "web")
+    cd.watch_events()
+    cd.ctr(*cd.run_args("web", web.rootfs, web.pod))
+    wait_until(lambda: serving(web.node, web.pod, web.body), "busybox httpd answering in the pod", timeout=30,
+               detail=lambda: _tail(cd.log))
+    task = cd.task("web")
+    assert task is not None and task[1] == "RUNNING"
+    assert task[0] in pids_in_netns(web.pod)
+
+    client = ShimClient(cd.socket_dir)
+    st = client.state("web")
+    assert (st.id, st.namespace, st.state, st.pid) == ("web", NAMESPACE, ContainerState.RUNNING, task[0])
+    with pytest.raises(ShimRefused, match="web is running, not checkpointed"):
+        client.restore("web")
+
+    log = cd.dir / "web.log"
+    for cycle in range(1, 4):
+        cp = client.checkpoint("web")
+        assert cp.ok and cp.state is ContainerState.CHECKPOINTED and cp.pid is None, cp
+        assert cp.images is not None and (cp.images / "inventory.img").is_file(), cp
+        assert {"dump", "total"} <= set(cp.timings_ms), cp.timings_ms
+        # The process is gone, but containerd (and so the kubelet) still sees it running.
+        assert not pids_in_netns(web.pod)
+        pid, status = cd.task("web") or (0, "none")
+        assert status == "RUNNING", (pid, status)
+        assert client.state("web").state is ContainerState.CHECKPOINTED
+        with pytest.raises(ShimRefused):
+            client.checkpoint("web")
+
+        before = log.read_text()
+        rs = client.restore("web")
+        assert rs.ok and rs.state is ContainerState.RUNNING and rs.pid, rs
+        assert {"restore", "total"} <= set(rs.timings_ms), rs.timings_ms
+        # Restored in place: the same address in the same netns answers with the same content.
+        assert http_get(web.node, web.pod) == web.body
+        assert rs.pid in pids_in_netns(web.pod)
+        assert cd.task("web") == (rs.pid, "RUNNING")
+        st = client.state("web")
+        assert (st.state, st.checkpoints, st.restores) == (ContainerState.RUNNING, cycle, cycle)
+        # stdout/stderr continue in the same log across restores.
+        wait_until(lambda before=before: len(log.read_text()) > len(before),
+                   "httpd's log line for the request after restore", timeout=10)
+    assert not cd.exits("web"), "a checkpoint leaked a TaskExit"
+
+    # Exec into a scaled-down container restores it first.
+    client.checkpoint("web")
+    cd.ctr("task", "exec", "--exec-id", "probe", "--log-uri", f"file://{cd.dir / 'exec.log'}",
+           "web", "/bin/busybox", "true")
+    assert client.state("web").state is ContainerState.RUNNING
+    assert http_get(web.node, web.pod) == web.body
+
+    # A stop while checkpointed: the real exit, as if the process had got the signal.
+    images = client.checkpoint("web").images
+    assert images is not None
+    cd.ctr("task", "kill", "web")  # SIGTERM, as a kubelet's stop sends first
+    wait_until(lambda: cd.task("web") is not None and cd.task("web")[1] == "STOPPED", "task STOPPED", timeout=10)  # type: ignore[index]
+    exits = wait_until(lambda: cd.exits("web"), "a TaskExit for web", timeout=10)
+    assert [e["exit_status"] for e in exits] == [128 + signal.SIGTERM]
+    assert client.state("web").state is ContainerState.STOPPED
+    assert images.is_dir()
+
+    cd.ctr("task", "delete", "web")
+    assert not images.exists() and not (cd.image_dir / NAMESPACE / "web").exists()
+    with pytest.raises(ShimUnreachable):
+        client.state("web")
+    cd.ctr("containers", "rm", "web")
+    wait_until(lambda: not cd.shim_pids(), "the shim to exit after its last container", timeout=15)
+    assert not pids_in_netns(web.pod)
+
+
+def test_wait_outlives_checkpoints_and_returns_the_real_exit(containerd: Containerd, testbed: TestBed) -> None:
+    """containerd's Wait (what CRI's exit monitor uses) must not return for a checkpoint."""
+    cd = containerd
+    web = make_web(testbed, cd, "waiter")
+    attached = subprocess.Popen(cd.ctr_argv(*cd.run_args("waiter", web.rootfs, web.pod, detach=False)),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: serving(web.node, web.pod, web.body), "httpd answering", timeout=30,
+                   detail=lambda: _tail(cd.log))
+        client = ShimClient(cd.socket_dir)
+        client.checkpoint("waiter")
+        client.restore("waiter")
+        assert http_get(web.node, web.pod) == web.body
+        client.checkpoint("waiter")
+        assert attached.poll() is None, attached.communicate()
+        cd.ctr("task", "kill", "--signal", "SIGKILL", "waiter")
+        out, err = attached.communicate(timeout=30)
+        assert attached.returncode == 128 + signal.SIGKILL, (out, err)
+        # ctr run deleted the task when Wait returned; that removed the images too.
+        assert not (cd.image_dir / NAMESPACE / "waiter").exists()
+    finally:
+        if attached.poll() is None:
+            attached.kill()
+            attached.communicate()
+
+
+def test_restore_failure_names_criu_error_stays_running_and_retries(containerd: Containerd,
+                                                                     testbed: TestBed) -> None:
+    cd = containerd
+    web = make_web(testbed, cd, "blocked")
+    cd.ctr(*cd.run_args("blocked", web.rootfs, web.pod))
+    wait_until(lambda: serving(web.node, web.pod, web.body), "httpd answering", timeout=30,
+               detail=lambda: _tail(cd.log))
+    client = ShimClient(cd.socket_dir)
+    client.checkpoint("blocked")
+    # Another listener on the app's port: CRIU's bind of the app's socket fails. (SO_REUSEADDR
+    # lets it bind next to the TIME_WAIT the curl left; without SO_REUSEPORT it excludes CRIU's.)
+    listen = ("import socket, sys\ns = socket.socket()\n"
+              "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+              f"s.bind(('0.0.0.0', {PORT})); s.listen()\nprint('ready', flush=True); sys.stdin.read()")
+    blocker = web.pod.run(["python3", "-c", listen],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert blocker.stdout is not None and blocker.stdout.readline().strip() == "ready"
+        with pytest.raises(ShimOpFailed) as info:
+            client.restore("blocked")
+        err = info.value
+        assert err.container == "blocked" and "blocked" in str(err)
+        assert err.criu_error.startswith("Error ("), err.criu_error
+        assert "Address already in use" in err.criu_error, err.criu_error
+        assert err.result is not None and err.result.state is ContainerState.FAILED
+        assert client.state("blocked").state is ContainerState.FAILED
+        task = cd.task("blocked")
+        assert task is not None and task[1] == "RUNNING", task
+    finally:
+        blocker.kill()
+        blocker.communicate()
+    # The images were kept: the next wake retries and works.
+    rs = client.restore("blocked")
+    assert rs.ok and rs.state is ContainerState.RUNNING
+    assert http_get(web.node, web.pod) == web.body
+    cd.ctr("task", "kill", "--signal", "SIGKILL", "blocked")
+    wait_until(lambda: cd.task("blocked") is not None and cd.task("blocked")[1] == "STOPPED",  # type: ignore[index]
+               "task STOPPED", timeout=10)
+    cd.ctr("task", "delete", "blocked")
+    cd.ctr("containers", "rm", "blocked")
+    assert not (cd.image_dir / NAMESPACE / "blocked").exists()
+
+
+def test_control_socket_answers_unknown_and_bad_requests(containerd: Containerd, testbed: TestBed) -> None:
+    cd = containerd
+    with pytest.raises(ShimUnreachable, match="container nosuch"):
+        ShimClient(cd.socket_dir).state("nosuch")
+    web = make_web(testbed, cd, "api")
+    cd.ctr(*cd.run_args("api", web.rootfs, web.pod))
+    wait_until(lambda: serving(web.node, web.pod, web.body), "httpd answering", timeout=30)
+    sock = cd.socket_dir / "api.sock"
+    assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
+    status, body = _raw_post(sock, "/v1/checkpoint", b'{"tcp_establishd": true}')
+    assert status == 400 and "api" in body["error"] and "tcp_establishd" in body["error"], body
+    assert ShimClient(cd.socket_dir).state("api").state is ContainerState.RUNNING
+
+
+def _raw_post(sock: Path, path: str, payload: bytes) -> tuple[int, dict[str, Any]]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(sock))
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                  % (path.encode(), len(payload), payload))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(rest)
