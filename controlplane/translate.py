@@ -26,7 +26,8 @@ Semantics followed (kube-proxy's, from the API reference and KEP-1669):
   ``discovery.k8s.io/v1`` and ``v1beta1`` (what Kubernetes up to 1.20 serves) are read: v1beta1
   has no ``nodeName`` unless a feature gate was on, so an endpoint's node is then its
   ``topology["kubernetes.io/hostname"]``, as kube-proxy 1.20 reads it.
-* Endpoint choice: ready ones; if none, serving-and-terminating ones; all of them for
+* Endpoint choice (the rules live in controlplane/endpoints.py, kube-proxy's topology.go):
+  ready ones; if none, serving-and-terminating ones; all of them for
   ``publishNotReadyAddresses``. With a ``node_name``, a frontend under a ``Local`` traffic
   policy (internal for ClusterIP, external for the others) makes the same choice among this
   node's endpoints only, so a node without local endpoints programs the frontend with no
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane import annotations
+from controlplane.endpoints import Endpoint, EndpointSet, choose, merge
 from controlplane.objects import (
     Fields,
     ObjectError,
@@ -207,23 +209,8 @@ class _Service:
     health_check_node_port: int  # 0 = none, or not externalTrafficPolicy: Local
 
 
-@dataclass(frozen=True, order=True)
-class _Endpoint:
-    address: IPAddress
-    port: int
-    node_name: str
-    ready: bool
-    serving: bool
-    terminating: bool
-    pod: ObjectKey = field(default=("", ""), compare=False)  # targetRef of kind Pod; ("", "") = none
-
-    def rank(self) -> tuple[bool, bool, bool, str]:
-        """When two slices list the same address:port, the healthiest copy wins."""
-        return (self.ready, self.serving, not self.terminating, self.node_name)
-
-
-# (port name, protocol, family) -> (address, port) -> endpoint
-_EndpointMap = dict[tuple[str, Protocol, str], dict[tuple[IPAddress, int], _Endpoint]]
+# (port name, protocol, family) -> that service port's endpoints of that family
+_EndpointMap = dict[tuple[str, Protocol, str], EndpointSet]
 
 
 class _Translator:
@@ -727,10 +714,7 @@ class _Translator:
         for name, protocol, number in ports:
             bucket = merged.setdefault((name, protocol, family), {})
             for ip, node, ready, serving, terminating, pod in eps:
-                ep = _Endpoint(ip, number, node, ready, serving, terminating, pod)
-                old = bucket.get((ip, number))
-                if old is None or ep.rank() > old.rank():
-                    bucket[(ip, number)] = ep
+                merge(bucket, Endpoint(ip, number, node, ready, serving, terminating, pod))
 
     @staticmethod
     def _target_pod(f: Fields, ref: Any, namespace: str, path: str) -> ObjectKey:
@@ -808,23 +792,11 @@ class _Translator:
                     health_check_node_port=svc.health_check_node_port,
                 )
 
-    def _choose(self, svc: _Service, kind: FrontendKind, eps: list[_Endpoint]) -> tuple[Backend, ...]:
+    def _choose(self, svc: _Service, kind: FrontendKind, eps: list[Endpoint]) -> tuple[Backend, ...]:
+        """The frontend kind picks the traffic policy; controlplane.endpoints does the rest."""
         policy = svc.external_policy if kind in EXTERNAL_KINDS else svc.internal_policy
-        if policy == "Local" and self.node_name:
-            eps = [e for e in eps if e.node_name == self.node_name]
-        if not svc.publish_not_ready:
-            ready = [e for e in eps if e.ready]
-            # KEP-1669: when nothing is ready, terminating endpoints that still serve take the
-            # traffic instead of dropping it while a rollout finishes.
-            eps = ready or [e for e in eps if e.serving and e.terminating]
-        if self.states:
-            # Scale to zero: parked pods only when nothing runs (then traffic wakes one of them).
-            running = [e for e in eps if not annotations.parked(self.states.get(e.pod))]
-            eps = running or eps
-        return tuple(
-            Backend(e.address, e.port, e.node_name, e.ready, e.serving, e.terminating)
-            for e in sorted(eps, key=lambda e: (e.address.version, e.address, e.port))
-        )
+        return choose(eps, local=policy == "Local", node_name=self.node_name,
+                      publish_not_ready=svc.publish_not_ready, states=self.states)
 
 
 def _name_and_protocol(pf: Fields, raw: Mapping[str, Any], path: str) -> tuple[str, Protocol | None]:
