@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--apisource-services", type=_csv(int), help="service counts N for the API-source cold start")
     p.add_argument("--s2z-cycles", type=int, help="scale-to-zero checkpoint/wake cycles")
     p.add_argument("--nft-chunk", type=int, default=2000, help="services per nft -f transaction (default 2000)")
+    p.add_argument("--kube-proxy-max-services", type=int, default=1000,
+                   help="run the real kube-proxy only at N up to this (default %(default)s; 0 = every N): its "
+                        "iptables-restore of 10 000 services takes minutes here")
     p.add_argument("--client-cpu", type=int, help="CPU for the client (default: the last one)")
     p.add_argument("--server-cpu", type=int, help="CPU for the nginx backends (default: the first one)")
     p.add_argument("--no-bpf-stats", action="store_true", help="skip the kernel.bpf_stats_enabled run")
@@ -133,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         apisource_services=args.apisource_services or preset["apisource"],
         s2z_cycles=args.s2z_cycles or preset["s2z_cycles"],
         s2z_steady=preset["s2z_steady"],
+        kube_proxy_max_services=args.kube_proxy_max_services,
     )
     out = args.out or Path("bench-results") / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     # SIGTERM unwinds like Ctrl-C, so the finally blocks remove namespaces, rules and programs.
