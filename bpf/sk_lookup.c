@@ -4,6 +4,7 @@
  * when the kernel looks for a listening socket for a SYN (before the normal lookup), so
  * established flows are never touched, no packet is rewritten, and removing the redirect flag
  * hands the next SYN straight back to the restored app. */
+#define ZP_MAPS_S2Z 1 /* maps.h: scale to zero's maps only */
 #include "lib/activation.h"
 
 static __always_inline int __s2z_lookup(struct bpf_sk_lookup *ctx, __u32 *slot)
@@ -16,7 +17,7 @@ static __always_inline int __s2z_lookup(struct bpf_sk_lookup *ctx, __u32 *slot)
 	long err;
 
 	if (ctx->protocol != IPPROTO_TCP)
-		return ZP_S2Z_NOTOURS;
+		return ZP_ENOTSVC;
 	key.family = (__u8)ctx->family;
 	key.proto = IPPROTO_TCP;
 	key.port = (__u16)ctx->local_port;
@@ -31,23 +32,23 @@ static __always_inline int __s2z_lookup(struct bpf_sk_lookup *ctx, __u32 *slot)
 		__builtin_memcpy(key.address + 8, &a2, 4);
 		__builtin_memcpy(key.address + 12, &a3, 4);
 	} else {
-		return ZP_S2Z_NOTOURS;
+		return ZP_ENOTSVC;
 	}
 	pv = zp_s2z_ports.lookup(&key);
 	if (!pv)
-		return ZP_S2Z_NOTOURS;
+		return ZP_ENOTSVC;
 	*slot = pv->pod;
 	pod = zp_s2z_pods.lookup(slot);
 	if (!pod || !pod->redirect)
-		return ZP_S2Z_DIRECT;
+		return ZP_EDIRECT;
 
 	sk_key = 2 * pv->pod + (ctx->family == ZP_AF_INET6 ? 1 : 0);
 	sk = (struct bpf_sock *)zp_s2z_socks.lookup(&sk_key);
 	if (!sk)
-		return ZP_S2Z_NOLISTENER;
+		return ZP_ENOLISTENER;
 	err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
-	return err ? ZP_S2Z_ASSIGNFAIL : ZP_S2Z_ASSIGNED;
+	return err ? ZP_EASSIGN : ZP_OK;
 }
 
 /* Does the connection come from one of the node's own addresses (a kubelet probe)? */
@@ -72,7 +73,8 @@ static __always_inline bool __s2z_from_node(const struct bpf_sk_lookup *ctx)
 	return zp_s2z_nodes.lookup(&key) != NULL;
 }
 
-/* The only place that turns an inner result into counters; the verdict is always SK_PASS:
+/* The only place that turns an inner result into counters (one s2z_stats field per
+ * ZP_REASON_S2Z_* reason); the verdict is always SK_PASS:
  * either the assigned socket or, failing that, the kernel's own lookup (the app, or a RST). */
 int zp_s2z_lookup(struct bpf_sk_lookup *ctx)
 {
@@ -80,7 +82,7 @@ int zp_s2z_lookup(struct bpf_sk_lookup *ctx)
 	int ret = __s2z_lookup(ctx, &slot);
 	struct s2z_stats *st;
 
-	if (ret == ZP_S2Z_NOTOURS)
+	if (ret == ZP_ENOTSVC)
 		return SK_PASS;
 	st = zp_s2z_stats.lookup(&slot);
 	if (!st)
@@ -89,17 +91,19 @@ int zp_s2z_lookup(struct bpf_sk_lookup *ctx)
 	if (__s2z_from_node(ctx))
 		st->from_node++;
 	switch (ret) {
-	case ZP_S2Z_ASSIGNED:
+	case ZP_OK:
 		st->assigned++;
 		break;
-	case ZP_S2Z_NOLISTENER:
+	case ZP_ENOLISTENER:
 		st->no_listener++;
 		break;
-	case ZP_S2Z_ASSIGNFAIL:
+	case ZP_EASSIGN:
 		st->assign_fail++;
 		break;
+	case ZP_EDIRECT:
+		break; /* counted in lookups only: the app takes it */
 	default:
-		break;
+		break; /* a code without a case: passed on, counted in lookups only */
 	}
 	return SK_PASS;
 }

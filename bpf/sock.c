@@ -4,27 +4,39 @@
  *
  * Attach points: connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6. IPv4-mapped IPv6
  * addresses on dual-stack sockets are translated through the IPv4 tables. */
+#define ZP_MAPS_LB 1 /* maps.h: service, backend, reverse-NAT and affinity maps, zp_stats */
 #include "lib/lb.h"
 
-/* Turn an inner result into the hook's verdict; the only place that does so. A rejected
- * connect()/sendmsg() fails with ECONNREFUSED at once, like kube-proxy's REJECT rule. */
-static __always_inline int __sock_verdict(int ret)
+/* Count an inner result and choose the hook's verdict; the only place that does either. */
+static __always_inline int __sock_account(int ret)
 {
 	switch (ret) {
 	case ZP_OK:
-		zp_count(ZP_STAT_XLATE_OK);
-		return 1;
+		zp_count(ZP_REASON_XLATE_OK);
+		return SYS_PROCEED;
 	case ZP_ENOTSVC:
-		return 1;
+		return SYS_PROCEED;
 	case ZP_ENOBACKEND:
-		zp_count(ZP_STAT_NO_BACKEND);
-		break;
+		zp_count(ZP_REASON_NO_BACKEND);
+		return SYS_REJECT;
+	case ZP_ESTALE:
+		zp_count(ZP_REASON_STALE_BACKEND);
+		return SYS_REJECT;
 	default:
-		zp_count(ZP_STAT_STALE_BACKEND);
-		break;
+		zp_count(ZP_REASON_UNKNOWN); /* a code added without a case here: rejected, and visible */
+		return SYS_REJECT;
 	}
-	bpf_set_retval(-ECONNREFUSED);
-	return 0;
+}
+
+/* The forward hooks' verdict. A rejected connect()/sendmsg() fails with ECONNREFUSED at once,
+ * like kube-proxy's REJECT rule. */
+static __always_inline int __sock_verdict(int ret)
+{
+	int verdict = __sock_account(ret);
+
+	if (verdict == SYS_REJECT)
+		bpf_set_retval(-ECONNREFUSED);
+	return verdict;
 }
 
 static __always_inline __u8 __sock_proto(const struct bpf_sock_addr *ctx)
@@ -63,7 +75,7 @@ __sock4_xlate_fwd(struct bpf_sock_addr *ctx, __be32 *addr, __be16 *port)
 	rval.port = *port;
 	rval.rev_nat_id = svc->rev_nat_id;
 	if (zp_rnat4.update(&rkey, &rval) < 0)
-		zp_count(ZP_STAT_RNAT_WRITE);
+		zp_count(ZP_REASON_RNAT_WRITE);
 
 	*addr = be.address;
 	*port = be.port;
@@ -82,7 +94,7 @@ static __always_inline void __sock4_xlate_rev(struct bpf_sock_addr *ctx, __be32 
 	rval = zp_rnat4.lookup(&rkey);
 	if (!rval)
 		return;
-	zp_count(ZP_STAT_RNAT_HIT);
+	zp_count(ZP_REASON_RNAT_HIT);
 	*addr = rval->address;
 	*port = rval->port;
 }
@@ -108,7 +120,7 @@ static __always_inline int __sock4_rev(struct bpf_sock_addr *ctx)
 	__sock4_xlate_rev(ctx, &addr, &port);
 	ctx->user_ip4 = addr;
 	ctx->user_port = port;
-	return 1;
+	return SYS_PROCEED;
 }
 
 int zp_sock4_connect(struct bpf_sock_addr *ctx) { return __sock4_fwd(ctx); }
@@ -165,7 +177,7 @@ __sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 addr[4], __be16 *port)
 	rval.port = *port;
 	rval.rev_nat_id = svc->rev_nat_id;
 	if (zp_rnat6.update(&rkey, &rval) < 0)
-		zp_count(ZP_STAT_RNAT_WRITE);
+		zp_count(ZP_REASON_RNAT_WRITE);
 
 	__builtin_memcpy(addr, be.address, 16);
 	*port = be.port;
@@ -183,7 +195,7 @@ static __always_inline void __sock6_xlate_rev(struct bpf_sock_addr *ctx, __u32 a
 	rval = zp_rnat6.lookup(&rkey);
 	if (!rval)
 		return;
-	zp_count(ZP_STAT_RNAT_HIT);
+	zp_count(ZP_REASON_RNAT_HIT);
 	__builtin_memcpy(addr, rval->address, 16);
 	*port = rval->port;
 }
@@ -226,7 +238,7 @@ static __always_inline int __sock6_rev(struct bpf_sock_addr *ctx)
 	}
 	__ctx_set_ip6(ctx, addr);
 	ctx->user_port = port;
-	return 1;
+	return SYS_PROCEED;
 }
 
 int zp_sock6_connect(struct bpf_sock_addr *ctx) { return __sock6_fwd(ctx); }

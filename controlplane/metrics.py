@@ -32,8 +32,8 @@ SYNC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 PROGRAMMING_BUCKETS = (0.25, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 30, 45, 60, 120, 300)
 
 # Datapath counters that are drops (a connection refused or a packet not translated), as
-# opposed to counters of things that went right.
-DROP_REASONS = {"no_backend", "stale_backend"}
+# opposed to counters of things that went right: lower-case dataplane.maps.Reason names.
+DROP_REASONS = {"no_backend", "stale_backend", "unknown"}
 
 
 class Metrics:

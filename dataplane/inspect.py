@@ -73,10 +73,11 @@ def service_list(pin_dir: Path) -> list[ProgrammedService]:
 
 
 def stats(pin_dir: Path) -> dict[str, int]:
+    """The socket hooks' counters (zp_stats), by lower-case reason name, summed over CPUs."""
     path = Path(pin_dir) / maps.MAP_PINS["zp_stats"]
     out: dict[str, int] = {}
     with bpfsys.PinnedMap(path, ctypes.c_uint32, ctypes.c_uint64, per_cpu=True) as m:
-        for stat in maps.Stat:
+        for stat in maps.SOCK_REASONS:
             vals = m.get(ctypes.c_uint32(stat))
             out[stat.name.lower()] = sum(vals) if vals is not None else 0
     return out

@@ -1,13 +1,17 @@
-"""ctypes mirrors of the BPF map keys and values in bpf/lib/maps.h.
+"""ctypes mirrors of the BPF map keys and values in bpf/lib/maps.h, and of the inner result
+codes and counter reasons in bpf/lib/common.h.
 
 One structure per key/value; tests compare each one's size with bcc's generated type, so a
-change on one side that is not made on the other fails loudly instead of corrupting maps.
+change on one side that is not made on the other fails loudly instead of corrupting maps. The
+two enums are compared with common.h itself (names and values) by tests/test_bpf_codes.py.
+(Scale to zero's map structs are mirrored in scaletozero/sklookup.py, next to their only user.)
 """
 
 from __future__ import annotations
 
 import ctypes
 import enum
+import errno
 import ipaddress
 import socket
 
@@ -25,14 +29,62 @@ MAP_PINS: dict[str, str] = {
 }
 
 
-class Stat(enum.IntEnum):
-    """Indexes of zp_stats; mirrors enum zp_stat in bpf/lib/common.h."""
+class Code(enum.IntEnum):
+    """Inner result codes of every BPF program (ZP_OK, ZP_E*); mirrors common.h, one meaning each."""
+
+    OK = 0
+    ENOTSVC = -errno.ENXIO  # not ours: not a frontend / not a port of an opted-in pod
+    ENOBACKEND = -errno.ENOENT  # the service has no backend
+    ESTALE = -errno.ESTALE  # a slot or backend vanished between two lookups
+    EMAPWRITE = -errno.ENOSPC  # a map update failed
+    EREWRITE = -errno.EFAULT  # a packet store or checksum helper failed
+    EFIB = -errno.EHOSTUNREACH  # no route to the new destination
+    ECTMISS = -errno.ENOTCONN  # mid-stream TCP packet of an untracked flow
+    ECTGONE = -errno.EPIPE  # tracked TCP flow whose backend was deleted
+    ECTSTALE = -errno.ETIMEDOUT  # reply of an expired or replaced flow
+    ENOSNATPORT = -errno.EADDRNOTAVAIL  # every SNAT port tried was in use
+    EREFUSE = -errno.ECONNREFUSED  # no backend behind a node address
+    EDIRECT = -errno.EAGAIN  # opted-in pod's port with redirect off
+    ENOLISTENER = -errno.ENOTSOCK  # redirect on but no proxy listener
+    EASSIGN = -errno.EINVAL  # bpf_sk_assign refused the listener
+
+
+class Reason(enum.IntEnum):
+    """Why a datapath counter moved; mirrors enum zp_reason in common.h (names without ZP_REASON_).
+
+    The value is the index in zp_stats (socket hooks) and zp_np_stats (TC path); scale to zero
+    keeps the S2Z_* ones per pod as fields of sklookup.StatsValue (lower-case names, no prefix).
+    """
 
     XLATE_OK = 0
     NO_BACKEND = 1
     STALE_BACKEND = 2
     RNAT_WRITE = 3
     RNAT_HIT = 4
+    UNKNOWN = 5
+    NEW_FLOW = 6
+    FWD = 7
+    REPLY = 8
+    SNAT_EXHAUSTED = 9
+    BACKEND_GONE = 10
+    CT_MISS = 11
+    FIB_FAIL = 12
+    REWRITE_FAIL = 13
+    MAP_WRITE = 14
+    STALE_REPLY = 15
+    S2Z_LOOKUPS = 16
+    S2Z_ASSIGNED = 17
+    S2Z_NO_LISTENER = 18
+    S2Z_ASSIGN_FAIL = 19
+    S2Z_FROM_NODE = 20
+
+
+STAT_MAX, NP_STAT_MAX = 8, 16  # entries of zp_stats / zp_np_stats (ZP_STAT_MAX, ZP_NP_STAT_MAX)
+# What each counter array counts, in index order.
+SOCK_REASONS: tuple[Reason, ...] = tuple(r for r in Reason if r <= Reason.UNKNOWN)
+NP_REASONS: tuple[Reason, ...] = (Reason.NO_BACKEND, Reason.STALE_BACKEND, Reason.UNKNOWN,
+                                  *(r for r in Reason if Reason.NEW_FLOW <= r <= Reason.STALE_REPLY))
+S2Z_REASONS: tuple[Reason, ...] = tuple(r for r in Reason if r.name.startswith("S2Z_"))
 
 
 class Lb4Key(ctypes.Structure):
@@ -57,9 +109,19 @@ class Lb6Key(ctypes.Structure):
     )
 
 
-class LbService(ctypes.Structure):
+class _BackendOrTimeout(ctypes.Union):
     _fields_ = (
-        ("backend_id", ctypes.c_uint32),
+        ("backend_id", ctypes.c_uint32),  # slot > 0
+        ("affinity_timeout", ctypes.c_uint32),  # slot 0: seconds, 0 = no affinity
+    )
+
+
+class LbService(ctypes.Structure):
+    """struct lb_service; the union is the four bytes of v1's plain backend_id (pins stay valid)."""
+
+    _anonymous_ = ("u",)
+    _fields_ = (
+        ("u", _BackendOrTimeout),
         ("count", ctypes.c_uint16),
         ("rev_nat_id", ctypes.c_uint16),
         ("flags", ctypes.c_uint32),
@@ -118,12 +180,31 @@ class Rnat6Value(ctypes.Structure):
     )
 
 
-AFFINITY_CLIENT_IP4 = 1 << 63  # AffinityKey.netns_cookie bit of a TC-path client (+ its IPv4 address)
+AFFINITY_CLIENT_IP4 = 1 << 63  # netns_cookie of a TC-path client: this bit + its IPv4 address
+AFFINITY_TC_CLIENT = 0x80000000  # AffinityKey.tc_client (ZP_AFFINITY_TC_CLIENT): that bit, in the high half
+
+
+class _AffinityTcClient(ctypes.LittleEndianStructure):
+    _fields_ = (
+        ("client_ip4", ctypes.c_uint8 * 4),  # network byte order
+        ("tc_client", ctypes.c_uint32),  # AFFINITY_TC_CLIENT
+    )
+
+
+class _AffinityClient(ctypes.Union):
+    _anonymous_ = ("tc",)
+    _fields_ = (
+        ("netns_cookie", ctypes.c_uint64),  # socket hooks: bpf_get_netns_cookie()
+        ("tc", _AffinityTcClient),
+    )
 
 
 class AffinityKey(ctypes.Structure):
+    """struct lb_affinity_key; the union has v1's byte layout (pins stay valid)."""
+
+    _anonymous_ = ("client",)
     _fields_ = (
-        ("netns_cookie", ctypes.c_uint64),
+        ("client", _AffinityClient),
         ("rev_nat_id", ctypes.c_uint16),
         ("family", ctypes.c_uint8),
         ("pad", ctypes.c_uint8 * 5),
@@ -167,14 +248,14 @@ def addr_from(raw: ctypes.Array, version: int) -> ipaddress.IPv4Address | ipaddr
     return ipaddress.IPv4Address(data) if version == 4 else ipaddress.IPv6Address(data)
 
 
-# ---- TC path (bpf/lib/{conntrack,nat,nodeport}.h) ----------------------------------------------
+# ---- TC path (bpf/lib/maps.h, ZP_MAPS_NODEPORT) ----------------------------------------------
 
 MAP_PINS.update({
     "zp_ct4": "zp_ct4_v1",
     "zp_snat4": "zp_snat4_v1",
     "zp_np_cfg": "zp_np_cfg_v1",
     "zp_np_dev4": "zp_np_dev4_v1",
-    "zp_np_stats": "zp_np_stats_v1",
+    "zp_np_stats": "zp_np_stats_v2",  # v1 had indexes of its own
 })
 
 
@@ -191,28 +272,8 @@ class SvcFlag(enum.IntFlag):
 SCOPE_INTERNAL, SCOPE_EXTERNAL = 0, 1  # lb4_key.scope / lb6_key.scope; ZP_SCOPE_* in bpf/lib/maps.h
 
 
-class NpStat(enum.IntEnum):
-    """Indexes of zp_np_stats; mirrors enum zp_np_stat in bpf/lib/nodeport.h."""
-
-    NEW_FLOW = 0
-    FWD = 1
-    REPLY = 2
-    SNAT_EXHAUSTED = 3
-    NO_BACKEND = 4
-    BACKEND_GONE = 5
-    CT_MISS = 6
-    FIB_FAIL = 7
-    REWRITE_FAIL = 8
-    MAP_WRITE = 9
-    STALE_REPLY = 10
-    STALE_BACKEND = 11
-
-
-NP_STAT_MAX = 16
-
-
 class CtState(enum.IntEnum):
-    """ct4_entry.state; mirrors enum zp_ct_state in bpf/lib/conntrack.h."""
+    """ct4_entry.state; mirrors enum zp_ct_state in bpf/lib/maps.h."""
 
     SYN = 1
     ESTABLISHED = 2
@@ -221,7 +282,7 @@ class CtState(enum.IntEnum):
 
 
 class CtFlag(enum.IntFlag):
-    """ct4_entry.flags; mirrors ZP_CT_F_* in bpf/lib/conntrack.h."""
+    """ct4_entry.flags; mirrors ZP_CT_F_* in bpf/lib/maps.h."""
 
     SNAT = 0x01
     FIN_FWD = 0x02

@@ -224,9 +224,9 @@ class ServiceMaps:
     def backend_count(self) -> int:
         return len(self.v4.backends) + len(self.v6.backends)
 
-    def stats(self) -> dict[maps.Stat, int]:
+    def stats(self) -> dict[maps.Reason, int]:
         out = {}
-        for stat in maps.Stat:
+        for stat in maps.SOCK_REASONS:
             per_cpu = self.stats_table[ctypes.c_uint32(stat)]
             out[stat] = sum(per_cpu)
         return out

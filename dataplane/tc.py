@@ -169,21 +169,21 @@ class SkBuffCtx(ctypes.Structure):
 _libbpf.bpf_prog_test_run_opts.argtypes = (ctypes.c_int, ctypes.POINTER(_TestRunOpts))
 
 
-def prog_test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0) -> tuple[int, bytes]:
+def prog_test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0, mark: int = 0) -> tuple[int, bytes]:
     """Run a SCHED_CLS program once on a packet; returns (verdict, packet as the program left it).
 
     ``ifindex`` picks the device the packet appears on, in the caller's network namespace
-    (see in_netns); 0 means loopback.
+    (see in_netns); 0 means loopback. ``mark`` is the skb's mark (test programs read inputs there).
     """
     data_in = ctypes.create_string_buffer(packet, len(packet))
     data_out = ctypes.create_string_buffer(len(packet) + 256)
-    ctx = SkBuffCtx(ifindex=ifindex)
+    ctx = SkBuffCtx(ifindex=ifindex, mark=mark)
     opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts))
     opts.data_in = ctypes.cast(data_in, ctypes.c_void_p)
     opts.data_size_in = len(packet)
     opts.data_out = ctypes.cast(data_out, ctypes.c_void_p)
     opts.data_size_out = len(data_out)
-    if ifindex:
+    if ifindex or mark:
         opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
         opts.ctx_size_in = ctypes.sizeof(ctx)
     opts.repeat = 1
@@ -303,9 +303,10 @@ class NodeDatapath:
         """Remove the programs from every device (see detach())."""
         return detach(self.devices, self.netns)
 
-    def stats(self) -> dict[maps.NpStat, int]:
+    def stats(self) -> dict[maps.Reason, int]:
+        """The TC path's counters (zp_np_stats), summed over CPUs."""
         table = self.table("zp_np_stats")
-        return {stat: sum(table[ctypes.c_uint32(stat)]) for stat in maps.NpStat}
+        return {reason: sum(table[ctypes.c_uint32(reason)]) for reason in maps.NP_REASONS}
 
     def close(self) -> None:
         """Release this process's handles; filters and pins stay for the next agent."""

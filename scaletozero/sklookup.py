@@ -40,7 +40,7 @@ _libbpf.bpf_map_lookup_elem.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_
 _libbpf.bpf_map_get_next_key.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
 
-# --- ctypes mirrors of bpf/lib/activation.h (sizes checked against bcc in tests) ------------
+# --- ctypes mirrors of scale to zero's structs in bpf/lib/maps.h (sizes checked against bcc in tests) ---
 
 
 class PortKey(ctypes.Structure):
@@ -67,7 +67,8 @@ class PodValue(ctypes.Structure):
 
 
 class StatsValue(ctypes.Structure):
-    """struct s2z_stats (one CPU's share)."""
+    """struct s2z_stats (one CPU's share): one field per dataplane.maps.S2Z_REASONS reason,
+    named in lower case without the S2Z_ prefix (a test holds the two together)."""
 
     _fields_ = (
         ("lookups", ctypes.c_uint64),

@@ -158,7 +158,7 @@ def test_nodeport_tcp_local_and_remote_backends(cluster: Cluster) -> None:
     results = c.client.client(f"{c.a.ip4}:{NP_WEB}", count=300, concurrency=10)
     assert _failures(results) == []
     after = c.agents["a"].tc.stats()
-    assert after[maps.NpStat.NEW_FLOW] - before[maps.NpStat.NEW_FLOW] == 300  # each one went through TC
+    assert after[maps.Reason.NEW_FLOW] - before[maps.Reason.NEW_FLOW] == 300  # each one went through TC
     served = _served(results)
     assert set(served) == {"a1", "b1"} and min(served.values()) >= 60, served
     peers = {(r["server_name"], r["peer_seen_by_server"][0]) for r in results}
@@ -270,8 +270,8 @@ def test_thousand_concurrent_echo_connections_remote_backend(cluster: Cluster) -
     assert len(results) == 1000
     assert _failures(results) == []
     after = c.agents["a"].tc.stats()
-    moved = {s: after[s] - before[s] for s in maps.NpStat if after[s] != before[s]}
-    assert moved[maps.NpStat.NEW_FLOW] == 1000 and maps.NpStat.SNAT_EXHAUSTED not in moved, moved
+    moved = {s: after[s] - before[s] for s in maps.NP_REASONS if after[s] != before[s]}
+    assert moved[maps.Reason.NEW_FLOW] == 1000 and maps.Reason.SNAT_EXHAUSTED not in moved, moved
     ports = {f.snat for f in read_flows(c.agents["a"].pin_dir) if f.backend == f"{c.echo.ip4}:{ECHO_PORT}"}
     assert len(ports) >= 1000  # every flow got its own SNAT port
 
@@ -336,7 +336,7 @@ def test_flow_keeps_backend_and_is_not_moved_when_it_goes(cluster: Cluster) -> N
         before = c.agents["a"].tc.stats()
         apply([echo2])  # the flow's backend is deleted
         assert step().startswith("error")
-        moved = c.agents["a"].tc.stats()[maps.NpStat.BACKEND_GONE] - before[maps.NpStat.BACKEND_GONE]
+        moved = c.agents["a"].tc.stats()[maps.Reason.BACKEND_GONE] - before[maps.Reason.BACKEND_GONE]
         assert moved == 1
         # new connections go to the backend that is left
         assert _failures(c.client.client(f"{c.a.ip4}:30095", count=5, echo_bytes=1000)) == []

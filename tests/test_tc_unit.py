@@ -153,7 +153,7 @@ class Rig:
         with in_netns(self.netns):
             return prog_test_run(self.datapath.prog_fd(prog), pkt.build(), ifindex=self.eth0)
 
-    def stats(self) -> dict[maps.NpStat, int]:
+    def stats(self) -> dict[maps.Reason, int]:
         return self.datapath.stats()
 
     def configure(self, snat_ports: tuple[int, int] = SNAT_PORTS, timeouts: CtTimeouts = DEFAULT_TIMEOUTS) -> None:
@@ -243,7 +243,7 @@ class Step:
     dport: int | None = None
     dmac: str | None = None
     smac: str | None = None
-    stats: dict[maps.NpStat, int] = field(default_factory=dict)  # counters that must move by this much
+    stats: dict[maps.Reason, int] = field(default_factory=dict)  # counters that must move by this much
     record: str | None = None  # remember the output's source port under this name
     sync: list[ServiceEntry] | None = None  # service table to program before this step
     config: dict[str, Any] | None = None  # Rig.configure() arguments before this step
@@ -259,11 +259,11 @@ def case_remote_tcp() -> list[Step]:
     """NodePort to a remote backend: DNAT + SNAT, the reply un-NATed and sent to the client."""
     return [
         Step("in", c2n(), TC_ACT_REDIRECT, src="NODE", sport=SNAT_PORTS, dst=POD_B, dport=8080, dmac=MAC_NODE_B,
-             smac="ETH0", stats={maps.NpStat.NEW_FLOW: 1}, record="snat", sync=services([POD_B])),
+             smac="ETH0", stats={maps.Reason.NEW_FLOW: 1}, record="snat", sync=services([POD_B])),
         Step("in", lambda r: Pkt(POD_B, 8080, "NODE", r["snat"], flags=SYN | ACK), TC_ACT_REDIRECT, src="NODE",
-             sport=30080, dst=CLIENT, dport=40000, dmac=MAC_CLIENT, smac="ETH0", stats={maps.NpStat.REPLY: 1}),
+             sport=30080, dst=CLIENT, dport=40000, dmac=MAC_CLIENT, smac="ETH0", stats={maps.Reason.REPLY: 1}),
         Step("in", c2n(flags=ACK), TC_ACT_REDIRECT, src="NODE", sport="snat", dst=POD_B, dport=8080,
-             stats={maps.NpStat.FWD: 1}),
+             stats={maps.Reason.FWD: 1}),
     ]
 
 
@@ -271,9 +271,9 @@ def case_local_tcp() -> list[Step]:
     """NodePort to a local backend: DNAT only (client IP kept), reply fixed at egress."""
     return [
         Step("in", c2n(), TC_ACT_REDIRECT, src=CLIENT, sport=40000, dst=POD_A, dport=8080, dmac=MAC_POD_A,
-             smac="LXC", stats={maps.NpStat.NEW_FLOW: 1}, sync=services([POD_A])),
+             smac="LXC", stats={maps.Reason.NEW_FLOW: 1}, sync=services([POD_A])),
         Step("out", Pkt(POD_A, 8080, CLIENT, 40000, flags=SYN | ACK), TC_ACT_OK, src="NODE", sport=30080,
-             dst=CLIENT, dport=40000, stats={maps.NpStat.REPLY: 1}),
+             dst=CLIENT, dport=40000, stats={maps.Reason.REPLY: 1}),
     ]
 
 
@@ -282,11 +282,11 @@ def case_udp() -> list[Step]:
     zero = Pkt(CLIENT, 5353, "NODE", 30053, proto=UDP, udp_csum_zero=True)
     return [
         Step("in", c2n(5353, port=30053, proto=UDP), TC_ACT_REDIRECT, src="NODE", sport=SNAT_PORTS, dst=POD_B,
-             dport=8080, stats={maps.NpStat.NEW_FLOW: 1}, record="snat", sync=services([POD_B], udp=[POD_B])),
+             dport=8080, stats={maps.Reason.NEW_FLOW: 1}, record="snat", sync=services([POD_B], udp=[POD_B])),
         Step("in", lambda r: Pkt(POD_B, 8080, "NODE", r["snat"], proto=UDP), TC_ACT_REDIRECT, src="NODE",
-             sport=30053, dst=CLIENT, dport=5353, stats={maps.NpStat.REPLY: 1}),
+             sport=30053, dst=CLIENT, dport=5353, stats={maps.Reason.REPLY: 1}),
         Step("in", zero, TC_ACT_REDIRECT, src="NODE", sport="snat", dst=POD_B, dport=8080,
-             stats={maps.NpStat.FWD: 1}),
+             stats={maps.Reason.FWD: 1}),
     ]
 
 
@@ -294,9 +294,9 @@ def case_external_ip() -> list[Step]:
     """An ExternalIP behaves like a NodePort on its own address and the service port."""
     return [
         Step("in", Pkt(CLIENT, 40001, EXT_IP, 80), TC_ACT_REDIRECT, src="NODE", sport=SNAT_PORTS, dst=POD_B,
-             dport=8080, stats={maps.NpStat.NEW_FLOW: 1}, record="snat", sync=services([POD_A], ext=[POD_B])),
+             dport=8080, stats={maps.Reason.NEW_FLOW: 1}, record="snat", sync=services([POD_A], ext=[POD_B])),
         Step("in", lambda r: Pkt(POD_B, 8080, "NODE", r["snat"], flags=SYN | ACK), TC_ACT_REDIRECT, src=EXT_IP,
-             sport=80, dst=CLIENT, dport=40001, stats={maps.NpStat.REPLY: 1}),
+             sport=80, dst=CLIENT, dport=40001, stats={maps.Reason.REPLY: 1}),
     ]
 
 
@@ -314,7 +314,7 @@ def case_pass_through() -> list[Step]:
 
 def case_midstream_without_flow() -> list[Step]:
     """A TCP segment of a flow we never saw is dropped, not sent to some backend."""
-    return [Step("in", c2n(flags=ACK), TC_ACT_SHOT, stats={maps.NpStat.CT_MISS: 1}, sync=services([POD_B]))]
+    return [Step("in", c2n(flags=ACK), TC_ACT_SHOT, stats={maps.Reason.CT_MISS: 1}, sync=services([POD_B]))]
 
 
 def case_backend_set_changes() -> list[Step]:
@@ -330,9 +330,9 @@ def case_backend_deleted() -> list[Step]:
     """A flow whose backend is deleted is dropped mid-stream; its next SYN starts over elsewhere."""
     return [
         Step("in", c2n(), TC_ACT_REDIRECT, dst=POD_B, sync=services([POD_B])),
-        Step("in", c2n(flags=ACK), TC_ACT_SHOT, stats={maps.NpStat.BACKEND_GONE: 1}, sync=services([POD_A])),
-        Step("in", c2n(flags=ACK), TC_ACT_SHOT, stats={maps.NpStat.CT_MISS: 1}),
-        Step("in", c2n(), TC_ACT_REDIRECT, src=CLIENT, dst=POD_A, stats={maps.NpStat.NEW_FLOW: 1}),
+        Step("in", c2n(flags=ACK), TC_ACT_SHOT, stats={maps.Reason.BACKEND_GONE: 1}, sync=services([POD_A])),
+        Step("in", c2n(flags=ACK), TC_ACT_SHOT, stats={maps.Reason.CT_MISS: 1}),
+        Step("in", c2n(), TC_ACT_REDIRECT, src=CLIENT, dst=POD_A, stats={maps.Reason.NEW_FLOW: 1}),
     ]
 
 
@@ -344,9 +344,9 @@ def case_snat_exhausted() -> list[Step]:
         Step("in", c2n(41000), TC_ACT_REDIRECT, dst=POD_B, sport=(61000, 61001), record="p0",
              sync=services([POD_B]), config=small),
         Step("in", c2n(41001), TC_ACT_REDIRECT, dst=POD_B, sport=(61000, 61001)),
-        Step("in", c2n(41002), TC_ACT_SHOT, stats={maps.NpStat.SNAT_EXHAUSTED: 1}),
+        Step("in", c2n(41002), TC_ACT_SHOT, stats={maps.Reason.SNAT_EXHAUSTED: 1}),
         Step("in", c2n(41000, flags=RST | ACK), TC_ACT_REDIRECT, dst=POD_B, sport="p0"),
-        Step("in", c2n(41002), TC_ACT_REDIRECT, dst=POD_B, sport="p0", stats={maps.NpStat.NEW_FLOW: 1}),
+        Step("in", c2n(41002), TC_ACT_REDIRECT, dst=POD_B, sport="p0", stats={maps.Reason.NEW_FLOW: 1}),
     ]
 
 
@@ -356,11 +356,11 @@ def case_closed_flow_frees_port() -> list[Step]:
     return [
         Step("in", c2n(42000), TC_ACT_REDIRECT, sport=61000, sync=services([POD_B]), config=small),
         Step("in", Pkt(POD_B, 8080, "NODE", 61000, flags=SYN | ACK), TC_ACT_REDIRECT, dst=CLIENT),
-        Step("in", c2n(42001), TC_ACT_SHOT, stats={maps.NpStat.SNAT_EXHAUSTED: 1}),
+        Step("in", c2n(42001), TC_ACT_SHOT, stats={maps.Reason.SNAT_EXHAUSTED: 1}),
         Step("in", c2n(42000, flags=FIN | ACK), TC_ACT_REDIRECT, sport=61000),
-        Step("in", c2n(42001), TC_ACT_SHOT, stats={maps.NpStat.SNAT_EXHAUSTED: 1}),  # half closed: still in use
+        Step("in", c2n(42001), TC_ACT_SHOT, stats={maps.Reason.SNAT_EXHAUSTED: 1}),  # half closed: still in use
         Step("in", Pkt(POD_B, 8080, "NODE", 61000, flags=FIN | ACK), TC_ACT_REDIRECT, dst=CLIENT),
-        Step("in", c2n(42001), TC_ACT_REDIRECT, sport=61000, stats={maps.NpStat.NEW_FLOW: 1}),
+        Step("in", c2n(42001), TC_ACT_REDIRECT, sport=61000, stats={maps.Reason.NEW_FLOW: 1}),
     ]
 
 
@@ -370,7 +370,7 @@ def case_expired_reply() -> list[Step]:
     return [
         Step("in", c2n(43000), TC_ACT_REDIRECT, record="snat", sync=services([POD_B]), config=gone),
         Step("in", lambda r: Pkt(POD_B, 8080, "NODE", r["snat"], flags=SYN | ACK), TC_ACT_OK, unchanged=True,
-             stats={maps.NpStat.STALE_REPLY: 1}),
+             stats={maps.Reason.STALE_REPLY: 1}),
     ]
 
 
@@ -378,9 +378,9 @@ def case_no_backend() -> list[Step]:
     """No backend: a NodePort (here eTP=Local without local endpoints) goes to the node's
     stack, which refuses; an ExternalIP is dropped."""
     return [
-        Step("in", c2n(port=30081), TC_ACT_OK, unchanged=True, stats={maps.NpStat.NO_BACKEND: 1},
+        Step("in", c2n(port=30081), TC_ACT_OK, unchanged=True, stats={maps.Reason.NO_BACKEND: 1},
              sync=services([POD_B], ext=[], local=[])),
-        Step("in", Pkt(CLIENT, 40000, EXT_IP, 80), TC_ACT_SHOT, stats={maps.NpStat.NO_BACKEND: 1}),
+        Step("in", Pkt(CLIENT, 40000, EXT_IP, 80), TC_ACT_SHOT, stats={maps.Reason.NO_BACKEND: 1}),
     ]
 
 
@@ -396,7 +396,7 @@ def case_local_policy_two_views() -> list[Step]:
     return [
         Step("in", c2n(port=30081), TC_ACT_REDIRECT, src=CLIENT, sport=40000, dst=POD_A, dport=8080,
              sync=services([POD_B], local=[POD_A], local_internal=[POD_A, POD_B])),
-        Step("in", c2n(sport=40001, port=30081), TC_ACT_OK, unchanged=True, stats={maps.NpStat.NO_BACKEND: 1},
+        Step("in", c2n(sport=40001, port=30081), TC_ACT_OK, unchanged=True, stats={maps.Reason.NO_BACKEND: 1},
              sync=services([POD_B], local=[], local_internal=[POD_B])),
     ]
 
@@ -447,7 +447,7 @@ def test_tc_program_table(rig: Rig, name: str) -> None:
         verdict, out = rig.run(step.direction, pkt)
         after = rig.stats()
         assert verdict == step.verdict, f"{where}: verdict {verdict}, expected {step.verdict}"
-        moved = {s: after[s] - before[s] for s in maps.NpStat if after[s] != before[s]}
+        moved = {s: after[s] - before[s] for s in maps.NP_REASONS if after[s] != before[s]}
         for stat, delta in step.stats.items():
             assert moved.get(stat, 0) == delta, f"{where}: {stat.name} moved {moved}"
         if step.unchanged:
@@ -510,7 +510,11 @@ def test_client_ip_affinity_on_the_tc_path(rig: Rig) -> None:
     assert len(destinations(range(41000, 41024))) == 1
     client_id = maps.AFFINITY_CLIENT_IP4 | int.from_bytes(socket.inet_aton(CLIENT), "little")
     keys = [maps.AffinityKey.from_buffer_copy(bytes(k)) for k in rig.datapath.table("zp_lb_affinity").keys()]
-    assert [(k.netns_cookie, k.family) for k in keys] == [(client_id, 4)]
+    assert [(k.netns_cookie, k.family) for k in keys] == [(client_id, 4)]  # v1's byte layout, kept
+    assert [(bytes(k.client_ip4), k.tc_client) for k in keys] == [(socket.inet_aton(CLIENT), maps.AFFINITY_TC_CLIENT)]
+    # slot 0 carries the timeout in the union's other name for the same four bytes
+    head = next(v for k, v in rig.datapath.table("zp_lb4_svc").items() if k.slot == 0 and v.count == 2)
+    assert head.affinity_timeout == head.backend_id == 60
     # without affinity the same client spreads over both backends
     rig.reset()
     rig.services.sync([ServiceEntry(fe, ServicePortName("default", "web"), both)])
@@ -524,7 +528,7 @@ def test_map_mirrors_match_bcc(rig: Rig) -> None:
         key_t, value_t = maps.MAP_TYPES[name]
         assert ctypes.sizeof(key_t) == ctypes.sizeof(table.Key), name
         assert ctypes.sizeof(value_t) == ctypes.sizeof(table.Leaf), name
-    assert len(maps.NpStat) <= maps.NP_STAT_MAX
+    assert max(maps.NP_REASONS) < maps.NP_STAT_MAX == rig.datapath.table("zp_np_stats").max_entries
     for name in ("zp_ct4", "zp_snat4", "zp_np_cfg", "zp_np_dev4", "zp_np_stats"):
         assert (rig.pin_dir / maps.MAP_PINS[name]).exists(), name
 

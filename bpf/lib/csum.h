@@ -12,8 +12,6 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/pkt_cls.h>
 
-#define ZP_EREWRITE     (-EFAULT)    /* a store or checksum helper failed; the packet is damaged */
-
 /* Byte offsets in an Ethernet + IPv4 frame (the TC programs run on Ethernet devices only). */
 #define ZP_IP4_OFF       ETH_HLEN
 #define ZP_IP4_CSUM_OFF  (ETH_HLEN + 10)

@@ -6,12 +6,6 @@
 
 #include "common.h"
 
-#define ZP_EFIB         (-EHOSTUNREACH) /* no usable route to the new destination */
-
-#ifndef AF_INET
-#define AF_INET 2
-#endif
-
 /* bcc 0.26's helpers.h declares bpf_redirect_neigh with the 5.10 three-argument shape; the
  * kernel's takes four (ifindex, next-hop params, their size, flags). */
 static long (*zp_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen,
@@ -23,7 +17,7 @@ static __always_inline int fib4_lookup(struct __sk_buff *skb, const struct pkt4 
 				       __be32 daddr, struct bpf_fib_lookup *fib)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
-	fib->family = AF_INET;
+	fib->family = ZP_AF_INET;
 	fib->l4_protocol = p->proto;
 	fib->ifindex = skb->ifindex;
 	fib->ipv4_src = saddr;
@@ -45,7 +39,7 @@ static __always_inline int fib4_redirect(struct __sk_buff *skb, struct bpf_fib_l
 		return bpf_redirect(fib->ifindex, 0);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		nh.nh_family = AF_INET;
+		nh.nh_family = ZP_AF_INET;
 		nh.ipv4_nh = fib->ipv4_dst; /* the gateway, or the destination when directly attached */
 		return zp_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 	}

@@ -5,6 +5,10 @@
 
 #include "maps.h"
 
+#ifndef ZP_MAPS_LB
+#error "lib/lb.h needs the service maps: define ZP_MAPS_LB before the first #include"
+#endif
+
 /* Pick a slot in 1..count at random; count must be > 0. */
 static __always_inline __u16 __lb_pick_slot(__u16 count)
 {
@@ -35,6 +39,17 @@ lb4_lookup_external(__be32 addr, __be16 port, __u8 proto, struct lb4_key *key)
 	return svc;
 }
 
+/* The affinity id (lb_affinity_key.netns_cookie) of a client the TC path sees: its IPv4 address
+ * in the union's TC half. */
+static __always_inline __u64 lb_affinity_tc_client(__be32 addr)
+{
+	struct lb_affinity_key akey = {};
+
+	akey.client_ip4 = addr;
+	akey.tc_client = ZP_AFFINITY_TC_CLIENT;
+	return akey.netns_cookie;
+}
+
 /* ClientIP session affinity: the backend this client used last, if still fresh and present. */
 static __always_inline struct lb4_backend *
 lb4_affinity_backend(const struct lb_service *svc, __u64 client, __u32 *backend_id)
@@ -51,7 +66,7 @@ lb4_affinity_backend(const struct lb_service *svc, __u64 client, __u32 *backend_
 	if (!aval)
 		return NULL;
 	now = bpf_ktime_get_ns();
-	if (now - aval->last_used_ns > (__u64)svc->backend_id * 1000000000ULL)
+	if (now - aval->last_used_ns > (__u64)svc->affinity_timeout * 1000000000ULL)
 		return NULL;
 	found = zp_lb4_be.lookup(&aval->backend_id);
 	if (found) {
@@ -77,7 +92,7 @@ static __always_inline void lb_affinity_remember(const struct lb_service *svc, _
 
 /* Choose a backend of the service found by lb4_lookup_service/lb4_lookup_external (key still
  * holds its frontend) at random, or the client's last one under ClientIP affinity (slot 0's
- * backend_id = timeout; client = its affinity id, 0 = unknown). *chosen_id gets the backend's id
+ * affinity_timeout; client = its lb_affinity_key.netns_cookie, 0 = unknown). *chosen_id gets the backend's id
  * (conntrack keeps it to notice a deleted backend later). ZP_OK, ZP_ENOBACKEND or ZP_ESTALE. */
 static __always_inline int
 lb4_select_backend_sticky(struct lb4_key *key, const struct lb_service *svc, struct lb4_backend *be,
@@ -89,7 +104,7 @@ lb4_select_backend_sticky(struct lb4_key *key, const struct lb_service *svc, str
 
 	if (svc->count == 0)
 		return ZP_ENOBACKEND;
-	if (svc->backend_id && client) {
+	if (svc->affinity_timeout && client) {
 		found = lb4_affinity_backend(svc, client, &backend_id);
 		if (found) {
 			*be = *found;
@@ -106,7 +121,7 @@ lb4_select_backend_sticky(struct lb4_key *key, const struct lb_service *svc, str
 	if (!found)
 		return ZP_ESTALE;
 	*be = *found;
-	if (svc->backend_id && client)
+	if (svc->affinity_timeout && client)
 		lb_affinity_remember(svc, client, 4, backend_id);
 	*chosen_id = backend_id;
 	return ZP_OK;
@@ -138,7 +153,7 @@ lb6_affinity_backend(const struct lb_service *svc, __u64 client, __u32 *backend_
 	if (!aval)
 		return NULL;
 	now = bpf_ktime_get_ns();
-	if (now - aval->last_used_ns > (__u64)svc->backend_id * 1000000000ULL)
+	if (now - aval->last_used_ns > (__u64)svc->affinity_timeout * 1000000000ULL)
 		return NULL;
 	found = zp_lb6_be.lookup(&aval->backend_id);
 	if (found) {
@@ -158,7 +173,7 @@ lb6_select_backend_sticky(struct lb6_key *key, const struct lb_service *svc, str
 
 	if (svc->count == 0)
 		return ZP_ENOBACKEND;
-	if (svc->backend_id && client) {
+	if (svc->affinity_timeout && client) {
 		found = lb6_affinity_backend(svc, client, &backend_id);
 		if (found) {
 			*be = *found;
@@ -175,7 +190,7 @@ lb6_select_backend_sticky(struct lb6_key *key, const struct lb_service *svc, str
 	if (!found)
 		return ZP_ESTALE;
 	*be = *found;
-	if (svc->backend_id && client)
+	if (svc->affinity_timeout && client)
 		lb_affinity_remember(svc, client, 6, backend_id);
 	*chosen_id = backend_id;
 	return ZP_OK;

@@ -3,17 +3,13 @@
  * zp_snat4 is keyed by the tuple a reply carries when it comes back (backend -> client for a
  * local backend, backend -> node address:SNAT port for a SNATed one) and says what to restore.
  * For SNATed flows the entry is also the port reservation: inserting it with BPF_NOEXIST is the
- * atomic "take this port", and an entry whose flow has expired may be taken over. */
+ * atomic "take this port", and an entry whose flow has expired may be taken over. The map and
+ * struct nat4_entry are in maps.h. */
 #ifndef ZP_NAT_H
 #define ZP_NAT_H
 
 #include "conntrack.h"
 
-#define ZP_ENOSNATPORT  (-EADDRNOTAVAIL) /* every SNAT port tried was in use */
-
-#ifndef ZP_NAT_MAP_SIZE
-#define ZP_NAT_MAP_SIZE 131072
-#endif
 /* Attempts to find a free SNAT port: one hashed, the rest random. Bounded for the verifier.
  * With a fraction f of a backend's ports held, a new flow fails with probability f^tries: at 16
  * tries and f = 0.6 that was one SYN in 3 500 (measured in the bench: a stalled client every
@@ -21,21 +17,6 @@
 #ifndef ZP_SNAT_TRIES
 #define ZP_SNAT_TRIES 32
 #endif
-
-#define ZP_NAT_F_SNAT 0x01 /* the key's destination is a node address and SNAT port */
-
-struct nat4_entry {
-	__be32 client_addr;   /* the client's IPv4 (the reply's new destination), network byte order */
-	__be32 frontend_addr; /* the frontend IPv4 the client used (the reply's new source), network order */
-	__be16 client_port;   /* the client's port, network byte order */
-	__be16 frontend_port; /* the frontend port, network byte order */
-	__u8 flags;           /* ZP_NAT_F_* */
-	__u8 pad[3];          /* explicit padding, always 0 */
-};
-
-/* Reply tuple -> original client and frontend; LRU, entries are validated against zp_ct4. */
-BPF_TABLE_PINNED("lru_hash", struct tuple4, struct nat4_entry, zp_snat4, ZP_NAT_MAP_SIZE,
-		 ZP_PIN_DIR "zp_snat4_v1");
 
 /* The client tuple of the flow a reverse entry belongs to. */
 static __always_inline void nat4_ct_key(const struct nat4_entry *nat, __u8 proto, struct tuple4 *key)

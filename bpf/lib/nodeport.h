@@ -12,7 +12,8 @@
  * Frontends share the socket path's service maps (lib/lb.h). Userspace writes NodePort
  * frontends once per node address that accepts NodePorts (nodePortAddresses), so the kernel
  * matches them with one exact lookup; ZP_SVC_F_EXTERNAL marks the frontends the TC path serves
- * (a ClusterIP arriving from outside is left alone). */
+ * (a ClusterIP arriving from outside is left alone). Its own maps (devices, counters) are in
+ * maps.h, under ZP_MAPS_NODEPORT. */
 #ifndef ZP_NODEPORT_H
 #define ZP_NODEPORT_H
 
@@ -21,50 +22,6 @@
 #include "fib.h"
 #include "conntrack.h"
 #include "nat.h"
-
-#define ZP_EREFUSE      (-ECONNREFUSED) /* no backend behind a node address: the stack refuses */
-
-#ifndef ZP_NP_DEV_MAP_SIZE
-#define ZP_NP_DEV_MAP_SIZE 256
-#endif
-
-/* A device whose traffic leaves the node: a backend reached through it is remote and its
- * flows are SNATed to addr. */
-struct np_dev4 {
-	__be32 addr;      /* the node's IPv4 address on this device, network byte order */
-	__u32 flags;      /* reserved, 0 */
-};
-
-/* Outcome and drop-reason counters of the TC path. Mirrored by dataplane.maps.NpStat. */
-enum zp_np_stat {
-	ZP_NP_STAT_NEW_FLOW = 0,       /* a new flow was translated to a backend */
-	ZP_NP_STAT_FWD = 1,            /* a packet of a tracked flow was translated */
-	ZP_NP_STAT_REPLY = 2,          /* a reply got its frontend/client addresses back */
-	ZP_NP_STAT_SNAT_EXHAUSTED = 3, /* dropped: no free SNAT port after every try */
-	ZP_NP_STAT_NO_BACKEND = 4,     /* frontend without backends (refused or dropped) */
-	ZP_NP_STAT_BACKEND_GONE = 5,   /* dropped: mid-stream TCP packet whose backend was deleted */
-	ZP_NP_STAT_CT_MISS = 6,        /* dropped: mid-stream TCP packet of an untracked flow */
-	ZP_NP_STAT_FIB_FAIL = 7,       /* dropped: no route to the translated destination */
-	ZP_NP_STAT_REWRITE_FAIL = 8,   /* dropped: a header rewrite failed */
-	ZP_NP_STAT_MAP_WRITE = 9,      /* dropped: a conntrack/NAT entry could not be written */
-	ZP_NP_STAT_STALE_REPLY = 10,   /* passed untranslated: a reply of an expired flow */
-	ZP_NP_STAT_STALE_BACKEND = 11, /* dropped: a backend slot vanished mid-lookup */
-	ZP_NP_STAT_MAX = 16,
-};
-
-/* External devices by ifindex. */
-BPF_TABLE_PINNED("hash", __u32, struct np_dev4, zp_np_dev4, ZP_NP_DEV_MAP_SIZE,
-		 ZP_PIN_DIR "zp_np_dev4_v1");
-/* Counters, indexed by enum zp_np_stat. */
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, zp_np_stats, ZP_NP_STAT_MAX, ZP_PIN_DIR "zp_np_stats_v1");
-
-static __always_inline void np_count(__u32 reason)
-{
-	__u64 *val = zp_np_stats.lookup(&reason);
-
-	if (val)
-		*val += 1;
-}
 
 /* Whether the backend a flow was pinned to still exists (same id, same address). */
 static __always_inline bool __np4_backend_alive(const struct ct4_entry *ct)
@@ -94,7 +51,7 @@ static __always_inline int __np4_new_flow(struct __sk_buff *skb, const struct pk
 	if (p->proto == IPPROTO_TCP && !__tcp_new_syn(p))
 		return ZP_ECTMISS;
 	/* ClientIP affinity by the client's address (what kube-proxy's "recent" match keys on) */
-	ret = lb4_select_backend_sticky(key, svc, &be, ZP_AFFINITY_CLIENT_IP4 | (__u64)p->saddr, &backend_id);
+	ret = lb4_select_backend_sticky(key, svc, &be, lb_affinity_tc_client(p->saddr), &backend_id);
 	if (ret == ZP_ENOBACKEND && (svc_flags & ZP_SVC_F_NODEPORT))
 		return ZP_EREFUSE;
 	if (ret < 0)
@@ -139,7 +96,7 @@ static __always_inline int __np4_new_flow(struct __sk_buff *skb, const struct pk
 		zp_snat4.delete(&rkey);
 		return ZP_EMAPWRITE;
 	}
-	np_count(ZP_NP_STAT_NEW_FLOW);
+	np_count(ZP_REASON_NEW_FLOW);
 	return ZP_OK;
 }
 
@@ -185,7 +142,7 @@ static __always_inline int __np4_service(struct __sk_buff *skb, const struct pkt
 	if (found) {
 		ct4_update(found, cfg, p, false, now);
 		ct = *found;
-		np_count(ZP_NP_STAT_FWD);
+		np_count(ZP_REASON_FWD);
 	} else {
 		ret = __np4_new_flow(skb, p, cfg, &fwd, &key, svc, &ct, &fib, &fib_rc, now);
 		if (ret < 0)
@@ -239,7 +196,7 @@ static __always_inline int __np4_reply(struct __sk_buff *skb, const struct pkt4 
 	ret = pkt4_rewrite(skb, p, nat.frontend_addr, nat.frontend_port, nat.client_addr, nat.client_port);
 	if (ret < 0)
 		return ret;
-	np_count(ZP_NP_STAT_REPLY);
+	np_count(ZP_REASON_REPLY);
 	if (!ingress)
 		return TC_ACT_OK;
 	ret = fib4_lookup(skb, p, nat.frontend_addr, nat.client_addr, &fib);
@@ -255,34 +212,37 @@ static __always_inline int __np_verdict(int ret)
 	case ZP_ENOTSVC:
 		return TC_ACT_OK;
 	case ZP_EREFUSE:
-		np_count(ZP_NP_STAT_NO_BACKEND);
+		np_count(ZP_REASON_NO_BACKEND);
 		return TC_ACT_OK; /* nothing listens on a node address's NodePort: RST / ICMP */
 	case ZP_ENOBACKEND:
-		np_count(ZP_NP_STAT_NO_BACKEND);
+		np_count(ZP_REASON_NO_BACKEND);
 		break;
 	case ZP_ENOSNATPORT:
-		np_count(ZP_NP_STAT_SNAT_EXHAUSTED);
+		np_count(ZP_REASON_SNAT_EXHAUSTED);
 		break;
 	case ZP_ECTGONE:
-		np_count(ZP_NP_STAT_BACKEND_GONE);
+		np_count(ZP_REASON_BACKEND_GONE);
 		break;
 	case ZP_ECTMISS:
-		np_count(ZP_NP_STAT_CT_MISS);
+		np_count(ZP_REASON_CT_MISS);
 		break;
 	case ZP_EFIB:
-		np_count(ZP_NP_STAT_FIB_FAIL);
+		np_count(ZP_REASON_FIB_FAIL);
 		break;
 	case ZP_EREWRITE:
-		np_count(ZP_NP_STAT_REWRITE_FAIL);
+		np_count(ZP_REASON_REWRITE_FAIL);
 		break;
 	case ZP_EMAPWRITE:
-		np_count(ZP_NP_STAT_MAP_WRITE);
+		np_count(ZP_REASON_MAP_WRITE);
 		break;
 	case ZP_ECTSTALE:
-		np_count(ZP_NP_STAT_STALE_REPLY);
+		np_count(ZP_REASON_STALE_REPLY);
 		return TC_ACT_OK;
+	case ZP_ESTALE:
+		np_count(ZP_REASON_STALE_BACKEND);
+		break;
 	default:
-		np_count(ZP_NP_STAT_STALE_BACKEND);
+		np_count(ZP_REASON_UNKNOWN); /* a code added without a case here: dropped, and visible */
 		break;
 	}
 	return TC_ACT_SHOT;
