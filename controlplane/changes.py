@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane import annotations
-from controlplane.objects import Severity
+from controlplane.objects import ObjectKey, Severity
 from controlplane.translate import (
     API_VERSIONS,
     CLUSTER_SCOPED,
@@ -59,7 +59,6 @@ SCALE_STATE_PODS = "Pod:scale-state"
 VOLATILE_METADATA = ("resourceVersion", "managedFields", "generation")
 
 ServiceKey = tuple[str, str]  # (namespace, name) of a Service (name may be "" for unlabelled slices)
-ObjectKey = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped kinds
 Slot = tuple[IPAddress, int, Protocol]  # what the datapath keys a frontend by
 
 

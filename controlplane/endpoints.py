@@ -24,9 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from controlplane import annotations
+from controlplane.objects import ObjectKey
 from dataplane.table import Backend, IPAddress
-
-ObjectKey = tuple[str, str]  # (namespace, name) of a Pod
 
 
 @dataclass(frozen=True, order=True)

@@ -18,6 +18,8 @@ from typing import Any
 
 from dataplane.table import IPAddress
 
+ObjectKey = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped kinds
+
 
 class Severity(enum.Enum):
     """How bad a problem is: errors drop something the user asked for, warnings don't."""

@@ -51,6 +51,7 @@ from controlplane.endpoints import Endpoint, EndpointSet, choose, merge
 from controlplane.objects import (
     Fields,
     ObjectError,
+    ObjectKey,
     ObjectRef,
     Severity,
     describe,
@@ -99,8 +100,6 @@ UNSPECIFIED: dict[str, IPAddress] = {
     "IPv6": ipaddress.IPv6Address(0),
 }
 EXTERNAL_KINDS = (FrontendKind.NODE_PORT, FrontendKind.EXTERNAL_IP, FrontendKind.LOAD_BALANCER)
-
-ObjectKey = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped kinds
 
 
 @dataclass(frozen=True)
