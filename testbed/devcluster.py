@@ -444,6 +444,51 @@ class DevCluster:
             response = core.create_namespaced_service_account_token(name, namespace, request)
             return str(response.status.token)
 
+    def delete_namespace(self, name: str) -> None:
+        """Delete a namespace and everything in it, now, as the namespace controller would.
+
+        No controller-manager runs here, so a plain DELETE would leave the namespace Terminating
+        for good, its objects still served and still seen by an agent's watch. So: mark it
+        deleted, delete every namespaced object of every kind discovery lists (pods with no grace
+        period: no kubelet will ever confirm them), then clear its finalizer. A namespace already gone is
+        fine: fixtures call this in teardown whatever the test did.
+        """
+        from kubernetes import client
+
+        with self.api_client() as api:
+            def call(method: str, path: str, body: Any = None) -> Any:
+                response = api.call_api(path, method, body=body, auth_settings=["BearerToken"],
+                                        header_params={"Accept": "application/json",
+                                                       "Content-Type": "application/json"},
+                                        _preload_content=False, _return_http_data_only=True)
+                return json.loads(response.data or b"{}")
+
+            try:
+                call("DELETE", f"/api/v1/namespaces/{name}")
+            except client.ApiException as e:
+                if e.status == 404:
+                    return
+                raise
+            versions = ["/api/v1"] + [f"/apis/{v['groupVersion']}" for g in call("GET", "/apis")["groups"]
+                                      for v in g["versions"]]
+            for prefix in versions:
+                for res in call("GET", prefix)["resources"]:
+                    if not res["namespaced"] or "/" in res["name"] or not {"delete", "list"} <= set(res["verbs"]):
+                        continue
+                    collection = f"{prefix}/namespaces/{name}/{res['name']}"
+                    # 1.20's Services have no deletecollection: those go one by one
+                    paths = ([collection] if "deletecollection" in res["verbs"] else
+                             [f"{collection}/{o['metadata']['name']}" for o in call("GET", collection)["items"]])
+                    for path in paths:
+                        try:
+                            call("DELETE", f"{path}?gracePeriodSeconds=0")
+                        except client.ApiException as e:
+                            if e.status != 404:
+                                raise
+            ns = call("GET", f"/api/v1/namespaces/{name}")
+            ns["spec"]["finalizers"] = []
+            call("PUT", f"/api/v1/namespaces/{name}/finalize", ns)
+
     # --- etcd -------------------------------------------------------------------------------
 
     def _start_etcd(self) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -174,8 +175,9 @@ def cluster() -> Iterator[DevCluster]:
 
 
 @pytest.fixture(scope="module")
-def installed(cluster: DevCluster) -> list[Installed]:
-    """`kubectl apply -k manifests/` done by hand: each object dry-run first, then created."""
+def installed(cluster: DevCluster) -> Iterator[list[Installed]]:
+    """`kubectl apply -k manifests/` done by hand: each object dry-run first, then created;
+    the manifests' namespace (and what is in it) deleted afterwards."""
     out = []
     for obj in manifest_objects():
         path = collection_path(obj)
@@ -195,7 +197,10 @@ def installed(cluster: DevCluster) -> list[Installed]:
                            {"secrets": [{"name": secret["metadata"]["name"]}]},
                            content_type="application/merge-patch+json")
     assert status == 200, body
-    return out
+    try:
+        yield out
+    finally:
+        cluster.delete_namespace(by_kind("Namespace")["metadata"]["name"])
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +218,9 @@ def sa_api(cluster: DevCluster, sa_token: str, tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture(scope="module")
-def world(cluster: DevCluster, installed: list[Installed]) -> dict[str, Any]:
-    """What the agent will see: a node, a pod on it, a Service with one ready endpoint."""
+def world(cluster: DevCluster, installed: list[Installed]) -> Iterator[dict[str, Any]]:
+    """What the agent will see: a node, a pod on it, a Service with one ready endpoint; its
+    namespace and node are deleted afterwards."""
     ns, node = f"zp-apps-{uuid.uuid4().hex[:6]}", f"zp-node-{uuid.uuid4().hex[:6]}"
     calls = [
         ("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
@@ -229,21 +235,26 @@ def world(cluster: DevCluster, installed: list[Installed]) -> dict[str, Any]:
             "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
             "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
     ]
-    created = {}
-    for path, body in calls:
-        status, result = request(cluster, "POST", path, body)
-        assert status == 201, (path, result)
-        created[body["kind"]] = result
-    cluster_ip = created["Service"]["spec"]["clusterIP"]
-    endpoint = "10.244.1.5"
-    status, result = request(cluster, "POST", f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices", {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [endpoint], "conditions": {"ready": True}, "nodeName": node}],
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
-    assert status == 201, result
-    return {"namespace": ns, "node": node, "cluster_ip": cluster_ip, "endpoint": endpoint}
+    created: dict[str, Any] = {}
+    try:
+        for path, body in calls:
+            status, result = request(cluster, "POST", path, body)
+            assert status == 201, (path, result)
+            created[body["kind"]] = result
+        cluster_ip = created["Service"]["spec"]["clusterIP"]
+        endpoint = "10.244.1.5"
+        status, result = request(cluster, "POST", f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices", {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [endpoint], "conditions": {"ready": True}, "nodeName": node}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
+        assert status == 201, result
+        yield {"namespace": ns, "node": node, "cluster_ip": cluster_ip, "endpoint": endpoint}
+    finally:
+        cluster.delete_namespace(ns)
+        if "Node" in created:
+            request(cluster, "DELETE", f"/api/v1/nodes/{node}")
 
 
 # --- 1. the objects -----------------------------------------------------------------------------
@@ -269,9 +280,12 @@ def test_schema_check_and_round_trip_catch_a_misspelt_field(cluster: DevCluster)
     assert problems == ["ds.spec.template.spec.containers[0].securityContext.capabilites: unknown field"]
     ns_status, _ = request(cluster, "POST", "/api/v1/namespaces",
                            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "zp-typo"}})
-    assert ns_status in (201, 409)
-    ds["metadata"]["namespace"] = "zp-typo"
-    status, body = request(cluster, "POST", collection_path(ds) + "?dryRun=All", ds)
+    try:
+        assert ns_status == 201
+        ds["metadata"]["namespace"] = "zp-typo"
+        status, body = request(cluster, "POST", collection_path(ds) + "?dryRun=All", ds)
+    finally:
+        cluster.delete_namespace("zp-typo")
     assert status == 201, "the server accepts it"
     assert dropped_fields(ds, body) == [".spec.template.spec.containers[0].securityContext.capabilites: dropped by "
                                         "the server"]
@@ -468,7 +482,7 @@ class PodLikeAgent:
       as in a pod with SYS_ADMIN (allowPrivilegeEscalation cannot be false then).
 
     Flags give what differs from a pod: the cgroup and pin paths (unique per test, never the
-    machine's root cgroup) and a free health port.
+    machine's root cgroup) and free health and metrics ports.
     """
 
     def __init__(self, workdir: Path, cluster: DevCluster, token: str, node: str) -> None:
@@ -476,6 +490,7 @@ class PodLikeAgent:
         self.cgroup = cgroup2_mount() / f"zp-deploy-{uuid.uuid4().hex[:8]}"
         self.pin_dir = Path("/sys/fs/bpf") / f"zp-deploy-{uuid.uuid4().hex[:8]}"
         self.health_port = _free_port()
+        self.metrics_port = _free_port()
         self.node = node
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "agent.log"
@@ -495,7 +510,8 @@ class PodLikeAgent:
         setpriv = ["setpriv", "--bounding-set=-all" + "".join(f",+{c}" for c in capabilities), "--inh-caps=-all"]
         agent = [sys.executable, "-m", "zeroproxy", "agent", "--config", str(self.config_path),
                  "--cgroup", str(self.cgroup), "--bpffs", str(self.pin_dir),
-                 "--healthz-bind-address", f"127.0.0.1:{self.health_port}", "--metrics-bind-address", ""]
+                 "--healthz-bind-address", f"127.0.0.1:{self.health_port}",
+                 "--metrics-bind-address", f"127.0.0.1:{self.metrics_port}"]
         script = " && ".join([
             "mount -t tmpfs -o mode=0755 zp-run /run",
             f"mkdir -p {SA_DIR}",
@@ -551,6 +567,13 @@ class PodLikeAgent:
         except urllib.error.HTTPError as e:
             return int(e.code), {}
 
+    def api_errors(self) -> dict[str, float]:
+        """The agent's failed lists and watches so far, from /metrics (a 403 is one of them)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return {kind: float(value) for kind, value in
+                re.findall(r'^zeroproxy_errors_total\{kind="(list|watch)"\} (\S+)$', text, re.M)}
+
     def close(self) -> None:
         try:
             self.stop()
@@ -574,7 +597,8 @@ def test_agent_syncs_with_the_daemonsets_identity_config_and_capabilities(
     try:
         agent.start(_capabilities())
         log = agent.wait_for("initial sync done")
-        assert "Forbidden" not in log and "forbidden" not in log, log[-3000:]
+        # The ServiceAccount is granted all the agent asks for: no list or watch failed.
+        assert agent.api_errors() == {"list": 0, "watch": 0}, log[-3000:]
         assert f"watching the Kubernetes API at {cluster.url}" in log, "apiServer from the ConfigMap's file"
         # The probes' endpoints.
         assert agent.get("/livez")[0] == 200
@@ -588,6 +612,7 @@ def test_agent_syncs_with_the_daemonsets_identity_config_and_capabilities(
         expected = {f"{world['cluster_ip']}:80/TCP": [f"{world['endpoint']}:8080"],
                     f"{kubernetes_svc['spec']['clusterIP']}:443/TCP": []}
         assert {s["frontend"]: s["backends"] for s in service_list(agent.pin_dir)} == expected
+        assert agent.api_errors() == {"list": 0, "watch": 0}, agent.log()[-3000:]  # the watches too, by now
 
         # An upgrade / restart: the new agent adopts the pinned maps (BPF_MAP_GET_FD_BY_ID).
         agent.stop()

@@ -32,12 +32,38 @@ def cluster() -> Iterator[DevCluster]:
 
 
 @pytest.fixture
-def namespace(cluster: DevCluster) -> str:
-    """A fresh namespace per test; no controller-manager runs, so nothing else creates them."""
+def namespace(cluster: DevCluster) -> Iterator[str]:
+    """A fresh namespace per test, deleted with everything in it afterwards (pass or fail)."""
     name = f"zp-{uuid.uuid4().hex[:8]}"
     with cluster.api_client() as api:
         client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    return name
+    try:
+        yield name
+    finally:
+        cluster.delete_namespace(name)
+
+
+def test_delete_namespace_removes_it_and_its_objects(cluster: DevCluster) -> None:
+    """No controller-manager runs, so DevCluster.delete_namespace does the namespace controller's
+    work: afterwards neither the namespace nor anything in it is served, pods included."""
+    name = f"zp-{uuid.uuid4().hex[:8]}"
+    with cluster.api_client() as api:
+        core, disc = client.CoreV1Api(api), client.DiscoveryV1Api(api)
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+        sa = client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="default"))
+        core.create_namespaced_service_account(name, sa)
+        core.create_namespaced_service(name, make_service("web"))
+        disc.create_namespaced_endpoint_slice(name, make_slice("web", ["10.1.0.1"]))
+        core.create_namespaced_pod(name, client.V1Pod(
+            metadata=client.V1ObjectMeta(name="p"),
+            spec=client.V1PodSpec(node_name="a", automount_service_account_token=False,
+                                  containers=[client.V1Container(name="c", image="x")])))
+        cluster.delete_namespace(name)
+        assert name not in {n.metadata.name for n in core.list_namespace().items}
+        for listed in (core.list_service_for_all_namespaces(), disc.list_endpoint_slice_for_all_namespaces(),
+                       core.list_pod_for_all_namespaces(), core.list_service_account_for_all_namespaces()):
+            assert [o.metadata.name for o in listed.items if o.metadata.namespace == name] == []
+        cluster.delete_namespace(name)  # already gone: fine
 
 
 def make_service(name: str, port: int = 80) -> client.V1Service:
