@@ -39,14 +39,28 @@ def beta_cluster() -> Iterator[DevCluster]:
 
 
 @pytest.fixture
-def namespace(cluster: DevCluster) -> str:
-    name = f"zp-{uuid.uuid4().hex[:8]}"
-    with cluster.api_client() as api:
-        core = client.CoreV1Api(api)
-        core.create_namespace({"metadata": {"name": name}})
-        # No controller-manager: the ServiceAccount admission plugin needs this for pods.
-        core.create_namespaced_service_account(name, {"metadata": {"name": "default"}})
-    return name
+def namespaces() -> Iterator[Callable[[DevCluster], str]]:
+    """Makes fresh namespaces (in either cluster); each is deleted, with its objects, afterwards."""
+    made: list[tuple[DevCluster, str]] = []
+
+    def make(cluster: DevCluster) -> str:
+        name = f"zp-{uuid.uuid4().hex[:8]}"
+        with cluster.api_client() as api:
+            core = client.CoreV1Api(api)
+            core.create_namespace({"metadata": {"name": name}})
+            made.append((cluster, name))
+            # No controller-manager: the ServiceAccount admission plugin needs this for pods.
+            core.create_namespaced_service_account(name, {"metadata": {"name": "default"}})
+        return name
+
+    yield make
+    for cluster, name in made:
+        cluster.delete_namespace(name)
+
+
+@pytest.fixture
+def namespace(cluster: DevCluster, namespaces: Callable[[DevCluster], str]) -> str:
+    return namespaces(cluster)
 
 
 class Recorder:
@@ -225,9 +239,10 @@ def _create_slice(cluster: DevCluster, namespace: str, name: str) -> None:
 
 @pytest.mark.parametrize("which", ["v1", "v1beta1"])
 def test_endpointslice_version_comes_from_api_discovery(which: str, request: pytest.FixtureRequest,
-                                                        recorders: list[Recorder]) -> None:
+                                                        recorders: list[Recorder],
+                                                        namespaces: Callable[[DevCluster], str]) -> None:
     c: DevCluster = request.getfixturevalue("cluster" if which == "v1" else "beta_cluster")
-    ns = _namespace(c)
+    ns = namespaces(c)
     _create_slice(c, ns, "before")
     rec = Recorder(load_configuration(str(c.kubeconfig_path)), resources("a"))
     recorders.append(rec)
@@ -239,13 +254,6 @@ def test_endpointslice_version_comes_from_api_discovery(which: str, request: pyt
     _create_slice(c, ns, "during")  # the watch is on the same version
     rec.wait(lambda: ("EndpointSlice", "ADDED", f"{ns}/during") in rec.events, "a watched slice")
     assert not watcher.stats.errors, watcher.stats.errors  # found by asking, not by a failed request
-
-
-def _namespace(cluster: DevCluster) -> str:
-    name = f"zp-{uuid.uuid4().hex[:8]}"
-    with cluster.api_client() as api:
-        client.CoreV1Api(api).create_namespace({"metadata": {"name": name}})
-    return name
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, resource: str) -> list[str]:
