@@ -30,8 +30,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from scaletozero.runtime import ContainerSpec, RuncRuntime
-from scaletozero.scaler import Backend, ScalerThread
+from scaletozero.runc import RuncRuntime
+from scaletozero.runtime import ContainerSpec
+from scaletozero.scaler import ScaledPod, ScalerThread
 from testbed import rootfs
 from testbed.bed import CGROUP_DIR_PREFIX, Pod, TestBed, wait_until
 
@@ -118,7 +119,7 @@ def run(cycles: int, steady: int, workdir: Path) -> dict[str, Any]:
             raw_restore.append(ops["restore"])
 
         scaler = ScalerThread(runtime, poll_interval=0.05)
-        scaler.call(scaler.scaler.add, Backend("bench/web", "web", pod.netns_path, (pod.ip4,), idle_timeout=1.0))
+        scaler.call(scaler.scaler.add, ScaledPod("bench/web", "web", pod.netns_path, (pod.ip4,), idle_timeout=1.0))
         first_byte, scaler_restore, checkpoint = [], [], []
         for _ in range(cycles):
             wait_until(lambda: scaler.status()["bench/web"].state == "checkpointed", "checkpointed",

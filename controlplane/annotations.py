@@ -29,7 +29,9 @@ that every agent can watch exactly the pods that have one with a server-side lab
         zeroproxy.io/scale-state: checkpointed   # running / checkpointed / restoring / failed
 
 Translation reads it: an endpoint whose pod is parked (checkpointed, restoring, failed) gets new
-connections only while no endpoint of the same service port runs.
+connections only while no endpoint of the same service port runs. The values and the probe modes
+are scale to zero's own enums (scaletozero/state.py); this module only names the keys and
+parses the strings.
 """
 
 from __future__ import annotations
@@ -38,27 +40,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from controlplane.config import DurationError, parse_duration
+from scaletozero.state import LABELS, ProbeResponse, ScaleState
 
 PREFIX = "zeroproxy.io/"
 SCALE_TO_ZERO = PREFIX + "scale-to-zero"
 IDLE_TIMEOUT = PREFIX + "idle-timeout"
 RESTORE_TIMEOUT = PREFIX + "restore-timeout"
-PROBE_RESPONSE = PREFIX + "probe-response"
-PROBE_OFF = "off"  # every connection wakes the pod, probes too
-PROBE_TCP = "tcp"  # connections from the node are accepted and closed
-PROBE_HTTP = "http"  # kube-probe/ HTTP requests from the node get 200 OK
-PROBE_RESPONSES = (PROBE_OFF, PROBE_TCP, PROBE_HTTP)
-# The label the scaler publishes on its pods (the file source honours it too), and its values.
+PROBE_RESPONSE = PREFIX + "probe-response"  # a scaletozero.state.ProbeResponse value
+# The label the scaler publishes on its pods (the file source honours it too); its values are
+# ScaleState.label (LABELS).
 STATE = PREFIX + "scale-state"
-STATE_RUNNING = "running"
-STATE_CHECKPOINTED = "checkpointed"
-STATE_RESTORING = "restoring"
-STATE_FAILED = "failed"
-STATES = (STATE_RUNNING, STATE_CHECKPOINTED, STATE_RESTORING, STATE_FAILED)
-# States in which the pod's own process does not serve: a connection to it waits for a restore
-# (or, failed, may be reset). Any other value, or none, counts as running: the safe side is to
-# keep using an endpoint, never to drop one because of a label we do not understand.
-PARKED_STATES = frozenset((STATE_CHECKPOINTED, STATE_RESTORING, STATE_FAILED))
 
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_RESTORE_TIMEOUT = 30.0
@@ -76,8 +67,12 @@ def format_duration(seconds: float) -> str:
 
 
 def parked(state: str | None) -> bool:
-    """True when an endpoint in this published state should get traffic only if all others do too."""
-    return state in PARKED_STATES
+    """True when an endpoint in this published state should get traffic only if all others do too.
+
+    Any value that is not a published state, or none, counts as running: the safe side is to keep
+    using an endpoint, never to drop one because of a label we do not understand.
+    """
+    return state in LABELS and ScaleState(state).parked
 
 
 @dataclass(frozen=True)
@@ -86,7 +81,7 @@ class ScaleToZero:
 
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     restore_timeout: float = DEFAULT_RESTORE_TIMEOUT
-    probe_response: str = PROBE_OFF  # one of PROBE_RESPONSES
+    probe_response: ProbeResponse = ProbeResponse.OFF
 
 
 def parse(annotations: Mapping[str, str], pod: str = "pod") -> tuple[ScaleToZero | None, list[str]]:
@@ -124,13 +119,14 @@ def parse(annotations: Mapping[str, str], pod: str = "pod") -> tuple[ScaleToZero
 
     idle = duration(IDLE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, IDLE_TIMEOUT_BOUNDS)
     restore = duration(RESTORE_TIMEOUT, DEFAULT_RESTORE_TIMEOUT, RESTORE_TIMEOUT_BOUNDS)
-    probe = annotations.get(PROBE_RESPONSE, PROBE_OFF).strip().lower()
-    if probe not in PROBE_RESPONSES:
+    probe = annotations.get(PROBE_RESPONSE, ProbeResponse.OFF).strip().lower()
+    if probe not in tuple(ProbeResponse):
         problems.append(f"{pod}: annotation {PROBE_RESPONSE}={annotations[PROBE_RESPONSE]!r}: expected one of "
-                        + ", ".join(f'"{v}"' for v in PROBE_RESPONSES))
-    if idle is None or restore is None or probe not in PROBE_RESPONSES:
+                        + ", ".join(f'"{v}"' for v in ProbeResponse))
         return None, problems
-    return ScaleToZero(idle_timeout=idle, restore_timeout=restore, probe_response=probe), problems
+    if idle is None or restore is None:
+        return None, problems
+    return ScaleToZero(idle_timeout=idle, restore_timeout=restore, probe_response=ProbeResponse(probe)), problems
 
 
 def annotate(idle_timeout: str = "5m", restore_timeout: str | None = None,

@@ -47,6 +47,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # setns() is per thread and a socket keeps the namespace it was made in: this is how a process
 # in the host namespace makes sockets in pods.
 from dataplane.netns import in_netns
+from scaletozero.state import ProbeResponse
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 
 WakeFn = Callable[[], Awaitable[None]]
 
-# Probe answering; the mode names are controlplane.annotations.PROBE_* (same strings).
-PROBE_OFF, PROBE_TCP, PROBE_HTTP = "off", "tcp", "http"
 PROBE_HEAD_LIMIT = 8192  # a request head larger than this is not a probe (kubelet's are ~150 bytes)
 PROBE_READ_TIMEOUT = 1.0  # seconds to wait for a whole head; then it is not a probe and wakes the pod
 PROBE_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -112,7 +111,8 @@ class WakeError(Exception):
     def __init__(self, reason: str, kind: str = "restore_failed") -> None:
         super().__init__(reason)
         self.reason = reason
-        self.kind = kind  # short, bounded label for metrics
+        # short, bounded label for metrics: the runtime's FailureKind when the restore failed there
+        self.kind = kind
 
 
 # --- network namespaces --------------------------------------------------------------------
@@ -318,16 +318,16 @@ class PodProxy:
     """The proxy's state for one pod: its listeners, its held connections, its counters."""
 
     def __init__(self, activator: Activator, name: str, netns: Path, wake: WakeFn,
-                 hold_timeout: float | None = None, probe: str = PROBE_OFF,
+                 hold_timeout: float | None = None, probe: ProbeResponse = ProbeResponse.OFF,
                  answer_probes: Callable[[], bool] | None = None) -> None:
-        if probe not in (PROBE_OFF, PROBE_TCP, PROBE_HTTP):
-            raise ValueError(f"probe response {probe!r}: expected off, tcp or http")
+        if probe not in tuple(ProbeResponse):
+            raise ValueError(f"probe response {probe!r}: expected one of {', '.join(ProbeResponse)}")
         self.activator = activator
         self.name = name
         self.hold_timeout = activator.hold_timeout if hold_timeout is None else hold_timeout
         self.netns = Netns(netns)
         self.wake = wake
-        self.probe = probe
+        self.probe = ProbeResponse(probe)
         # Asked per connection: the scaler says no while the pod failed, so that a broken pod is
         # not reported healthy (the probe then retries the restore like any connection).
         self.answer_probes = answer_probes
@@ -388,7 +388,7 @@ class PodProxy:
 
     def _may_be_probe(self, leg: _Leg) -> bool:
         """Probe answering is on, allowed now, and the connection comes from the node itself."""
-        if self.probe == PROBE_OFF or (self.answer_probes is not None and not self.answer_probes()):
+        if self.probe == ProbeResponse.OFF or (self.answer_probes is not None and not self.answer_probes()):
             return False
         peer = leg.transport.get_extra_info("peername") if leg.transport is not None else None
         return bool(peer) and _address(peer[0]) in self.activator.node_addresses
@@ -396,7 +396,7 @@ class PodProxy:
     async def _probe(self, client: _Leg) -> None:
         """Answer a health probe, or hand the connection to the wake path with what was read."""
         try:
-            is_probe = True if self.probe == PROBE_TCP else await self._read_probe(client)
+            is_probe = True if self.probe == ProbeResponse.TCP else await self._read_probe(client)
         except asyncio.CancelledError:
             reset(client.transport)
             raise
@@ -407,7 +407,7 @@ class PodProxy:
             return
         tr = client.transport
         assert tr is not None
-        if self.probe == PROBE_HTTP:
+        if self.probe == ProbeResponse.HTTP:
             tr.write(PROBE_ANSWER)
         tr.close()  # after the buffered answer: a FIN, not a reset
         self.counters.probes += 1
@@ -600,7 +600,8 @@ class Activator:
         self.node_addresses = frozenset(_address(str(a)) for a in addresses)
 
     async def add(self, name: str, netns: Path, wake: WakeFn, *, hold_timeout: float | None = None,
-                  probe: str = PROBE_OFF, answer_probes: Callable[[], bool] | None = None) -> PodProxy:
+                  probe: ProbeResponse = ProbeResponse.OFF,
+                  answer_probes: Callable[[], bool] | None = None) -> PodProxy:
         """Open the listeners of one pod; the caller puts them in the sockmap."""
         if name in self.pods:
             raise ValueError(f"pod {name!r} already has an activation proxy")

@@ -21,7 +21,7 @@ The order of operations is what makes it lossless:
 
 A pod is idle when, for its idle timeout, it had no established or half-open connection on an
 app port, the sk_lookup program counted no new connection attempt, and the proxy held or
-relayed nothing. Health probes the proxy answered for a parked pod (Backend.probe, from the
+relayed nothing. Health probes the proxy answered for a parked pod (ScaledPod.probe, from the
 node's addresses) never wake it; the SYN counter is re-read at every wake, so the probes it
 counted while the pod was parked do not count as activity either.
 
@@ -29,9 +29,10 @@ All runtime calls block (runc, CRIU); they run in threads. Everything else runs 
 loop (uvloop in the agent). `ScalerThread` runs a scaler on its own loop in a thread for tests,
 benchmarks and synchronous callers.
 
-Whoever embeds the scaler learns of every state change through ``on_state`` (the agent turns it
-into the pod's ``zeroproxy.io/scale-state`` label, an Event, and the local translation);
-:func:`publication` says what to publish for a change.
+The scaler knows pods only as :class:`ScaledPod` (what to catch, where, and how long to wait);
+whoever embeds it builds those (controlplane/scaling.py, from Pods and their annotations) and
+learns of every state change through ``on_state`` (the agent turns it into the pod's
+``zeroproxy.io/scale-state`` label, an Event, and the local translation).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import enum
 import json
 import logging
 import os
@@ -50,31 +50,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dataplane.netns import in_netns
-from scaletozero.activator import PROBE_OFF, Activator, Netns, PodProxy, ScaleMetrics, WakeError
-from scaletozero.runtime import CheckpointError, ContainerRuntime, RuntimeDriverError
+from scaletozero.activator import Activator, PodProxy, ScaleMetrics, WakeError
+from scaletozero.runtime import CheckpointError, ContainerRuntime, FailureKind, RuntimeDriverError
 from scaletozero.sklookup import NetnsLink, SkLookup
+from scaletozero.sockets import ESTABLISHED, LISTEN, SYN_RECV, TCP_LISTEN, NetnsSockets
+from scaletozero.state import ProbeResponse, ScaleState
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-TCP_ESTABLISHED = 0x01
-TCP_SYN_RECV = 0x03
-TCP_LISTEN = 0x0A
-
-
-class PodState(enum.StrEnum):
-    RUNNING = "running"
-    CHECKPOINTING = "checkpointing"
-    CHECKPOINTED = "checkpointed"
-    RESTORING = "restoring"
-    FAILED = "failed"
-
 
 @dataclass(frozen=True)
-class Backend:
-    """One opted-in pod as the scaler needs it."""
+class ScaledPod:
+    """One opted-in pod as the scaler needs it: what to catch, where, and how long to wait.
+
+    Not to be confused with dataplane.table.Backend (an endpoint of a service frontend): a
+    scaled pod may back many services, and the scaler never sees them.
+    """
 
     name: str  # "namespace/name": logs, metrics, CLI
     container_id: str  # in the runtime
@@ -83,7 +76,7 @@ class Backend:
     idle_timeout: float = 300.0  # seconds without traffic before a checkpoint
     ports: tuple[int, ...] = ()  # app ports; empty = the ports the app listens on at checkpoint time
     restore_timeout: float | None = None  # how long held clients wait; None = the scaler's default
-    probe: str = "off"  # health probes from the node answered while parked: "off", "tcp" or "http"
+    probe: ProbeResponse = ProbeResponse.OFF  # health probes from the node answered while parked
 
 
 @dataclass
@@ -118,79 +111,7 @@ class PodStatus:
 
 # on_state(pod "namespace/name", old state, new state (None: no longer managed), reason, seconds the
 # step took (checkpoint, restore) or None)
-StateListener = Callable[[str, "PodState | None", "PodState | None", str, "float | None"], None]
-
-
-def publication(old: PodState | None, new: PodState | None, reason: str = "",
-                seconds: float | None = None) -> tuple[str | None, tuple[str, str, str] | None]:
-    """What a state change publishes: (label value or None to remove, (reason, message, type) of an
-    Event or None).
-
-    ``checkpointing`` publishes as running: the pod still serves, and a connection during the
-    dump is held and wakes it right after. Events mark what an operator wants in
-    ``kubectl describe pod``: a checkpoint, a restore, a failed restore with its reason.
-    """
-    from controlplane import annotations as a
-
-    label = {None: None, PodState.RUNNING: a.STATE_RUNNING, PodState.CHECKPOINTING: a.STATE_RUNNING,
-             PodState.CHECKPOINTED: a.STATE_CHECKPOINTED, PodState.RESTORING: a.STATE_RESTORING,
-             PodState.FAILED: a.STATE_FAILED}[new]
-    took = f" in {seconds:.3f} s" if seconds is not None else ""
-    event = None
-    if old == PodState.CHECKPOINTING and new == PodState.CHECKPOINTED:
-        event = ("Checkpointed", f"idle: checkpointed with CRIU{took}; the next connection restores it", "Normal")
-    elif old == PodState.RESTORING and new == PodState.RUNNING:
-        event = ("Restored", f"restored by a connection and listening{took}", "Normal")
-    elif old == PodState.RESTORING and new == PodState.FAILED:
-        event = ("RestoreFailed", f"restore failed: {reason}; held connections were reset, the next "
-                 "connection tries again", "Warning")
-    return label, event
-
-
-def classify(reason: str) -> str:
-    """A short, bounded label for a failure reason (metrics labels must not be free text)."""
-    table = (
-        ("no checkpoint images", "no_images"),
-        ("In-flight connection", "in_flight"),
-        ("tcp-established", "established"),
-        ("Address already in use", "addr_in_use"),
-        ("timed out", "timeout"),
-        ("not listening", "not_listening"),
-        ("no listening ports", "no_ports"),
-    )
-    for needle, label in table:
-        if needle in reason:
-            return label
-    return "criu_error" if "CRIU" in reason or "criu" in reason else "other"
-
-
-# --- reading sockets of a netns --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TcpSocket:
-    state: int
-    local_port: int
-    inode: int
-
-
-def read_tcp(netns_fd: int) -> list[TcpSocket]:
-    """TCP sockets of one netns from /proc/thread-self/net/tcp{,6} (this thread joins it briefly).
-
-    Cheaper than `ss` (no process), and independent of the container: the proxy's own
-    sockets in the pod count too, which is what idle detection wants.
-    """
-    out = []
-    with in_netns(netns_fd):
-        for name in ("tcp", "tcp6"):
-            try:
-                lines = Path(f"/proc/thread-self/net/{name}").read_text().splitlines()[1:]
-            except FileNotFoundError:
-                continue
-            for line in lines:
-                f = line.split()
-                out.append(TcpSocket(int(f[3], 16), int(f[1].rsplit(":", 1)[1], 16), int(f[9])))
-    return out
+StateListener = Callable[[str, "ScaleState | None", "ScaleState | None", str, "float | None"], None]
 
 
 # --- the scaler ------------------------------------------------------------------------------
@@ -198,12 +119,12 @@ def read_tcp(netns_fd: int) -> list[TcpSocket]:
 
 @dataclass
 class _Pod:
-    backend: Backend
+    spec: ScaledPod
     slot: int
-    netns: Netns
+    sockets: NetnsSockets  # sock_diag in the pod's netns: its connections and listeners
     link: NetnsLink
     proxy: PodProxy
-    state: PodState = PodState.RUNNING
+    state: ScaleState = ScaleState.RUNNING
     reason: str = ""
     ports: tuple[int, ...] = ()
     last_activity: float = field(default_factory=time.monotonic)
@@ -233,7 +154,7 @@ class Scaler:
         on_state: StateListener | None = None,
         node_addresses: Iterable[str] | None = None,
     ) -> None:
-        """node_addresses: where the kubelet's probes come from (Backend.probe); None = every
+        """node_addresses: where the kubelet's probes come from (ScaledPod.probe); None = every
         address of the network namespace the scaler runs in (the node's, in the agent), read at start."""
         self.runtime = runtime
         self.on_state = on_state
@@ -274,51 +195,52 @@ class Scaler:
         await self.activator.close()
         self.sk.close()
 
-    async def add(self, backend: Backend) -> None:
+    async def add(self, target: ScaledPod) -> None:
         """Opt a pod in: link sk_lookup into its netns and open the proxy's listeners there.
 
         The redirect stays off until the first checkpoint; a pod whose container is already
         checkpointed (an agent restart) gets it on at once.
         """
-        if backend.name in self.pods:
-            raise ValueError(f"{backend.name} is already managed")
+        if target.name in self.pods:
+            raise ValueError(f"{target.name} is already managed")
         slot = self.sk.alloc_slot()
-        netns = link = proxy = None
+        sockets = link = proxy = None
         try:
-            netns = Netns(backend.netns)
-            link = self.sk.attach(backend.netns)
-            proxy = await self.activator.add(backend.name, backend.netns, lambda: self.wake(backend.name),
-                                             hold_timeout=backend.restore_timeout, probe=backend.probe,
-                                             answer_probes=lambda: self._answers_probes(backend.name))
+            sockets = NetnsSockets(target.netns)
+            link = self.sk.attach(target.netns)
+            proxy = await self.activator.add(target.name, target.netns, lambda: self.wake(target.name),
+                                             hold_timeout=target.restore_timeout, probe=target.probe,
+                                             answer_probes=lambda: self._answers_probes(target.name))
             for family, sock in proxy.listeners.items():
                 self.sk.set_listener(slot, family, sock.fileno())
         except BaseException:
             if proxy is not None:
-                await self.activator.remove(backend.name)
+                await self.activator.remove(target.name)
             if link is not None:
                 link.close()
-            if netns is not None:
-                netns.close()
+            if sockets is not None:
+                sockets.close()
             self.sk.free_slot(slot)
             raise
-        pod = _Pod(backend, slot, netns, link, proxy, ports=backend.ports)
-        self.pods[backend.name] = pod
-        state = await asyncio.to_thread(self.runtime.state, backend.container_id)
-        if state.value in ("checkpointed", "failed"):
-            pod.ports = pod.ports or tuple(sorted(_meta_ports(self.runtime, backend.container_id)))
-            self.sk.set_ports(slot, backend.addresses, pod.ports)
+        pod = _Pod(target, slot, sockets, link, proxy, ports=target.ports)
+        self.pods[target.name] = pod
+        state = ScaleState.adopt(await asyncio.to_thread(self.runtime.state, target.container_id))
+        if state.parked:
+            if not pod.ports:
+                found = await asyncio.to_thread(self.runtime.listen_ports, target.container_id)
+                pod.ports = tuple(sorted(found))
+            self.sk.set_ports(slot, target.addresses, pod.ports)
             self.sk.set_redirect(slot, True)
-            self._set_state(pod, PodState.CHECKPOINTED if state.value == "checkpointed" else PodState.FAILED)
-        else:
-            self._set_state(pod, PodState.RUNNING)
-        log.info("%s: scale to zero on (container %s, idle %gs, slot %d)", backend.name,
-                 backend.container_id, backend.idle_timeout, slot)
+        self._set_state(pod, state)
+        log.info("%s: scale to zero on (container %s, idle %gs, slot %d)", target.name,
+                 target.container_id, target.idle_timeout, slot)
 
     def _answers_probes(self, name: str) -> bool:
         """Probes are answered for a pod that is (being) checkpointed or coming back, never for a
         failed one: a broken pod must not look healthy, its probe retries the restore instead."""
         pod = self.pods.get(name)
-        return pod is not None and pod.state in (PodState.CHECKPOINTING, PodState.CHECKPOINTED, PodState.RESTORING)
+        return pod is not None and pod.state in (ScaleState.CHECKPOINTING, ScaleState.CHECKPOINTED,
+                                                 ScaleState.RESTORING)
 
     async def remove(self, name: str, *, wake: bool = True) -> None:
         """Opt a pod out: restore it first (wake=True) so nothing stays frozen with no one to wake
@@ -327,7 +249,7 @@ class Scaler:
         pod = self.pods.get(name)
         if pod is None:
             return
-        if wake and pod.state != PodState.RUNNING:
+        if wake and pod.state != ScaleState.RUNNING:
             try:
                 await self.wake(name)
             except WakeError as e:
@@ -338,38 +260,38 @@ class Scaler:
         self.sk.free_slot(pod.slot)  # entries first: the program stops redirecting at once
         pod.link.close()
         await self.activator.remove(name)
-        pod.netns.close()
-        for state in PodState:
+        pod.sockets.close()
+        for state in ScaleState:
             with contextlib.suppress(KeyError):
                 self.metrics.state.remove(name, state.value)
         self._write_state(force=True)
         self._notify(name, pod.state, None, "")
 
-    async def reconcile(self, want: Mapping[str, Backend]) -> None:
+    async def reconcile(self, want: Mapping[str, ScaledPod]) -> None:
         """Manage exactly these pods: opt out the others (restoring them first), re-add changed
         ones, add new ones. A pod that cannot be managed is logged and skipped, not fatal."""
         for name, pod in list(self.pods.items()):
-            if want.get(name) != pod.backend:
+            if want.get(name) != pod.spec:
                 await self.remove(name)
-        for name, backend in want.items():
+        for name, target in want.items():
             if name not in self.pods:
                 try:
-                    await self.add(backend)
+                    await self.add(target)
                 except Exception as e:
                     log.error("%s: cannot manage: %s", name, e)
 
     # -- state ----------------------------------------------------------------------------------
 
-    def _set_state(self, pod: _Pod, state: PodState, reason: str = "", seconds: float | None = None) -> None:
+    def _set_state(self, pod: _Pod, state: ScaleState, reason: str = "", seconds: float | None = None) -> None:
         old = pod.state
         pod.state = state
         pod.reason = reason
-        for s in PodState:
-            self.metrics.state.labels(pod.backend.name, s.value).set(1 if s == state else 0)
+        for s in ScaleState:
+            self.metrics.state.labels(pod.spec.name, s.value).set(1 if s == state else 0)
         self._write_state(force=True)
-        self._notify(pod.backend.name, old, state, reason, seconds)
+        self._notify(pod.spec.name, old, state, reason, seconds)
 
-    def _notify(self, name: str, old: PodState | None, new: PodState | None, reason: str,
+    def _notify(self, name: str, old: ScaleState | None, new: ScaleState | None, reason: str,
                 seconds: float | None = None) -> None:
         if self.on_state is None:
             return
@@ -385,9 +307,9 @@ class Scaler:
             st = self.sk.stats(pod.slot)
             c = pod.proxy.counters
             out.append(PodStatus(
-                name=pod.backend.name, container=pod.backend.container_id, state=pod.state.value,
-                reason=pod.reason, slot=pod.slot, ports=list(pod.ports), addresses=list(pod.backend.addresses),
-                idle_timeout=pod.backend.idle_timeout, idle_for=round(now - pod.last_activity, 3),
+                name=pod.spec.name, container=pod.spec.container_id, state=pod.state.value,
+                reason=pod.reason, slot=pod.slot, ports=list(pod.ports), addresses=list(pod.spec.addresses),
+                idle_timeout=pod.spec.idle_timeout, idle_for=round(now - pod.last_activity, 3),
                 checkpoints=pod.checkpoints, restores=pod.restores, failures=pod.failures,
                 last_checkpoint_seconds=pod.last_checkpoint_seconds, last_restore_seconds=pod.last_restore_seconds,
                 redirect=self.sk.redirect(pod.slot), lookups=st.lookups, assigned=st.assigned,
@@ -419,11 +341,11 @@ class Scaler:
                 try:
                     await self._check_idle(pod)
                 except Exception:
-                    log.exception("%s: idle check failed", pod.backend.name)
+                    log.exception("%s: idle check failed", pod.spec.name)
             self._write_state()
 
     async def _check_idle(self, pod: _Pod) -> None:
-        if pod.state != PodState.RUNNING or pod.lock.locked():
+        if pod.state != ScaleState.RUNNING or pod.lock.locked():
             return
         now = time.monotonic()
         lookups = self._activity(pod)
@@ -431,28 +353,27 @@ class Scaler:
             pod.last_lookups = lookups
             pod.last_activity = now
             return
-        if now - pod.last_activity < pod.backend.idle_timeout:
+        if now - pod.last_activity < pod.spec.idle_timeout:
             return
         if await self._has_connections(pod):
             pod.last_activity = now
             return
-        await self.checkpoint(pod.backend.name)
+        await self.checkpoint(pod.spec.name)
 
     def _activity(self, pod: _Pod) -> int:
         """Connection attempts that count as use: with probe answering on, the kubelet's probes
         (from the node's own addresses) do not keep a pod awake while it runs either."""
         st = self.sk.stats(pod.slot)
-        return st.lookups - st.from_node if pod.backend.probe != PROBE_OFF else st.lookups
+        return st.lookups - st.from_node if pod.spec.probe != ProbeResponse.OFF else st.lookups
 
     async def _has_connections(self, pod: _Pod) -> bool:
-        socks = await asyncio.to_thread(read_tcp, pod.netns.fd)
-        proxy_ports = pod.proxy.listener_ports
-        ports = set(pod.ports) or {s.local_port for s in socks if s.state == TCP_LISTEN} - proxy_ports
-        return any(s.state in (TCP_ESTABLISHED, TCP_SYN_RECV) and s.local_port in ports for s in socks)
+        socks = await asyncio.to_thread(pod.sockets.tcp, ESTABLISHED | SYN_RECV | (0 if pod.ports else LISTEN))
+        ports = set(pod.ports) or {s.local_port for s in socks if s.state == TCP_LISTEN} - pod.proxy.listener_ports
+        return any(s.state != TCP_LISTEN and s.local_port in ports for s in socks)
 
     async def _listen_ports(self, pod: _Pod) -> set[int]:
-        socks = await asyncio.to_thread(read_tcp, pod.netns.fd)
-        return {s.local_port for s in socks if s.state == TCP_LISTEN} - pod.proxy.listener_ports
+        """The app's listening ports, from the netns (every 2 ms during a wake: no process, no runc)."""
+        return await asyncio.to_thread(pod.sockets.listening) - pod.proxy.listener_ports
 
     # -- checkpoint -----------------------------------------------------------------------------
 
@@ -460,36 +381,35 @@ class Scaler:
         """Checkpoint one running pod now; False (and still running) if it was not idle after all."""
         pod = self.pods[name]
         async with pod.lock:
-            if pod.state != PodState.RUNNING:
+            if pod.state != ScaleState.RUNNING:
                 return False
-            ports = tuple(sorted(pod.backend.ports or await self._listen_ports(pod)))
+            ports = tuple(sorted(pod.spec.ports or await self._listen_ports(pod)))
             if not ports:
                 log.warning("%s: not checkpointed: no listening ports, nothing could wake it", name)
                 pod.last_activity = time.monotonic()
                 return False
             pod.ports = ports
-            self._set_state(pod, PodState.CHECKPOINTING)
-            self.sk.set_ports(pod.slot, pod.backend.addresses, ports)
+            self._set_state(pod, ScaleState.CHECKPOINTING)
+            self.sk.set_ports(pod.slot, pod.spec.addresses, ports)
             self.sk.set_redirect(pod.slot, True)  # before the dump: new SYNs now wait in the proxy
             t0 = time.monotonic()
             try:
-                await asyncio.to_thread(self.runtime.checkpoint, pod.backend.container_id)
+                await asyncio.to_thread(self.runtime.checkpoint, pod.spec.container_id)
             except RuntimeDriverError as e:
                 self.sk.set_redirect(pod.slot, False)
                 pod.last_activity = time.monotonic()
-                label = classify(e.reason)
-                self.metrics.checkpoints.labels(name, "not_idle" if label in ("in_flight", "established")
-                                                else "failed").inc()
-                self.metrics.failures.labels("checkpoint", label).inc()
-                level = logging.INFO if isinstance(e, CheckpointError) and label != "criu_error" else logging.WARNING
+                self.metrics.checkpoints.labels(name, "not_idle" if e.kind.not_idle else "failed").inc()
+                self.metrics.failures.labels("checkpoint", e.kind).inc()
+                level = (logging.INFO if isinstance(e, CheckpointError) and e.kind != FailureKind.CRIU_ERROR
+                         else logging.WARNING)
                 log.log(level, "%s: checkpoint refused, stays running: %s", name, e.reason)
-                self._set_state(pod, PodState.RUNNING)
+                self._set_state(pod, ScaleState.RUNNING)
                 return False
             pod.last_checkpoint_seconds = time.monotonic() - t0
             pod.checkpoints += 1
             self.metrics.checkpoint_seconds.observe(pod.last_checkpoint_seconds)
             self.metrics.checkpoints.labels(name, "ok").inc()
-            self._set_state(pod, PodState.CHECKPOINTED, seconds=pod.last_checkpoint_seconds)
+            self._set_state(pod, ScaleState.CHECKPOINTED, seconds=pod.last_checkpoint_seconds)
             log.info("%s: checkpointed in %.3f s (ports %s)", name, pod.last_checkpoint_seconds, list(ports))
             return True
 
@@ -504,38 +424,37 @@ class Scaler:
         pod = self.pods.get(name)
         if pod is None:
             raise WakeError(f"{name} is not managed by the scaler", "unknown_pod")
-        if pod.state == PodState.RUNNING and not pod.lock.locked():
+        if pod.state == ScaleState.RUNNING and not pod.lock.locked():
             return
         if pod.wake_future is None or pod.wake_future.done():
             pod.wake_future = asyncio.ensure_future(self._wake(pod))
         await asyncio.shield(pod.wake_future)
 
     async def _wake(self, pod: _Pod) -> None:
-        name = pod.backend.name
+        name = pod.spec.name
         async with pod.lock:  # waits for a dump in progress to end, one way or the other
-            if pod.state == PodState.RUNNING:
+            if pod.state == ScaleState.RUNNING:
                 return
             self.metrics.wakes.labels(name).inc()
-            self._set_state(pod, PodState.RESTORING)
+            self._set_state(pod, ScaleState.RESTORING)
             t0 = time.monotonic()
             try:
-                await asyncio.to_thread(self.runtime.restore, pod.backend.container_id)
+                await asyncio.to_thread(self.runtime.restore, pod.spec.container_id)
                 await self._wait_listening(pod)
             except (RuntimeDriverError, WakeError) as e:
                 reason = e.reason
                 pod.failures += 1
-                label = classify(reason)
-                self.metrics.failures.labels("restore", label).inc()
+                self.metrics.failures.labels("restore", e.kind).inc()
                 log.error("%s: restore failed: %s", name, reason)
-                self._set_state(pod, PodState.FAILED, reason)  # the redirect stays on: the next SYN retries
-                raise WakeError(reason, label) from e
+                self._set_state(pod, ScaleState.FAILED, reason)  # the redirect stays on: the next SYN retries
+                raise WakeError(reason, e.kind) from e
             self.sk.set_redirect(pod.slot, False)  # the flip: new SYNs go straight to the app
             pod.last_restore_seconds = time.monotonic() - t0
             pod.restores += 1
             pod.last_activity = time.monotonic()
             pod.last_lookups = self._activity(pod)
             self.metrics.restore_seconds.observe(pod.last_restore_seconds)
-            self._set_state(pod, PodState.RUNNING, seconds=pod.last_restore_seconds)
+            self._set_state(pod, ScaleState.RUNNING, seconds=pod.last_restore_seconds)
             log.info("%s: restored and listening in %.3f s", name, pod.last_restore_seconds)
 
     async def _wait_listening(self, pod: _Pod) -> None:
@@ -548,16 +467,8 @@ class Scaler:
                 return
             if time.monotonic() > deadline:
                 raise WakeError(f"restored, but ports {sorted(want - have)} not listening after "
-                                f"{self.ready_timeout:g} s", "not_listening")
+                                f"{self.ready_timeout:g} s", FailureKind.NOT_LISTENING)
             await asyncio.sleep(0.002)
-
-
-def _meta_ports(runtime: ContainerRuntime, container_id: str) -> set[int]:
-    """Ports a checkpointed container listened on, if the runtime recorded them (RuncRuntime does)."""
-    read = getattr(runtime, "_read_meta", None)
-    if read is None:
-        return set()
-    return {int(p) for p in read(container_id).get("listen_ports") or []}
 
 
 class ScalerThread:
@@ -608,69 +519,3 @@ class ScalerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
-
-
-def container_id(namespace: str, name: str) -> str:
-    """The RuncRuntime container id of a pod's backend container (runc allows [A-Za-z0-9_.+-])."""
-    return f"{namespace}.{name}"
-
-
-def container_netns(runtime_dir: Path, cid: str) -> Path | None:
-    """The network namespace a RuncRuntime container joins, from its OCI bundle (None: no such container)."""
-    try:
-        config = json.loads((runtime_dir / "containers" / cid / "bundle" / "config.json").read_text())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return None
-    for ns in config.get("linux", {}).get("namespaces", []):
-        if ns.get("type") == "network" and ns.get("path"):
-            return Path(ns["path"])
-    return None
-
-
-def node_backends(pods: Iterable[Any], node_name: str, runtime_dir: Path) -> tuple[dict[str, Backend], list[str]]:
-    """The Backends of this node's opted-in pods (translated PodInfo) whose containers live in a
-    RuncRuntime directory under the id ``<namespace>.<pod>``; and every problem (bad annotations,
-    an opted-in pod without its container), one line each, naming the pod.
-
-    This is where a containerd integration would differ: it would find the pod's container and
-    netns through the CRI instead of a runtime directory.
-    """
-    want: dict[str, Backend] = {}
-    problems: list[str] = []
-    for pod in pods:
-        if pod.node_name != node_name or pod.terminating:
-            continue
-        cid = container_id(pod.namespace, pod.name)
-        netns = container_netns(runtime_dir, cid)
-        backend, bad = backend_for_pod(pod, cid, netns or Path("/nonexistent"))
-        problems += bad
-        if backend is None:
-            continue
-        if netns is None:
-            problems.append(f"{backend.name}: opted in, but there is no container {cid} in {runtime_dir}")
-            continue
-        want[backend.name] = backend
-    return want, problems
-
-
-def backend_for_pod(pod: Any, container_id: str, netns: Path) -> tuple[Backend | None, list[str]]:
-    """A Backend for a translated pod (controlplane.translate.PodInfo) if it opted in.
-
-    Returns the problems with its annotations too (they name the pod and the annotation); a pod
-    with a bad value is left running.
-    """
-    from controlplane import annotations
-
-    name = f"{pod.namespace}/{pod.name}"
-    cfg, problems = annotations.parse(dict(pod.annotations), name)
-    if cfg is None:
-        return None, problems
-    return Backend(
-        name=name,
-        container_id=container_id,
-        netns=netns,
-        addresses=tuple(str(ip) for ip in pod.ips),
-        idle_timeout=cfg.idle_timeout,
-        restore_timeout=cfg.restore_timeout,
-        probe=cfg.probe_response,
-    ), problems

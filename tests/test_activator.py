@@ -32,7 +32,7 @@ from dataplane import bpfsys
 from dataplane.netns import in_netns
 from scaletozero import sklookup
 from scaletozero.activator import Activator, PodProxy
-from scaletozero.scaler import classify
+from scaletozero.state import ProbeResponse
 from testbed.bed import Pod, TestBed
 
 PORT = 9000
@@ -364,13 +364,13 @@ def test_fifty_concurrent_held_connections_complete_without_retransmits(h: Harne
 KUBE_PROBE = b"GET /healthz HTTP/1.1\r\nHost: app\r\nUser-Agent: kube-probe/1.34\r\nConnection: close\r\n\r\n"
 
 
-def probing(h: Harness, mode: str) -> None:
+def probing(h: Harness, mode: ProbeResponse) -> None:
     h.proxy.probe = mode
     h.activator.set_node_addresses([h.client.ip4, h.client.ip6])
 
 
 def test_http_probe_from_the_node_is_answered_and_wakes_nothing(h: Harness) -> None:
-    probing(h, "http")
+    probing(h, ProbeResponse.HTTP)
     s = h.connect()
     s.sendall(KUBE_PROBE)
     assert read_to_eof(s) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -383,7 +383,7 @@ def test_http_probe_from_the_node_is_answered_and_wakes_nothing(h: Harness) -> N
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_tcp_probe_from_the_node_is_closed_with_a_fin(h: Harness, family: int) -> None:
-    probing(h, "tcp")
+    probing(h, ProbeResponse.TCP)
     s = h.connect(family)
     assert s.recv(16) == b""  # a FIN (a reset would raise)
     s.close()
@@ -396,7 +396,7 @@ def test_tcp_probe_from_the_node_is_closed_with_a_fin(h: Harness, family: int) -
     KUBE_PROBE + b"more",  # a probe head with bytes after it: they are the app's
 ])
 def test_other_bytes_from_the_node_wake_and_reach_the_app_in_full(h: Harness, first: bytes) -> None:
-    probing(h, "http")
+    probing(h, ProbeResponse.HTTP)
     h.open_gate()
     s = h.connect()
     rest = os.urandom(100_000)
@@ -409,7 +409,7 @@ def test_other_bytes_from_the_node_wake_and_reach_the_app_in_full(h: Harness, fi
 
 
 def test_an_unfinished_head_wakes_after_the_read_timeout_and_loses_nothing(h: Harness) -> None:
-    probing(h, "http")
+    probing(h, ProbeResponse.HTTP)
     h.open_gate()
     s = h.connect()
     s.sendall(b"GET /slow HTTP/1.1\r\n")  # a head that does not end within PROBE_READ_TIMEOUT
@@ -422,7 +422,7 @@ def test_an_unfinished_head_wakes_after_the_read_timeout_and_loses_nothing(h: Ha
 
 
 def test_probes_from_other_addresses_or_while_not_allowed_wake(h: Harness) -> None:
-    h.proxy.probe = "http"
+    h.proxy.probe = ProbeResponse.HTTP
     h.activator.set_node_addresses(["192.0.2.1"])  # not the client
     h.open_gate()
     s = h.connect()
@@ -430,7 +430,7 @@ def test_probes_from_other_addresses_or_while_not_allowed_wake(h: Harness) -> No
     s.shutdown(socket.SHUT_WR)
     assert read_to_eof(s) == KUBE_PROBE  # the echo app answered: it was relayed
     s.close()
-    probing(h, "http")
+    probing(h, ProbeResponse.HTTP)
     h.proxy.answer_probes = lambda: False  # what the scaler says for a failed pod
     h.sk.set_redirect(h.slot, True)
     s = h.connect()
@@ -475,15 +475,3 @@ def test_annotations(given: dict[str, str], expect: annotations.ScaleToZero | No
         assert len(problems) == 1 and problem in problems[0] and problems[0].startswith("default/web: ")
     else:
         assert problems == []
-
-
-@pytest.mark.parametrize(("reason", "label"), [
-    ("no checkpoint images for 'web': .../inventory.img is missing", "no_images"),
-    ("runc checkpoint web failed: ...; CRIU: Error (criu/sk-inet.c): In-flight connection", "in_flight"),
-    ("CRIU: Error (criu/sk-inet.c:1059): inet: Can't bind inet socket: Address already in use", "addr_in_use"),
-    ("runc restore web: timed out after 120 s", "timeout"),
-    ("runc restore web failed: criu failed: type NOTIFY", "criu_error"),
-    ("something else", "other"),
-])
-def test_failure_reasons_become_bounded_labels(reason: str, label: str) -> None:
-    assert classify(reason) == label

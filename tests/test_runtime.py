@@ -21,15 +21,17 @@ from pathlib import Path
 import pytest
 
 from dataplane.netns import in_netns
+from scaletozero.runc import RuncRuntime, failure
 from scaletozero.runtime import (
     CRIU_CONFIG_ANNOTATION,
     CheckpointError,
     ContainerNotFound,
     ContainerSpec,
+    FailureKind,
     RestoreError,
-    RuncRuntime,
-    State,
+    cgroup_mounts,
 )
+from scaletozero.state import ContainerState
 from testbed import rootfs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,19 +90,9 @@ def runtime(criu: Path, tmp_path: Path) -> Iterator[RuncRuntime]:
     finally:
         rt.delete_all()
         leftovers = [
-            m / rt.cgroup_parent.lstrip("/") for m in _cgroup_roots() if (m / rt.cgroup_parent.lstrip("/")).exists()
+            m / rt.cgroup_parent.lstrip("/") for m in cgroup_mounts() if (m / rt.cgroup_parent.lstrip("/")).exists()
         ]
         assert not leftovers, f"cgroups left behind: {leftovers}"
-
-
-def _cgroup_roots() -> list[Path]:
-    roots = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            if post.split(" ", 1)[0] in ("cgroup", "cgroup2"):
-                roots.append(Path(pre.split()[4]))
-    return roots
 
 
 def curl(pod: Pod, path: str = "/") -> subprocess.CompletedProcess[str]:
@@ -213,6 +205,7 @@ def test_bundle_uses_pod_netns_own_pid_ns_pipes_and_network_lock_skip(
     config = json.loads((cdir / "bundle" / "config.json").read_text())
     namespaces = {ns["type"]: ns.get("path") for ns in config["linux"]["namespaces"]}
     assert namespaces["network"] == str(pod.path)
+    assert runtime.netns("web") == pod.path and runtime.netns("nope") is None
     assert "pid" in namespaces and namespaces["pid"] is None
     assert config["process"]["terminal"] is False
     criu_conf = Path(config["annotations"][CRIU_CONFIG_ANNOTATION])
@@ -232,15 +225,17 @@ def test_bundle_uses_pod_netns_own_pid_ns_pipes_and_network_lock_skip(
 def test_checkpoint_restore_three_times(runtime: RuncRuntime, pod: Pod, tmp_path: Path) -> None:
     runtime.run(busybox_spec(tmp_path, pod))
     wait_listening(pod)
-    assert runtime.state("web") == State.RUNNING
+    assert runtime.state("web") == ContainerState.RUNNING
     assert_serves(pod)
 
     for _ in range(3):
         pid = runtime.pid("web")
         assert pid is not None
+        assert runtime.listen_ports("web") == {PORT}  # read from its processes
         images = runtime.checkpoint("web")
 
-        assert runtime.state("web") == State.CHECKPOINTED
+        assert runtime.state("web") == ContainerState.CHECKPOINTED
+        assert runtime.listen_ports("web") == {PORT}  # recorded at the dump: what a scaler must catch
         assert runtime.pid("web") is None
         assert not process_alive(pid)
         assert (images / "inventory.img").is_file()
@@ -250,7 +245,7 @@ def test_checkpoint_restore_three_times(runtime: RuncRuntime, pod: Pod, tmp_path
         assert curl(pod).returncode == 7
 
         runtime.restore("web")
-        assert runtime.state("web") == State.RUNNING
+        assert runtime.state("web") == ContainerState.RUNNING
         new_pid = runtime.pid("web")
         assert new_pid is not None and process_alive(new_pid)
         assert os.readlink(f"/proc/{new_pid}/ns/net") == f"net:[{pod.path.stat().st_ino}]"
@@ -273,8 +268,9 @@ def test_restore_without_images_fails_clearly_then_state_is_failed(
 
     with pytest.raises(RestoreError, match="no checkpoint images") as exc:
         runtime.restore("web")
+    assert exc.value.kind == FailureKind.NO_IMAGES
     assert str(images) in str(exc.value)
-    assert runtime.state("web") == State.FAILED
+    assert runtime.state("web") == ContainerState.FAILED
     assert "no checkpoint images" in runtime.reason("web")
     assert runtime.pid("web") is None
     assert curl(pod).returncode == 7
@@ -297,14 +293,15 @@ def test_restore_failure_carries_criu_error_and_can_be_retried(runtime: RuncRunt
     finally:
         squatter.close()
     err = exc.value
+    assert err.kind == FailureKind.ADDR_IN_USE
     assert "Address already in use" in err.reason
     assert "CRIU: Error (" in err.reason
     assert "Address already in use" in err.log_tail and err.log_tail in str(err)
-    assert runtime.state("web") == State.FAILED
+    assert runtime.state("web") == ContainerState.FAILED
     assert "Address already in use" in runtime.reason("web")
 
     runtime.restore("web")
-    assert runtime.state("web") == State.RUNNING
+    assert runtime.state("web") == ContainerState.RUNNING
     assert runtime.reason("web") == ""
     assert_serves(pod)
 
@@ -322,8 +319,9 @@ def test_established_connection_needs_tcp_established(runtime: RuncRuntime, pod:
     finally:
         conn.close()
     assert "CRIU: Error (" in exc.value.reason
+    assert exc.value.kind == FailureKind.ESTABLISHED and exc.value.kind.not_idle
     assert "tcp-established" in exc.value.log_tail
-    assert runtime.state("web") == State.RUNNING
+    assert runtime.state("web") == ContainerState.RUNNING
     assert not (runtime.base_dir / "containers/web/checkpoint").exists()
     assert_serves(pod)
 
@@ -336,7 +334,7 @@ def test_tcp_established_connection_survives_checkpoint(runtime: RuncRuntime, po
     try:
         wait_accepted(pod)
         runtime.checkpoint("web")
-        assert runtime.state("web") == State.CHECKPOINTED
+        assert runtime.state("web") == ContainerState.CHECKPOINTED
         runtime.restore("web")
         # The request goes over the connection opened before the dump.
         conn.sendall(f"GET / HTTP/1.0\r\nHost: {POD_IP}\r\n\r\n".encode())
@@ -365,7 +363,7 @@ def test_listener_without_reuseaddr_restores_despite_time_wait(runtime: RuncRunt
         assert f"{POD_IP}:{PORT} " in ss(pod.path, "state", "time-wait")
         runtime.checkpoint("py")
         runtime.restore("py")
-        assert runtime.state("py") == State.RUNNING
+        assert runtime.state("py") == ContainerState.RUNNING
     assert_serves(pod)
 
 
@@ -423,7 +421,7 @@ def test_app_holding_a_reset_connection_restores(runtime: RuncRuntime, pod: Pod,
 
     runtime.checkpoint("holder")
     runtime.restore("holder")
-    assert runtime.state("holder") == State.RUNNING
+    assert runtime.state("holder") == ContainerState.RUNNING
     assert http_get_until_server_closes(pod) == (200, BODY)
 
 
@@ -448,7 +446,8 @@ def test_dump_refuses_connection_waiting_in_accept_queue(runtime: RuncRuntime, p
         with pytest.raises(CheckpointError) as exc:
             runtime.checkpoint("lazy")
         assert "In-flight connection" in exc.value.reason
-        assert runtime.state("lazy") == State.RUNNING
+        assert exc.value.kind == FailureKind.IN_FLIGHT and exc.value.kind.not_idle
+        assert runtime.state("lazy") == ContainerState.RUNNING
         # ... and the queued connection is still there for the app to accept.
         assert ss(pod.path, "state", "listening", "sport", "=", f":{PORT}").split()[0] == "1"
     finally:
@@ -458,8 +457,9 @@ def test_dump_refuses_connection_waiting_in_accept_queue(runtime: RuncRuntime, p
 def test_wrong_state_and_unknown_container(runtime: RuncRuntime, pod: Pod, tmp_path: Path) -> None:
     runtime.run(busybox_spec(tmp_path, pod))
     wait_listening(pod)
-    with pytest.raises(RestoreError, match="it is running"):
+    with pytest.raises(RestoreError, match="it is running") as exc:
         runtime.restore("web")
+    assert exc.value.kind == FailureKind.OTHER
     runtime.checkpoint("web")
     with pytest.raises(CheckpointError, match="it is checkpointed"):
         runtime.checkpoint("web")
@@ -489,7 +489,7 @@ def test_cgroup_parent_inside_someone_elses_subtree(criu: Path, pod: Pod, tmp_pa
     The container must be in that subtree before and after a restore, and teardown removes
     only the directories runc made, never the owner's.
     """
-    v2 = next(m for m in _cgroup_roots() if (m / "cgroup.controllers").exists())
+    v2 = next(m for m in cgroup_mounts() if (m / "cgroup.controllers").exists())
     owner = v2 / f"zeroproxy-test-owner-{uuid.uuid4().hex[:8]}"
     owner.mkdir()
     parent = f"/{owner.name}/node1/containers"
@@ -507,9 +507,36 @@ def test_cgroup_parent_inside_someone_elses_subtree(criu: Path, pod: Pod, tmp_pa
         rt.delete_all()
         assert owner.is_dir()
         assert not [p for p in owner.iterdir() if p.is_dir()]
-        assert not [m for m in _cgroup_roots() if m != v2 and (m / owner.name).exists()]
+        assert not [m for m in cgroup_mounts() if m != v2 and (m / owner.name).exists()]
     finally:
         rt.delete_all()
         for d in sorted((p for p in owner.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             d.rmdir()
         owner.rmdir()
+
+
+# --- the one parser of runc's and CRIU's output (pure) ----------------------------------------
+
+RUNC_CRIU_FAILED = 'time="2026-01-01T00:00:00Z" level=error msg="criu failed: type NOTIFY errno 0\\nlog file: /x.log"'
+RLIMIT = "(00.001) Error (criu/cr-restore.c:1): setrlimit RLIMIT_NOFILE: rlimit Operation not permitted\n"
+
+
+@pytest.mark.parametrize(("runc_log", "criu_log", "kind"), [
+    (RUNC_CRIU_FAILED, RLIMIT + "(00.1) Error (criu/sk-inet.c:1): inet: In-flight connection (l) for 10.0.0.2:80\n",
+     FailureKind.IN_FLIGHT),
+    (RUNC_CRIU_FAILED, "(00.1) Error (criu/sk-tcp.c:1): tcp: Connected TCP socket, consider using --tcp-established "
+     "option.\n", FailureKind.ESTABLISHED),
+    (RUNC_CRIU_FAILED, "(00.1) Error (criu/sk-inet.c:1059): inet: Can't bind inet socket (id 18): Address already in "
+     "use\n(00.2) Error (criu/cr-restore.c:2): Restoring FAILED.\n", FailureKind.ADDR_IN_USE),
+    (RUNC_CRIU_FAILED, "", FailureKind.CRIU_ERROR),  # runc says CRIU failed; no log to say why
+    (RUNC_CRIU_FAILED, RLIMIT + "(00.1) Error (criu/files.c:1): Can't open vdso\n", FailureKind.CRIU_ERROR),
+    ('time="x" level=error msg="container \\"web\\" does not exist"', "", FailureKind.OTHER),
+])
+def test_failure_line_and_kind(runc_log: str, criu_log: str, kind: FailureKind) -> None:
+    reason, got = failure("runc restore web", "", runc_log, criu_log)
+    assert got == kind
+    assert reason.startswith("runc restore web failed: ") and "\n" not in reason
+    first = next((line for line in criu_log.splitlines() if "Error (" in line and "rlimit" not in line), None)
+    if first is not None:  # CRIU's first real error is quoted, never the harmless rlimit one
+        assert reason.endswith("; CRIU: " + first[first.index("Error ("):])
+    assert "rlimit" not in reason

@@ -32,7 +32,9 @@ from kubernetes import client
 
 from controlplane import annotations
 from dataplane import inspect
-from scaletozero.runtime import ContainerSpec, RuncRuntime, State
+from scaletozero.runc import RuncRuntime
+from scaletozero.runtime import ContainerSpec
+from scaletozero.state import ContainerState
 from testbed import rootfs
 from testbed.bed import CGROUP_DIR_PREFIX, Pod, TestBed, wait_until
 from testbed.devcluster import DevCluster
@@ -185,7 +187,7 @@ def test_agent_checkpoints_publishes_and_routes_to_running_endpoints(world: Worl
 
     # 1. web-1 goes idle: checkpointed by the agent, published on the Pod with an Event
     wait_until(lambda: w.label("web-1") == "checkpointed", "web-1 labelled checkpointed", detail=log)
-    assert w.runtime.state(w.cid("web-1")) == State.CHECKPOINTED
+    assert w.runtime.state(w.cid("web-1")) == ContainerState.CHECKPOINTED
     assert w.label("web-2") is None  # not opted in: never labelled
     uid = w.pod("web-1")["metadata"]["uid"]
     event = wait_until(lambda: [e for e in w.events("web-1") if e["reason"] == "Checkpointed"], "Checkpointed event",
@@ -200,7 +202,7 @@ def test_agent_checkpoints_publishes_and_routes_to_running_endpoints(world: Worl
         assert (r["status"], r["body"], r["retrans"]) == (200, "hello from web-2\n", 0)
     st = w.status()[f"{w.ns}/web-1"]
     assert st["state"] == "checkpointed" and st["restores"] == 0 and st["accepted"] == 0
-    assert w.runtime.state(w.cid("web-1")) == State.CHECKPOINTED
+    assert w.runtime.state(w.cid("web-1")) == ContainerState.CHECKPOINTED
 
     # 3. web-2 opts in too: both checkpointed, so both are programmed, and a connection wakes one
     _json(w.core.patch_namespaced_pod("web-2", w.ns, {"metadata": {"annotations": annotations.annotate("1s")}},

@@ -21,11 +21,14 @@ from typing import Any
 import pytest
 
 from controlplane import annotations
+from controlplane.scaling import scaled_pod
 from controlplane.translate import PodInfo, translate
 from dataplane import tc
 from scaletozero.activator import PROBE_HEAD_LIMIT, probe_verdict
-from scaletozero.runtime import ContainerSpec, RuncRuntime, State
-from scaletozero.scaler import PodStatus, ScalerThread, backend_for_pod
+from scaletozero.runc import RuncRuntime
+from scaletozero.runtime import ContainerSpec
+from scaletozero.scaler import PodStatus, ScalerThread
+from scaletozero.state import ContainerState, ProbeResponse
 from testbed import k8sobjects, rootfs
 from testbed.bed import CGROUP_DIR_PREFIX, Host, Pod, TestBed, wait_until
 
@@ -100,9 +103,9 @@ class Bed:
         self.scaler = ScalerThread(self.runtime, poll_interval=0.1, node_addresses=node_addresses)
         pods: dict[Any, PodInfo] = translate([self.pod_object(p, MODES[n]) for n, p in self.web.items()]).pods
         for info in pods.values():
-            backend, problems = backend_for_pod(info, info.name, self.web[info.name].netns_path)
+            backend, problems = scaled_pod(info, info.name, self.web[info.name].netns_path)
             assert not problems and backend is not None, problems
-            assert backend.probe == (MODES[info.name] or "off")
+            assert backend.probe == ProbeResponse(MODES[info.name] or "off")
             self.scaler.call(self.scaler.scaler.add, backend)
 
     def status(self, name: str) -> PodStatus:
@@ -111,7 +114,7 @@ class Bed:
 
     def checkpointed(self, name: str) -> PodStatus:
         wait_until(lambda: self.status(name).state == "checkpointed", f"{name} checkpointed")
-        assert self.runtime.state(name) == State.CHECKPOINTED
+        assert self.runtime.state(name) == ContainerState.CHECKPOINTED
         assert pids_in_netns(self.web[name]) == []
         return self.status(name)
 
@@ -153,7 +156,7 @@ def test_http_probe_from_the_node_is_answered_without_a_wake(bed: Bed) -> None:
     after = bed.status("web-http")
     assert (after.state, after.restores, after.probes) == ("checkpointed", before.restores, before.probes + 1)
     assert after.accepted == before.accepted + 1 and after.relayed == before.relayed
-    assert bed.runtime.state("web-http") == State.CHECKPOINTED
+    assert bed.runtime.state("web-http") == ContainerState.CHECKPOINTED
     assert pids_in_netns(bed.web["web-http"]) == []
     m = bed.scaler.scaler.metrics  # type: ignore[union-attr]
     assert m.registry.get_sample_value("zeroproxy_s2z_probes_answered_total",
@@ -281,7 +284,7 @@ def test_probe_response_annotation() -> None:
     cfg, problems = annotations.parse({**annotations.annotate(), annotations.PROBE_RESPONSE: " HTTP "})
     assert problems == [] and cfg is not None and cfg.probe_response == "http"
     cfg, problems = annotations.parse(annotations.annotate())
-    assert problems == [] and cfg is not None and cfg.probe_response == annotations.PROBE_OFF
+    assert problems == [] and cfg is not None and cfg.probe_response == ProbeResponse.OFF
     cfg, problems = annotations.parse({**annotations.annotate(), annotations.PROBE_RESPONSE: "grpc"}, "ns/p")
     assert cfg is None and problems == ['ns/p: annotation zeroproxy.io/probe-response=\'grpc\': expected one of '
                                         '"off", "tcp", "http"']

@@ -23,7 +23,9 @@ import pytest
 
 from controlplane import annotations
 from dataplane import inspect
-from scaletozero.runtime import ContainerSpec, RuncRuntime, State
+from scaletozero.runc import RuncRuntime
+from scaletozero.runtime import ContainerSpec
+from scaletozero.state import ContainerState
 from testbed import k8sobjects, rootfs
 from testbed.bed import CGROUP_DIR_PREFIX, TestBed, wait_until
 from testbed.k8sobjects import endpoint_slice, service
@@ -67,7 +69,7 @@ def test_file_source_label_and_local_state_choose_running_endpoints(criu: Path, 
                                      "--s2z-cgroup-parent", parent, "--scale-state-file", str(state_file)])
     ip = {name: f"{pod.ip4}:{PORT}" for name, pod in web.items()}
 
-    def objects(web2_state: str) -> list[dict[str, Any]]:
+    def objects(web2_state: str, web1_idle: str = "1s") -> list[dict[str, Any]]:
         body = endpoint_slice("web", [p.ip4 for p in web.values()], [{"name": "http", "port": PORT,
                                                                        "protocol": "TCP"}], node_name="a")
         for ep, name in zip(body["endpoints"], web, strict=True):
@@ -75,7 +77,7 @@ def test_file_source_label_and_local_state_choose_running_endpoints(criu: Path, 
         return [service("web", [VIP], [{"name": "http", "port": 80, "targetPort": PORT, "protocol": "TCP"}]), body,
                 # web-1: this node's opted-in pod, no label (the file source has no publisher)
                 k8sobjects.pod("web-1", "a", [web["web-1"].ip4, web["web-1"].ip6],
-                               annotations=annotations.annotate(idle_timeout="1s")),
+                               annotations=annotations.annotate(idle_timeout=web1_idle)),
                 # web-2: "another node's" pod whose scaler published a state (nodeName b)
                 k8sobjects.pod("web-2", "b", [web["web-2"].ip4, web["web-2"].ip6],
                                labels={annotations.STATE: web2_state} if web2_state else None)]
@@ -94,12 +96,16 @@ def test_file_source_label_and_local_state_choose_running_endpoints(criu: Path, 
             fs = rootfs.build_busybox_rootfs(tmp_path / f"rootfs-{name}", {"/www/index.html": f"hello from {name}\n"})
             runtime.run(ContainerSpec(id=f"default.{name}", rootfs=fs.path, args=rootfs.httpd_command(PORT),
                                       netns=pod.netns_path, rootfs_mounts=fs.mounts))
-        agent.write(objects("checkpointed"))
+        # web-1 opted in but far from idle, web-2 labelled checkpointed: only web-1 is programmed
+        agent.write(objects("checkpointed", web1_idle="1h"))
         agent.start()
-        # web-2 labelled checkpointed, web-1 running: only web-1 (until it goes idle itself)
-        assert programmed() in ([ip["web-1"]], sorted(ip.values())), agent.log_text()[-3000:]
+        wait_until(lambda: status().get("state") == "running", "web-1 managed", detail=agent.log_text)
+        assert programmed() == [ip["web-1"]], agent.log_text()[-3000:]
+        # web-1's idle timeout drops to 1 s (the scaler re-adds it) and it is checkpointed
+        agent.write(objects("checkpointed"))
+        wait_until(lambda: status().get("idle_timeout") == 1.0, "web-1 re-added with 1s", detail=agent.log_text)
         wait_until(lambda: status().get("state") == "checkpointed", "web-1 checkpointed", detail=agent.log_text)
-        assert runtime.state("default.web-1") == State.CHECKPOINTED
+        assert runtime.state("default.web-1") == ContainerState.CHECKPOINTED
         # both parked now (web-1 by the agent's own state, web-2 by its label): both programmed
         wait_until(lambda: programmed() == sorted(ip.values()), "both programmed", detail=agent.log_text)
 
@@ -110,7 +116,7 @@ def test_file_source_label_and_local_state_choose_running_endpoints(criu: Path, 
         assert bodies == {"hello from web-2\n"}
         st = status()
         assert (st["state"], st["restores"], st["accepted"]) == ("checkpointed", 0, 0)
-        assert runtime.state("default.web-1") == State.CHECKPOINTED
+        assert runtime.state("default.web-1") == ContainerState.CHECKPOINTED
     finally:
         try:
             agent.close()

@@ -15,6 +15,8 @@ import yaml
 
 from controlplane import annotations
 from controlplane.changes import SCALE_STATE_PODS, ChangeTracker
+from controlplane.scaling import publication
+from scaletozero.state import LABELS, ScaleState
 from testbed.k8sobjects import endpoint_slice, service
 
 PORTS = [{"name": "http", "port": 8080, "protocol": "TCP"}]
@@ -84,10 +86,10 @@ def test_the_local_scaler_wins_over_the_label_and_slices_follow_their_pods() -> 
     t.upsert("Pod", pod("a", "checkpointed"))  # this node's watch (or the file) carries the label
     assert sync(t) == {("default", "web")}
     assert backends_of(t, "10.96.0.1") == ["10.244.0.2:8080"]
-    assert t.set_local_state("default", "a", annotations.STATE_RUNNING)  # restored; label not back yet
+    assert t.set_local_state("default", "a", ScaleState.RUNNING.label)  # restored; label not back yet
     assert sync(t) == {("default", "web")}
     assert backends_of(t, "10.96.0.1") == ["10.244.0.1:8080", "10.244.0.2:8080"]
-    assert not t.set_local_state("default", "a", annotations.STATE_RUNNING)  # no change, nothing to do
+    assert not t.set_local_state("default", "a", ScaleState.RUNNING.label)  # no change, nothing to do
     assert t.set_local_state("default", "a", None)  # the scaler let go: the label counts again
     assert sync(t) == {("default", "web")}
     assert backends_of(t, "10.96.0.1") == ["10.244.0.2:8080"]
@@ -134,20 +136,26 @@ def test_file_source_objects_with_the_label() -> None:
 
 
 def test_publication_of_state_changes() -> None:
-    from scaletozero.scaler import PodState, publication
-
-    assert publication(PodState.RUNNING, PodState.CHECKPOINTING) == ("running", None)
-    label, event = publication(PodState.CHECKPOINTING, PodState.CHECKPOINTED, seconds=0.2)
+    assert publication(ScaleState.RUNNING, ScaleState.CHECKPOINTING) == ("running", None)
+    label, event = publication(ScaleState.CHECKPOINTING, ScaleState.CHECKPOINTED, seconds=0.2)
     assert label == "checkpointed" and event is not None and event[0] == "Checkpointed" and "0.200 s" in event[1]
-    assert publication(PodState.CHECKPOINTING, PodState.RUNNING) == ("running", None)  # dump refused: not idle
-    assert publication(PodState.CHECKPOINTED, PodState.RESTORING) == ("restoring", None)
-    label, event = publication(PodState.RESTORING, PodState.RUNNING, seconds=0.1)
+    assert publication(ScaleState.CHECKPOINTING, ScaleState.RUNNING) == ("running", None)  # dump refused: not idle
+    assert publication(ScaleState.CHECKPOINTED, ScaleState.RESTORING) == ("restoring", None)
+    label, event = publication(ScaleState.RESTORING, ScaleState.RUNNING, seconds=0.1)
     assert label == "running" and event is not None and event[0] == "Restored"
-    assert publication(PodState.RESTORING, PodState.FAILED, "no checkpoint images") == (
+    assert publication(ScaleState.RESTORING, ScaleState.FAILED, "no checkpoint images") == (
         "failed", ("RestoreFailed", "restore failed: no checkpoint images; held connections were reset, the next "
                    "connection tries again", "Warning"))
-    assert publication(PodState.RUNNING, None) == (None, None)  # opted out: the label goes
-    assert all(publication(None, s)[0] in annotations.STATES for s in PodState)
+    assert publication(ScaleState.RUNNING, None) == (None, None)  # opted out: the label goes
+    assert [publication(None, s)[0] for s in ScaleState] == ["running", "running", "checkpointed", "restoring",
+                                                             "failed"]
+    assert LABELS == ("running", "checkpointed", "restoring", "failed")
+
+
+def test_parked_label_values() -> None:
+    """The translation's reading of the label: the parked states, and anything unknown is running."""
+    assert [v for v in LABELS if annotations.parked(v)] == ["checkpointed", "restoring", "failed"]
+    assert not any(annotations.parked(v) for v in (None, "", "running", "checkpointing", "Checkpointed", "x"))
 
 
 def test_scale_to_zero_config_fields_and_flags(tmp_path: Any) -> None:

@@ -29,12 +29,15 @@ from typing import Any
 import pytest
 
 from controlplane import annotations
+from controlplane.scaling import scaled_pod
 from controlplane.translate import translate
 from dataplane import loader, tc
 from dataplane.loader import SockDatapath
 from dataplane.services import ServiceMaps
-from scaletozero.runtime import ContainerSpec, RuncRuntime, State
-from scaletozero.scaler import Backend, PodStatus, ScalerThread, backend_for_pod
+from scaletozero.runc import RuncRuntime
+from scaletozero.runtime import ContainerSpec
+from scaletozero.scaler import PodStatus, ScaledPod, ScalerThread
+from scaletozero.state import ContainerState
 from testbed import k8sobjects, rootfs
 from testbed.bed import CGROUP_DIR_PREFIX, Host, Node, Pod, TestBed, wait_until
 from testbed.k8sobjects import endpoint_slice, node, service
@@ -195,13 +198,13 @@ class Cluster:
                                        state_file=self.workdir / f"scale-{side.node.name}.json")
         for info in pods.values():
             if info.name in self.web:  # the client pods did not opt in
-                backend, problems = backend_for_pod(info, info.name, self.web[info.name].netns_path)
+                backend, problems = scaled_pod(info, info.name, self.web[info.name].netns_path)
                 assert not problems and backend is not None, problems
                 scaler = self.sides[info.node_name].scaler
                 assert scaler is not None
                 scaler.call(scaler.scaler.add, backend)
             else:
-                assert backend_for_pod(info, info.name, Path("/unused")) == (None, [])
+                assert scaled_pod(info, info.name, Path("/unused")) == (None, [])
 
     def side_of(self, name: str) -> NodeSide:
         return self.sides[self.web[name].node.name]
@@ -273,7 +276,7 @@ def test_idle_backends_on_both_nodes_are_checkpointed(cluster: Cluster) -> None:
     st = both_checkpointed(c)
     for name, pod in c.web.items():
         runtime = c.side_of(name).runtime
-        assert runtime.state(name) == State.CHECKPOINTED
+        assert runtime.state(name) == ContainerState.CHECKPOINTED
         assert runtime.pid(name) is None
         old = pids[name]
         assert old is None or not process_alive(old)  # None: a previous test left it checkpointed
@@ -408,7 +411,7 @@ def test_restore_failure_closes_held_clients_and_records_the_reason(cluster: Clu
         # one restore per wake; a connection accepted after a failure may start the next attempt
         assert st.failures >= before.failures + 1 and st.dropped == before.dropped + 5
         assert st.redirect  # still caught: the next connection tries again
-        assert side.runtime.state("web-a") == State.FAILED
+        assert side.runtime.state("web-a") == ContainerState.FAILED
         assert side.scaler is not None
         metrics = side.scaler.scaler.metrics.registry
         assert metrics.get_sample_value("zeroproxy_s2z_failures_total",
@@ -462,7 +465,7 @@ def test_app_without_so_reuseaddr_restores_while_proxy_holds_its_port(criu: Path
                                   netns=pod.netns_path, rootfs_mounts=fs.mounts))
         wait_until(lambda: f":{PORT} " in listening(pod), "python server listens")
         scaler = ScalerThread(runtime, poll_interval=0.1)
-        scaler.call(scaler.scaler.add, Backend("default/py", "py", pod.netns_path, (pod.ip4, pod.ip6),
+        scaler.call(scaler.scaler.add, ScaledPod("default/py", "py", pod.netns_path, (pod.ip4, pod.ip6),
                                                idle_timeout=1.0))
         for _ in range(2):
             wait_until(lambda: scaler.status()["default/py"].state == "checkpointed", "py checkpointed")
@@ -497,7 +500,7 @@ def test_dump_with_a_connection_in_flight_keeps_the_pod_running(criu: Path, test
                                   netns=pod.netns_path, rootfs_mounts=fs.mounts))
         wait_until(lambda: f":{PORT} " in listening(pod), "lazy listens")
         scaler = ScalerThread(runtime, poll_interval=0.1)
-        scaler.call(scaler.scaler.add, Backend("default/lazy", "lazy", pod.netns_path, (pod.ip4,),
+        scaler.call(scaler.scaler.add, ScaledPod("default/lazy", "lazy", pod.netns_path, (pod.ip4,),
                                                idle_timeout=3600.0, ports=(PORT,)))
         conn = client.run([sys.executable, "-c", CLIENT, pod.ip4, str(PORT), "1", "/", "60"],
                           stdout=subprocess.PIPE, text=True)
@@ -505,12 +508,12 @@ def test_dump_with_a_connection_in_flight_keeps_the_pod_running(criu: Path, test
         assert scaler.call(scaler.scaler.checkpoint, "default/lazy") is False
         st = scaler.status()["default/lazy"]
         assert st.state == "running" and not st.redirect and st.checkpoints == 0
-        assert runtime.state("lazy") == State.RUNNING
+        assert runtime.state("lazy") == ContainerState.RUNNING
         (fs.path / "app" / "go").write_text("")
         out, _ = conn.communicate(timeout=60)
         assert_served(json.loads(out), bodies=("hello from lazy\n",))
         assert scaler.call(scaler.scaler.checkpoint, "default/lazy") is True
-        assert runtime.state("lazy") == State.CHECKPOINTED
+        assert runtime.state("lazy") == ContainerState.CHECKPOINTED
     finally:
         if conn is not None and conn.poll() is None:
             conn.kill()
@@ -577,7 +580,7 @@ def test_scale_run_daemon_follows_pod_annotations_and_status_shows_it(criu: Path
         wait_until(lambda: state().get("state") == "checkpointed" or proc.poll() is not None,
                    "checkpointed", timeout=60)
         assert proc.poll() is None, (tmp_path / "scale.log").read_text()[-3000:]
-        assert runtime.state(cid) == State.CHECKPOINTED
+        assert runtime.state(cid) == ContainerState.CHECKPOINTED
         assert_served(http(client, pod.ip4), bodies=("hello from web\n",))
         wait_until(lambda: state().get("restores") == 1, "the state file shows the restore")
 
@@ -598,7 +601,7 @@ def test_scale_run_daemon_follows_pod_annotations_and_status_shows_it(criu: Path
         wait_until(lambda: state().get("state") == "checkpointed", "checkpointed again", timeout=60)
         write(False)
         wait_until(lambda: json.loads(state_file.read_text())["pods"] == [], "opted out", timeout=60)
-        assert runtime.state(cid) == State.RUNNING
+        assert runtime.state(cid) == ContainerState.RUNNING
         assert_served(http(client, pod.ip4), bodies=("hello from web\n",))
     finally:
         proc.terminate()

@@ -11,7 +11,7 @@ removes entries it simply has not heard about yet: the maps adopted from the pre
 keep serving until the first complete sync, and stale entries go exactly then.
 
 With ``scaleToZero.enabled`` the agent also runs the scaler for this node's opted-in pods on
-its loop (:class:`zeroproxy.scale_cli.NodeScaler`): their states reach this node's translation
+its loop (:class:`controlplane.scaling.NodeScaler`): their states reach this node's translation
 directly and, with the API source, every other agent through the Pod label it publishes.
 """
 
@@ -353,7 +353,7 @@ class Agent:
 
 
     async def _start_scale_to_zero(self) -> None:
-        from zeroproxy.scale_cli import NodeScaler
+        from controlplane.scaling import NodeScaler
 
         publisher = None
         if self._kube_configuration is not None:

@@ -7,10 +7,11 @@
 reads Pods (with the annotations of controlplane/annotations.py) from the same YAML the agent
 reads, and manages the opted-in pods of its node whose containers live in a RuncRuntime
 directory under the id `<namespace>.<pod name>`. The pod's netns comes from the container's own
-bundle. `zeroproxy agent --scale-to-zero` runs the same inside the agent (and, with the API
-source, publishes the state on the Pods); `run` is for a node whose service proxy is not
-zeroproxy. `status` reads the JSON state file the scaler rewrites on every state change, so it
-works from any process, for either.
+bundle. `zeroproxy agent --scale-to-zero` runs the same inside the agent
+(controlplane.scaling.NodeScaler, which also publishes the state on the Pods with the API
+source); `run` is for a node whose service proxy is not zeroproxy. Both find their pods with
+controlplane.scaling.node_pods. `status` reads the JSON state file the scaler rewrites on every
+state change, so it works from any process, for either.
 
 Hooked into zeroproxy/cli.py with `scale_cli.add_parser(sub)`; `main` below also runs it
 standalone (`python -m zeroproxy.scale_cli status`).
@@ -33,102 +34,6 @@ DEFAULT_STATE_FILE = "/run/zeroproxy/scale-to-zero.json"
 DEFAULT_RUNTIME_DIR = "/var/lib/zeroproxy/runtime"
 
 log = logging.getLogger("zeroproxy.scale")
-
-
-# --- inside the agent --------------------------------------------------------------------------
-
-
-class NodeScaler:
-    """Scale to zero as part of `zeroproxy agent`: the glue between the agent and a Scaler.
-
-    - which pods: this node's opted-in pods, from the agent's change tracker (the Pods its source
-      delivered), re-read whenever Pods change (:meth:`pods_changed`);
-    - what the rest of the agent learns: every state change goes to the tracker at once
-      (:meth:`ChangeTracker.set_local_state`, so this node's translation uses running endpoints
-      only without waiting for a round trip through the apiserver) and, with the API source,
-      to the :class:`PodStatePublisher` (label for every agent, Events for operators);
-    - metrics on the agent's registry, state file for `zeroproxy scale status`.
-
-    Runs on the agent's loop. Closing leaves checkpointed pods checkpointed and their labels as
-    they are: the next agent adopts them.
-    """
-
-    def __init__(self, cfg: Any, node_name: str, tracker: Any, request_sync: Any, *,
-                 registry: Any = None, publisher: Any = None) -> None:
-        from scaletozero.activator import ScaleMetrics
-
-        self.cfg = cfg
-        self.node_name = node_name
-        self.tracker = tracker
-        self.request_sync = request_sync
-        self.publisher = publisher
-        self.metrics = ScaleMetrics(registry)
-        self.runtime: Any = None
-        self.scaler: Any = None
-        self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._problems: set[str] = set()
-        self._published: dict[str, str | None] = {}
-
-    async def start(self) -> None:
-        from scaletozero.runtime import RuncRuntime
-        from scaletozero.scaler import Scaler
-
-        self.runtime = RuncRuntime(Path(self.cfg.runtime_dir), Path(self.cfg.criu),
-                                   cgroup_parent=self.cfg.cgroup_parent)
-        self.scaler = Scaler(self.runtime, restore_timeout=self.cfg.restore_timeout,
-                             poll_interval=self.cfg.poll_interval, state_file=Path(self.cfg.state_file),
-                             metrics=self.metrics, on_state=self._on_state)
-        await self.scaler.start()
-        self._task = asyncio.get_running_loop().create_task(self._follow())
-        log.info("scale to zero on: runtime %s, state file %s", self.cfg.runtime_dir, self.cfg.state_file)
-
-    def pods_changed(self) -> None:
-        """The source delivered Pods: look again at which pods are opted in (cheap when none changed)."""
-        self._changed.set()
-
-    async def _follow(self) -> None:
-        from scaletozero.scaler import node_backends
-
-        while True:
-            await self._changed.wait()
-            self._changed.clear()
-            if not self.tracker.synced:
-                continue  # a partial view could opt pods out; the initial lists trigger us again
-            want, problems = node_backends(self.tracker.pods.values(), self.node_name, Path(self.cfg.runtime_dir))
-            for p in sorted(set(problems) - self._problems):
-                log.error("scale to zero: %s", p)
-            self._problems = set(problems)
-            try:
-                await self.scaler.reconcile(want)
-            except Exception:
-                log.exception("scale to zero: reconciling pods failed")
-
-    def _on_state(self, name: str, old: Any, new: Any, reason: str, seconds: float | None) -> None:
-        from controlplane.kubesource import PodEvent
-        from scaletozero.scaler import publication
-
-        label, event = publication(old, new, reason, seconds)
-        namespace, _, pod = name.partition("/")
-        changed = self._published.get(name, "") != label
-        if new is None:
-            self._published.pop(name, None)
-        else:
-            self._published[name] = label
-        if changed and self.tracker.set_local_state(namespace, pod, label):
-            self.request_sync()
-        if self.publisher is not None and (changed or event is not None):
-            self.publisher.publish(namespace, pod, label, PodEvent(*event) if event is not None else None)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self.scaler is not None:
-            self.scaler.on_state = None  # shutting down is not opting out: labels stay as they are
-            await self.scaler.close()
-        if self.runtime is not None:
-            self.runtime.close()
 
 
 # --- status ----------------------------------------------------------------------------------
@@ -165,9 +70,10 @@ async def _run(args: argparse.Namespace) -> None:
     from prometheus_client import start_http_server
 
     from controlplane.filesource import FileSource
+    from controlplane.scaling import node_pods
     from controlplane.translate import translate
-    from scaletozero.runtime import RuncRuntime
-    from scaletozero.scaler import Scaler, node_backends
+    from scaletozero.runc import RuncRuntime
+    from scaletozero.scaler import Scaler
 
     kind, _, path = args.source.partition(":")
     if kind != "file" or not path:
@@ -186,7 +92,7 @@ async def _run(args: argparse.Namespace) -> None:
 
     async def reconcile(objects: list[dict[str, Any]]) -> None:
         pods = translate(objects, args.node_name).pods.values()
-        want, problems = node_backends(pods, args.node_name, Path(args.runtime_dir))
+        want, problems = node_pods(pods, args.node_name, runtime)
         for p in problems:
             log.error("invalid input: %s", p)
         await scaler.reconcile(want)
