@@ -48,42 +48,12 @@ if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
     sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "$0"
     exit 0
 fi
-if (($#)); then
-    for name in "$@"; do
-        [[ " ${all[*]} " == *" $name "* ]] || die "unknown binary '$name'; known: ${all[*]}"
-    done
-    wanted=()
-    for name in "${all[@]}"; do
-        [[ " $* " == *" $name "* ]] && wanted+=("$name")
-    done
-else
-    wanted=("${all[@]}")
-fi
 
-missing() {
-    local name
-    for name in "${wanted[@]}"; do
-        [ -x "$bin_dir/$name" ] || echo "$name"
-    done
-}
 
-# Fast path: nothing to do, no lock.
-if [ -z "$(missing)" ]; then
-    echo "$bin_dir"
-    exit 0
-fi
-
-mkdir -p "$work_dir"
-exec 9>"$work_dir/build.lock"
-if ! flock -n 9; then
-    log "another build holds $work_dir/build.lock, waiting"
-    flock 9
-fi
-mapfile -t todo < <(missing)
-if ! ((${#todo[@]})); then
-    echo "$bin_dir"
-    exit 0
-fi
+# shellcheck source=scripts/lib/binaries.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/binaries.sh"
+zp_select_binaries "$@"
+zp_done_or_lock "$work_dir/build.lock"
 
 command -v go >/dev/null || die "no 'go' on PATH (this build needs Go >= 1.26)"
 # Everything the go command writes stays in the cache, never in the repository. GOTOOLCHAIN=local:
@@ -141,17 +111,6 @@ ldflags() {
     printf '%s\n' "$flags"
 }
 
-# Run the new binary's version command and insist its output names the expected version.
-check_version() {
-    local file=$1 want=$2 out name
-    shift 2
-    name=$(basename "$file" .tmp)
-    name=${name#.}
-    out=$("$file" "$@" 2>&1) || die "the new $name does not run: $name $* says: $out"
-    [[ "$out" == *"$want"* ]] || die "the new $name is not $want: $name $* says: $out"
-    log "$name $*: $(head -n 1 <<<"$out")"
-}
-
 # go_build TMP PKG build|test EXTRA-LDFLAGS
 go_build() {
     local out=$1 pkg=$2 mode=$3 extra=$4 cmd
@@ -161,38 +120,29 @@ go_build() {
 }
 
 log "building ${todo[*]} into $bin_dir"
-total_start=$(date +%s)
 [ -f "$mod_dir/.ready" ] || prepare_module
 mkdir -p "$bin_dir"
 
-tmp=
-trap '[ -z "$tmp" ] || rm -f "$tmp"' EXIT
-for name in "${todo[@]}"; do
-    start=$(date +%s)
-    tmp=$bin_dir/.$name.tmp
-    rm -f "$tmp"
+build_one() {  # build_one NAME TMP
+    local name=$1 tmp=$2
     case "$name" in
         agnhost)
             agnhost_version=$(cat "$upstream_dir/test/images/agnhost/VERSION")
             go_build "$tmp" k8s.io/kubernetes/test/images/agnhost build " -X main.Version=$agnhost_version"
-            check_version "$tmp" "$agnhost_version" --version ;;
+            zp_check_version "$tmp" "$agnhost_version" --version ;;
         e2e.test)
             go_build "$tmp" k8s.io/kubernetes/test/e2e test ""
-            check_version "$tmp" "v$version" --version ;;
+            zp_check_version "$tmp" "v$version" --version ;;
         kubectl)
             go_build "$tmp" k8s.io/kubernetes/cmd/kubectl build ""
-            check_version "$tmp" "v$version" version --client ;;
+            zp_check_version "$tmp" "v$version" version --client ;;
         kubeadm)
             go_build "$tmp" k8s.io/kubernetes/cmd/kubeadm build ""
-            check_version "$tmp" "v$version" version -o short ;;
+            zp_check_version "$tmp" "v$version" version -o short ;;
         *)
             go_build "$tmp" "k8s.io/kubernetes/cmd/$name" build ""
-            check_version "$tmp" "v$version" --version ;;
+            zp_check_version "$tmp" "v$version" --version ;;
     esac
-    mv -f "$tmp" "$bin_dir/$name"
-    log "built $name in $(( $(date +%s) - start ))s ($(du -h "$bin_dir/$name" | cut -f1))"
-done
-log "done in $(( $(date +%s) - total_start ))s: ${todo[*]}"
-echo "$bin_dir"
-exit 0
+}
+zp_build_todo build_one
 }

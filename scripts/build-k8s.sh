@@ -43,17 +43,6 @@ if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
     sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "$0"
     exit 0
 fi
-if (($#)); then
-    for name in "$@"; do
-        [[ " ${all[*]} " == *" $name "* ]] || die "unknown binary '$name'; known: ${all[*]}"
-    done
-    wanted=()
-    for name in "${all[@]}"; do
-        [[ " $* " == *" $name "* ]] && wanted+=("$name")
-    done
-else
-    wanted=("${all[@]}")
-fi
 
 # A binary is current when it exists; crictl also when it is newer than its source (ours, so
 # it changes; the tree's sources do not).
@@ -62,53 +51,22 @@ current() {
     [ "$1" != crictl ] || [ "$bin_dir/crictl" -nt "$crictl_src" ]
 }
 
-missing() {
-    local name
-    for name in "${wanted[@]}"; do
-        current "$name" || echo "$name"
-    done
-}
 
-# Fast path: nothing to do, no lock.
-if [ -z "$(missing)" ]; then
-    echo "$bin_dir"
-    exit 0
-fi
-
-mkdir -p "$zp_k8s_cache_dir"
-exec 9>"$zp_k8s_cache_dir/build-k8s.lock"
-if ! flock -n 9; then
-    log "another build holds $zp_k8s_cache_dir/build-k8s.lock, waiting"
-    flock 9
-fi
-mapfile -t todo < <(missing)
-if ! ((${#todo[@]})); then
-    echo "$bin_dir"
-    exit 0
-fi
+# shellcheck source=scripts/lib/binaries.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/binaries.sh"
+zp_select_binaries "$@"
+zp_done_or_lock "$zp_k8s_cache_dir/build-k8s.lock"
 
 log "building ${todo[*]} into $bin_dir"
-total_start=$(date +%s)
 zp_k8s_src_prepare
 mkdir -p "$bin_dir"
-
-# Run the new binary's version command and insist its output names the expected version.
-check_version() {
-    local file=$1 want=$2 out name
-    shift 2
-    name=$(basename "$file" .tmp)
-    name=${name#.}
-    out=$("$file" "$@" 2>&1) || die "the new $name does not run: $name $* says: $out"
-    [[ "$out" == *"$want"* ]] || die "the new $name is not $want: $name $* says: $out"
-    log "$name $*: $out"
-}
 
 # Each builder writes $1 (a temporary name next to the final one) and checks it.
 build_go() {  # build_go TMP PKG [build|test] -- VERSION-ARGS...
     local tmp=$1 pkg=$2 mode=$3
     shift 4
     zp_k8s_go_build "$pkg" "$tmp" "$mode"
-    check_version "$tmp" "v$zp_k8s_version" "$@"
+    zp_check_version "$tmp" "v$zp_k8s_version" "$@"
 }
 
 build_pause() {
@@ -123,7 +81,7 @@ build_pause() {
     [ -n "$tag" ] || die "no 'TAG = ...' line in $zp_k8s_tree/build/pause/Makefile"
     nice -n 10 gcc -Os -Wall -Werror -static "-DVERSION=v$tag-v$zp_k8s_version" \
         -o "$tmp" "$zp_k8s_tree/build/pause/linux/pause.c" || die "gcc on build/pause/linux/pause.c failed"
-    check_version "$tmp" "v$tag-v$zp_k8s_version" -v
+    zp_check_version "$tmp" "v$tag-v$zp_k8s_version" -v
 }
 
 build_crictl() {
@@ -132,7 +90,7 @@ build_crictl() {
     mkdir -p "$dir"
     cp "$crictl_src" "$dir/main.go"
     zp_k8s_go_build cmd/zp-crictl "$tmp"
-    check_version "$tmp" "v$zp_k8s_version" --version
+    zp_check_version "$tmp" "v$zp_k8s_version" --version
 }
 
 build_apiserver() {
@@ -140,7 +98,7 @@ build_apiserver() {
     # build-apiserver.sh keeps its own cached copy (DevCluster runs that one); link it here.
     built=$(bash "$here/build-apiserver.sh") || die "scripts/build-apiserver.sh failed"
     ln -f "$built" "$tmp" 2>/dev/null || cp "$built" "$tmp"
-    check_version "$tmp" "v$zp_k8s_version" --version
+    zp_check_version "$tmp" "v$zp_k8s_version" --version
 }
 
 build_agnhost() {
@@ -148,7 +106,7 @@ build_agnhost() {
     zp_k8s_go_build test/images/agnhost "$tmp"
     # agnhost carries its own version (its image tag), not the release's.
     want=$(cat "$zp_k8s_tree/test/images/agnhost/VERSION")
-    check_version "$tmp" "$want" --version
+    zp_check_version "$tmp" "$want" --version
 }
 
 # test/e2e embeds its manifests and test data with go-bindata; the tarball lacks the generated
@@ -174,12 +132,8 @@ build_e2e() {
     build_go "$tmp" test/e2e test -- --version
 }
 
-tmp=
-trap '[ -z "$tmp" ] || rm -f "$tmp"' EXIT
-for name in "${todo[@]}"; do
-    start=$(date +%s)
-    tmp=$bin_dir/.$name.tmp
-    rm -f "$tmp"
+build_one() {  # build_one NAME TMP
+    local name=$1 tmp=$2
     case "$name" in
         pause) build_pause "$tmp" ;;
         crictl) build_crictl "$tmp" ;;
@@ -190,10 +144,6 @@ for name in "${todo[@]}"; do
         kubeadm) build_go "$tmp" cmd/kubeadm build -- version -o short ;;
         *) build_go "$tmp" "cmd/$name" build -- --version ;;
     esac
-    mv -f "$tmp" "$bin_dir/$name"
-    log "built $name in $(( $(date +%s) - start ))s"
-done
-log "done in $(( $(date +%s) - total_start ))s: ${todo[*]}"
-echo "$bin_dir"
-exit 0
+}
+zp_build_todo build_one
 }
