@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scaletozero.runc import _kind as runc_failure_kind
+from scaletozero.runtime import FailureKind
 from scaletozero.state import ContainerState
 
 ENV_SOCKET_DIR = "ZP_SHIM_SOCKET_DIR"  # the shim reads the same variable
@@ -42,7 +44,8 @@ class ShimError(Exception):
     """A control call failed; the message names the container, and ``reason`` is one log line.
 
     ``kind`` is the shim's error kind (``failed_precondition``, ``not_found``, ``failed``, ...,
-    or ``unreachable`` when no shim answered), ``criu_error`` CRIU's first error line, if any.
+    ``unreachable`` when no shim answered, ``timeout`` when it did not answer in time),
+    ``criu_error`` CRIU's first error line, if any; ``failure`` maps it all to FailureKind.
     """
 
     def __init__(self, container: str, reason: str, *, kind: str = "failed", status: int = 0,
@@ -55,6 +58,19 @@ class ShimError(Exception):
         self.status = status
         self.criu_error = criu_error
         self.result = result
+
+    @property
+    def failure(self) -> FailureKind:
+        """The failure in the runtime contract's terms (a metrics label; ``not_idle`` for dumps
+        refused because the pod was in use). Under the shim the same runc and CRIU write the
+        same texts as under the runc driver, so its table classifies them."""
+        if self.kind == "not_found" and self.result is not None and self.result.op == "restore":
+            return FailureKind.NO_IMAGES
+        if self.kind == "timeout":
+            return FailureKind.TIMEOUT
+        if self.kind == "failed":
+            return runc_failure_kind(f"{self.reason} {self.criu_error}")
+        return FailureKind.OTHER
 
 
 class ShimUnreachable(ShimError):
@@ -209,6 +225,9 @@ class ShimClient:
             conn.request(method, path, body=payload, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()
+        except TimeoutError:
+            raise ShimError(container_id, f"{method} {path} on {sock}: no answer within {self.timeout:g}s",
+                            kind="timeout") from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise ShimUnreachable(container_id, f"no shim on {sock}: {exc.strerror or exc}",
                                   kind="unreachable") from None

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from scaletozero.runtime import cgroup_mounts
+from scaletozero.runtime import FailureKind, cgroup_mounts
 from scaletozero.shimclient import ShimClient, ShimOpFailed, ShimRefused, ShimUnreachable
 from scaletozero.state import ContainerState
 from testbed.bed import Node, Pod, TestBed, wait_until
@@ -71,18 +71,42 @@ class Containerd:
 
     dir: Path
     address: Path
-    proc: subprocess.Popen[bytes]
     socket_dir: Path
     image_dir: Path
     options_file: Path
     criu_conf: Path
+    shim_dir: Path
     cgroup_parent: str
+    proc: subprocess.Popen[bytes] | None = None
     events: list[Event] = field(default_factory=list)
     _watchers: list[subprocess.Popen[str]] = field(default_factory=list)
 
     @property
     def log(self) -> Path:
         return self.dir / "containerd.log"
+
+    def start(self) -> None:
+        """Start containerd (again) in a fresh mount namespace over the same directories."""
+        env = {"PATH": f"{self.shim_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "HOME": "/root", "ZP_SHIM_SOCKET_DIR": str(self.socket_dir), "ZP_SHIM_IMAGE_DIR": str(self.image_dir)}
+        d = self.dir
+        script = f"mount --bind {d}/run /run/containerd && exec containerd --config {d}/config.toml"
+        with open(self.log, "ab") as log:
+            proc = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", "sh", "-c", script],
+                                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = proc
+        wait_until(lambda: proc.poll() is None and self.ctr("version", check=False).returncode == 0,
+                   "the test's containerd to answer", timeout=30, interval=0.2, detail=lambda: _tail(self.log))
+
+    def stop(self) -> None:
+        """Stop containerd only: its shims, and their containers, keep running."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
     def ctr_argv(self, *args: str) -> list[str]:
         return ["ctr", "--address", str(self.address), "--namespace", NAMESPACE, *args]
@@ -189,19 +213,11 @@ def containerd(shim_binary: Path, criu: Path) -> Iterator[Containerd]:
     criu_conf = d / "criu.conf"
     # zeroproxy's eBPF redirect, not iptables, keeps new connections away from a dumping process.
     criu_conf.write_text("network-lock skip\n")
-    env = {"PATH": f"{shim_binary.parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "HOME": "/root", "ZP_SHIM_SOCKET_DIR": str(d / "ctl"), "ZP_SHIM_IMAGE_DIR": str(d / "images")}
-    script = f"mount --bind {d}/run /run/containerd && exec containerd --config {d}/config.toml"
-    with open(d / "containerd.log", "ab") as log:
-        proc = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", "sh", "-c", script],
-                                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    cd = Containerd(dir=d, address=d / "containerd.sock", proc=proc, socket_dir=d / "ctl",
-                    image_dir=d / "images", options_file=options_file, criu_conf=criu_conf,
+    cd = Containerd(dir=d, address=d / "containerd.sock", socket_dir=d / "ctl", image_dir=d / "images",
+                    options_file=options_file, criu_conf=criu_conf, shim_dir=shim_binary.parent,
                     cgroup_parent=f"/zeroproxy-shimtest-{uuid.uuid4().hex[:8]}")
     try:
-        wait_until(lambda: proc.poll() is None and cd.ctr("version", check=False).returncode == 0,
-                   "the test's containerd to answer", timeout=30, interval=0.2,
-                   detail=lambda: _tail(cd.log))
+        cd.start()
         yield cd
     finally:
         _teardown(cd)
@@ -209,19 +225,14 @@ def containerd(shim_binary: Path, criu: Path) -> Iterator[Containerd]:
 
 def _teardown(cd: Containerd) -> None:
     """Remove everything, each step whatever the previous one did."""
-    if cd.proc.poll() is None:
+    if cd.proc is not None and cd.proc.poll() is None:
         with contextlib.suppress(Exception):
             ids = cd.ctr("containers", "ls", "-q", check=False, timeout=20).stdout.split()
             for cid in ids:
                 cd.ctr("task", "kill", "-s", "SIGKILL", cid, check=False, timeout=20)
                 cd.ctr("task", "delete", "--force", cid, check=False, timeout=20)
                 cd.ctr("containers", "rm", cid, check=False, timeout=20)
-        cd.proc.terminate()
-        try:
-            cd.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            cd.proc.kill()
-            cd.proc.wait(10)
+    cd.stop()
     for w in cd._watchers:
         w.kill()
         w.wait(10)
@@ -327,6 +338,9 @@ def test_checkpoint_restore_cycles_kill_while_checkpointed_and_delete(containerd
         assert client.state("web").state is ContainerState.CHECKPOINTED
         with pytest.raises(ShimRefused):
             client.checkpoint("web")
+        # What the kubelet polls keeps answering: no processes, empty metrics, not an error.
+        assert cd.ctr("task", "ps", "web").stdout.split() == ["PID", "INFO"]
+        cd.ctr("task", "metrics", "web")
 
         before = log.read_text()
         rs = client.restore("web")
@@ -419,6 +433,8 @@ def test_restore_failure_names_criu_error_stays_running_and_retries(containerd: 
         assert err.container == "blocked" and "blocked" in str(err)
         assert err.criu_error.startswith("Error ("), err.criu_error
         assert "Address already in use" in err.criu_error, err.criu_error
+        assert "\n" not in err.reason, err.reason  # one line, for logs and Events
+        assert err.failure is FailureKind.ADDR_IN_USE
         assert err.result is not None and err.result.state is ContainerState.FAILED
         assert client.state("blocked").state is ContainerState.FAILED
         task = cd.task("blocked")
@@ -438,18 +454,82 @@ def test_restore_failure_names_criu_error_stays_running_and_retries(containerd: 
     assert not (cd.image_dir / NAMESPACE / "blocked").exists()
 
 
-def test_control_socket_answers_unknown_and_bad_requests(containerd: Containerd, testbed: TestBed) -> None:
+def test_containerd_restart_while_checkpointed(containerd: Containerd, testbed: TestBed) -> None:
+    """The shim outlives its containerd; the restarted one finds the task Running, and it wakes."""
+    cd = containerd
+    web = make_web(testbed, cd, "survivor")
+    cd.ctr(*cd.run_args("survivor", web.rootfs, web.pod))
+    wait_until(lambda: serving(web.node, web.pod, web.body), "httpd answering", timeout=30)
+    client = ShimClient(cd.socket_dir)
+    client.checkpoint("survivor")
+    cd.stop()
+    assert cd.shim_pids(), "the shim went with containerd"
+    cd.start()
+    assert cd.task("survivor") is not None and cd.task("survivor")[1] == "RUNNING"  # type: ignore[index]
+    rs = client.restore("survivor")
+    assert http_get(web.node, web.pod) == web.body
+    assert cd.task("survivor") == (rs.pid, "RUNNING")
+    cd.ctr("task", "kill", "--signal", "SIGKILL", "survivor")
+    wait_until(lambda: cd.task("survivor") is not None and cd.task("survivor")[1] == "STOPPED",  # type: ignore[index]
+               "task STOPPED", timeout=10)
+    cd.ctr("task", "delete", "survivor")
+    cd.ctr("containers", "rm", "survivor")
+
+
+def test_a_dead_shim_leaves_no_images_or_socket(containerd: Containerd, testbed: TestBed) -> None:
+    """containerd runs the shim binary's delete after a shim died; that removes what the shim made."""
+    cd = containerd
+    web = make_web(testbed, cd, "orphan")
+    cd.ctr(*cd.run_args("orphan", web.rootfs, web.pod))
+    wait_until(lambda: serving(web.node, web.pod, web.body), "httpd answering", timeout=30)
+    ShimClient(cd.socket_dir).checkpoint("orphan")
+    assert (cd.image_dir / NAMESPACE / "orphan" / "checkpoint" / "inventory.img").is_file()
+
+    def one_shim() -> list[int] | None:
+        pids = cd.shim_pids()  # a moment's second match is a child of it between fork and exec
+        return pids if len(pids) == 1 else None
+
+    (pid,) = wait_until(one_shim, "exactly one shim", timeout=10)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: cd.task("orphan") is None or cd.task("orphan")[1] == "STOPPED",  # type: ignore[index]
+               "containerd to notice the dead shim", timeout=20, detail=lambda: _tail(cd.log))
+    wait_until(lambda: not (cd.image_dir / NAMESPACE / "orphan").exists(), "the images removed", timeout=20,
+               detail=lambda: _tail(cd.log))
+    assert not (cd.socket_dir / "orphan.sock").exists()
+    cd.ctr("task", "delete", "orphan", check=False)
+    cd.ctr("containers", "rm", "orphan")
+
+
+def test_control_socket_and_options_reject_bad_input(containerd: Containerd, testbed: TestBed) -> None:
     cd = containerd
     with pytest.raises(ShimUnreachable, match="container nosuch"):
         ShimClient(cd.socket_dir).state("nosuch")
     web = make_web(testbed, cd, "api")
+    bad = cd.dir / "bad.toml"
+    bad.write_text('CriuPth = "/nowhere"\n')
+    args = cd.run_args("badopts", web.rootfs, web.pod)
+    args[args.index(str(cd.options_file))] = str(bad)
+    res = cd.ctr(*args, check=False)
+    assert res.returncode != 0 and "unknown key \"CriuPth\"" in res.stderr and "badopts" in res.stderr, res.stderr
+    cd.ctr("containers", "rm", "badopts")
     cd.ctr(*cd.run_args("api", web.rootfs, web.pod))
     wait_until(lambda: serving(web.node, web.pod, web.body), "httpd answering", timeout=30)
     sock = cd.socket_dir / "api.sock"
     assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
     status, body = _raw_post(sock, "/v1/checkpoint", b'{"tcp_establishd": true}')
     assert status == 400 and "api" in body["error"] and "tcp_establishd" in body["error"], body
-    assert ShimClient(cd.socket_dir).state("api").state is ContainerState.RUNNING
+    client = ShimClient(cd.socket_dir)
+    assert client.state("api").state is ContainerState.RUNNING
+    # Images gone behind the shim's back: a restore says so, typed, and the container stays Running.
+    images = client.checkpoint("api").images
+    assert images is not None
+    shutil.rmtree(images)
+    with pytest.raises(ShimOpFailed, match="api: no checkpoint images") as info:
+        client.restore("api")
+    assert info.value.failure is FailureKind.NO_IMAGES and info.value.status == 404
+    assert client.state("api").state is ContainerState.FAILED
+    task = cd.task("api")
+    assert task is not None and task[1] == "RUNNING", task
 
 
 def _raw_post(sock: Path, path: str, payload: bytes) -> tuple[int, dict[str, Any]]:

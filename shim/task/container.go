@@ -103,6 +103,9 @@ type OpResult struct {
 	Images    string             `json:"images,omitempty"`
 	TimingsMs map[string]float64 `json:"timings_ms"`
 	Error     string             `json:"error,omitempty"`
+	// Kind is the error's class: failed_precondition (not in a state for the verb), not_found
+	// (a restore without images), invalid_argument, canceled, failed (runc or CRIU).
+	Kind string `json:"kind,omitempty"`
 	// CriuError is CRIU's first "Error (" line: the cause; later ones are the unwinding.
 	CriuError string    `json:"criu_error,omitempty"`
 	CriuLog   string    `json:"criu_log,omitempty"`

@@ -23,7 +23,8 @@ import (
 //	POST /v1/restore     → OpResult
 //
 // A refused or failed verb answers an OpResult with ok=false, error (and CRIU's first error line),
-// and the status 409 (not in a state for it), 404, 400 (bad body) or 500 (runc or CRIU failed).
+// and the status 409 (not in a state for it), 404 (a restore without images), 400 (bad body) or
+// 500 (runc or CRIU failed).
 
 // CheckpointRequest is the body of POST /v1/checkpoint (optional).
 type CheckpointRequest struct {

@@ -177,7 +177,7 @@ func (s *service) restoreLocked(c *container) (*OpResult, error) {
 	}
 	images := imagesPath(c.dir)
 	if _, err := os.Stat(filepath.Join(images, "inventory.img")); err != nil {
-		return fail(fmt.Errorf("restore of %s: no checkpoint images in %s: %w", c.id, images, errdefs.ErrFailedPrecondition))
+		return fail(fmt.Errorf("restore of %s: no checkpoint images in %s: %w", c.id, images, errdefs.ErrNotFound))
 	}
 	opts := *c.opts
 	opts.CriuWorkPath = workPath(c.dir) // restore.log stays there, next to dump.log
@@ -253,7 +253,10 @@ func (s *service) finish(c *container, res *OpResult, err error) (*OpResult, err
 		res.Pid = 0
 	}
 	if err != nil {
-		res.Error = err.Error()
+		// One line: it goes to logs, metrics and Kubernetes Events (runc's own message has a
+		// line break before the CRIU log's path).
+		res.Error = strings.ReplaceAll(strings.TrimSpace(err.Error()), "\n", "; ")
+		res.Kind = errKind(err)
 	}
 	c.last = res
 	c.mu.Unlock()
