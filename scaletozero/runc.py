@@ -226,21 +226,19 @@ class RuncRuntime(ContainerRuntime):
         """Run a runc command that does not hand stdio to a container; raise with the logs."""
         runc_log = self._dir(cid) / "runc.log"
         start = _size(runc_log)
-        try:
-            res = subprocess.run(
-                self._runc_cmd(cid, *args),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=self.timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as e:
-            raise error(f"runc {args[0]} {cid}: timed out after {self.timeout} s",
-                        _tail(criu_log) if criu_log else "", FailureKind.TIMEOUT) from e
+        res = self._run(error, cid, args, criu_log, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if res.returncode != 0:
             raise self._failed(error, cid, args[0], res.stderr, runc_log, start, criu_log)
         return res.stdout
+
+    def _run(self, error: type[RuntimeDriverError], cid: str, args: tuple[str, ...], criu_log: Path | None,
+             **popen: Any) -> subprocess.CompletedProcess[Any]:
+        """runc ``args`` for ``cid`` within the driver's timeout; a timeout raises ``error`` of kind TIMEOUT."""
+        try:
+            return subprocess.run(self._runc_cmd(cid, *args), timeout=self.timeout, check=False, **popen)
+        except subprocess.TimeoutExpired as e:
+            raise error(f"runc {args[0]} {cid}: timed out after {self.timeout} s",
+                        _tail(criu_log) if criu_log else "", FailureKind.TIMEOUT) from e
 
     @staticmethod
     def _failed(error: type[RuntimeDriverError], cid: str, verb: str, stderr: str, runc_log: Path, start: int,
@@ -273,18 +271,7 @@ class RuncRuntime(ContainerRuntime):
             out_r = -1
             with self._mu:
                 self._pumps[cid] = pump
-            try:
-                res = subprocess.run(
-                    self._runc_cmd(cid, *args),
-                    stdin=in_r,
-                    stdout=out_w,
-                    stderr=out_w,
-                    timeout=self.timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as e:
-                raise error(f"runc {args[0]} {cid}: timed out after {self.timeout} s",
-                            _tail(criu_log) if criu_log else "", FailureKind.TIMEOUT) from e
+            res = self._run(error, cid, args, criu_log, stdin=in_r, stdout=out_w, stderr=out_w)
         finally:
             for fd in (in_r, out_w, out_r):
                 if fd >= 0:
