@@ -48,9 +48,9 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -95,6 +95,17 @@ _LOG_TAIL = 40
 
 class ClusterError(RuntimeError):
     """The cluster could not be built or did something unexpected; the message says what."""
+
+
+T = TypeVar("T")
+
+
+def poll(cond: Callable[[], T], what: str, *, timeout: float, interval: float = 0.5,
+         detail: Callable[[], str] | None = None) -> T:
+    """bed.wait_until as the cluster polls: a failing poll (an API still starting) is "not yet",
+    every half second, and running out of time is a ClusterError."""
+    return bed.wait_until(cond, what, timeout=timeout, interval=interval, detail=detail,
+                          tolerate=(Exception,), error=ClusterError)
 
 
 def _tail(path: Path, n: int = _LOG_TAIL) -> str:
@@ -355,9 +366,9 @@ class KubeNode:
         config = self.dir / "containerd.toml"
         config.write_text(self.containerd_config())
         self.containerd = self.spawn(["containerd", "--config", str(config)], log_to=self.containerd_log)
-        bed.wait_until(lambda: self.run(["ctr", "--address", CONTAINERD_SOCK, "version"], check=False).returncode == 0,
-                       f"containerd on {self.name}", timeout=30, interval=0.5,
-                       detail=lambda: _tail(self.containerd_log), tolerate=(Exception,), error=ClusterError)
+        poll(lambda: self.run(["ctr", "--address", CONTAINERD_SOCK, "version"], check=False).returncode == 0,
+             f"containerd on {self.name}", timeout=30,
+             detail=lambda: _tail(self.containerd_log))
         for image in images:
             self.run(["ctr", "--address", CONTAINERD_SOCK, "-n", "k8s.io", "images", "import", str(image)],
                      timeout=300)
@@ -586,9 +597,8 @@ class KubeCluster:
         self._init(self.control_plane)
         for node in self.nodes[1:]:
             self._join(node)
-        bed.wait_until(self._all_ready, "every node Ready", timeout=BRINGUP_TIMEOUT_S, interval=1.0,
-                       detail=lambda: self.kubectl("get", "nodes", "-o", "wide", check=False).stdout,
-                       tolerate=(Exception,), error=ClusterError)
+        poll(self._all_ready, "every node Ready", timeout=BRINGUP_TIMEOUT_S, interval=1.0,
+             detail=lambda: self.kubectl("get", "nodes", "-o", "wide", check=False).stdout)
         if self.dns:
             self._start_dns()
         if self.proxy == "zeroproxy":
@@ -634,10 +644,10 @@ class KubeCluster:
              "-m", "testbed.clusterdns", "--kubeconfig", "/etc/kubernetes/admin.conf",
              "--listen", f"{node.ip}:53", "--domain", DNS_DOMAIN, "--publish", DNS_IP],
             log_to=node.dir / "clusterdns.log", cwd=str(ROOT))
-        bed.wait_until(lambda: self.kubectl("-n", "kube-system", "get", "endpoints", "kube-dns", "-o",
-                                            "jsonpath={.subsets[0].addresses[0].ip}", check=False).stdout.strip()
-                       == node.ip, "the kube-dns Service and its endpoint", timeout=60, interval=0.5,
-                       detail=lambda: _tail(node.dir / "clusterdns.log"), tolerate=(Exception,), error=ClusterError)
+        poll(lambda: self.kubectl("-n", "kube-system", "get", "endpoints", "kube-dns", "-o",
+                                  "jsonpath={.subsets[0].addresses[0].ip}", check=False).stdout.strip()
+             == node.ip, "the kube-dns Service and its endpoint", timeout=60,
+             detail=lambda: _tail(node.dir / "clusterdns.log"))
 
     def _deploy_kube_proxy(self) -> None:
         """The real kube-proxy 1.20.2 (iptables mode), as kubeadm's addon phase installs it.
@@ -653,10 +663,10 @@ class KubeCluster:
         config = node.dir / "kubeadm-kube-proxy.yaml"
         config.write_text(yaml.safe_dump_all(docs, sort_keys=False))
         node.run(["kubeadm", "init", "phase", "addon", "kube-proxy", "--config", str(config)], timeout=120)
-        bed.wait_until(lambda: rollout_done(self, "kube-system", "daemonset/kube-proxy"),
-                       "the kube-proxy DaemonSet rolled out on every node", timeout=BRINGUP_TIMEOUT_S, interval=1.0,
-                       detail=lambda: self.kubectl("-n", "kube-system", "get", "pods", "-o", "wide",
-                                                   check=False).stdout, tolerate=(Exception,), error=ClusterError)
+        poll(lambda: rollout_done(self, "kube-system", "daemonset/kube-proxy"),
+             "the kube-proxy DaemonSet rolled out on every node", timeout=BRINGUP_TIMEOUT_S, interval=1.0,
+             detail=lambda: self.kubectl("-n", "kube-system", "get", "pods", "-o", "wide",
+                                         check=False).stdout)
 
     def _mountpoint(self, path: Path) -> None:
         """A host directory the nodes mount over; created if missing, removed by the last cluster.
@@ -750,9 +760,9 @@ class KubeCluster:
             out = self.kubectl("get", "node", node.name, "-o", "jsonpath={.spec.podCIDR}", check=False)
             return out.stdout.strip() if out.returncode == 0 else ""
 
-        cidr = bed.wait_until(pod_cidr, f"node {node.name} registered with a podCIDR", timeout=BRINGUP_TIMEOUT_S,
-                              detail=lambda: _tail(node.kubelet_log), tolerate=(Exception,), error=ClusterError,
-                              interval=0.5)
+        cidr = poll(pod_cidr, f"node {node.name} registered with a podCIDR", timeout=BRINGUP_TIMEOUT_S,
+                    detail=lambda: _tail(node.kubelet_log),
+                    interval=0.5)
         if ipaddress.ip_network(cidr) != node.bed_node.pod_cidr4:
             raise ClusterError(f"node {node.name} got podCIDR {cidr}, the bed routes {node.bed_node.pod_cidr4}")
         node.write_cni_config(cidr)
@@ -1052,11 +1062,11 @@ def deploy_zeroproxy(cluster: KubeCluster, image_tag: str, timeout: float = BRIN
     """``kubectl apply -k`` the overlay and wait until every node's zeroproxy pod is Ready."""
     overlay = zeroproxy_overlay(cluster, image_tag)
     cluster.kubectl("apply", "-k", str(overlay), timeout=120)
-    bed.wait_until(lambda: rollout_done(cluster, "zeroproxy", "daemonset/zeroproxy"),
-                   "the zeroproxy DaemonSet rolled out on every node", timeout=timeout, interval=1.0,
-                   detail=lambda: cluster.kubectl("-n", "zeroproxy", "get", "pods", "-o", "wide", check=False).stdout
-               + cluster.kubectl("-n", "zeroproxy", "logs", "daemonset/zeroproxy", "--tail=30",
-                                 check=False).stdout, tolerate=(Exception,), error=ClusterError)
+    poll(lambda: rollout_done(cluster, "zeroproxy", "daemonset/zeroproxy"),
+         "the zeroproxy DaemonSet rolled out on every node", timeout=timeout, interval=1.0,
+         detail=lambda: cluster.kubectl("-n", "zeroproxy", "get", "pods", "-o", "wide", check=False).stdout
+     + cluster.kubectl("-n", "zeroproxy", "logs", "daemonset/zeroproxy", "--tail=30",
+                       check=False).stdout)
     return overlay
 
 
@@ -1087,10 +1097,10 @@ def ready_pods(cluster: KubeCluster, namespace: str, selector: str) -> list[dict
 def wait_ready(cluster: KubeCluster, namespace: str, selector: str, count: int,
                timeout: float = 180.0) -> list[dict[str, Any]]:
     """Wait until exactly ``count`` pods matching ``selector`` are Ready; returns them."""
-    return bed.wait_until(lambda: (p if len(p := ready_pods(cluster, namespace, selector)) == count else None),
-                          f"{count} Ready pod(s) {selector} in {namespace}", timeout=timeout, interval=1.0,
-                          detail=lambda: cluster.kubectl("-n", namespace, "get", "pods,events", "-o", "wide",
-                                                     check=False).stdout, tolerate=(Exception,), error=ClusterError)
+    return poll(lambda: (p if len(p := ready_pods(cluster, namespace, selector)) == count else None),
+                f"{count} Ready pod(s) {selector} in {namespace}", timeout=timeout, interval=1.0,
+                detail=lambda: cluster.kubectl("-n", namespace, "get", "pods,events", "-o", "wide",
+                                           check=False).stdout)
 
 
 def pod_exec(cluster: KubeCluster, namespace: str, pod: str, argv: Sequence[str],

@@ -21,7 +21,6 @@ import pytest
 
 from testbed import e2e
 from testbed import kubecluster as kc
-from testbed.bed import wait_until
 from testbed.kubecluster import KubeCluster
 
 pytestmark = pytest.mark.timeout(900)
@@ -50,8 +49,8 @@ def ns(kube: KubeCluster) -> Iterator[str]:
     name = f"t-{secrets.token_hex(3)}"
     kc.apply(kube, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     # The namespace's default ServiceAccount must exist before pods can be created in it.
-    wait_until(lambda: kube.kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
-               f"serviceaccount default in {name}", timeout=60, tolerate=(Exception,), interval=0.5)
+    kc.poll(lambda: kube.kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
+            f"serviceaccount default in {name}", timeout=60)
     try:
         yield name
     finally:
@@ -179,7 +178,7 @@ def test_kubelet_http_and_tcp_probes_keep_working(kube: KubeCluster, ns: str) ->
         return {p["metadata"]["name"] for p in current} == first_ready and all(
             _ready_for(p) >= 20 for p in current)
 
-    wait_until(probed_for_a_while, "probed pods Ready for 20s", timeout=90, interval=2, tolerate=(Exception,))
+    kc.poll(probed_for_a_while, "probed pods Ready for 20s", timeout=90, interval=2)
     for pod in kc.get(kube, "pods", "-l", "app=probed", namespace=ns)["items"]:
         assert pod["status"]["containerStatuses"][0]["restartCount"] == 0, pod["metadata"]["name"]
 
@@ -202,13 +201,12 @@ def test_deployment_rolling_update_under_traffic_fails_no_request(kube: KubeClus
     script = _background_loop(url)
     kc.pod_exec(kube, ns, "client", ["sh", "-c", script])
     kube.kubectl("-n", ns, "set", "env", "deployment/web", "ROLL=1")
-    wait_until(lambda: kc.rollout_done(kube, ns, "deployment/web"), "the rollout of deployment/web", timeout=240,
-               interval=1, tolerate=(Exception,))
+    kc.poll(lambda: kc.rollout_done(kube, ns, "deployment/web"), "the rollout of deployment/web", timeout=240,
+            interval=1)
     new = {p["metadata"]["name"] for p in kc.wait_ready(kube, ns, "app=web", 2)}
     assert not new & old
     # Keep the traffic going until the new pods have answered, then stop it.
-    wait_until(lambda: new <= set(answers(_loop_lines(kube, ns))), "answers from the new pods", timeout=60,
-               tolerate=(Exception,), interval=0.5)
+    kc.poll(lambda: new <= set(answers(_loop_lines(kube, ns))), "answers from the new pods", timeout=60)
     lines = _stop_loop(kube, ns)
     assert len(lines) > 50
     assert not failures(lines), failures(lines)[:10]
@@ -234,8 +232,7 @@ def test_daemonset_rolling_update_under_traffic_fails_no_request(kube: KubeClust
     assert {p["metadata"]["uid"] for p in agents}.isdisjoint(old_agents)
     assert {p["spec"]["containers"][0]["image"] for p in agents} == {f"{kc.ZEROPROXY_IMAGE}:{new_tag}"}
     n_before = len(_loop_lines(kube, ns))
-    wait_until(lambda: len(_loop_lines(kube, ns)) > n_before + 20, "traffic after the rollout", timeout=60,
-               tolerate=(Exception,), interval=0.5)
+    kc.poll(lambda: len(_loop_lines(kube, ns)) > n_before + 20, "traffic after the rollout", timeout=60)
     lines = _stop_loop(kube, ns)
     assert len(lines) > 50
     assert not failures(lines), failures(lines)[:10]
@@ -312,17 +309,17 @@ def test_nodeport_from_an_external_host_on_either_node(kube: KubeCluster, ns: st
     port = kc.get(kube, "service", "web", namespace=ns)["spec"]["ports"][0]["nodePort"]
     for node in kube.nodes:
         url = f"http://{node.ip}:{port}/hostname"
-        lines = wait_until(lambda u=url: (
+        lines = kc.poll(lambda u=url: (
             ok if not failures(ok := _external_curl(kube, ext.netns, u, 30)) else None), f"NodePort {url} from outside",
-            timeout=60, tolerate=(Exception,), interval=0.5)
+            timeout=60)
         assert set(answers(lines)) == names, (node.name, answers(lines))
     local_port = kc.get(kube, "service", "local", namespace=ns)["spec"]["ports"][0]["nodePort"]
     for pod in backends:
         node = kube.node(pod["spec"]["nodeName"])
         url = f"http://{node.ip}:{local_port}/clientip"
-        lines = wait_until(lambda u=url: (
+        lines = kc.poll(lambda u=url: (
             ok if not failures(ok := _external_curl(kube, ext.netns, u, 5)) else None), f"eTP=Local {url}",
-            timeout=60, tolerate=(Exception,), interval=0.5)
+            timeout=60)
         assert {ln.removeprefix("OK:").rsplit(":", 1)[0] for ln in lines} == {ext.ip4}, lines
 
 
@@ -390,8 +387,8 @@ def _loop_lines(kube: KubeCluster, ns: str) -> list[str]:
 
 def _stop_loop(kube: KubeCluster, ns: str) -> list[str]:
     kc.pod_exec(kube, ns, "client", ["touch", "/tmp/stop"])
-    wait_until(lambda: kc.pod_exec(kube, ns, "client", ["test", "-e", "/tmp/done"], check=False).returncode == 0,
-               "the client loop to stop", timeout=30, tolerate=(Exception,), interval=0.5)
+    kc.poll(lambda: kc.pod_exec(kube, ns, "client", ["test", "-e", "/tmp/done"], check=False).returncode == 0,
+            "the client loop to stop", timeout=30)
     return _loop_lines(kube, ns)
 
 
