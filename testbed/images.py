@@ -56,9 +56,6 @@ K8S_BIN = CACHE_DIR / f"k8s-{K8S_VERSION}" / "bin"
 NODE_REPOSITORY = "localhost/zp"
 E2E_REPOSITORY = f"{NODE_REPOSITORY}/e2e"
 
-# Bumped whenever the writer's output changes for the same inputs, so cached archives are redone.
-FORMAT = 1
-
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Debian bookworm's merged /usr: the dynamic loader and every library path ldd prints go through
 # these, so each image has them, and files are always stored under their /usr paths.
@@ -612,8 +609,12 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def image_key(image: Image, hashes: HashCache) -> str:
-    """What decides an archive's bytes: the writer's format, the tags, the config, the files."""
-    body = _json({"format": FORMAT, "tags": image.tags, "config": image.config_body(),
+    """What decides an archive's bytes: the writer (this module's source), the tags, the config, the files.
+
+    The writer's own source, not a format number to bump by hand: an edit here that changes the
+    output (the history line once named the old module path) must never reuse an old archive.
+    """
+    body = _json({"code": hashes.sha256(Path(__file__).resolve()), "tags": image.tags, "config": image.config_body(),
                   "layer": image.layer.fingerprint(hashes)})
     return hashlib.sha256(body).hexdigest()
 
@@ -798,7 +799,7 @@ def _quick_key(k8s_bin: Path, only: Sequence[str], hashes: HashCache) -> str:
     inputs are the Kubernetes binaries, the installed Debian packages (dpkg's status file changes
     with every install, upgrade or removal) and this module, which says what goes in.
     """
-    parts: dict[str, Any] = {"format": FORMAT, "only": sorted(only), "k8s_bin": str(k8s_bin),
+    parts: dict[str, Any] = {"only": sorted(only), "k8s_bin": str(k8s_bin),
                              "code": hashes.sha256(Path(__file__).resolve()),
                              "dpkg": hashes.sha256(Path("/var/lib/dpkg/status"))}
     for name in K8S_BINARIES:
