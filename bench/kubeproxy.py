@@ -61,6 +61,7 @@ HEALTHZ_PORT = 10256
 CREATE_WORKERS = 8
 SYNC_PERIOD = "1h"
 MIN_SYNC_PERIOD = "1s"  # kube-proxy 1.20's default, written down so the results say it
+SETTLE_S = 2.5  # quiet for longer than minSyncPeriod: no sync is pending
 TABLES = ("nat", "filter", "mangle")
 _SVC_RULE = re.compile(r"^-A KUBE-SERVICES -d (\d+\.\d+\.\d+\.\d+)/32 .* -j KUBE-SVC-")
 
@@ -308,10 +309,15 @@ class KubeProxy:
                 order = self.rule_order(services, nat)
                 if len(order) == want:
                     seen = time.time() - since_wall
-                    # The sync that wrote them has ended by now, and nothing changes any more:
-                    # its end is the last sync timestamp (kube-proxy's clock is this machine's).
-                    after = self.metrics()
-                    ts_end = after.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", ts)
+                    # The sync that wrote them has ended by now: its end is the last sync
+                    # timestamp (kube-proxy's clock is this machine's).
+                    ts_end = self.metrics().get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", ts)
+                    # Events still queued (the list's adds, as the informers deliver them) can
+                    # bring one more sync a minSyncPeriod later, with KUBE-SERVICES in a new Go map
+                    # order: the order the client runs rely on is the one of the rules in force
+                    # once kube-proxy has been quiet for longer than that.
+                    nat, after = self._settled(nat, deadline)
+                    order = self.rule_order(services, nat)
                     lines = nat.splitlines()
                     return {"seconds": max(0.0, ts_end - since_wall), "seen_s": seen, "order": order,
                             "table_reads": polls,
@@ -321,6 +327,22 @@ class KubeProxy:
                             "nat_rules": sum(1 for x in lines if x.startswith("-A "))}
             time.sleep(0.05)
         raise RuntimeError(f"kube-proxy did not program {want} services within {timeout:.0f} s: {self.log_tail()}")
+
+    def _settled(self, nat: str, deadline: float) -> tuple[str, dict[str, float]]:
+        """The nat table and metrics once no sync has ended for SETTLE_S (re-read after each one)."""
+        m = self.metrics()
+        last = m.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", 0.0)
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < SETTLE_S:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kube-proxy never stopped syncing: {self.log_tail()}")
+            time.sleep(0.1)
+            m = self.metrics()
+            ts = m.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", last)
+            if ts != last:
+                last, quiet_since = ts, time.monotonic()
+                nat = self.save()
+        return nat, m
 
     def rss_kb(self) -> dict[str, int]:
         out = {"rss_kb": 0, "hwm_kb": 0}
