@@ -82,7 +82,10 @@ BLACKHOLE_GATEWAY_OFFSET = 254
 # Paths kubeadm, the kubelet, containerd and the CNI plugins hard-code or default to; each node
 # gets its own directory bind-mounted over each of them, inside its private mount namespace.
 NODE_PATHS = ("/etc/kubernetes", "/var/lib/kubelet", "/var/log/pods", "/var/log/containers",
-              "/etc/cni/net.d", "/var/lib/cni", "/run/containerd", "/var/lib/containerd")
+              "/etc/cni/net.d", "/var/lib/cni", "/run/containerd", "/var/lib/containerd",
+              # The etcd static pod's hostPath: Debian's etcd-server package may own a
+              # non-empty one on the host, and kubeadm refuses to init over it.
+              "/var/lib/etcd")
 # Where each node sees its own cgroup v2 subtree (the DaemonSet's `cgroup` hostPath in the bed).
 NODE_CGROUP2 = "/run/zeroproxy-node/cgroup2"
 CONTAINERD_SOCK = "/run/containerd/containerd.sock"

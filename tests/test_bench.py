@@ -280,8 +280,15 @@ def test_s2z_and_api_source_scenarios_smoke(bench_tools: None, stale_beds_remove
     argv = [sys.executable, "-m", "bench", "--services", "1", "--modes", "direct", "--scenarios", "s2z,apisource",
             "--s2z-cycles", "1", "--apisource-services", "3", "--rounds", "1", "--duration", "0.1", "--warmup", "0",
             "--no-bpf-stats", "--no-endpoint-change", "--no-plots", "--out", str(out), "--no-progress", "--no-setup"]
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Popen, not run: the bed state files it may leave are recognised by the bench's pid.
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     s2z = results["scale_to_zero"]
     assert s2z["cycles"] == 1 and len(s2z["wake_first_byte_s"]) == 1 and len(s2z["raw_restore_s"]) == 1
