@@ -83,13 +83,14 @@ class Controller:
         from dataplane import tc
         from dataplane.loader import SockDatapath
         from dataplane.services import ServiceMaps
+        from dataplane.table import DEFAULT_NODE_PORT_RANGE, DEFAULT_SNAT_PORTS
 
         t0 = time.perf_counter()
         self.datapath = SockDatapath(Path(cgroup), Path(pin_dir))
         self.datapath.load()
         if devices:
-            lo, hi = node_port_range or tc.DEFAULT_NODE_PORT_RANGE
-            s_lo, s_hi = snat_ports or tc.DEFAULT_SNAT_PORTS
+            lo, hi = node_port_range or DEFAULT_NODE_PORT_RANGE
+            s_lo, s_hi = snat_ports or DEFAULT_SNAT_PORTS
             self.tc = tc.NodeDatapath(Path(pin_dir), devices, netns=netns, node_port_range=(lo, hi),
                                       snat_ports=(s_lo, s_hi))
             self.tc.load()

@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from controlplane.config import DurationError, parse_duration
+from controlplane.config import DurationError, format_duration, parse_duration
 from scaletozero.state import LABELS, ProbeResponse, ScaleState
 
 PREFIX = "zeroproxy.io/"
@@ -55,16 +55,6 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_RESTORE_TIMEOUT = 30.0
 IDLE_TIMEOUT_BOUNDS = (1.0, 7 * 24 * 3600.0)
 RESTORE_TIMEOUT_BOUNDS = (1.0, 600.0)
-
-def format_duration(seconds: float) -> str:
-    """The shortest form parse_duration reads back (for CLI output)."""
-    if seconds >= 60 and seconds % 60 == 0:
-        hours, minutes = divmod(int(seconds) // 60, 60)
-        return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    return f"{seconds:g}s"
-
 
 def parked(state: str | None) -> bool:
     """True when an endpoint in this published state should get traffic only if all others do too.

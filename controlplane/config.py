@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from dataplane.table import DEFAULT_NODE_PORT_RANGE
+from dataplane.table import DEFAULT_NODE_PORT_RANGE, DEFAULT_SNAT_PORTS
 
 API_VERSION = "zeroproxy.io/v1alpha1"
 KIND = "ZeroproxyConfiguration"
@@ -107,7 +107,7 @@ class Config:
     # -- ours, appended -------------------------------------------------------------------------
     scale_to_zero: ScaleToZeroConfig = ScaleToZeroConfig()
     # source ports of SNATed NodePort flows; above Linux's ephemeral range (32768-60999) by default
-    snat_port_range: tuple[int, int] = (61000, 65535)
+    snat_port_range: tuple[int, int] = DEFAULT_SNAT_PORTS
 
     @property
     def effective_health_timeout(self) -> float:
@@ -610,9 +610,15 @@ def dump(cfg: Config) -> dict[str, Any]:
 
 
 def format_duration(seconds: float) -> str:
-    if seconds == int(seconds):
-        s = int(seconds)
-        h, rest = divmod(s, 3600)
-        m, sec = divmod(rest, 60)
-        return (f"{h}h" if h else "") + (f"{m}m" if m or h else "") + f"{sec}s"
-    return f"{round(seconds * 1000)}ms" if seconds < 1 else f"{seconds}s"
+    """Go's time.Duration form, as kube-proxy prints its config: ``24h0m0s``, ``1m30s``, ``250ms``.
+
+    The one formatter (config dumps, annotation errors); parse_duration reads every output back.
+    """
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, whole = divmod(rest, 60)
+    secs = f"{whole + (seconds - int(seconds)):g}s"
+    if hours:
+        return f"{hours}h{minutes}m{secs}"
+    return f"{minutes}m{secs}" if minutes else secs

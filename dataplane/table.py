@@ -16,6 +16,10 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # kube-apiserver's default --service-node-port-range, the one copy: the config's default, the
 # range translation checks nodePorts against, and the one the TC path's SNAT ports must avoid.
 DEFAULT_NODE_PORT_RANGE = (30000, 32767)
+# The TC path's SNAT source ports, the one copy (the config's default): above Linux's default
+# ip_local_port_range (32768-60999), so a SNATed flow never shares a port with a connection the
+# node opened itself, and above the NodePort range.
+DEFAULT_SNAT_PORTS = (61000, 65535)
 
 
 class Protocol(enum.IntEnum):

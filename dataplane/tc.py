@@ -29,7 +29,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from dataplane import maps
 from dataplane.loader import BPF_DIR, bpffs_mounted, inline_includes
-from dataplane.table import DEFAULT_NODE_PORT_RANGE
+from dataplane.table import DEFAULT_NODE_PORT_RANGE, DEFAULT_SNAT_PORTS
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,6 @@ CLSACT_INGRESS = "ffff:fff2"  # clsact's ingress and egress hooks, as pyroute2 w
 CLSACT_EGRESS = "ffff:fff3"
 FILTER_PRIO = 1  # one filter per hook; replacing it at this priority/handle is atomic
 FILTER_HANDLE = 1
-# Above Linux's default ip_local_port_range (32768-60999), so a SNATed flow never shares a port
-# with a connection the node opened itself, and above the NodePort range.
-DEFAULT_SNAT_PORTS = (61000, 65535)
 
 _libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
 
