@@ -61,6 +61,8 @@ class ConntrackConfig:
 DEFAULT_S2Z_RUNTIME_DIR = Path("/var/lib/zeroproxy/runtime")
 DEFAULT_S2Z_CRIU = Path("/var/tmp/zeroproxy/criu-4.2.1/criu")  # where scripts/build-criu.sh caches it
 DEFAULT_S2Z_STATE_FILE = Path("/run/zeroproxy/scale-to-zero.json")  # what `zeroproxy scale status` reads
+DEFAULT_S2Z_SHIM_SOCKET_DIR = Path("/run/zeroproxy/shim")  # the shim's own default (shim/task/config.go)
+S2Z_RUNTIMES = ("runc", "shim")
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,12 @@ class ScaleToZeroConfig:
     >= 4.2.1 and the pods' containers in a runtime directory the agent can drive."""
 
     enabled: bool = False
+    # Who runs the opted-in pods' containers: "shim" (containerd-shim-zeroproxy-v2, pods with
+    # runtimeClassName: zeroproxy, docs/shim.md) or "runc" (containers zeroproxy starts itself
+    # under runtime_dir, the sandbox and file-source setups).
+    runtime: str = "runc"
     runtime_dir: Path = DEFAULT_S2Z_RUNTIME_DIR  # RuncRuntime base dir; containers named <ns>.<pod>
+    shim_socket_dir: Path = DEFAULT_S2Z_SHIM_SOCKET_DIR  # where the shim serves its control sockets
     criu: Path = DEFAULT_S2Z_CRIU
     cgroup_parent: str = "/zeroproxy"  # cgroup of containers the runtime (re)creates
     restore_timeout: float = 30.0  # how long held clients wait; per pod: zeroproxy.io/restore-timeout
@@ -367,6 +374,13 @@ def _cgroup_parent(value: Any) -> str:
     return text
 
 
+def _s2z_runtime(value: Any) -> str:
+    text = _nonempty_string(value)
+    if text not in S2Z_RUNTIMES:
+        raise ValueError(f"must be one of {', '.join(S2Z_RUNTIMES)}, got {text!r}")
+    return text
+
+
 def _restore_timeout(value: Any) -> float:
     from controlplane import annotations
 
@@ -381,7 +395,9 @@ _DURATION_PARSERS = (_positive_duration, _nonnegative_duration, _optional_durati
 
 _SCALE_TO_ZERO_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "enabled": ("enabled", _bool),
+    "runtime": ("runtime", _s2z_runtime),
     "runtimeDir": ("runtime_dir", _path),
+    "shimSocketDir": ("shim_socket_dir", _path),
     "criu": ("criu", _path),
     "cgroupParent": ("cgroup_parent", _cgroup_parent),
     "restoreTimeout": ("restore_timeout", _restore_timeout),
@@ -602,7 +618,8 @@ def dump(cfg: Config) -> dict[str, Any]:
     out["conntrack"] = ct
     sz = cfg.scale_to_zero
     out["scaleToZero"] = {
-        "enabled": sz.enabled, "runtimeDir": str(sz.runtime_dir), "criu": str(sz.criu),
+        "enabled": sz.enabled, "runtime": sz.runtime, "runtimeDir": str(sz.runtime_dir),
+        "shimSocketDir": str(sz.shim_socket_dir), "criu": str(sz.criu),
         "cgroupParent": sz.cgroup_parent, "restoreTimeout": format_duration(sz.restore_timeout),
         "stateFile": str(sz.state_file), "pollInterval": format_duration(sz.poll_interval),
     }

@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from controlplane import annotations
 from scaletozero.activator import ScaleMetrics
-from scaletozero.runtime import ContainerRuntime
+from scaletozero.runtime import ContainerRuntime, RuntimeDriverError
 from scaletozero.scaler import ScaledPod, Scaler
 from scaletozero.state import ScaleState
 
@@ -54,12 +55,6 @@ def publication(old: ScaleState | None, new: ScaleState | None, reason: str = ""
     return label, event
 
 
-def container_id(namespace: str, name: str) -> str:
-    """The id under which a pod's backend container lives in the node's runtime: ``<namespace>.<pod>``
-    (runc allows [A-Za-z0-9_.+-]; a namespace has no dot, so the first one separates them)."""
-    return f"{namespace}.{name}"
-
-
 def scaled_pod(pod: Any, container: str, netns: Path) -> tuple[ScaledPod | None, list[str]]:
     """A ScaledPod for a translated pod (controlplane.translate.PodInfo) if it opted in.
 
@@ -83,8 +78,8 @@ def scaled_pod(pod: Any, container: str, netns: Path) -> tuple[ScaledPod | None,
 
 def node_pods(pods: Iterable[Any], node_name: str, runtime: ContainerRuntime) -> tuple[dict[str, ScaledPod],
                                                                                         list[str]]:
-    """The ScaledPods of this node's opted-in pods (translated PodInfo) whose containers the runtime
-    has under :func:`container_id`; and every problem (bad annotations, an opted-in pod without
+    """The ScaledPods of this node's opted-in pods (translated PodInfo) whose container the runtime
+    has (``runtime.pod_container``); and every problem (bad annotations, an opted-in pod without
     its container), one line each, naming the pod.
 
     The pod's netns is the container's (``runtime.netns``): for runc the bundle's, for pods the
@@ -95,16 +90,20 @@ def node_pods(pods: Iterable[Any], node_name: str, runtime: ContainerRuntime) ->
     for pod in pods:
         if pod.node_name != node_name or pod.terminating:
             continue
-        cid = container_id(pod.namespace, pod.name)
-        netns = runtime.netns(cid)
-        target, bad = scaled_pod(pod, cid, netns or Path("/nonexistent"))
+        target, bad = scaled_pod(pod, "", Path("/nonexistent"))
         problems += bad
         if target is None:
             continue
-        if netns is None:
-            problems.append(f"{target.name}: opted in, but the runtime has no container {cid}")
+        try:
+            cid = runtime.pod_container(pod.namespace, pod.name)
+            netns = runtime.netns(cid) if cid is not None else None
+        except RuntimeDriverError as e:
+            problems.append(f"{target.name}: opted in, but {e.reason}")
             continue
-        want[target.name] = target
+        if cid is None or netns is None:
+            problems.append(f"{target.name}: opted in, but {runtime.describe_missing(pod.namespace, pod.name)}")
+            continue
+        want[target.name] = replace(target, container_id=cid, netns=netns)
     return want, problems
 
 
@@ -139,16 +138,23 @@ class NodeScaler:
         self._published: dict[str, str | None] = {}
 
     async def start(self) -> None:
-        from scaletozero.runc import RuncRuntime
+        if self.cfg.runtime == "shim":
+            from scaletozero.shimruntime import ShimRuntime
 
-        self.runtime = RuncRuntime(Path(self.cfg.runtime_dir), Path(self.cfg.criu),
-                                   cgroup_parent=self.cfg.cgroup_parent)
+            self.runtime = ShimRuntime(Path(self.cfg.shim_socket_dir))
+        else:
+            from scaletozero.runc import RuncRuntime
+
+            self.runtime = RuncRuntime(Path(self.cfg.runtime_dir), Path(self.cfg.criu),
+                                       cgroup_parent=self.cfg.cgroup_parent)
         self.scaler = Scaler(self.runtime, restore_timeout=self.cfg.restore_timeout,
                              poll_interval=self.cfg.poll_interval, state_file=Path(self.cfg.state_file),
                              metrics=self.metrics, on_state=self._on_state)
         await self.scaler.start()
         self._task = asyncio.get_running_loop().create_task(self._follow())
-        log.info("scale to zero on: runtime %s, state file %s", self.cfg.runtime_dir, self.cfg.state_file)
+        log.info("scale to zero on: runtime %s (%s), state file %s", self.cfg.runtime,
+                 self.cfg.shim_socket_dir if self.cfg.runtime == "shim" else self.cfg.runtime_dir,
+                 self.cfg.state_file)
 
     def pods_changed(self) -> None:
         """The source delivered Pods: look again at which pods are opted in (cheap when none changed)."""

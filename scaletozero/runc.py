@@ -52,7 +52,7 @@ from scaletozero.runtime import (
     RuntimeDriverError,
     cgroup_mounts,
 )
-from scaletozero.sockets import process_listen_ports
+from scaletozero.sockets import clear_time_wait, process_listen_ports
 from scaletozero.state import ContainerState
 
 log = logging.getLogger(__name__)
@@ -99,22 +99,7 @@ def failure(what: str, stderr: str, runc_log: str, criu_log: str) -> tuple[str, 
                        if "Error (" in line and "rlimit" not in line), "")
     if criu_error:
         out += "; CRIU: " + criu_error
-    return out, _kind(out)
-
-
-# Causes in runc's message or CRIU's first error line -> kind (the texts of runc 1.1.5 and CRIU 4.2.1).
-_CAUSES = (
-    ("In-flight connection", FailureKind.IN_FLIGHT),  # dump: a connection in a listener's accept queue
-    ("tcp-established", FailureKind.ESTABLISHED),  # dump: "Connected TCP socket, consider using --tcp-established"
-    ("Address already in use", FailureKind.ADDR_IN_USE),  # restore: bind of the app's listener
-)
-
-
-def _kind(line: str) -> FailureKind:
-    for needle, kind in _CAUSES:
-        if needle in line:
-            return kind
-    return FailureKind.CRIU_ERROR if "criu" in line.lower() else FailureKind.OTHER
+    return out, FailureKind.of(out)
 
 
 class RuncRuntime(ContainerRuntime):
@@ -585,28 +570,11 @@ class RuncRuntime(ContainerRuntime):
         return [int(p) for p in json.loads(out or "[]")]
 
     def _clear_time_wait(self, cid: str) -> None:
-        """Destroy TIME_WAIT sockets on the ports the container listened on before its dump.
-
-        Connections the app (or the activation proxy, which accepts on the app's port) closed
-        first leave TIME_WAIT sockets on that port for 60 s. CRIU re-binds the listener with the
-        options it had; an app that did not set SO_REUSEADDR then fails to restore with
-        EADDRINUSE. Dropping those sockets (sock_diag destroy, `ss -K`) is what SO_REUSEADDR
-        would have tolerated anyway, and is done only for this container's own ports.
-        """
+        """Free the ports the container listened on before its dump (sockets.clear_time_wait)."""
         ports = self._read_meta(cid).get("listen_ports") or []
-        if not ports:
-            return
         netns = self.netns(cid)
-        for port in ports:
-            res = subprocess.run(
-                ["nsenter", f"--net={netns}", "ss", "-K", "-tan", "state", "time-wait", "sport", "=", f":{port}"],
-                capture_output=True,
-                text=True,
-                timeout=self.timeout,
-                check=False,
-            )
-            if res.returncode != 0:
-                log.warning("restore %s: could not clear TIME_WAIT on port %d: %s", cid, port, res.stderr.strip())
+        if ports and netns is not None:
+            clear_time_wait(netns, ports, what=cid, timeout=self.timeout)
 
     def netns(self, container_id: str) -> Path | None:
         """The netns path in the container's OCI bundle (None: no such container)."""

@@ -41,10 +41,27 @@ class FailureKind(enum.StrEnum):
     CRIU_ERROR = "criu_error"  # any other CRIU failure
     OTHER = "other"  # not a CRIU failure (wrong state, runc itself, ...)
 
+    @classmethod
+    def of(cls, line: str) -> FailureKind:
+        """The kind of a runc/CRIU failure from its one-line message: the one table of their
+        texts (runc 1.1.5, CRIU 4.2.1), for the runc driver and the shim's answers alike."""
+        for needle, kind in _CAUSES:
+            if needle in line:
+                return kind
+        return cls.CRIU_ERROR if "criu" in line.lower() else cls.OTHER
+
     @property
     def not_idle(self) -> bool:
         """A dump refused because the pod was in use: it stays running, nothing is wrong."""
         return self in (FailureKind.IN_FLIGHT, FailureKind.ESTABLISHED)
+
+
+# Causes in runc's message or CRIU's first error line -> kind.
+_CAUSES = (
+    ("In-flight connection", FailureKind.IN_FLIGHT),  # dump: a connection in a listener's accept queue
+    ("tcp-established", FailureKind.ESTABLISHED),  # dump: "Connected TCP socket, consider using --tcp-established"
+    ("Address already in use", FailureKind.ADDR_IN_USE),  # restore: bind of the app's listener
+)
 
 
 class RuntimeDriverError(Exception):
@@ -137,6 +154,17 @@ class ContainerRuntime(abc.ABC):
     def listen_ports(self, container_id: str) -> set[int]:
         """TCP ports the container's own processes listen on: now if it runs, at its last
         checkpoint if it is parked (what a scaler adopting a checkpointed pod must catch)."""
+
+    def pod_container(self, namespace: str, pod: str) -> str | None:
+        """The id of the pod's container in this runtime, None if it has none. By default
+        ``<namespace>.<pod>``, the name zeroproxy gives the containers it starts itself (runc
+        allows [A-Za-z0-9_.+-]; a namespace has no dot, so the first one separates them)."""
+        cid = f"{namespace}.{pod}"
+        return cid if cid in self.containers() else None
+
+    def describe_missing(self, namespace: str, pod: str) -> str:
+        """Why pod_container found nothing, for the problem line an opted-in pod gets."""
+        return f"the runtime has no container {namespace}.{pod}"
 
     @abc.abstractmethod
     def checkpoint(self, container_id: str) -> Path:

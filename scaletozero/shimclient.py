@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaletozero.runc import _kind as runc_failure_kind
 from scaletozero.runtime import FailureKind
 from scaletozero.state import ContainerState
 
@@ -63,13 +62,13 @@ class ShimError(Exception):
     def failure(self) -> FailureKind:
         """The failure in the runtime contract's terms (a metrics label; ``not_idle`` for dumps
         refused because the pod was in use). Under the shim the same runc and CRIU write the
-        same texts as under the runc driver, so its table classifies them."""
+        same texts as under the runc driver: FailureKind.of classifies them."""
         if self.kind == "not_found" and self.result is not None and self.result.op == "restore":
             return FailureKind.NO_IMAGES
         if self.kind == "timeout":
             return FailureKind.TIMEOUT
         if self.kind == "failed":
-            return runc_failure_kind(f"{self.reason} {self.criu_error}")
+            return FailureKind.of(f"{self.reason} {self.criu_error}")
         return FailureKind.OTHER
 
 
@@ -110,7 +109,10 @@ class ShimState:
     """What the shim knows of one container."""
 
     id: str
-    namespace: str
+    namespace: str  # containerd's namespace ("k8s.io" for the CRI plugin's containers)
+    bundle: str
+    netns: str  # the OCI spec's network namespace path; "" when the container made its own
+    annotations: Mapping[str, str]  # the spec's io.kubernetes.cri.* and zeroproxy.io/* annotations
     state: ContainerState
     dumping: bool  # a checkpoint is running (state stays running until it succeeds)
     pid: int | None
@@ -182,13 +184,26 @@ class ShimClient:
             raise ValueError(f"bad container id {container_id!r}")
         return self.socket_dir / f"{container_id}.sock"
 
+    def container_ids(self) -> list[str]:
+        """The ids of the containers whose control sockets are in the directory (a socket left by
+        a dead shim included: its calls raise ShimUnreachable)."""
+        try:
+            return sorted(p.name[:-5] for p in self.socket_dir.iterdir() if p.name.endswith(".sock"))
+        except FileNotFoundError:
+            return []
+
     def state(self, container_id: str) -> ShimState:
         obj = self._call(container_id, "GET", "/v1/state")
         last = obj.get("last")
         images = _field(obj, "images", str, container_id, "")
         pid = _field(obj, "pid", int, container_id, 0)
+        annotations = _field(obj, "annotations", dict, container_id, {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
+            raise ShimError(container_id, f"bad answer: field 'annotations' is {annotations!r}")
         return ShimState(
             id=_field(obj, "id", str, container_id), namespace=_field(obj, "namespace", str, container_id),
+            bundle=_field(obj, "bundle", str, container_id, ""), netns=_field(obj, "netns", str, container_id, ""),
+            annotations=annotations,
             state=_state(obj.get("state"), container_id), dumping=_field(obj, "dumping", bool, container_id, False),
             pid=pid or None, images=Path(images) if images else None,
             checkpoints=_field(obj, "checkpoints", int, container_id, 0),

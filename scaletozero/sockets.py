@@ -13,8 +13,11 @@ for LISTEN every 2 ms (docs/architecture-decisions.md).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +26,8 @@ from pyroute2 import DiagSocket
 from pyroute2.netlink.exceptions import NetlinkError
 
 from dataplane.netns import in_netns
+
+log = logging.getLogger(__name__)
 
 # TCP states (include/net/tcp_states.h) and their bits in a sock_diag state filter.
 TCP_ESTABLISHED = 1
@@ -107,3 +112,42 @@ def process_listen_ports(pids: list[int]) -> set[int]:
                 inodes.add(int(target[8:-1]))
     with NetnsSockets(Path(f"/proc/{pids[0]}/ns/net")) as sk:
         return {s.local_port for s in sk.tcp(LISTEN) if s.inode in inodes}
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every descendant (from /proc/<pid>/task/*/children), parents first; [] if it
+    is gone. For a container whose processes are known only by its init's pid (the shim's)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop(0)
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue  # exited meanwhile
+        out.append(p)
+        for tid in tasks:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+    return out
+
+
+def clear_time_wait(netns: str | os.PathLike[str], ports: Iterable[int], *, what: str, timeout: float = 10.0) -> None:
+    """Destroy the TIME_WAIT sockets on these local ports of a netns, before a restore.
+
+    Connections the app (or the activation proxy, which accepts on the app's port) closed first
+    leave TIME_WAIT sockets on that port for 60 s. CRIU re-binds the listener with the options it
+    had; an app that did not set SO_REUSEADDR then fails to restore with EADDRINUSE. Dropping
+    those sockets (sock_diag destroy, `ss -K`) is what SO_REUSEADDR would have tolerated anyway;
+    callers pass only the container's own ports. A failure is logged (``what`` names the
+    container), not raised: the restore then says what is wrong.
+    """
+    for port in ports:
+        res = subprocess.run(
+            ["nsenter", f"--net={netns}", "ss", "-K", "-tan", "state", "time-wait", "sport", "=", f":{port}"],
+            capture_output=True, text=True, timeout=timeout, check=False)
+        if res.returncode != 0:
+            log.warning("restore %s: could not clear TIME_WAIT on port %d: %s", what, port, res.stderr.strip())

@@ -169,7 +169,8 @@ def test_every_flag_goes_through_its_fields_parser() -> None:
         "healthzBindAddress": "", "apiServer": "https://10.0.0.1:6443"}
     assert got["clientConnection"] == {"kubeconfig": "/k"}
     assert got["scaleToZero"] | {"pollInterval": None} == {
-        "enabled": True, "runtimeDir": "/r", "criu": "/c", "cgroupParent": "/zp", "restoreTimeout": "1m0s",
+        "enabled": True, "runtime": "runc", "runtimeDir": "/r", "shimSocketDir": "/run/zeroproxy/shim",
+        "criu": "/c", "cgroupParent": "/zp", "restoreTimeout": "1m0s",
         "stateFile": "/s.json", "pollInterval": None}
     out = _agent("--print-config", "--nodeport-addresses", "10.0.0.0/8,bad", "--sync-period", "0",
                  "--restore-timeout", "20m", "--s2z-cgroup-parent", "zp", "--min-sync-period", "-1")

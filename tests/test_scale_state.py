@@ -168,20 +168,25 @@ def test_scale_to_zero_config_fields_and_flags(tmp_path: Any) -> None:
     sz = cfg.scale_to_zero
     assert (sz.enabled, str(sz.runtime_dir), sz.restore_timeout, sz.poll_interval) == (True, "/rt", 45.0, 0.25)
     assert str(sz.criu) == str(config.DEFAULT_S2Z_CRIU)  # unset fields keep their defaults
+    assert (sz.runtime, sz.shim_socket_dir) == ("runc", config.DEFAULT_S2Z_SHIM_SOCKET_DIR)
+    shim = config.parse({**doc, "scaleToZero": {"enabled": True, "runtime": "shim", "shimSocketDir": "/s"}})
+    assert (shim.scale_to_zero.runtime, str(shim.scale_to_zero.shim_socket_dir)) == ("shim", "/s")
     assert config.parse(config.dump(cfg)) == cfg  # --print-config round trip
     with pytest.raises(config.ConfigError) as e:
         config.parse({**doc, "scaleToZero": {"enabled": "yes", "restoreTimeout": "1h", "cgroupParent": "rel",
-                                             "typo": 1}})
+                                             "runtime": "crio", "typo": 1}})
     assert e.value.problems == [
         "scaleToZero.enabled: must be true or false, got the string 'yes'",
         "scaleToZero.restoreTimeout: must be between 1s and 600s, got '1h'",
         "scaleToZero.cgroupParent: must be an absolute cgroup path like /zeroproxy, got 'rel'",
-        "scaleToZero.typo: unknown field (known: enabled, runtimeDir, criu, cgroupParent, restoreTimeout, "
-        "stateFile, pollInterval)",
+        "scaleToZero.runtime: must be one of runc, shim, got 'crio'",
+        "scaleToZero.typo: unknown field (known: enabled, runtime, runtimeDir, shimSocketDir, criu, cgroupParent, "
+        "restoreTimeout, stateFile, pollInterval)",
     ]
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(doc))
     args = build_parser().parse_args(["agent", "--config", str(path), "--source", "file:/x", "--criu", "/c",
-                                      "--restore-timeout", "20s"])
+                                      "--restore-timeout", "20s", "--s2z-runtime", "shim"])
     sz = agent_config(args).scale_to_zero
-    assert (sz.enabled, str(sz.runtime_dir), str(sz.criu), sz.restore_timeout) == (True, "/rt", "/c", 20.0)
+    assert (sz.enabled, str(sz.runtime_dir), str(sz.criu), sz.restore_timeout, sz.runtime) == (
+        True, "/rt", "/c", 20.0, "shim")

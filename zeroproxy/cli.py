@@ -87,6 +87,7 @@ def agent_config(args: argparse.Namespace) -> Config:
         "minSyncPeriod": ("--min-sync-period", args.min_sync_period),
         "watchPods": ("--watch-pods", args.watch_pods),
         "scaleToZero.enabled": ("--scale-to-zero", args.scale_to_zero),
+        "scaleToZero.runtime": ("--s2z-runtime", args.s2z_runtime),
         "scaleToZero.runtimeDir": ("--runtime-dir", args.runtime_dir),
         "scaleToZero.criu": ("--criu", args.criu),
         "scaleToZero.cgroupParent": ("--s2z-cgroup-parent", args.s2z_cgroup_parent),
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also watch this node's Pods (scale to zero needs them)")
     a.add_argument("--scale-to-zero", action="store_const", const=True, default=None,
                    help="checkpoint idle opted-in pods of this node and wake them on demand (implies --watch-pods)")
+    a.add_argument("--s2z-runtime", default=None, choices=("runc", "shim"),
+                   help="scale to zero: who runs the pods' containers: the zeroproxy containerd shim "
+                        "(runtimeClassName: zeroproxy) or runc under --runtime-dir (default runc)")
     a.add_argument("--runtime-dir", default=None, help="scale to zero: runc runtime dir of the pods' containers")
     a.add_argument("--criu", default=None, help="scale to zero: CRIU >= 4.2.1 binary")
     a.add_argument("--s2z-cgroup-parent", default=None, help="scale to zero: cgroup of restored containers")

@@ -1,7 +1,12 @@
 package task
 
 import (
+	"encoding/json"
+	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -39,6 +44,7 @@ type container struct {
 	req  taskAPI.CreateTaskRequest
 	opts *options.Options
 	dir  string // checkpoint images and CRIU's logs
+	spec bundleSpec
 
 	// op serialises the operations that change which process exists (create/start aside):
 	// checkpoint, restore, kill, exec and delete. It is held across runc and CRIU, so nothing
@@ -67,12 +73,13 @@ type container struct {
 	server      *http.Server
 }
 
-func newContainer(ns string, req *taskAPI.CreateTaskRequest, opts *options.Options) *container {
+func newContainer(ns string, req *taskAPI.CreateTaskRequest, opts *options.Options, spec bundleSpec) *container {
 	return &container{
 		id:        req.ID,
 		namespace: ns,
 		req:       *req,
 		opts:      opts,
+		spec:      spec,
 		dir:       containerDir(ns, req.ID),
 		state:     StateCreated,
 		hidden:    map[int]bool{},
@@ -112,23 +119,78 @@ type OpResult struct {
 	At        time.Time `json:"at"`
 }
 
+// bundleSpec is what the agent needs from the container's OCI spec to find it: the pod it
+// belongs to (the CRI plugin's annotations) and the network namespace it joins.
+type bundleSpec struct {
+	Annotations map[string]string
+	Netns       string
+}
+
+// Annotations of the OCI spec that the state verb passes on: the CRI plugin's (pod namespace and
+// name, container name and type, sandbox id) and zeroproxy's own, if containerd passes them.
+var statePrefixes = []string{"io.kubernetes.cri.", "zeroproxy.io/"}
+
+// readBundleSpec reads config.json of a bundle; only the fields bundleSpec keeps.
+func readBundleSpec(bundle string) (bundleSpec, error) {
+	var doc struct {
+		Annotations map[string]string `json:"annotations"`
+		Linux       *struct {
+			Namespaces []struct {
+				Type string `json:"type"`
+				Path string `json:"path"`
+			} `json:"namespaces"`
+		} `json:"linux"`
+	}
+	path := filepath.Join(bundle, "config.json")
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return bundleSpec{}, err
+	}
+	if err := json.Unmarshal(raw, &doc); err != nil {
+		return bundleSpec{}, fmt.Errorf("%s: %w", path, err)
+	}
+	spec := bundleSpec{Annotations: map[string]string{}}
+	for k, v := range doc.Annotations {
+		for _, prefix := range statePrefixes {
+			if strings.HasPrefix(k, prefix) {
+				spec.Annotations[k] = v
+			}
+		}
+	}
+	if doc.Linux != nil {
+		for _, ns := range doc.Linux.Namespaces {
+			if ns.Type == "network" {
+				spec.Netns = ns.Path
+			}
+		}
+	}
+	return spec, nil
+}
+
 // StateReply is the answer to the state verb.
 type StateReply struct {
-	ID          string    `json:"id"`
-	Namespace   string    `json:"namespace"`
-	State       State     `json:"state"`
-	Dumping     bool      `json:"dumping"`
-	Pid         int       `json:"pid"` // 0 unless a process exists
-	Images      string    `json:"images,omitempty"`
-	Checkpoints int       `json:"checkpoints"`
-	Restores    int       `json:"restores"`
-	Last        *OpResult `json:"last,omitempty"`
+	ID        string `json:"id"`
+	Namespace string `json:"namespace"`
+	Bundle    string `json:"bundle"`
+	// Netns is the network namespace path of the OCI spec: the sandbox's file for a pod's
+	// sandbox, /proc/<sandbox pid>/ns/net for its containers under the CRI plugin, "" when the
+	// container has a network namespace of its own.
+	Netns       string            `json:"netns"`
+	Annotations map[string]string `json:"annotations"`
+	State       State             `json:"state"`
+	Dumping     bool              `json:"dumping"`
+	Pid         int               `json:"pid"` // 0 unless a process exists
+	Images      string            `json:"images,omitempty"`
+	Checkpoints int               `json:"checkpoints"`
+	Restores    int               `json:"restores"`
+	Last        *OpResult         `json:"last,omitempty"`
 }
 
 func (c *container) stateReply() StateReply {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	r := StateReply{ID: c.id, Namespace: c.namespace, State: c.state, Dumping: c.dumping,
+	r := StateReply{ID: c.id, Namespace: c.namespace, Bundle: c.req.Bundle, Netns: c.spec.Netns,
+		Annotations: c.spec.Annotations, State: c.state, Dumping: c.dumping,
 		Checkpoints: c.checkpoints, Restores: c.restores, Last: c.last}
 	if c.rc != nil && c.state == StateRunning {
 		r.Pid = c.pid

@@ -163,9 +163,13 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 	if err != nil {
 		return nil, err
 	}
+	spec, err := readBundleSpec(r.Bundle)
+	if err != nil {
+		return nil, errdefs.ToGRPC(fmt.Errorf("container %s: %w", r.ID, err))
+	}
 	req := *r
 	req.Options = anyOpts
-	c := newContainer(ns, &req, opts)
+	c := newContainer(ns, &req, opts, spec)
 	if err := s.serveControl(c); err != nil {
 		return nil, errdefs.ToGRPC(err)
 	}
