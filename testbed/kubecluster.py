@@ -65,6 +65,7 @@ K8S_VERSION = "1.20.2"
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("ZP_CACHE_DIR", "/var/tmp/zeroproxy"))
 BIN_DIR = CACHE_DIR / f"k8s-{K8S_VERSION}" / "bin"
+NODE_PATH = f"{BIN_DIR}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # PATH in a node
 IMAGES_DIR = CACHE_DIR / "images"
 DATA_DIR = CACHE_DIR / "clusters"  # node directories (containerd's images and snapshots: disk)
 STATE_DIR = Path("/run/zeroproxy-cluster")  # one JSON file per live cluster, for cleanup_stale()
@@ -85,10 +86,15 @@ NODE_PATHS = ("/etc/kubernetes", "/var/lib/kubelet", "/var/log/pods", "/var/log/
               "/etc/cni/net.d", "/var/lib/cni", "/run/containerd", "/var/lib/containerd",
               # The etcd static pod's hostPath: Debian's etcd-server package may own a
               # non-empty one on the host, and kubeadm refuses to init over it.
-              "/var/lib/etcd")
+              "/var/lib/etcd",
+              # zeroproxy's hostPaths (the agent's state, the shim's sockets and images) and
+              # CRIU's default config, which runc reads for every checkpoint (network-lock skip).
+              "/run/zeroproxy", "/var/lib/zeroproxy", "/etc/criu")
 # Where each node sees its own cgroup v2 subtree (the DaemonSet's `cgroup` hostPath in the bed).
 NODE_CGROUP2 = "/run/zeroproxy-node/cgroup2"
 CONTAINERD_SOCK = "/run/containerd/containerd.sock"
+# The RuntimeClass handler of containerd-shim-zeroproxy-v2 (manifests/50-runtimeclass.yaml).
+SHIM_HANDLER = "zeroproxy"
 
 BRINGUP_TIMEOUT_S = 300.0
 RESET_TIMEOUT_S = 60.0
@@ -125,6 +131,16 @@ def ensure_binaries() -> Path:
     out = subprocess.run(["bash", str(ROOT / "scripts" / "build-k8s.sh")], check=True,
                          stdout=subprocess.PIPE, text=True).stdout.strip()
     return Path(out.splitlines()[-1]) if out else BIN_DIR
+
+
+def ensure_shim() -> tuple[Path, Path]:
+    """containerd-shim-zeroproxy-v2 and the CRIU it runs (both built once, cached)."""
+    paths = []
+    for script in ("build-shim.sh", "build-criu.sh"):
+        out = subprocess.run(["bash", str(ROOT / "scripts" / script)], check=True,
+                             stdout=subprocess.PIPE, text=True).stdout.strip()
+        paths.append(Path(out.splitlines()[-1]))
+    return paths[0], paths[1]
 
 
 def ensure_images() -> Path:
@@ -266,6 +282,20 @@ class KubeNode:
     def _source(self, path: str) -> Path:
         return self.dir / path.strip("/").replace("/", "-")
 
+    def host_path(self, path: str | Path) -> Path:
+        """Where a path the node sees under one of its NODE_PATHS is on the host."""
+        path = Path(path)
+        for mount in sorted(NODE_PATHS, key=len, reverse=True):
+            if path == Path(mount) or Path(mount) in path.parents:
+                return self._source(mount) / path.relative_to(mount)
+        raise ValueError(f"{path} is not under a node path of {self.name} ({', '.join(NODE_PATHS)})")
+
+    def shim(self) -> Any:
+        """A client of the zeroproxy shims' control sockets on this node (scaletozero.shimclient)."""
+        from scaletozero.shimclient import DEFAULT_SOCKET_DIR, ShimClient
+
+        return ShimClient(self.host_path(DEFAULT_SOCKET_DIR))
+
     # -- namespaces and processes ----------------------------------------------------------------
 
     def start_namespaces(self) -> None:
@@ -310,7 +340,7 @@ class KubeNode:
             out = open(log_to, "ab")  # handed to the child, closed below
             kwargs.setdefault("stdout", out)
             kwargs.setdefault("stderr", subprocess.STDOUT)
-        full_env = {"PATH": f"{BIN_DIR}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        full_env = {"PATH": NODE_PATH,
                     "HOME": "/root", **(env or {})}
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         try:
@@ -359,16 +389,28 @@ class KubeNode:
             '    snapshotter = "overlayfs"',
             '    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]',
             '      runtime_type = "io.containerd.runc.v2"',
+            # RuntimeClass `zeroproxy` (manifests/50-runtimeclass.yaml): the shim, docs/shim.md.
+            f'    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{SHIM_HANDLER}]',
+            '      runtime_type = "io.containerd.zeroproxy.v2"',
+            '      pod_annotations = ["org.criu.config"]',
+            f'      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{SHIM_HANDLER}.options]',
+            f'        ConfigPath = "{self.dir / "shim.toml"}"',
             '  [plugins."io.containerd.grpc.v1.cri".cni]',
             f'    bin_dir = "{CNI_BIN_DIR}"',
             '    conf_dir = "/etc/cni/net.d"',
             "",
         ])
 
-    def start_containerd(self, images: Sequence[Path]) -> None:
+    def start_containerd(self, images: Sequence[Path], shim: Path, criu: Path) -> None:
         config = self.dir / "containerd.toml"
         config.write_text(self.containerd_config())
-        self.containerd = self.spawn(["containerd", "--config", str(config)], log_to=self.containerd_log)
+        # The shim's runc options: CRIU 4.2.1 (Debian's 3.17 cannot dump on this kernel); and
+        # CRIU's default config for runc, in the node's own /etc/criu: no network lock, which
+        # would be iptables rules (the pod's traffic is held by the activation proxy instead).
+        (self.dir / "shim.toml").write_text(f'CriuPath = "{criu}"\n')
+        (self._source("/etc/criu") / "runc.conf").write_text("network-lock skip\n")
+        self.containerd = self.spawn(["containerd", "--config", str(config)], log_to=self.containerd_log,
+                                     env={"PATH": f"{shim.parent}:{NODE_PATH}"})
         poll(lambda: self.run(["ctr", "--address", CONTAINERD_SOCK, "version"], check=False).returncode == 0,
              f"containerd on {self.name}", timeout=30,
              detail=lambda: _tail(self.containerd_log))
@@ -579,6 +621,7 @@ class KubeCluster:
         if bin_dir != BIN_DIR:
             raise ClusterError(f"scripts/build-k8s.sh put the binaries in {bin_dir}, expected {BIN_DIR}")
         images = self._image_archives(ensure_images())
+        shim, criu = ensure_shim()
         for path in [*NODE_PATHS, NODE_CGROUP2]:
             self._mountpoint(Path(path))
         underlay = self.bed.underlay4
@@ -595,7 +638,7 @@ class KubeCluster:
             _make_v1_cgroup(node.cgroup_root)
             node.start_namespaces()
             self._write_state()
-            node.start_containerd(images)
+            node.start_containerd(images, shim, criu)
             node.start_kubelet_loop()
         self._init(self.control_plane)
         for node in self.nodes[1:]:

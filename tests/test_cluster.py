@@ -19,6 +19,10 @@ from typing import Any
 
 import pytest
 
+from controlplane import annotations
+from scaletozero.shimclient import ShimState
+from scaletozero.shimruntime import CRI_CONTAINER_TYPE, CRI_POD_NAME, CRI_POD_NAMESPACE
+from scaletozero.state import ContainerState, ScaleState
 from testbed import e2e
 from testbed import kubecluster as kc
 from testbed.kubecluster import KubeCluster
@@ -338,6 +342,97 @@ def test_no_netfilter_rule_in_any_namespace(kube: KubeCluster, ns: str) -> None:
     assert len(pod_namespaces) >= 3  # the client and both backends at least
     offenders = {inode: text for inode, text in after.items() if inode != host and text.strip()}
     assert not offenders, json.dumps(offenders, indent=1)[:3000]
+
+
+# --- scale to zero: pods the kubelet runs, under containerd-shim-zeroproxy-v2 ----------------------
+
+
+def sleepy(name: str, *, idle: str = "4s", node: str = "node1") -> dict[str, Any]:
+    """netexec opted in to scale to zero: the RuntimeClass and the annotations, nothing else.
+
+    No probes and no preStop hook: a probe is traffic (it would keep the pod awake), and an exec
+    hook would restore a checkpointed pod just to run ``sleep``."""
+    d = netexec(name, 1, node=node, spread=False, probes=False)
+    template = d["spec"]["template"]
+    template["metadata"]["annotations"] = annotations.annotate(idle_timeout=idle)
+    template["spec"]["runtimeClassName"] = kc.SHIM_HANDLER
+    del template["spec"]["containers"][0]["lifecycle"]
+    return d
+
+
+def scale_state(kube: KubeCluster, ns: str, pod: str) -> str | None:
+    return kc.get(kube, "pod", pod, namespace=ns)["metadata"].get("labels", {}).get(annotations.STATE)
+
+
+def wait_scale_state(kube: KubeCluster, ns: str, pod: str, state: ScaleState, timeout: float = 90.0) -> None:
+    kc.poll(lambda: scale_state(kube, ns, pod) == state.label, f"pod {ns}/{pod} labelled {state.label}",
+            timeout=timeout, interval=0.5,
+            detail=lambda: kube.kubectl("-n", "zeroproxy", "logs", "daemonset/zeroproxy", "--tail=40",
+                                        check=False).stdout)
+
+
+def app_container(kube: KubeCluster, node: str, ns: str, pod: str) -> ShimState:
+    """The pod's app container as the node's shim reports it."""
+    client = kube.node(node).shim()
+    found = [st for cid in client.container_ids() if (st := client.state(cid)).annotations.get(
+        CRI_POD_NAMESPACE) == ns and st.annotations.get(CRI_POD_NAME) == pod
+        and st.annotations.get(CRI_CONTAINER_TYPE) == "container"]
+    assert len(found) == 1, [(c.id, dict(c.annotations)) for c in found]
+    return found[0]
+
+
+def pod_processes(pod: dict[str, Any], kube: KubeCluster) -> list[str]:
+    """The commands of every process in the pod's network namespace, from the host."""
+    sandbox = app_container(kube, pod["spec"]["nodeName"], pod["metadata"]["namespace"], pod["metadata"]["name"])
+    inode = kc.os.stat(sandbox.netns).st_ino
+    return sorted(kc.Path(f"/proc/{pid}/comm").read_text().strip() for pid in kc._pids_with_ns("net", inode))
+
+
+def test_scale_to_zero_checkpoints_a_kubelet_pod_it_stays_running_and_wakes(kube: KubeCluster, ns: str) -> None:
+    """A Deployment with runtimeClassName zeroproxy: once idle its process is gone and its images
+    are on disk while `kubectl get pod` shows it Running with restartCount 0 and its Endpoints
+    stay; a request through the ClusterIP from another pod wakes it with a correct reply, then
+    one to its pod IP; the log goes on across the restore. Pods without the RuntimeClass (the
+    client, every other test's) never run under the shim."""
+    kc.apply(kube, sleepy("sleepy"), service("sleepy"), client_pod(node="node2"), namespace=ns)
+    pod = kc.wait_ready(kube, ns, "app=sleepy", 1)[0]
+    name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+    kc.wait_ready(kube, ns, "app=client", 1)
+    vip = svc_ip(kube, ns, "sleepy")
+    first = curl_loop(kube, ns, f"http://{vip}/echo?msg=before", 1)
+    assert first == ["OK:before"], first
+
+    wait_scale_state(kube, ns, name, ScaleState.CHECKPOINTED)
+    parked = app_container(kube, "node1", ns, name)
+    assert parked.state is ContainerState.CHECKPOINTED and parked.pid is None, parked
+    assert parked.images is not None
+    assert (kube.node("node1").host_path(parked.images) / "inventory.img").is_file()
+    assert "agnhost" not in pod_processes(pod, kube) and "pause" in pod_processes(pod, kube)
+    status = kc.get(kube, "pod", name, namespace=ns)["status"]
+    assert status["phase"] == "Running", status
+    assert [(c["ready"], c["restartCount"], list(c["state"])) for c in status["containerStatuses"]] == [
+        (True, 0, ["running"])], status["containerStatuses"]
+    endpoints = kc.get(kube, "endpoints", "sleepy", namespace=ns)
+    assert [a["ip"] for sub in endpoints["subsets"] for a in sub["addresses"]] == [ip], endpoints
+    # Only the opted-in pod's sandbox and container run under the shim, on either node.
+    for node in kube.nodes:
+        for cid in node.shim().container_ids():
+            st = node.shim().state(cid)
+            assert (st.annotations.get(CRI_POD_NAMESPACE), st.annotations.get(CRI_POD_NAME)) == (ns, name), st
+
+    woke = curl_loop(kube, ns, f"http://{vip}/echo?msg=woke", 1)
+    assert woke == ["OK:woke"], woke
+    running = app_container(kube, "node1", ns, name)
+    assert running.state is ContainerState.RUNNING and running.restores == 1 and running.checkpoints == 1, running
+    wait_scale_state(kube, ns, name, ScaleState.RUNNING)
+    assert curl_loop(kube, ns, f"http://{ip}:{NETEXEC_PORT}/hostname", 1) == [f"OK:{name}"]
+    status = kc.get(kube, "pod", name, namespace=ns)["status"]
+    assert [c["restartCount"] for c in status["containerStatuses"]] == [0], status
+    log = kube.kubectl("-n", ns, "logs", name).stdout
+    assert log.index("/echo?msg=before") < log.index("/echo?msg=woke"), log[-2000:]
+    events = kube.kubectl("-n", ns, "get", "events", "--field-selector", f"involvedObject.name={name}",
+                          "-o", "jsonpath={.items[*].reason}").stdout.split()
+    assert {"Checkpointed", "Restored"} <= set(events), events
 
 
 # Specs zeroproxy may not pass although kube-proxy does, each with its reason.

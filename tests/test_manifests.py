@@ -77,7 +77,7 @@ def test_kustomization_installs_every_manifest_once_namespace_first() -> None:
 
 def test_every_object_names_itself_and_lives_in_the_namespace() -> None:
     namespace = by_kind("Namespace")["metadata"]["name"]
-    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding", "RuntimeClass"}
     kinds = []
     for obj in manifest_objects():
         assert obj.get("apiVersion") and obj.get("kind") and obj["metadata"].get("name"), obj
@@ -87,7 +87,7 @@ def test_every_object_names_itself_and_lives_in_the_namespace() -> None:
         else:
             assert obj["metadata"].get("namespace") == namespace, f"{obj['kind']} {obj['metadata']['name']}"
     assert sorted(kinds) == sorted(["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                                    "ConfigMap", "DaemonSet"])
+                                    "ConfigMap", "DaemonSet", "RuntimeClass"])
 
 
 def test_names_refer_to_each_other() -> None:
@@ -143,6 +143,10 @@ def test_configmap_config_loads_and_names_the_api_server() -> None:
     host = re.match(r"https://\[?([^\]/]+?)\]?:\d+$", cfg.api_server)
     assert host is not None and re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]+", host.group(1)), cfg.api_server
     assert cfg.watch_pods, "scale to zero reads this node's Pods"
+    # Scale to zero over the shim, for pods of the RuntimeClass the manifests install.
+    assert (cfg.scale_to_zero.enabled, cfg.scale_to_zero.runtime) == (True, "shim")
+    assert by_kind("RuntimeClass")["handler"] == by_kind("RuntimeClass")["metadata"]["name"] == "zeroproxy"
+    assert by_kind("DaemonSet")["spec"]["template"]["spec"]["hostPID"] is True
 
 
 def test_configmap_config_through_the_real_command_line() -> None:

@@ -36,8 +36,16 @@ from typing import Any
 
 import pytest
 
-from scaletozero.runtime import FailureKind, cgroup_mounts
+from scaletozero.runtime import (
+    ContainerNotFound,
+    ContainerSpec,
+    FailureKind,
+    RestoreError,
+    RuntimeDriverError,
+    cgroup_mounts,
+)
 from scaletozero.shimclient import ShimClient, ShimOpFailed, ShimRefused, ShimUnreachable
+from scaletozero.shimruntime import CRI_CONTAINER_TYPE, CRI_POD_NAME, CRI_POD_NAMESPACE, ShimRuntime
 from scaletozero.state import ContainerState
 from testbed.bed import Node, Pod, TestBed, wait_until
 from testbed.rootfs import build_busybox_rootfs
@@ -118,7 +126,8 @@ class Containerd:
                                  f"containerd log:\n{_tail(self.log)}")
         return res
 
-    def run_args(self, cid: str, rootfs: Path, pod: Pod, *, detach: bool = True) -> list[str]:
+    def run_args(self, cid: str, rootfs: Path, pod: Pod, *, detach: bool = True,
+                 annotations: dict[str, str] | None = None) -> list[str]:
         """``ctr run`` arguments for busybox httpd in the pod's netns on our runtime.
 
         Output goes to a file (``--log-uri``): it outlives ctr and needs no FIFO, which the shim,
@@ -129,6 +138,8 @@ class Containerd:
             "--runtime-config-path", str(self.options_file),
             "--with-ns", f"network:{pod.netns_path}", "--cgroup", f"{self.cgroup_parent}/{cid}",
             "--annotation", f"org.criu.config={self.criu_conf}",
+            "--annotation", f"zeroproxy.io/test-id={cid}",
+            *[f"--annotation={k}={v}" for k, v in (annotations or {}).items()],
             "--log-uri", f"file://{self.dir / (cid + '.log')}",
             str(rootfs), cid, "/bin/busybox", "httpd", "-f", "-v", "-p", str(PORT), "-h", "/www"]
 
@@ -322,6 +333,11 @@ def test_checkpoint_restore_cycles_kill_while_checkpointed_and_delete(containerd
     client = ShimClient(cd.socket_dir)
     st = client.state("web")
     assert (st.id, st.namespace, st.state, st.pid) == ("web", NAMESPACE, ContainerState.RUNNING, task[0])
+    # What the agent finds a pod's container by: the spec's netns and its CRI/zeroproxy annotations
+    # (only those: org.criu.config is not passed on).
+    assert (st.netns, dict(st.annotations)) == (str(web.pod.netns_path), {"zeroproxy.io/test-id": "web"}), st
+    assert st.bundle.endswith(f"/{NAMESPACE}/web"), st
+    assert client.container_ids() == ["web"]
     with pytest.raises(ShimRefused, match="web is running, not checkpointed"):
         client.restore("web")
 
@@ -543,3 +559,50 @@ def _raw_post(sock: Path, path: str, payload: bytes) -> tuple[int, dict[str, Any
             data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(rest)
+
+
+def test_shim_runtime_is_the_runtime_contract_over_the_shim(containerd: Containerd, testbed: TestBed,
+                                                            tmp_path: Path) -> None:
+    """ShimRuntime, what the agent's scaler drives: it finds a pod's container by the CRI plugin's
+    annotations (never the sandbox), its netns and ports, and checkpoints and restores it through
+    the shim; an agent started while the container is parked still knows its ports."""
+    cd = containerd
+    web = make_web(testbed, cd, "rt")
+    sandbox = make_web(testbed, cd, "rtpause")
+    pod_of = {CRI_POD_NAMESPACE: "ns1", CRI_POD_NAME: "pod1"}
+    cd.ctr(*cd.run_args("rtpause", sandbox.rootfs, sandbox.pod, annotations={**pod_of, CRI_CONTAINER_TYPE: "sandbox"}))
+    cd.ctr(*cd.run_args("rt", web.rootfs, web.pod, annotations={**pod_of, CRI_CONTAINER_TYPE: "container"}))
+    wait_until(lambda: serving(web.node, web.pod, web.body), "busybox httpd answering in the pod", timeout=30,
+               detail=lambda: _tail(cd.log))
+    rt = ShimRuntime(cd.socket_dir, tmp_path / "state")
+    assert rt.pod_container("ns1", "pod1") == "rt"
+    assert rt.pod_container("ns1", "pod2") is None and rt.pod_container("ns2", "pod1") is None
+    assert rt.containers() == ["rt"]  # the sandbox is not a container to scale
+    assert rt.netns("rt") == web.pod.netns_path and rt.netns("nonesuch") is None
+    assert rt.state("rt") is ContainerState.RUNNING and rt.pid("rt") in pids_in_netns(web.pod)
+    assert rt.listen_ports("rt") == {PORT}
+    with pytest.raises(ContainerNotFound, match="nonesuch"):
+        rt.state("nonesuch")
+    with pytest.raises(RuntimeDriverError, match="containerd creates"):
+        rt.create(ContainerSpec(id="x", rootfs=web.rootfs, args=["true"], netns=web.pod.netns_path))
+    with pytest.raises(RestoreError, match="it is running"):
+        rt.restore("rt")
+
+    images = rt.checkpoint("rt")
+    assert (images / "inventory.img").is_file()
+    assert rt.state("rt") is ContainerState.CHECKPOINTED and rt.pid("rt") is None
+    assert not pids_in_netns(web.pod)
+    # A new agent (a new driver, same state directory) adopting the parked container.
+    adopter = ShimRuntime(cd.socket_dir, tmp_path / "state")
+    assert adopter.listen_ports("rt") == {PORT} and adopter.pod_container("ns1", "pod1") == "rt"
+    adopter.restore("rt")
+    assert http_get(web.node, web.pod) == web.body
+    assert [(r.op, r.ok) for r in adopter.history] == [("restore", True)]
+    assert adopter.last["rt"].timings_ms["restore"] > 0
+    with pytest.raises(RuntimeDriverError, match="the kubelet deletes"):
+        rt.delete("rt")
+    # Two app containers of one pod: refused with both names, not one picked at random.
+    other = make_web(testbed, cd, "rt2")
+    cd.ctr(*cd.run_args("rt2", other.rootfs, other.pod, annotations={**pod_of, CRI_CONTAINER_TYPE: "container"}))
+    with pytest.raises(RuntimeDriverError, match="pod ns1/pod1 has 2 containers"):
+        rt.pod_container("ns1", "pod1")
