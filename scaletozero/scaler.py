@@ -19,9 +19,10 @@ The order of operations is what makes it lossless:
   turn the redirect **off**, and only then let the proxy dial: from here on new SYNs reach the
   app directly and the proxy only finishes the connections it already holds.
 
-A pod is idle when, for its idle timeout, it had no established or half-open connection on an
-app port, the sk_lookup program counted no new connection attempt, and the proxy held or
-relayed nothing. Health probes the proxy answered for a parked pod (ScaledPod.probe, from the
+A pod is idle when, for its whole idle timeout, no connection on an app port carried a byte
+(tcp_info, read a few times per timeout; a connection that closed counts as used until it went),
+the sk_lookup program counted no new connection attempt and the proxy held or relayed nothing,
+and at its end no connection is open at all. Health probes the proxy answered for a parked pod (ScaledPod.probe, from the
 node's addresses) never wake it; the SYN counter is re-read at every wake, so the probes it
 counted while the pod was parked do not count as activity either.
 
@@ -129,6 +130,10 @@ class _Pod:
     ports: tuple[int, ...] = ()
     last_activity: float = field(default_factory=time.monotonic)
     last_lookups: int = 0
+    # The app-port connections (socket cookies) the last look at them found, and when to look
+    # next: a connection that is gone since was used until then (see Scaler._look).
+    connections: frozenset[int] = frozenset()
+    next_look: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wake_future: asyncio.Future[None] | None = None
     checkpoints: int = 0
@@ -353,12 +358,16 @@ class Scaler:
             pod.last_lookups = lookups
             pod.last_activity = now
             return
-        if now - pod.last_activity < pod.spec.idle_timeout:
+        expired = now - pod.last_activity >= pod.spec.idle_timeout
+        if not expired and now < pod.next_look:
             return
-        if await self._has_connections(pod):
-            pod.last_activity = now
+        # Connections are looked at a few times per idle timeout, and always before a checkpoint.
+        pod.next_look = now + max(self.poll_interval, pod.spec.idle_timeout / 4)
+        if await self._look(pod, now) and expired:
+            pod.last_activity = now  # an open connection, even a silent one: not idle
             return
-        await self.checkpoint(pod.spec.name)
+        if now - pod.last_activity >= pod.spec.idle_timeout:
+            await self.checkpoint(pod.spec.name)
 
     def _activity(self, pod: _Pod) -> int:
         """Connection attempts that count as use: with probe answering on, the kubelet's probes
@@ -366,10 +375,23 @@ class Scaler:
         st = self.sk.stats(pod.slot)
         return st.lookups - st.from_node if pod.spec.probe != ProbeResponse.OFF else st.lookups
 
-    async def _has_connections(self, pod: _Pod) -> bool:
-        socks = await asyncio.to_thread(pod.sockets.tcp, ESTABLISHED | SYN_RECV | (0 if pod.ports else LISTEN))
+    async def _look(self, pod: _Pod, now: float) -> bool:
+        """Idle means no SYN *and* no byte for the whole idle timeout (zeropod's issue #84: a pod
+        checkpointed although a connection had just carried data). New connections are the SYN
+        counter's; this is the bytes': each app-port connection's last data (tcp_info) moves
+        ``last_activity`` forward, and one that closed since the last look carried its FIN after
+        that look, so it counts as activity now. Returns whether any connection is open."""
+        socks = await asyncio.to_thread(pod.sockets.tcp, ESTABLISHED | SYN_RECV | (0 if pod.ports else LISTEN),
+                                        info=True)
         ports = set(pod.ports) or {s.local_port for s in socks if s.state == TCP_LISTEN} - pod.proxy.listener_ports
-        return any(s.state != TCP_LISTEN and s.local_port in ports for s in socks)
+        conns = {s.cookie: s for s in socks if s.state != TCP_LISTEN and s.local_port in ports}
+        if pod.connections - conns.keys():
+            pod.last_activity = now
+        for s in conns.values():
+            if s.quiet_ms is not None:
+                pod.last_activity = max(pod.last_activity, now - s.quiet_ms / 1000)
+        pod.connections = frozenset(conns)
+        return bool(conns)
 
     async def _listen_ports(self, pod: _Pod) -> set[int]:
         """The app's listening ports, from the netns (every 2 ms during a wake: no process, no runc)."""
@@ -407,6 +429,7 @@ class Scaler:
                 return False
             pod.last_checkpoint_seconds = time.monotonic() - t0
             pod.checkpoints += 1
+            pod.connections = frozenset()
             self.metrics.checkpoint_seconds.observe(pod.last_checkpoint_seconds)
             self.metrics.checkpoints.labels(name, "ok").inc()
             self._set_state(pod, ScaleState.CHECKPOINTED, seconds=pod.last_checkpoint_seconds)

@@ -38,11 +38,18 @@ SYN_RECV = 1 << TCP_SYN_RECV
 LISTEN = 1 << TCP_LISTEN
 
 
+INET_DIAG_INFO = 1 << (2 - 1)  # the tcp_info extension of a sock_diag request (linux/inet_diag.h)
+
+
 @dataclass(frozen=True)
 class TcpSocket:
     state: int  # TCP_* above
     local_port: int
     inode: int  # the socket's inode: matches a process's fd link "socket:[inode]"
+    cookie: int = 0  # the kernel's socket cookie: one connection, for as long as it lives
+    # With info=True: milliseconds since the connection last sent or received data (tcp_info's
+    # last_data_sent/last_data_recv, the smaller); None without it.
+    quiet_ms: int | None = None
 
 
 class NetnsSockets:
@@ -58,19 +65,26 @@ class NetnsSockets:
     def __init__(self, netns: str | os.PathLike[str]) -> None:
         self.fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
 
-    def tcp(self, states: int) -> list[TcpSocket]:
-        """Every TCP socket (IPv4 and IPv6) in one of the states of the filter (LISTEN | ...)."""
+    def tcp(self, states: int, *, info: bool = False) -> list[TcpSocket]:
+        """Every TCP socket (IPv4 and IPv6) in one of the states of the filter (LISTEN | ...);
+        with ``info`` each also says how long it has carried no data (``quiet_ms``)."""
         out = []
         with in_netns(self.fd), DiagSocket() as diag:
             diag.bind()
             for family in (socket.AF_INET, socket.AF_INET6):
                 try:
-                    msgs = diag.get_sock_stats(family=family, states=states)
+                    msgs = diag.get_sock_stats(family=family, states=states,
+                                               extensions=INET_DIAG_INFO if info else 0)
                 except NetlinkError:
                     if family == socket.AF_INET6:
                         continue  # no IPv6 in this kernel
                     raise
-                out += [TcpSocket(m["idiag_state"], m["idiag_sport"], m["idiag_inode"]) for m in msgs]
+                for m in msgs:
+                    tcpi = m.get_attr("INET_DIAG_INFO") if info else None
+                    quiet = (min(tcpi["tcpi_last_data_recv"], tcpi["tcpi_last_data_sent"])
+                             if tcpi is not None else None)
+                    out.append(TcpSocket(m["idiag_state"], m["idiag_sport"], m["idiag_inode"],
+                                         m["idiag_cookie"], quiet))
         return out
 
     def listening(self) -> set[int]:

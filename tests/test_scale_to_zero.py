@@ -522,6 +522,72 @@ def test_dump_with_a_connection_in_flight_keeps_the_pod_running(criu: Path, test
         runtime.delete_all()
 
 
+ECHO_APP = (
+    "import socket, threading\n"
+    "s = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    f"s.bind(('0.0.0.0', {PORT}))\ns.listen()\n"
+    "def serve(c):\n    while (d := c.recv(4096)):\n        c.sendall(d)\n    c.close()\n"
+    "while True:\n    c, _ = s.accept()\n    threading.Thread(target=serve, args=(c,), daemon=True).start()\n")
+
+# One connection (one SYN), one byte each way every `gap` seconds for `duration`, then closed;
+# prints the monotonic time (one clock for every netns) of the last byte it got back.
+TRICKLE_CLIENT = r"""
+import json, socket, sys, time
+host, port, duration, gap = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+s = socket.create_connection((host, port), timeout=10)
+end = time.monotonic() + duration
+while True:
+    s.sendall(b"x")
+    assert s.recv(1) == b"x"
+    last = time.monotonic()
+    if last >= end:
+        break
+    time.sleep(gap)
+s.close()
+print(json.dumps({"last": last}))
+"""
+
+
+def test_idle_means_no_byte_either_a_busy_connection_keeps_the_pod_up(criu: Path, testbed: TestBed,
+                                                                         tmp_path: Path) -> None:
+    """zeropod's issue #84: a pod checkpointed although a connection had just carried data. One
+    connection (a single SYN, at the start) carries a byte every 0.2 s for 1.5 idle timeouts and
+    then closes: no checkpoint while it carries data, and the checkpoint comes no sooner than a
+    whole idle timeout after its last byte. (Counting SYNs and open connections only would
+    checkpoint half a timeout after the close.)"""
+    idle = 3.0
+    n = testbed.add_node("n")
+    pod = testbed.add_pod(n, "echo")
+    client = testbed.add_pod(n, "cli")
+    runtime = RuncRuntime(tmp_path / "rt", criu, cgroup_parent=f"/zeroproxy-test-{uuid.uuid4().hex[:8]}")
+    fs = rootfs.build_python_rootfs(tmp_path / "rootfs", {"/app/echo.py": ECHO_APP})
+    changes: list[tuple[float, str | None]] = []
+    scaler = None
+    try:
+        runtime.run(ContainerSpec(id="echo", rootfs=fs.path, args=["/usr/bin/python3", "-I", "-B", "/app/echo.py"],
+                                  netns=pod.netns_path, rootfs_mounts=fs.mounts))
+        wait_until(lambda: f":{PORT} " in listening(pod), "the echo app listens")
+        scaler = ScalerThread(runtime, poll_interval=0.1,
+                              on_state=lambda _n, _o, new, _r, _s: changes.append(
+                                  (time.monotonic(), new.value if new is not None else None)))
+        scaler.call(scaler.scaler.add, ScaledPod("default/echo", "echo", pod.netns_path, (pod.ip4,),
+                                               idle_timeout=idle))
+        out = client.run([sys.executable, "-c", TRICKLE_CLIENT, pod.ip4, str(PORT), str(1.5 * idle), "0.2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = out.communicate(timeout=60)
+        assert out.returncode == 0, stderr
+        last_byte = json.loads(stdout)["last"]
+        assert [c for c in changes if c[1] != "running"] == [], "checkpointed while a connection carried data"
+        wait_until(lambda: scaler.status()["default/echo"].state == "checkpointed", "echo checkpointed", timeout=60)
+        began = next(t for t, state in changes if state == "checkpointing")
+        assert began - last_byte >= idle, (began - last_byte, changes)
+        assert scaler.status()["default/echo"].checkpoints == 1
+    finally:
+        if scaler is not None:
+            scaler.close()
+        runtime.delete_all()
+
+
 def test_annotations_feed_the_scaler(cluster: Cluster) -> None:
     """The pods' annotations reached the scaler: idle timeout 1 s, restore timeout 20 s."""
     c = cluster
