@@ -44,6 +44,9 @@ from scaletozero.state import LABELS, ProbeResponse, ScaleState
 
 PREFIX = "zeroproxy.io/"
 SCALE_TO_ZERO = PREFIX + "scale-to-zero"
+# Its value for a trial: idle tracking, the would-checkpoint and would-wake decisions, logs,
+# metrics and Events, and never a checkpoint (zeropod's users ask for it: judge a workload first).
+DRY_RUN = "dry-run"
 IDLE_TIMEOUT = PREFIX + "idle-timeout"
 RESTORE_TIMEOUT = PREFIX + "restore-timeout"
 PROBE_RESPONSE = PREFIX + "probe-response"  # a scaletozero.state.ProbeResponse value
@@ -72,6 +75,7 @@ class ScaleToZero:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     restore_timeout: float = DEFAULT_RESTORE_TIMEOUT
     probe_response: ProbeResponse = ProbeResponse.OFF
+    dry_run: bool = False  # scale-to-zero: "dry-run": every decision made and reported, none carried out
 
 
 def parse(annotations: Mapping[str, str], pod: str = "pod") -> tuple[ScaleToZero | None, list[str]]:
@@ -85,8 +89,8 @@ def parse(annotations: Mapping[str, str], pod: str = "pod") -> tuple[ScaleToZero
     if raw is None:
         return None, problems
     flag = raw.strip().lower()
-    if flag not in ("true", "false"):
-        problems.append(f"{pod}: annotation {SCALE_TO_ZERO}={raw!r}: expected \"true\" or \"false\"")
+    if flag not in ("true", "false", DRY_RUN):
+        problems.append(f"{pod}: annotation {SCALE_TO_ZERO}={raw!r}: expected \"true\", \"false\" or \"{DRY_RUN}\"")
         return None, problems
     if flag == "false":
         return None, problems
@@ -116,7 +120,8 @@ def parse(annotations: Mapping[str, str], pod: str = "pod") -> tuple[ScaleToZero
         return None, problems
     if idle is None or restore is None:
         return None, problems
-    return ScaleToZero(idle_timeout=idle, restore_timeout=restore, probe_response=ProbeResponse(probe)), problems
+    return ScaleToZero(idle_timeout=idle, restore_timeout=restore, probe_response=ProbeResponse(probe),
+                       dry_run=flag == DRY_RUN), problems
 
 
 def annotate(idle_timeout: str = "5m", restore_timeout: str | None = None,

@@ -27,7 +27,7 @@ from typing import Any
 from controlplane import annotations
 from scaletozero.activator import ScaleMetrics
 from scaletozero.runtime import ContainerRuntime, RuntimeDriverError
-from scaletozero.scaler import ScaledPod, Scaler
+from scaletozero.scaler import DRY_RUN_CHECKPOINT, DRY_RUN_WAKE, ScaledPod, Scaler
 from scaletozero.state import ScaleState
 
 log = logging.getLogger("zeroproxy.scale")
@@ -49,6 +49,10 @@ def publication(old: ScaleState | None, new: ScaleState | None, reason: str = ""
         event = ("Checkpointed", f"idle: checkpointed with CRIU{took}; the next connection restores it", "Normal")
     elif old == ScaleState.RESTORING and new == ScaleState.RUNNING:
         event = ("Restored", f"restored by a connection and listening{took}", "Normal")
+    elif old == new == ScaleState.RUNNING and reason.startswith(DRY_RUN_CHECKPOINT):
+        event = ("WouldCheckpoint", f"dry run: {reason}; nothing was checkpointed", "Normal")
+    elif old == new == ScaleState.RUNNING and reason.startswith(DRY_RUN_WAKE):
+        event = ("WouldRestore", f"dry run: {reason}; it was running all along", "Normal")
     elif old == ScaleState.RESTORING and new == ScaleState.FAILED:
         event = ("RestoreFailed", f"restore failed: {reason}; held connections were reset, the next "
                  "connection tries again", "Warning")
@@ -73,6 +77,7 @@ def scaled_pod(pod: Any, container: str, netns: Path) -> tuple[ScaledPod | None,
         idle_timeout=cfg.idle_timeout,
         restore_timeout=cfg.restore_timeout,
         probe=cfg.probe_response,
+        dry_run=cfg.dry_run,
     ), problems
 
 

@@ -22,9 +22,11 @@ The order of operations is what makes it lossless:
 A pod is idle when, for its whole idle timeout, no connection on an app port carried a byte
 (tcp_info, read a few times per timeout; a connection that closed counts as used until it went),
 the sk_lookup program counted no new connection attempt and the proxy held or relayed nothing,
-and at its end no connection is open at all. Health probes the proxy answered for a parked pod (ScaledPod.probe, from the
-node's addresses) never wake it; the SYN counter is re-read at every wake, so the probes it
-counted while the pod was parked do not count as activity either.
+and at its end no connection is open at all. Health probes the proxy answered for a parked pod
+(ScaledPod.probe, from the node's addresses) never wake it; the SYN counter is re-read at every
+wake, so the probes it counted while the pod was parked do not count as activity either. A
+dry-run pod (ScaledPod.dry_run) goes through the same decisions and reports them, and is never
+checkpointed.
 
 All runtime calls block (runc, CRIU); they run in threads. Everything else runs on one asyncio
 loop (uvloop in the agent). `ScalerThread` runs a scaler on its own loop in a thread for tests,
@@ -61,6 +63,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# How a dry-run pod's decisions begin their reason (on_state running -> running).
+DRY_RUN_CHECKPOINT = "would checkpoint"
+DRY_RUN_WAKE = "would restore"
+
 
 @dataclass(frozen=True)
 class ScaledPod:
@@ -78,6 +84,8 @@ class ScaledPod:
     ports: tuple[int, ...] = ()  # app ports; empty = the ports the app listens on at checkpoint time
     restore_timeout: float | None = None  # how long held clients wait; None = the scaler's default
     probe: ProbeResponse = ProbeResponse.OFF  # health probes from the node answered while parked
+    # Decide and report (logs, metrics, on_state with a DRY_RUN_* reason) but never checkpoint.
+    dry_run: bool = False
 
 
 @dataclass
@@ -108,10 +116,14 @@ class PodStatus:
     bytes_to_app: int
     bytes_to_client: int
     probes: int = 0  # health probes the proxy answered without a wake
+    dry_run: bool = False
+    would_checkpoints: int = 0  # dry run: idle periods that would have ended in a checkpoint
+    would_wakes: int = 0  # dry run: connections that would have woken it
 
 
 # on_state(pod "namespace/name", old state, new state (None: no longer managed), reason, seconds the
-# step took (checkpoint, restore) or None)
+# step took (checkpoint, restore) or None). A dry-run pod's decisions come as running -> running
+# with a reason that starts with DRY_RUN_CHECKPOINT or DRY_RUN_WAKE.
 StateListener = Callable[[str, "ScaleState | None", "ScaleState | None", str, "float | None"], None]
 
 
@@ -134,6 +146,9 @@ class _Pod:
     # next: a connection that is gone since was used until then (see Scaler._look).
     connections: frozenset[int] = frozenset()
     next_look: float = 0.0
+    would_be_parked: bool = False  # dry run: it would be checkpointed now
+    would_checkpoints: int = 0
+    would_wakes: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wake_future: asyncio.Future[None] | None = None
     checkpoints: int = 0
@@ -320,6 +335,7 @@ class Scaler:
                 redirect=self.sk.redirect(pod.slot), lookups=st.lookups, assigned=st.assigned,
                 accepted=c.accepted, held=c.held, relayed=c.relayed, dropped=c.dropped,
                 bytes_to_app=c.bytes_to_app, bytes_to_client=c.bytes_to_client, probes=c.probes,
+                dry_run=pod.spec.dry_run, would_checkpoints=pod.would_checkpoints, would_wakes=pod.would_wakes,
             ))
         return out
 
@@ -357,6 +373,10 @@ class Scaler:
         if lookups != pod.last_lookups or pod.proxy.busy:
             pod.last_lookups = lookups
             pod.last_activity = now
+            if pod.would_be_parked:
+                self._would_wake(pod)
+            return
+        if pod.would_be_parked:
             return
         expired = now - pod.last_activity >= pod.spec.idle_timeout
         if not expired and now < pod.next_look:
@@ -367,7 +387,37 @@ class Scaler:
             pod.last_activity = now  # an open connection, even a silent one: not idle
             return
         if now - pod.last_activity >= pod.spec.idle_timeout:
-            await self.checkpoint(pod.spec.name)
+            if pod.spec.dry_run:
+                await self._would_checkpoint(pod, now)
+            else:
+                await self.checkpoint(pod.spec.name)
+
+    async def _would_checkpoint(self, pod: _Pod, now: float) -> None:
+        """Dry run: everything a checkpoint decision does but the checkpoint. The program counts
+        SYNs to the app's ports from now on (the redirect stays off), so a would-wake is seen."""
+        ports = tuple(sorted(pod.spec.ports or await self._listen_ports(pod)))
+        if not ports:
+            log.warning("%s: would not checkpoint: no listening ports, nothing could wake it", pod.spec.name)
+            pod.last_activity = now
+            return
+        pod.ports = ports
+        self.sk.set_ports(pod.slot, pod.spec.addresses, ports)
+        pod.last_lookups = self._activity(pod)
+        pod.would_be_parked = True
+        pod.would_checkpoints += 1
+        self.metrics.checkpoints.labels(pod.spec.name, "dry_run").inc()
+        reason = f"{DRY_RUN_CHECKPOINT} after {now - pod.last_activity:.1f} s without a connection or a byte"
+        log.info("%s: %s (dry run)", pod.spec.name, reason)
+        self._notify(pod.spec.name, ScaleState.RUNNING, ScaleState.RUNNING, reason)
+
+    def _would_wake(self, pod: _Pod) -> None:
+        """Dry run: a connection to a pod that would be checkpointed would have restored it."""
+        pod.would_be_parked = False
+        pod.would_wakes += 1
+        self.metrics.wakes.labels(pod.spec.name).inc()
+        reason = f"{DRY_RUN_WAKE} by a connection"
+        log.info("%s: %s (dry run)", pod.spec.name, reason)
+        self._notify(pod.spec.name, ScaleState.RUNNING, ScaleState.RUNNING, reason)
 
     def _activity(self, pod: _Pod) -> int:
         """Connection attempts that count as use: with probe answering on, the kubelet's probes

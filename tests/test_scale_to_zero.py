@@ -27,17 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from controlplane import annotations
-from controlplane.scaling import scaled_pod
+from controlplane.scaling import publication, scaled_pod
 from controlplane.translate import translate
 from dataplane import loader, tc
 from dataplane.loader import SockDatapath
 from dataplane.services import ServiceMaps
+from scaletozero.activator import ScaleMetrics
 from scaletozero.runc import RuncRuntime
 from scaletozero.runtime import ContainerSpec
-from scaletozero.scaler import PodStatus, ScaledPod, ScalerThread
-from scaletozero.state import ContainerState
+from scaletozero.scaler import DRY_RUN_CHECKPOINT, DRY_RUN_WAKE, PodStatus, ScaledPod, ScalerThread
+from scaletozero.state import ContainerState, ScaleState
 from testbed import k8sobjects, rootfs
 from testbed.bed import CGROUP_DIR_PREFIX, Host, Node, Pod, TestBed, wait_until
 from testbed.k8sobjects import endpoint_slice, node, service
@@ -582,6 +584,55 @@ def test_idle_means_no_byte_either_a_busy_connection_keeps_the_pod_up(criu: Path
         began = next(t for t, state in changes if state == "checkpointing")
         assert began - last_byte >= idle, (began - last_byte, changes)
         assert scaler.status()["default/echo"].checkpoints == 1
+    finally:
+        if scaler is not None:
+            scaler.close()
+        runtime.delete_all()
+
+
+def test_dry_run_decides_and_reports_but_never_checkpoints(criu: Path, testbed: TestBed, tmp_path: Path) -> None:
+    """zeroproxy.io/scale-to-zero: "dry-run" (zeropod's issue #194): the idle decision, a
+    connection's would-wake, logs, metrics and the Events' state changes all happen; the
+    container keeps running, is never dumped, and the redirect never turns on."""
+    n = testbed.add_node("n")
+    pod = testbed.add_pod(n, "echo")
+    client = testbed.add_pod(n, "cli")
+    runtime = RuncRuntime(tmp_path / "rt", criu, cgroup_parent=f"/zeroproxy-test-{uuid.uuid4().hex[:8]}")
+    fs = rootfs.build_python_rootfs(tmp_path / "rootfs", {"/app/echo.py": ECHO_APP})
+    changes: list[tuple[str | None, str | None, str]] = []
+    registry = CollectorRegistry()
+    scaler = None
+    try:
+        runtime.run(ContainerSpec(id="echo", rootfs=fs.path, args=["/usr/bin/python3", "-I", "-B", "/app/echo.py"],
+                                  netns=pod.netns_path, rootfs_mounts=fs.mounts))
+        wait_until(lambda: f":{PORT} " in listening(pod), "the echo app listens")
+        scaler = ScalerThread(runtime, poll_interval=0.1, metrics=ScaleMetrics(registry),
+                              on_state=lambda _n, old, new, reason, _s: changes.append(
+                                  (old and old.value, new and new.value, reason)))
+        pod_cfg, problems = annotations.parse({annotations.SCALE_TO_ZERO: annotations.DRY_RUN,
+                                               annotations.IDLE_TIMEOUT: "1s"}, "default/echo")
+        assert problems == [] and pod_cfg is not None and pod_cfg.dry_run
+        scaler.call(scaler.scaler.add, ScaledPod("default/echo", "echo", pod.netns_path, (pod.ip4,),
+                                               idle_timeout=pod_cfg.idle_timeout, dry_run=True))
+        wait_until(lambda: scaler.status()["default/echo"].would_checkpoints == 1, "a would-checkpoint")
+        out = client.run([sys.executable, "-c", TRICKLE_CLIENT, pod.ip4, str(PORT), "0", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert out.communicate(timeout=60)[1] == "" and out.returncode == 0
+        wait_until(lambda: scaler.status()["default/echo"].would_wakes == 1, "a would-wake")
+        st = scaler.status()["default/echo"]
+        assert (st.state, st.checkpoints, st.restores, st.redirect, st.dry_run) == ("running", 0, 0, False, True)
+        assert runtime.state("echo") == ContainerState.RUNNING
+        assert [r.op for r in runtime.history] == ["create", "start"]  # never a checkpoint
+        decisions = [(old, new, reason.split(" after ")[0].split(" by ")[0]) for old, new, reason in changes if reason]
+        assert decisions[:2] == [("running", "running", DRY_RUN_CHECKPOINT), ("running", "running", DRY_RUN_WAKE)]
+        assert registry.get_sample_value("zeroproxy_s2z_checkpoints_total",
+                                         {"pod": "default/echo", "result": "dry_run"}) >= 1
+        assert registry.get_sample_value("zeroproxy_s2z_wakes_total", {"pod": "default/echo"}) == 1
+        # What the agent publishes for them: an Event each, no label change.
+        reasons = [reason for _, _, reason in changes if reason]
+        label, event = publication(ScaleState.RUNNING, ScaleState.RUNNING, reasons[0])
+        assert label == "running" and event is not None and event[0] == "WouldCheckpoint", event
+        assert (publication(ScaleState.RUNNING, ScaleState.RUNNING, reasons[1])[1] or ("",))[0] == "WouldRestore"
     finally:
         if scaler is not None:
             scaler.close()
