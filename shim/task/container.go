@@ -1,6 +1,7 @@
 package task
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -8,8 +9,10 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
+	"github.com/containerd/containerd/log"
 	"github.com/containerd/containerd/runtime/v2/runc"
 	"github.com/containerd/containerd/runtime/v2/runc/options"
 	taskAPI "github.com/containerd/containerd/runtime/v2/task"
@@ -71,6 +74,43 @@ type container struct {
 	restores    int
 	last        *OpResult
 	server      *http.Server
+	// held are write ends of the container's stdio FIFOs, open while it is scaled down: the CRI
+	// plugin copies them into the pod's log and stops at EOF, which the dumped process's exit
+	// would otherwise be, so `kubectl logs` would end at the first checkpoint.
+	heldMu sync.Mutex
+	held   []*os.File
+}
+
+// holdStdio opens a writer on each stdio FIFO of the container (not on files or loggers: those
+// have no reader to lose), before the dumped process's own writers are closed.
+func (c *container) holdStdio(ctx context.Context) {
+	c.heldMu.Lock()
+	defer c.heldMu.Unlock()
+	for _, path := range []string{c.req.Stdout, c.req.Stderr} {
+		if path == "" || strings.Contains(path, "://") {
+			continue
+		}
+		if fi, err := os.Stat(path); err != nil || fi.Mode()&os.ModeNamedPipe == 0 {
+			continue
+		}
+		// Non-blocking: with the reader gone (containerd restarting) there is nothing to keep.
+		f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NONBLOCK, 0)
+		if err != nil {
+			log.G(ctx).WithError(err).WithField("fifo", path).Debug("not holding a stdio FIFO")
+			continue
+		}
+		c.held = append(c.held, f)
+	}
+}
+
+// releaseStdio closes what holdStdio opened.
+func (c *container) releaseStdio() {
+	c.heldMu.Lock()
+	defer c.heldMu.Unlock()
+	for _, f := range c.held {
+		f.Close()
+	}
+	c.held = nil
 }
 
 func newContainer(ns string, req *taskAPI.CreateTaskRequest, opts *options.Options, spec bundleSpec) *container {

@@ -131,6 +131,7 @@ func (s *service) onScaledDownKill(c *container, status int) {
 
 // markExited records the init's real exit; c.mu held.
 func (c *container) markExited(status int, at time.Time) {
+	c.releaseStdio() // the reader's EOF is the end of the log now
 	c.state = StateStopped
 	c.status = status
 	c.exitedAt = at

@@ -127,6 +127,7 @@ func (s *service) checkpoint(c *container, tcpEstablished bool) (*OpResult, erro
 	// runc has forgotten the container; what is left is the shim's side of the process: its
 	// stdio pipes and the rootfs mount. The process is over as far as that bookkeeping goes.
 	ip.SetExited(128 + int(unix.SIGKILL))
+	c.holdStdio(ctx)
 	if _, err := rc.Delete(ctx, &taskAPI.DeleteRequest{ID: c.id}); err != nil {
 		log.G(ctx).WithError(err).Warn("releasing the dumped process's stdio and rootfs")
 	}
@@ -215,6 +216,7 @@ func (s *service) restoreLocked(c *container) (*OpResult, error) {
 	pid := rc.Pid()
 	s.watchOOM(ctx, c.id, rc)
 
+	c.releaseStdio() // the restored process writes to them now
 	c.mu.Lock()
 	c.rc = rc
 	c.pid = pid

@@ -260,6 +260,7 @@ func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		c.mu.Unlock()
 	}
 	s.stopControl(c)
+	c.releaseStdio()
 	if err := os.RemoveAll(c.dir); err != nil {
 		log.G(ctx).WithError(err).Warn("removing checkpoint images")
 	}
