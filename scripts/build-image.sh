@@ -7,7 +7,8 @@
 # scripts/setup.sh installs plus runc and CRIU's runtime libraries. Then, exactly as on a
 # developer machine, scripts/setup.sh runs inside that root (ZP_IMAGE_BUILD=1: venv at
 # /opt/zeroproxy/.venv, zeroproxy and its Python dependencies from PyPI), and the CRIU that
-# scripts/build-criu.sh built on this host goes to /usr/local/sbin/criu. The root becomes one
+# scripts/build-criu.sh built on this host goes to /usr/local/sbin/criu, the shim that
+# scripts/build-shim.sh built to /usr/local/bin/containerd-shim-zeroproxy-v2. The root becomes one
 # layer (testbed/images.py) with the ENV, WORKDIR, ENTRYPOINT and CMD the Containerfile
 # declares; the Containerfile itself is `FROM scratch` + `ADD` of the same rootfs tarball
 # (--rootfs), so what the tests load and what a user builds with podman are the same files.
@@ -18,7 +19,8 @@
 # mirror and PyPI serve on the day is the remaining input: the same day's two builds are equal.
 #
 # Cached: the default tag is <version>-<12 hex>, the sha256 of everything that goes in (the
-# repository files below, this script, the image writer, the package list, the CRIU binary);
+# repository files below, this script, the image writer, the package list, the CRIU and shim
+# binaries);
 # an unchanged tag is a ~0.3 s no-op. The mmdebstrap base is cached by its package list and
 # mirror, so a code change costs a setup.sh run (a minute: pip) instead of a bootstrap.
 #
@@ -82,6 +84,10 @@ setup_pkgs=("${pkgs[@]}")
 
 criu=$(bash "$here/scripts/build-criu.sh") || die "scripts/build-criu.sh failed"
 [ -x "$criu" ] || die "scripts/build-criu.sh printed $criu, which is not an executable"
+# containerd-shim-zeroproxy-v2 (static), for the installer to put on a node's containerd PATH.
+shim=$(bash "$here/scripts/build-shim.sh") || die "scripts/build-shim.sh failed"
+[ -x "$shim" ] || die "scripts/build-shim.sh printed $shim, which is not an executable"
+shim_sha=$(sha256sum < "$shim" | cut -d' ' -f1)
 
 # shellcheck source=scripts/lib/debian-sources.sh
 . "$here/scripts/lib/debian-sources.sh"
@@ -97,7 +103,7 @@ base_key=$( { printf '%s\n' "${setup_pkgs[@]}" "${mirrors[@]}" "criu $criu_sha"
             sha256sum | cut -c1-16)
 key=$( { printf 'base %s\n' "$base_key"
          sha256sum -- "${sources[@]}" scripts/build-image.sh testbed/images.py Containerfile
-         printf 'criu %s\n' "$criu_sha"; } | sha256sum | cut -d' ' -f1)
+         printf 'criu %s\nshim %s\n' "$criu_sha" "$shim_sha"; } | sha256sum | cut -d' ' -f1)
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml | head -n 1)
 [ -n "$version" ] || die "no version = \"...\" in pyproject.toml"
 default_tag=$version-${key:0:12}
@@ -177,7 +183,7 @@ if [ ! -f "$rootfs_tar" ]; then
     trap 'rm -rf "$tmp"' EXIT
     mkdir -p "$tmp/upper" "$tmp/work" "$tmp/root"
     log "installing zeroproxy into the image root (scripts/setup.sh, ZP_IMAGE_BUILD=1)"
-    export ZP_BASE=$base ZP_TMP=$tmp ZP_HERE=$here ZP_CRIU=$criu ZP_EPOCH=$epoch ZP_ROOTFS_TAR=$rootfs_tar
+    export ZP_BASE=$base ZP_TMP=$tmp ZP_HERE=$here ZP_CRIU=$criu ZP_SHIM=$shim ZP_EPOCH=$epoch ZP_ROOTFS_TAR=$rootfs_tar
     printf '%s\n' "${sources[@]}" > "$tmp/sources"
     nice -n 10 unshare --mount --propagation private bash -euo pipefail -c '
         root=$ZP_TMP/root
@@ -188,6 +194,8 @@ if [ ! -f "$rootfs_tar" ]; then
             --no-same-owner --mtime="@$ZP_EPOCH"
         install -m 0755 "$ZP_CRIU" "$root/usr/local/sbin/criu"
         touch -d "@$ZP_EPOCH" "$root/usr/local/sbin/criu"
+        install -D -m 0755 "$ZP_SHIM" "$root/usr/local/bin/containerd-shim-zeroproxy-v2"
+        touch -d "@$ZP_EPOCH" "$root/usr/local/bin/containerd-shim-zeroproxy-v2"
         # What the chroot needs while setup.sh runs, none of it kept: /proc, /dev, name
         # resolution and the host'"'"'s CA bundle for pip (this network intercepts TLS).
         mount -t proc proc "$root/proc"
@@ -208,8 +216,9 @@ if [ ! -f "$rootfs_tar" ]; then
         rm -f "$root/tmp/zp-build-ca.crt"
         ((created_resolv)) && rm -f "$root/etc/resolv.conf"
         rm -rf "$root/root/.cache" "$root/tmp/"* "$root/var/cache/ldconfig/aux-cache"
-        # The files that prove the image works: the agent, bcc, CRIU, runc.
-        for f in /opt/zeroproxy/.venv/bin/zeroproxy /usr/local/sbin/criu /usr/sbin/runc; do
+        # The files that prove the image works: the agent, bcc, CRIU, runc, the shim.
+        for f in /opt/zeroproxy/.venv/bin/zeroproxy /usr/local/sbin/criu /usr/sbin/runc \
+                 /usr/local/bin/containerd-shim-zeroproxy-v2; do
             [ -x "$root$f" ] || { echo "build-image: $f missing in the image root" >&2; exit 1; }
         done
         chroot "$root" /usr/bin/ldd /usr/local/sbin/criu | grep -q "not found" \

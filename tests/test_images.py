@@ -389,9 +389,10 @@ def test_zeroproxy_image_runs_in_containerd(containerd: Containerd, zeroproxy_ar
     assert out.returncode == 0, out.stdout + out.stderr
     assert "agent" in out.stdout, out.stdout
     out = containerd.run(ref, "/bin/sh", "-c", "set -e; zeroproxy --help >/dev/null; criu --version; runc --version; "
-                         "python -c 'import bcc; print(\"bcc\", bcc.__file__)'")
+                         "containerd-shim-zeroproxy-v2 -v; python -c 'import bcc; print(\"bcc\", bcc.__file__)'")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Version: 4.2" in out.stdout and "runc version" in out.stdout and "bcc " in out.stdout, out.stdout
+    assert "containerd-shim-zeroproxy-v2:" in out.stdout and "Version:  1.6.20" in out.stdout, out.stdout
 
 
 def sha256(path: Path) -> str:
