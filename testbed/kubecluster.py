@@ -256,6 +256,7 @@ class KubeNode:
         self.cgroup_root = f"/{cluster.bed.cgroup_root.name}/{bed_node.cgroup_path.name}"
         self.holder: subprocess.Popen[Any] | None = None
         self.containerd: subprocess.Popen[Any] | None = None
+        self._containerd_path = NODE_PATH
         self.kubelet_loop: subprocess.Popen[Any] | None = None
         self.pod_cidr: str | None = None
 
@@ -401,6 +402,29 @@ class KubeNode:
             "",
         ])
 
+    def restart_containerd(self) -> None:
+        """Stop containerd (SIGTERM, as systemd does) and start it again on the same config;
+        shims and containers keep running through it, as on a real node."""
+        if self.containerd is not None:
+            self.containerd.terminate()
+            try:
+                self.containerd.wait(30)
+            except subprocess.TimeoutExpired:
+                self.containerd.kill()
+                self.containerd.wait(10)
+        self.containerd = self.spawn(["containerd", "--config", str(self.dir / "containerd.toml")],
+                                     log_to=self.containerd_log, env={"PATH": self._containerd_path})
+        self._wait_containerd()
+
+    def restart_kubelet(self) -> None:
+        """Kill the kubelet; the loop starts it again, as systemd's Restart=always would."""
+        _kill(self._pids_named("kubelet"))
+
+    def _wait_containerd(self) -> None:
+        poll(lambda: self.run(["ctr", "--address", CONTAINERD_SOCK, "version"], check=False).returncode == 0,
+             f"containerd on {self.name}", timeout=30,
+             detail=lambda: _tail(self.containerd_log))
+
     def start_containerd(self, images: Sequence[Path], shim: Path, criu: Path) -> None:
         config = self.dir / "containerd.toml"
         config.write_text(self.containerd_config())
@@ -409,11 +433,10 @@ class KubeNode:
         # would be iptables rules (the pod's traffic is held by the activation proxy instead).
         (self.dir / "shim.toml").write_text(f'CriuPath = "{criu}"\n')
         (self._source("/etc/criu") / "runc.conf").write_text("network-lock skip\n")
+        self._containerd_path = f"{shim.parent}:{NODE_PATH}"
         self.containerd = self.spawn(["containerd", "--config", str(config)], log_to=self.containerd_log,
-                                     env={"PATH": f"{shim.parent}:{NODE_PATH}"})
-        poll(lambda: self.run(["ctr", "--address", CONTAINERD_SOCK, "version"], check=False).returncode == 0,
-             f"containerd on {self.name}", timeout=30,
-             detail=lambda: _tail(self.containerd_log))
+                                     env={"PATH": self._containerd_path})
+        self._wait_containerd()
         for image in images:
             self.run(["ctr", "--address", CONTAINERD_SOCK, "-n", "k8s.io", "images", "import", str(image)],
                      timeout=300)

@@ -13,11 +13,14 @@ import json
 import secrets
 import shutil
 import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from test_scale_to_zero import CLIENT as S2Z_CLIENT
 
 from controlplane import annotations
 from scaletozero.shimclient import ShimState
@@ -433,6 +436,129 @@ def test_scale_to_zero_checkpoints_a_kubelet_pod_it_stays_running_and_wakes(kube
     events = kube.kubectl("-n", ns, "get", "events", "--field-selector", f"involvedObject.name={name}",
                           "-o", "jsonpath={.items[*].reason}").stdout.split()
     assert {"Checkpointed", "Restored"} <= set(events), events
+
+
+def _sleepy_up(kube: KubeCluster, ns: str, *objects: dict[str, Any], idle: str = "4s",
+               restore_timeout: str | None = None) -> tuple[str, str]:
+    """Deploy sleepy (on node1) with the given objects; its pod's (name, IP) once it runs."""
+    d = sleepy("sleepy", idle=idle)
+    if restore_timeout is not None:
+        d["spec"]["template"]["metadata"]["annotations"][annotations.RESTORE_TIMEOUT] = restore_timeout
+    kc.apply(kube, d, *objects, namespace=ns)
+    pod = kc.wait_ready(kube, ns, "app=sleepy", 1)[0]
+    return pod["metadata"]["name"], pod["status"]["podIP"]
+
+
+def _node_ready(kube: KubeCluster, node: str) -> bool:
+    conditions = kc.get(kube, "node", node)["status"]["conditions"]
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def _shim_processes(sandbox: str) -> list[int]:
+    """Shim processes of a pod sandbox (a pod's shim is started with ``-id <sandbox id>``)."""
+    out = []
+    for entry in kc.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"containerd-shim-zeroproxy-v2") and sandbox.encode() in argv:
+            out.append(int(entry.name))
+    return out
+
+
+def _restarts(kube: KubeCluster, ns: str, pod: str) -> list[int]:
+    return [c["restartCount"] for c in kc.get(kube, "pod", pod, namespace=ns)["status"]["containerStatuses"]]
+
+
+def test_fifty_nodeport_clients_share_one_wake_then_five_cycles_and_the_log_goes_on(kube: KubeCluster,
+                                                                                     ns: str) -> None:
+    """50 concurrent connections from an external host to a NodePort on the other node, all
+    during one wake: every one answered, one restore, no retransmit, no reset. Then four more
+    idle -> checkpoint -> wake cycles (five in all); `kubectl logs` holds every request in order."""
+    ext = kube.bed.externals.get("ext") or kube.bed.add_external("ext")
+    name, _ = _sleepy_up(kube, ns, service("sleepy", type_="NodePort"))
+    port = kc.get(kube, "service", "sleepy", namespace=ns)["spec"]["ports"][0]["nodePort"]
+    node2 = kube.node("node2").ip
+    for cycle in range(1, 6):
+        wait_scale_state(kube, ns, name, ScaleState.CHECKPOINTED)
+        before = app_container(kube, "node1", ns, name)
+        assert before.state is ContainerState.CHECKPOINTED and before.checkpoints == cycle, before
+        n = 50 if cycle == 1 else 1
+        results = json.loads(ext.check_output([sys.executable, "-c", S2Z_CLIENT, node2, str(port), str(n),
+                                               f"/echo?msg=cycle{cycle}", "60"], timeout=120))
+        bad = [r for r in results if not r["ok"] or r["status"] != 200 or r["body"] != f"cycle{cycle}"]
+        assert not bad, f"{len(bad)} of {n} failed: {bad[:3]}"
+        assert sum(r["retrans"] for r in results) == 0, [r["retrans"] for r in results]
+        after = app_container(kube, "node1", ns, name)
+        assert after.state is ContainerState.RUNNING and after.restores == cycle, after  # one restore per wake
+    assert _restarts(kube, ns, name) == [0]
+    log = kube.kubectl("-n", ns, "logs", name).stdout
+    places = [log.find(f"/echo?msg=cycle{c}&") for c in range(1, 6)]
+    assert -1 not in places and places == sorted(places), (places, log[-2000:])
+    assert log.count("/echo?msg=cycle1&") == 50
+
+
+def test_kubelet_and_containerd_restarts_while_checkpointed(kube: KubeCluster, ns: str) -> None:
+    """While the pod is checkpointed its node's kubelet is killed (and comes back), then its
+    containerd is restarted: Kubernetes still sees it Running, never restarted, and it wakes."""
+    name, ip = _sleepy_up(kube, ns, service("sleepy"), client_pod(node="node2"))
+    kc.wait_ready(kube, ns, "app=client", 1)
+    node = kube.node("node1")
+    for restart in (node.restart_kubelet, node.restart_containerd):
+        wait_scale_state(kube, ns, name, ScaleState.CHECKPOINTED)
+        restart()
+        kc.poll(lambda: _node_ready(kube, "node1"), "node1 Ready again", timeout=120)
+        # Several kubelet sync periods later it is the same container, Running, scaled down.
+        time.sleep(12)
+        status = kc.get(kube, "pod", name, namespace=ns)["status"]
+        assert status["phase"] == "Running" and [c["restartCount"] for c in status["containerStatuses"]] == [0]
+        assert "running" in status["containerStatuses"][0]["state"], status
+        assert app_container(kube, "node1", ns, name).state is ContainerState.CHECKPOINTED
+        lines = curl_loop(kube, ns, f"http://{ip}:{NETEXEC_PORT}/hostname", 1)
+        assert lines == [f"OK:{name}"], (restart.__name__, lines)
+    assert _restarts(kube, ns, name) == [0]
+
+
+def test_a_failed_restore_resets_held_clients_then_delete_leaves_nothing(kube: KubeCluster, ns: str) -> None:
+    """The images vanish behind the shim: the wake fails, the held client is reset within the
+    restore timeout, the pod gets a RestoreFailed Event and stays Running to the kubelet (no
+    restart loop). `kubectl delete pod` then leaves no images, socket, shim or cgroup behind."""
+    name, _ = _sleepy_up(kube, ns, service("sleepy"), client_pod(node="node2"), restore_timeout="10s")
+    kc.wait_ready(kube, ns, "app=client", 1)
+    wait_scale_state(kube, ns, name, ScaleState.CHECKPOINTED)
+    node = kube.node("node1")
+    parked = app_container(kube, "node1", ns, name)
+    assert parked.images is not None
+    shutil.rmtree(node.host_path(parked.images))
+    t0 = time.monotonic()
+    lines = curl_loop(kube, ns, f"http://{svc_ip(kube, ns, 'sleepy')}/hostname", 1)
+    # Reset (curl: 52 empty reply, 56 reset), not left to time out (28), and within the restore timeout.
+    assert len(lines) == 1 and lines[0].split()[0] in ("FAIL:52", "FAIL:56"), lines
+    assert time.monotonic() - t0 < 10 + 5, lines
+    wait_scale_state(kube, ns, name, ScaleState.FAILED)
+    events = kube.kubectl("-n", ns, "get", "events", "--field-selector", f"involvedObject.name={name}",
+                          "-o", "jsonpath={.items[*].reason}").stdout.split()
+    assert "RestoreFailed" in events, events
+    time.sleep(12)  # the kubelet's sync loop runs meanwhile: nothing restarts it
+    status = kc.get(kube, "pod", name, namespace=ns)["status"]
+    assert status["phase"] == "Running" and [c["restartCount"] for c in status["containerStatuses"]] == [0]
+
+    pod = kc.get(kube, "pod", name, namespace=ns)
+    uid = pod["metadata"]["uid"]
+    sandbox = next(cid for cid in node.shim().container_ids()
+                   if node.shim().state(cid).annotations.get(CRI_POD_NAME) == name
+                   and node.shim().state(cid).annotations.get(CRI_CONTAINER_TYPE) == "sandbox")
+    kube.kubectl("-n", ns, "delete", "pod", name, "--wait=true", timeout=120)
+    kc.poll(lambda: not [c for c in node.shim().container_ids() if c in (parked.id, sandbox)],
+            "the pod's control sockets gone", timeout=60)
+    assert not node.host_path(f"/var/lib/zeroproxy/shim/k8s.io/{parked.id}").exists()
+    kc.poll(lambda: not _shim_processes(sandbox), f"the shim of sandbox {sandbox} gone", timeout=60)
+    kc.poll(lambda: not [d for m in kc.cgroup_v1_mounts() for d in m.glob(f"**/pod{uid}")],
+            f"the pod's cgroups (pod{uid}) removed", timeout=60)
+    kc.poll(lambda: not kc.Path(parked.netns).exists(), "the pod's netns gone", timeout=60)
 
 
 # Specs zeroproxy may not pass although kube-proxy does, each with its reason.
