@@ -1,8 +1,10 @@
-"""`./zp demo` (`python -m testbed demo`): the whole ClusterIP path on this one machine, no cluster needed.
+"""`./zp demo` (`python -m testbed demo`): ClusterIP and scale to zero on this one machine, no cluster needed.
 
 Builds a node and pods out of network namespaces and a private cgroup subtree, writes
-Kubernetes YAML for three Services, runs a real agent on it, sends TCP and UDP from a client
-pod to the ClusterIPs, prints who answered, then removes everything it made.
+Kubernetes YAML for four Services, runs a real agent on it, sends TCP and UDP from a client
+pod to the ClusterIPs and prints who answered. Then the headline: a fourth service's only pod
+(busybox httpd in a runc container) goes idle, is checkpointed with CRIU, and the client's next
+request through the ClusterIP wakes it. Everything it made is removed at the end.
 """
 
 from __future__ import annotations
@@ -21,10 +23,24 @@ from testbed.bed import TestBed, cleanup_stale
 from testbed.k8sobjects import endpoint_slice, node, service
 from testbed.sandbox import AgentProcess
 
-WEB4, WEB6, DNS4, GONE4 = "10.96.0.10", "fd00:10:96::10", "10.96.0.53", "10.96.0.99"
+WEB4, WEB6, DNS4, GONE4, SLEEPY4 = "10.96.0.10", "fd00:10:96::10", "10.96.0.53", "10.96.0.99", "10.96.0.80"
+SLEEPY_IDLE_S = 2.0
+
+# One timed request: connect -> first byte of the answer, and the body.
+TIMED_GET = r"""
+import json, socket, sys, time
+t0 = time.perf_counter()
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+data = s.recv(65536)
+first = time.perf_counter() - t0
+while chunk := s.recv(65536):
+    data += chunk
+print(json.dumps({"first_byte_ms": first * 1000, "body": data.partition(b"\r\n\r\n")[2].decode()}))
+"""
 
 
-def _objects(bed_node, web, dns) -> list[dict[str, Any]]:
+def _objects(bed_node, web, dns, sleepy) -> list[dict[str, Any]]:
     http = [{"name": "http", "port": 8080, "protocol": "TCP"}]
     udp = [{"name": "dns", "port": 5353, "protocol": "UDP"}]
     return [
@@ -36,7 +52,59 @@ def _objects(bed_node, web, dns) -> list[dict[str, Any]]:
         service("dns", [DNS4], [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]),
         endpoint_slice("dns", [p.ip4 for p in dns], udp, node_name=bed_node.name),
         service("scaled-down", [GONE4], [{"name": "http", "port": 80, "protocol": "TCP"}]),
+        service("sleepy", [SLEEPY4], [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]),
+        endpoint_slice("sleepy", [sleepy.ip4], http, node_name=bed_node.name),
     ]
+
+
+def _scale_to_zero(workdir: Path, client: Any, sleepy: Any) -> None:
+    """The sleepy pod: idle -> checkpointed (process gone) -> woken by a request to its ClusterIP."""
+    import json
+    import subprocess
+    import uuid
+
+    from scaletozero.runc import RuncRuntime
+    from scaletozero.runtime import ContainerSpec
+    from scaletozero.scaler import ScaledPod, ScalerThread
+    from testbed import rootfs
+    from testbed.bed import wait_until
+
+    print(f"\n== scale to zero: {SLEEPY4}:80 -> pod sleepy {sleepy.ip4} (busybox httpd under runc)")
+    print("   CRIU 4.2.1 from scripts/build-criu.sh (built once, cached; the first run takes minutes)")
+    criu = subprocess.run(["bash", str(Path(__file__).resolve().parent.parent / "scripts" / "build-criu.sh")],
+                          check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
+    runtime = RuncRuntime(workdir / "runtime", Path(criu), cgroup_parent=f"/zpdemo-{uuid.uuid4().hex[:8]}")
+    scaler = None
+    try:
+        fs = rootfs.build_busybox_rootfs(workdir / "sleepy-rootfs", {"/www/index.html": "hello from sleepy\n"})
+        runtime.run(ContainerSpec(id="sleepy", rootfs=fs.path, netns=sleepy.netns_path,
+                                  args=["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]))
+        scaler = ScalerThread(runtime, poll_interval=0.2)
+        scaler.call(scaler.scaler.add, ScaledPod("default/sleepy", "sleepy", sleepy.netns_path, (sleepy.ip4,),
+                                               idle_timeout=SLEEPY_IDLE_S))
+
+        def get() -> dict[str, Any]:
+            return json.loads(client.check_output([sys.executable, "-c", TIMED_GET, SLEEPY4, "80"], timeout=90))
+
+        warm = get()
+        print(f"   running: {warm['body'].strip()!r} in {warm['first_byte_ms']:.1f} ms; "
+              f"idle timeout {SLEEPY_IDLE_S:g} s")
+        wait_until(lambda: scaler.status()["default/sleepy"].state == "checkpointed", "sleepy checkpointed",
+                   timeout=60)
+        st = scaler.status()["default/sleepy"]
+        print(f"   idle: checkpointed in {st.last_checkpoint_seconds:.3f} s; container {runtime.state('sleepy')}, "
+              f"no process left; the activation proxy listens for it")
+        woke = get()
+        st = scaler.status()["default/sleepy"]
+        print(f"   woken by a request to the ClusterIP: {woke['body'].strip()!r}, first byte after "
+              f"{woke['first_byte_ms']:.1f} ms (restore {st.last_restore_seconds:.3f} s); "
+              f"container {runtime.state('sleepy')}, {st.restores} restore, {st.accepted} connection held")
+        again = get()
+        print(f"   and then straight to the app: {again['first_byte_ms']:.1f} ms")
+    finally:
+        if scaler is not None:
+            scaler.close()
+        runtime.delete_all()
 
 
 def _report(title: str, records: list[dict[str, Any]], show: str) -> None:
@@ -65,6 +133,7 @@ def run_demo(requests: int = 30, keep_going: bool = False) -> int:
             client = bed.add_pod(n, "client")
             web = [bed.add_pod(n, f"web-{i}") for i in (1, 2, 3)]
             dns = [bed.add_pod(n, f"dns-{i}") for i in (1, 2)]
+            sleepy = bed.add_pod(n, "sleepy")
             for p in web:
                 p.serve(p.name, tcp=[8080])
             for p in dns:
@@ -72,7 +141,7 @@ def run_demo(requests: int = 30, keep_going: bool = False) -> int:
             print(f"   node {n.name} ({n.ip4}); client pod {client.ip4}; "
                   f"web pods {', '.join(p.ip4 for p in web)}; dns pods {', '.join(p.ip4 for p in dns)}")
             with AgentProcess(workdir, n.cgroup_path, node_name=n.name, name="demo") as agent:
-                agent.write(_objects(n, web, dns))
+                agent.write(_objects(n, web, dns, sleepy))
                 started = time.monotonic()
                 agent.start()
                 print(f"   agent up and synced in {time.monotonic() - started:.2f}s "
@@ -93,6 +162,7 @@ def run_demo(requests: int = 30, keep_going: bool = False) -> int:
                                       count=requests), "reply_source")
                 _report(f"TCP {GONE4}:80 (a service with no endpoints), 5 connections",
                         client.client(nettools.format_target(GONE4, 80), count=5), "getpeername")
+                _scale_to_zero(workdir, client, sleepy)
                 print("\n== datapath counters:", inspect.stats(agent.pin_dir))
                 if keep_going:
                     input(f"\nsandbox kept: pin dir {agent.pin_dir}. Press Enter to remove it... ")
