@@ -295,7 +295,10 @@ class KubeNode:
         """A client of the zeroproxy shims' control sockets on this node (scaletozero.shimclient)."""
         from scaletozero.shimclient import DEFAULT_SOCKET_DIR, ShimClient
 
-        return ShimClient(self.host_path(DEFAULT_SOCKET_DIR))
+        # Through the node's mount namespace (/proc/<holder>/root): the host path of the
+        # directory is too long for a unix socket address with a 64-hex container id.
+        assert self.holder is not None
+        return ShimClient(Path(f"/proc/{self.holder.pid}/root{DEFAULT_SOCKET_DIR}"))
 
     # -- namespaces and processes ----------------------------------------------------------------
 
@@ -1237,7 +1240,8 @@ def machine_snapshot() -> dict[str, list[str]]:
     snap["bpffs"] = sorted(str(p) for p in Path("/sys/fs/bpf").rglob("*")) if Path("/sys/fs/bpf").is_dir() else []
     snap["paths"] = sorted(p for p in [*NODE_PATHS, NODE_CGROUP2, "/etc/cni", "/opt/cni"] if os.path.lexists(p))
     snap["state"] = sorted(str(p) for d in (STATE_DIR, DATA_DIR) if d.is_dir() for p in d.iterdir()
-                           if p.name not in ("mountpoints.json", "mountpoints.lock"))
+                           # Lock files stay: removing a flock'ed file is racy, and they hold nothing.
+                           if p.name not in ("mountpoints.json", "mountpoints.lock", "one-cluster.lock"))
     names = ("kubelet", "containerd", "containerd-shim", "containerd-shim-runc-v2", "kube-apiserver",
              "kube-controller", "kube-scheduler", "etcd", "kube-proxy", "pause", "agnhost", "runc")
     procs = []

@@ -9,6 +9,7 @@ Each test gets its own namespace, deleted afterwards, and waits for conditions w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
@@ -115,13 +116,21 @@ def client_pod(name: str = "client", node: str | None = None) -> dict[str, Any]:
 
 
 def curl_loop(kube: KubeCluster, ns: str, url: str, count: int, *, pause: str = "0",
-              pod: str = "client", timeout: float = 300.0) -> list[str]:
+              pod: str = "client", timeout: float = 300.0, max_time: float = 5) -> list[str]:
     """``count`` sequential requests from a pod, one line each: the body or FAIL:<curl exit code>."""
     script = (f'i=0; while [ $i -lt {count} ]; do i=$((i+1)); '
-              f'out=$(curl -sS --fail -m 5 "{url}" 2>&1) && echo "OK:$out" || echo "FAIL:$? $out"; '
+              f'out=$(curl -sS --fail -m {max_time:g} "{url}" 2>&1) && echo "OK:$out" || echo "FAIL:$? $out"; '
               f'sleep {pause}; done')
     out = kc.pod_exec(kube, ns, pod, ["sh", "-c", script], timeout=timeout).stdout
     return out.splitlines()
+
+
+def wait_answering(kube: KubeCluster, ns: str, url: str, timeout: float = 60.0) -> None:
+    """Until one request to ``url`` succeeds: Ready pods reach a Service's EndpointSlice, and
+    from there every node's proxy, a moment later (the controller-manager's and the agent's
+    sync), as with kube-proxy. Afterwards every request must succeed."""
+    kc.poll(lambda: curl_loop(kube, ns, url, 1)[0].startswith("OK:"), f"{url} answering from {ns}/client",
+            timeout=timeout, interval=0.5)
 
 
 def answers(lines: list[str]) -> Counter[str]:
@@ -281,6 +290,7 @@ def test_pod_reaches_a_service_by_its_dns_name(kube: KubeCluster, ns: str) -> No
     backends = {p["metadata"]["name"] for p in pods}
     kc.wait_ready(kube, ns, "app=client", 1)
     for url in ("http://web/hostname", f"http://web.{ns}.svc.{kc.DNS_DOMAIN}/hostname"):
+        wait_answering(kube, ns, url)
         lines = curl_loop(kube, ns, url, 20)
         assert not failures(lines), (url, failures(lines))
         assert set(answers(lines)) == backends, url
@@ -374,6 +384,19 @@ def wait_scale_state(kube: KubeCluster, ns: str, pod: str, state: ScaleState, ti
                                         check=False).stdout)
 
 
+def s2z_detail(kube: KubeCluster, node: str = "node1") -> str:
+    """What to read when a wake fails: the node's agent log, its shims' states, containerd's log."""
+    agents = kube.kubectl("-n", "zeroproxy", "get", "pods", "-o", "wide", "--field-selector",
+                          f"spec.nodeName={node}", "-o", "jsonpath={.items[0].metadata.name}", check=False).stdout
+    out = kube.kubectl("-n", "zeroproxy", "logs", agents, "--tail=60", check=False).stdout
+    client = kube.node(node).shim()
+    for cid in client.container_ids():
+        with contextlib.suppress(Exception):
+            out += f"\n{client.state(cid)}"
+    return out + "\n--- containerd ---\n" + "\n".join(
+        kube.node(node).containerd_log.read_text(errors="replace").splitlines()[-30:])
+
+
 def app_container(kube: KubeCluster, node: str, ns: str, pod: str) -> ShimState:
     """The pod's app container as the node's shim reports it."""
     client = kube.node(node).shim()
@@ -423,8 +446,8 @@ def test_scale_to_zero_checkpoints_a_kubelet_pod_it_stays_running_and_wakes(kube
             st = node.shim().state(cid)
             assert (st.annotations.get(CRI_POD_NAMESPACE), st.annotations.get(CRI_POD_NAME)) == (ns, name), st
 
-    woke = curl_loop(kube, ns, f"http://{vip}/echo?msg=woke", 1)
-    assert woke == ["OK:woke"], woke
+    woke = curl_loop(kube, ns, f"http://{vip}/echo?msg=woke", 1, max_time=30)
+    assert woke == ["OK:woke"], (woke, s2z_detail(kube))
     running = app_container(kube, "node1", ns, name)
     assert running.state is ContainerState.RUNNING and running.restores == 1 and running.checkpoints == 1, running
     wait_scale_state(kube, ns, name, ScaleState.RUNNING)
