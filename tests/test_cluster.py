@@ -447,7 +447,7 @@ def test_scale_to_zero_checkpoints_a_kubelet_pod_it_stays_running_and_wakes(kube
             assert (st.annotations.get(CRI_POD_NAMESPACE), st.annotations.get(CRI_POD_NAME)) == (ns, name), st
 
     woke = curl_loop(kube, ns, f"http://{vip}/echo?msg=woke", 1, max_time=30)
-    assert woke == ["OK:woke"], (woke, s2z_detail(kube))
+    assert woke == ["OK:woke"], f"{woke}\n{s2z_detail(kube)}"
     running = app_container(kube, "node1", ns, name)
     assert running.state is ContainerState.RUNNING and running.restores == 1 and running.checkpoints == 1, running
     wait_scale_state(kube, ns, name, ScaleState.RUNNING)

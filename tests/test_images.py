@@ -9,6 +9,7 @@ with runc: the e2e exec pods' tools, kube-proxy's iptables and conntrack, every 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -206,12 +207,25 @@ def _pids_mentioning(text: str) -> list[int]:
     return pids
 
 
+RUN_CONTAINERD = "/run/containerd"
+
+
+def _tree(top: str) -> list[str]:
+    """top and everything below it ([] if it does not exist)."""
+    if not os.path.exists(top):
+        return []
+    return [top] + [os.path.join(d, n) for d, dirs, files in os.walk(top) for n in dirs + files]
+
+
 @pytest.fixture(scope="module")
 def containerd() -> Iterator[Containerd]:
     """containerd 1.6 with its own root, state, socket and cgroup parent; all removed afterwards."""
     images.debian_package_files("containerd")  # a clear error if Debian's containerd is missing
     tmp = tempfile.mkdtemp(prefix="zp-images-ctrd-", dir="/var/tmp")
     cgroup = f"/{os.path.basename(tmp)}"
+    # containerd 1.6 puts shim sockets, FIFOs and runc's root under /run/containerd whatever its
+    # config says: what it adds there goes again afterwards.
+    run_before = set(_tree(RUN_CONTAINERD))
     config = Path(tmp) / "config.toml"
     # CRI is off: this containerd serves ctr only, and CRI would want CNI and a pause image.
     config.write_text(f"""version = 2
@@ -268,8 +282,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
                     child.rmdir()
                 leftover.rmdir()
         shutil.rmtree(tmp)
+        for path in sorted(set(_tree(RUN_CONTAINERD)) - run_before, key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(path) if os.path.isdir(path) else os.unlink(path)
         # The teardown checks itself: no process, mount, cgroup or file of this containerd is left.
         left = {"processes": _pids_mentioning(tmp), "mounts": _mounts_under(tmp),
+                "run": sorted(set(_tree(RUN_CONTAINERD)) - run_before),
                 "cgroups": [str(h / cgroup.lstrip("/")) for h in Path("/sys/fs/cgroup").iterdir()
                             if (h / cgroup.lstrip("/")).exists()],
                 "files": [tmp] if os.path.exists(tmp) else []}

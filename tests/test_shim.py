@@ -227,11 +227,18 @@ def containerd(shim_binary: Path, criu: Path) -> Iterator[Containerd]:
     cd = Containerd(dir=d, address=d / "containerd.sock", socket_dir=d / "ctl", image_dir=d / "images",
                     options_file=options_file, criu_conf=criu_conf, shim_dir=shim_binary.parent,
                     cgroup_parent=f"/zeroproxy-shimtest-{uuid.uuid4().hex[:8]}")
+    # containerd 1.6 uses /run/containerd whatever its config says; ours gets the test's own
+    # directory bind-mounted there, which needs the mount point (made here if missing, then removed).
+    made_run = not os.path.isdir("/run/containerd")
+    os.makedirs("/run/containerd", exist_ok=True)
     try:
         cd.start()
         yield cd
     finally:
         _teardown(cd)
+        if made_run:
+            with contextlib.suppress(OSError):
+                os.rmdir("/run/containerd")
 
 
 def _teardown(cd: Containerd) -> None:

@@ -82,10 +82,13 @@ type container struct {
 }
 
 // holdStdio opens a writer on each stdio FIFO of the container (not on files or loggers: those
-// have no reader to lose), before the dumped process's own writers are closed.
+// have no reader to lose), before the dumped process's own writers are closed. Idempotent.
 func (c *container) holdStdio(ctx context.Context) {
 	c.heldMu.Lock()
 	defer c.heldMu.Unlock()
+	if len(c.held) > 0 {
+		return
+	}
 	for _, path := range []string{c.req.Stdout, c.req.Stderr} {
 		if path == "" || strings.Contains(path, "://") {
 			continue

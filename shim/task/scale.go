@@ -30,6 +30,9 @@ func workPath(dir string) string   { return filepath.Join(dir, "work") }
 
 func msSince(t time.Time) float64 { return float64(time.Since(t).Microseconds()) / 1000 }
 
+// restoreDeadline bounds one restore (runc restore, CRIU, opening the stdio FIFOs).
+const restoreDeadline = 2 * time.Minute
+
 // opContext is the context of a checkpoint or restore: the container's namespace, and not the
 // control request's, so a client hanging up cannot kill runc halfway through a dump.
 func (c *container) opContext() context.Context {
@@ -82,6 +85,9 @@ func (s *service) checkpoint(c *container, tcpEstablished bool) (*OpResult, erro
 	gone := c.initGone
 	c.mu.Unlock()
 
+	// Before the dump: the dumped process's exit closes the shim's own writers of the FIFOs,
+	// and the CRI plugin's reader would see EOF at once and stop copying into the pod's log.
+	c.holdStdio(ctx)
 	t := time.Now()
 	err = ip.Checkpoint(ctx, &process.CheckpointConfig{
 		Path:         next,
@@ -100,6 +106,7 @@ func (s *service) checkpoint(c *container, tcpEstablished bool) (*OpResult, erro
 			s.notes <- exitNote{exit: *pending} // it did exit: an ordinary exit after all
 		}
 		_ = os.RemoveAll(next)
+		c.releaseStdio() // still running (or exited for real): its own writers are the ones that count
 		res.CriuLog = filepath.Join(work, "dump.log")
 		res.CriuError = criuError(res.CriuLog)
 		return s.finish(c, res, fmt.Errorf("checkpoint of %s: %w", c.id, err))
@@ -127,7 +134,6 @@ func (s *service) checkpoint(c *container, tcpEstablished bool) (*OpResult, erro
 	// runc has forgotten the container; what is left is the shim's side of the process: its
 	// stdio pipes and the rootfs mount. The process is over as far as that bookkeeping goes.
 	ip.SetExited(128 + int(unix.SIGKILL))
-	c.holdStdio(ctx)
 	if _, err := rc.Delete(ctx, &taskAPI.DeleteRequest{ID: c.id}); err != nil {
 		log.G(ctx).WithError(err).Warn("releasing the dumped process's stdio and rootfs")
 	}
@@ -155,7 +161,10 @@ func (s *service) checkpoint(c *container, tcpEstablished bool) (*OpResult, erro
 // restore brings a scaled-down container back in place from its images and tracks the new
 // process as the container's init. The caller holds c.op.
 func (s *service) restoreLocked(c *container) (*OpResult, error) {
-	ctx := c.opContext()
+	// Bounded: opening the stdio FIFOs blocks until their reader is there, and a restore that
+	// never returns would keep the container's operation lock for good.
+	ctx, cancel := context.WithTimeout(c.opContext(), restoreDeadline)
+	defer cancel()
 	start := time.Now()
 	res := &OpResult{Op: "restore", TimingsMs: map[string]float64{}, At: start}
 
