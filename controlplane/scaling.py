@@ -95,6 +95,8 @@ def node_pods(pods: Iterable[Any], node_name: str, runtime: ContainerRuntime) ->
     for pod in pods:
         if pod.node_name != node_name or pod.terminating:
             continue
+        if pod.phase in ("Pending", "Succeeded", "Failed"):
+            continue  # no container yet (or any more); the Pod's next change brings it back here
         target, bad = scaled_pod(pod, "", Path("/nonexistent"))
         problems += bad
         if target is None:
