@@ -91,6 +91,13 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
+def print_summary(result: dict[str, Any]) -> None:
+    for name, s in result["summary"].items():
+        if s:
+            print(f"{name:<16} n={s['n']:<3} min {s['min_ms']:7.1f} ms  median {s['median_ms']:7.1f} ms  "
+                  f"p90 {s['p90_ms']:7.1f} ms  max {s['max_ms']:7.1f} ms")
+
+
 def run(cycles: int, steady: int, workdir: Path) -> dict[str, Any]:
     criu = criu_path()
     bed = TestBed(prefix="zps2zbench")
@@ -179,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     result["kernel"] = Path("/proc/sys/kernel/osrelease").read_text().strip()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    for name, s in result["summary"].items():
-        if s:
-            print(f"{name:<16} n={s['n']:<3} min {s['min_ms']:7.1f} ms  median {s['median_ms']:7.1f} ms  "
-                  f"p90 {s['p90_ms']:7.1f} ms  max {s['max_ms']:7.1f} ms")
+    print_summary(result)
     print(f"wrote {args.out}")
     return 0
 

@@ -25,28 +25,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.scale_to_zero import summary
+from bench.scale_to_zero import TIMER, print_summary, summary
 from controlplane import annotations
 from scaletozero.shimruntime import CRI_CONTAINER_TYPE, CRI_POD_NAME
 from testbed import kubecluster as kc
 
-TIMER = r"""
-import json, socket, sys, time
-host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-out = []
-for _ in range(count):
-    t0 = time.perf_counter()
-    s = socket.create_connection((host, port), timeout=60)
-    s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-    first = s.recv(65536)
-    t1 = time.perf_counter()
-    while s.recv(65536):
-        pass
-    t2 = time.perf_counter()
-    s.close()
-    out.append({"first_byte": t1 - t0, "total": t2 - t0, "ok": first.split(b" ", 2)[1:2] == [b"200"]})
-print(json.dumps(out))
-"""
 IDLE = "2s"
 PORT = 8080
 
@@ -135,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     result["kernel"] = Path("/proc/sys/kernel/osrelease").read_text().strip()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    for name, s in result["summary"].items():
-        if s:
-            print(f"{name:<16} n={s['n']:<3} min {s['min_ms']:7.1f} ms  median {s['median_ms']:7.1f} ms  "
-                  f"p90 {s['p90_ms']:7.1f} ms  max {s['max_ms']:7.1f} ms")
+    print_summary(result)
     print(f"failed requests: {result['failed_requests']}; wrote {args.out}")
     return 0
 

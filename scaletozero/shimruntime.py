@@ -22,6 +22,7 @@ import contextlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from scaletozero.runtime import (
@@ -154,12 +155,7 @@ class ShimRuntime(ContainerRuntime):
         tmp = self._ports_file(container_id).with_suffix(".tmp")
         tmp.write_text(json.dumps({"listen_ports": ports}))
         tmp.replace(self._ports_file(container_id))
-        try:
-            result = self.client.checkpoint(container_id)
-        except ShimError as e:
-            self._record(container_id, "checkpoint", t0, False, e.reason, e.result)
-            raise CheckpointError(e.reason, e.criu_error, kind=e.failure) from None
-        self._record(container_id, "checkpoint", t0, True, result=result)
+        result = self._op(container_id, "checkpoint", t0, self.client.checkpoint, CheckpointError)
         if result.images is None:
             raise CheckpointError(f"checkpoint of {container_id!r}: the shim named no images")
         return result.images
@@ -171,12 +167,18 @@ class ShimRuntime(ContainerRuntime):
             raise RestoreError(f"cannot restore {container_id!r}: it is {st.state}")
         if st.netns:
             clear_time_wait(st.netns, sorted(self.listen_ports(container_id)), what=container_id)
+        self._op(container_id, "restore", t0, self.client.restore, RestoreError)
+
+    def _op(self, cid: str, op: str, t0: float, call: Callable[[str], OpResult],
+            error: type[RuntimeDriverError]) -> OpResult:
+        """One verb of the shim, recorded; its failure as the contract's error with its kind."""
         try:
-            result = self.client.restore(container_id)
+            result = call(cid)
         except ShimError as e:
-            self._record(container_id, "restore", t0, False, e.reason, e.result)
-            raise RestoreError(e.reason, e.criu_error, kind=e.failure) from None
-        self._record(container_id, "restore", t0, True, result=result)
+            self._record(cid, op, t0, False, e.reason, e.result)
+            raise error(e.reason, e.criu_error, kind=e.failure) from None
+        self._record(cid, op, t0, True, result=result)
+        return result
 
     def forget(self, container_id: str) -> None:
         """Drop what this driver remembers of a container containerd deleted (its ports file)."""

@@ -728,6 +728,22 @@ class TestBed:
         self._procs = alive
 
 
+def shim_pids(marker: str) -> list[int]:
+    """Processes of containerd-shim-zeroproxy-v2 with ``marker`` as one of their arguments
+    (a containerd's address, a pod sandbox's id)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"containerd-shim-zeroproxy-v2") and marker.encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
 def wait_until(cond: Callable[[], T], what: str, *, timeout: float = 60.0, interval: float = 0.05,
                detail: Callable[[], str] | None = None, tolerate: tuple[type[BaseException], ...] = (),
                error: type[Exception] = AssertionError) -> T:

@@ -29,6 +29,7 @@ from scaletozero.shimruntime import CRI_CONTAINER_TYPE, CRI_POD_NAME, CRI_POD_NA
 from scaletozero.state import ContainerState, ScaleState
 from testbed import e2e
 from testbed import kubecluster as kc
+from testbed.bed import shim_pids
 from testbed.kubecluster import KubeCluster
 
 pytestmark = pytest.mark.timeout(900)
@@ -477,21 +478,6 @@ def _node_ready(kube: KubeCluster, node: str) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
-def _shim_processes(sandbox: str) -> list[int]:
-    """Shim processes of a pod sandbox (a pod's shim is started with ``-id <sandbox id>``)."""
-    out = []
-    for entry in kc.Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"containerd-shim-zeroproxy-v2") and sandbox.encode() in argv:
-            out.append(int(entry.name))
-    return out
-
-
 def _restarts(kube: KubeCluster, ns: str, pod: str) -> list[int]:
     return [c["restartCount"] for c in kc.get(kube, "pod", pod, namespace=ns)["status"]["containerStatuses"]]
 
@@ -578,7 +564,7 @@ def test_a_failed_restore_resets_held_clients_then_delete_leaves_nothing(kube: K
     kc.poll(lambda: not [c for c in node.shim().container_ids() if c in (parked.id, sandbox)],
             "the pod's control sockets gone", timeout=60)
     assert not node.host_path(f"/var/lib/zeroproxy/shim/k8s.io/{parked.id}").exists()
-    kc.poll(lambda: not _shim_processes(sandbox), f"the shim of sandbox {sandbox} gone", timeout=60)
+    kc.poll(lambda: not shim_pids(sandbox), f"the shim of sandbox {sandbox} gone", timeout=60)
     kc.poll(lambda: not [d for m in kc.cgroup_v1_mounts() for d in m.glob(f"**/pod{uid}")],
             f"the pod's cgroups (pod{uid}) removed", timeout=60)
     kc.poll(lambda: not kc.Path(parked.netns).exists(), "the pod's netns gone", timeout=60)

@@ -47,7 +47,7 @@ from scaletozero.runtime import (
 from scaletozero.shimclient import ShimClient, ShimOpFailed, ShimRefused, ShimUnreachable
 from scaletozero.shimruntime import CRI_CONTAINER_TYPE, CRI_POD_NAME, CRI_POD_NAMESPACE, ShimRuntime
 from scaletozero.state import ContainerState
-from testbed.bed import Node, Pod, TestBed, wait_until
+from testbed.bed import Node, Pod, TestBed, shim_pids, wait_until
 from testbed.rootfs import build_busybox_rootfs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,17 +174,7 @@ class Containerd:
 
     def shim_pids(self) -> list[int]:
         """Shims of this containerd: their command line carries its address."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv and argv[0].endswith(b"containerd-shim-zeroproxy-v2") and str(self.address).encode() in argv:
-                pids.append(int(entry.name))
-        return pids
+        return shim_pids(str(self.address))
 
 
 def _tail(path: Path, n: int = 40) -> str:
