@@ -80,6 +80,14 @@ def run(cycles: int, steady: int) -> dict[str, Any]:
             labels = kc.get(cluster, "pod", pod, namespace=ns)["metadata"].get("labels", {})
             return labels.get(annotations.STATE) == "checkpointed"
 
+        def answering(service: str) -> bool:
+            try:
+                return gets(service, 1)[0]["ok"]
+            except Exception:
+                return False
+
+        # Ready pods reach the agents' maps a moment after the EndpointSlice: wait for that first.
+        kc.poll(lambda: answering("plain"), "plain answering on its NodePort", timeout=60, interval=0.5)
         baseline = [r["total"] for r in gets("plain", steady)]
         cid = container()
         first_byte, restore, checkpoint, failed = [], [], [], 0
