@@ -582,7 +582,14 @@ class KubeCluster:
         self.dns = dns
         self.dns_server: subprocess.Popen[Any] | None = None
         self.image_tag = ""  # the zeroproxy image this cluster's nodes hold
-        self.bed = TestBed(prefix)
+        # The lock first: a cluster waiting for another must not have made anything yet (the
+        # other one's teardown check would see it as its own leftover).
+        self._lock = _one_cluster_lock(state_dir, f"(a new {prefix} cluster)")
+        try:
+            self.bed = TestBed(prefix)
+        except BaseException:
+            self._lock.close()
+            raise
         self.id = self.bed.id
         self.dir = DATA_DIR / self.id
         self.nodes: list[KubeNode] = []
@@ -590,7 +597,6 @@ class KubeCluster:
         self._state_file = state_dir / f"cluster-{self.id}.json"
         self._closed = False
         self.token = f"{secrets.token_hex(3)}.{secrets.token_hex(8)}"
-        self._lock = _one_cluster_lock(state_dir, self.id)
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
             self._write_state()
