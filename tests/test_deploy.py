@@ -62,6 +62,7 @@ COLLECTIONS = {
     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"):
         ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
     ("apps/v1", "DaemonSet"): ("/apis/apps/v1", "daemonsets", True),
+    ("node.k8s.io/v1", "RuntimeClass"): ("/apis/node.k8s.io/v1", "runtimeclasses", False),
 }
 
 
