@@ -168,7 +168,12 @@ def test_pod_to_clusterip_reaches_backends_on_both_nodes(kube: KubeCluster, ns: 
     backends = kc.wait_ready(kube, ns, "app=web", 2)
     assert {p["spec"]["nodeName"] for p in backends} == {"node1", "node2"}
     kc.wait_ready(kube, ns, "app=client", 1)
-    lines = curl_loop(kube, ns, f"http://{svc_ip(kube, ns, 'web')}/hostname", 40)
+    url = f"http://{svc_ip(kube, ns, 'web')}/hostname"
+    names = {p["metadata"]["name"] for p in backends}
+    # Both endpoints programmed (they reach the slice, then the agents, one after the other)...
+    kc.poll(lambda: set(answers(curl_loop(kube, ns, url, 10))) == names, f"{url} answered by {sorted(names)}",
+            timeout=60, interval=0.5)
+    lines = curl_loop(kube, ns, url, 40)  # ...then every request is served, by both
     assert not failures(lines), failures(lines)
     assert set(answers(lines)) == {p["metadata"]["name"] for p in backends}
 
@@ -177,6 +182,7 @@ def test_backend_sees_the_client_pod_address(kube: KubeCluster, ns: str) -> None
     kc.apply(kube, netexec("web", 1), service("web"), client_pod(), namespace=ns)
     kc.wait_ready(kube, ns, "app=web", 1)
     client = kc.wait_ready(kube, ns, "app=client", 1)[0]
+    wait_answering(kube, ns, f"http://{svc_ip(kube, ns, 'web')}/clientip")
     lines = curl_loop(kube, ns, f"http://{svc_ip(kube, ns, 'web')}/clientip", 3)
     assert not failures(lines), lines
     assert {line.removeprefix("OK:").rsplit(":", 1)[0] for line in lines} == {client["status"]["podIP"]}
@@ -347,6 +353,7 @@ def test_no_netfilter_rule_in_any_namespace(kube: KubeCluster, ns: str) -> None:
     kc.apply(kube, netexec("web", 2), service("web"), client_pod(), namespace=ns)
     kc.wait_ready(kube, ns, "app=web", 2)
     kc.wait_ready(kube, ns, "app=client", 1)
+    wait_answering(kube, ns, f"http://{svc_ip(kube, ns, 'web')}/hostname")
     assert not failures(curl_loop(kube, ns, f"http://{svc_ip(kube, ns, 'web')}/hostname", 5))
     before: dict[int, str] = kube.rulesets_before  # type: ignore[attr-defined]
     after = kc.netfilter_rulesets(kube)
@@ -426,6 +433,7 @@ def test_scale_to_zero_checkpoints_a_kubelet_pod_it_stays_running_and_wakes(kube
     name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
     kc.wait_ready(kube, ns, "app=client", 1)
     vip = svc_ip(kube, ns, "sleepy")
+    wait_answering(kube, ns, f"http://{vip}/hostname")
     first = curl_loop(kube, ns, f"http://{vip}/echo?msg=before", 1)
     assert first == ["OK:before"], first
 
