@@ -22,7 +22,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from scaletozero.runtime import (
@@ -57,30 +57,43 @@ class ShimRuntime(ContainerRuntime):
         self.history: list[OpRecord] = []
         self.last: dict[str, OpResult] = {}  # the shim's last timed answer per container (bench, tests)
         self._mu = threading.Lock()
+        self._known: dict[str, Mapping[str, str]] = {}  # container id -> its spec's annotations
 
     # -- finding containers ---------------------------------------------------------------------
 
-    def _states(self) -> list[ShimState]:
-        out = []
-        for cid in self.client.container_ids():
-            try:
-                out.append(self.client.state(cid))
-            except ShimUnreachable:
-                continue  # a dead shim's socket: containerd's cleanup removes it
-        return out
+    def _annotations(self) -> dict[str, Mapping[str, str]]:
+        """Every container with a control socket -> its spec's annotations. A container's spec
+        never changes, so only ids not seen before are asked (node_pods asks this for each
+        opted-in pod on every Pod change of the node)."""
+        ids = self.client.container_ids()
+        with self._mu:
+            known = {cid: self._known[cid] for cid in ids if cid in self._known}
+        for cid in ids:
+            if cid not in known:
+                try:
+                    known[cid] = self.client.state(cid).annotations
+                except ShimUnreachable:
+                    continue  # a dead shim's socket: containerd's cleanup removes it
+        with self._mu:
+            self._known = known
+        return known
 
     def containers(self) -> list[str]:
         """The app containers (never a pod's sandbox) the shims of this node run."""
-        return sorted(s.id for s in self._states() if s.annotations.get(CRI_CONTAINER_TYPE) != "sandbox")
+        return sorted(cid for cid, a in self._annotations().items() if a.get(CRI_CONTAINER_TYPE) != "sandbox")
 
     def pod_container(self, namespace: str, pod: str) -> str | None:
         """The id of the pod's app container under the shim; None if the pod has none there (it
         does not use the RuntimeClass, or is not on this node). A pod with several app
         containers is refused: its containers would need checkpointing together."""
-        found = [s for s in self._states()
-                 if s.annotations.get(CRI_CONTAINER_TYPE) == "container"
-                 and s.annotations.get(CRI_POD_NAMESPACE) == namespace and s.annotations.get(CRI_POD_NAME) == pod
-                 and s.state != ContainerState.STOPPED]
+        candidates = [cid for cid, a in self._annotations().items()
+                      if a.get(CRI_CONTAINER_TYPE) == "container"
+                      and a.get(CRI_POD_NAMESPACE) == namespace and a.get(CRI_POD_NAME) == pod]
+        found = []
+        for cid in candidates:  # the kubelet keeps a restarted pod's exited container a while
+            with contextlib.suppress(ShimUnreachable):
+                if (st := self.client.state(cid)).state != ContainerState.STOPPED:
+                    found.append(st)
         if len(found) > 1:
             names = sorted(s.annotations.get(CRI_CONTAINER_NAME, s.id) for s in found)
             raise RuntimeDriverError(f"pod {namespace}/{pod} has {len(found)} containers under the zeroproxy "
