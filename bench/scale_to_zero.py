@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -34,44 +33,14 @@ from scaletozero.runc import RuncRuntime
 from scaletozero.runtime import ContainerSpec
 from scaletozero.scaler import ScaledPod, ScalerThread
 from testbed import rootfs
-from testbed.bed import CGROUP_DIR_PREFIX, Pod, TestBed, wait_until
+from testbed.bed import CGROUP_DIR_PREFIX, Pod, TestBed, built, wait_until
+from testbed.nettools import TIMED_GETS
 
-REPO = Path(__file__).resolve().parent.parent
 PORT = 8080
-
-# Runs in the client pod: `count` sequential GETs; per request the time from just before
-# connect() to the first response byte and to the end of the response.
-TIMER = r"""
-import json, socket, sys, time
-host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-out = []
-for _ in range(count):
-    t0 = time.perf_counter()
-    s = socket.create_connection((host, port), timeout=60)
-    s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-    first = s.recv(65536)
-    t1 = time.perf_counter()
-    data = first
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    t2 = time.perf_counter()
-    s.close()
-    out.append({"first_byte": t1 - t0, "total": t2 - t0, "ok": data.split(b"\r\n", 1)[0].split()[1:2] == [b"200"]})
-print(json.dumps(out))
-"""
-
-
-def criu_path() -> Path:
-    res = subprocess.run(["bash", str(REPO / "scripts/build-criu.sh")], capture_output=True, text=True,
-                         check=True, timeout=900)
-    return Path(res.stdout.strip().splitlines()[-1])
 
 
 def timed_gets(client: Pod, host: str, count: int) -> list[dict[str, Any]]:
-    out = client.check_output([sys.executable, "-c", TIMER, host, str(PORT), str(count)], timeout=120 + count)
+    out = client.check_output([sys.executable, "-c", TIMED_GETS, host, str(PORT), str(count)], timeout=120 + count)
     results = json.loads(out)
     if not all(r["ok"] for r in results):
         raise RuntimeError(f"a request failed: {results}")
@@ -99,7 +68,9 @@ def print_summary(result: dict[str, Any]) -> None:
 
 
 def run(cycles: int, steady: int, workdir: Path) -> dict[str, Any]:
-    criu = criu_path()
+    criu = built("build-criu.sh")
+    if criu is None:
+        raise RuntimeError("scripts/build-criu.sh printed no path")
     bed = TestBed(prefix="zps2zbench")
     runtime = None
     scaler = None

@@ -25,10 +25,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.scale_to_zero import TIMER, print_summary, summary
+from bench.scale_to_zero import print_summary, summary
 from controlplane import annotations
 from scaletozero.shimruntime import CRI_CONTAINER_TYPE, CRI_POD_NAME
 from testbed import kubecluster as kc
+from testbed.nettools import TIMED_GETS
 
 IDLE = "2s"
 PORT = 8080
@@ -68,7 +69,7 @@ def run(cycles: int, steady: int) -> dict[str, Any]:
 
         def gets(service: str, count: int) -> list[dict[str, Any]]:
             port = kc.get(cluster, "service", service, namespace=ns)["spec"]["ports"][0]["nodePort"]
-            return json.loads(ext.check_output([sys.executable, "-c", TIMER, node.ip, str(port), str(count)],
+            return json.loads(ext.check_output([sys.executable, "-c", TIMED_GETS, node.ip, str(port), str(count)],
                                                timeout=120 + count))
 
         def container() -> str:

@@ -728,6 +728,15 @@ class TestBed:
         self._procs = alive
 
 
+def built(script: str) -> Path | None:
+    """Run ``scripts/<script>``, one of the cached builds (build-criu.sh, build-shim.sh, ...) that
+    print what they built as their last line of stdout; that path, or None if it printed nothing.
+    A failed build raises CalledProcessError (its stderr went to ours)."""
+    out = subprocess.run(["bash", str(Path(__file__).resolve().parent.parent / "scripts" / script)],
+                         check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+    return Path(out.splitlines()[-1]) if out else None
+
+
 def shim_pids(marker: str) -> list[int]:
     """Processes of containerd-shim-zeroproxy-v2 with ``marker`` as one of their arguments
     (a containerd's address, a pod sandbox's id)."""

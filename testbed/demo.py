@@ -21,24 +21,11 @@ from dataplane import inspect
 from testbed import nettools
 from testbed.bed import TestBed, cleanup_stale
 from testbed.k8sobjects import endpoint_slice, node, service
+from testbed.nettools import TIMED_GETS
 from testbed.sandbox import AgentProcess
 
 WEB4, WEB6, DNS4, GONE4, SLEEPY4 = "10.96.0.10", "fd00:10:96::10", "10.96.0.53", "10.96.0.99", "10.96.0.80"
 SLEEPY_IDLE_S = 2.0
-
-# One timed request: connect -> first byte of the answer, and the body.
-TIMED_GET = r"""
-import json, socket, sys, time
-t0 = time.perf_counter()
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
-s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-data = s.recv(65536)
-first = time.perf_counter() - t0
-while chunk := s.recv(65536):
-    data += chunk
-print(json.dumps({"first_byte_ms": first * 1000, "body": data.partition(b"\r\n\r\n")[2].decode()}))
-"""
-
 
 def _objects(bed_node, web, dns, sleepy) -> list[dict[str, Any]]:
     http = [{"name": "http", "port": 8080, "protocol": "TCP"}]
@@ -60,20 +47,20 @@ def _objects(bed_node, web, dns, sleepy) -> list[dict[str, Any]]:
 def _scale_to_zero(workdir: Path, client: Any, sleepy: Any) -> None:
     """The sleepy pod: idle -> checkpointed (process gone) -> woken by a request to its ClusterIP."""
     import json
-    import subprocess
     import uuid
 
     from scaletozero.runc import RuncRuntime
     from scaletozero.runtime import ContainerSpec
     from scaletozero.scaler import ScaledPod, ScalerThread
     from testbed import rootfs
-    from testbed.bed import wait_until
+    from testbed.bed import built, wait_until
 
     print(f"\n== scale to zero: {SLEEPY4}:80 -> pod sleepy {sleepy.ip4} (busybox httpd under runc)")
     print("   CRIU 4.2.1 from scripts/build-criu.sh (built once, cached; the first run takes minutes)")
-    criu = subprocess.run(["bash", str(Path(__file__).resolve().parent.parent / "scripts" / "build-criu.sh")],
-                          check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
-    runtime = RuncRuntime(workdir / "runtime", Path(criu), cgroup_parent=f"/zpdemo-{uuid.uuid4().hex[:8]}")
+    criu = built("build-criu.sh")
+    if criu is None:
+        raise RuntimeError("scripts/build-criu.sh printed no path")
+    runtime = RuncRuntime(workdir / "runtime", criu, cgroup_parent=f"/zpdemo-{uuid.uuid4().hex[:8]}")
     scaler = None
     try:
         fs = rootfs.build_busybox_rootfs(workdir / "sleepy-rootfs", {"/www/index.html": "hello from sleepy\n"})
@@ -84,7 +71,8 @@ def _scale_to_zero(workdir: Path, client: Any, sleepy: Any) -> None:
                                                idle_timeout=SLEEPY_IDLE_S))
 
         def get() -> dict[str, Any]:
-            return json.loads(client.check_output([sys.executable, "-c", TIMED_GET, SLEEPY4, "80"], timeout=90))
+            r = json.loads(client.check_output([sys.executable, "-c", TIMED_GETS, SLEEPY4, "80", "1"], timeout=90))[0]
+            return {"first_byte_ms": r["first_byte"] * 1000, "body": r["body"]}
 
         warm = get()
         print(f"   running: {warm['body'].strip()!r} in {warm['first_byte_ms']:.1f} ms; "

@@ -56,7 +56,7 @@ import yaml
 
 from dataplane.netns import NETNS_DIR
 from testbed import bed
-from testbed.bed import CommandFailed, TestBed
+from testbed.bed import CommandFailed, TestBed, built
 from testbed.relay import TCPRelay
 
 log = logging.getLogger(__name__)
@@ -127,27 +127,21 @@ def _tail(path: Path, n: int = _LOG_TAIL) -> str:
 
 def ensure_binaries() -> Path:
     """The node runtime packages and the Kubernetes binaries (built once, cached); their dir."""
-    subprocess.run(["bash", str(ROOT / "scripts" / "setup-cluster.sh")], check=True)
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "build-k8s.sh")], check=True,
-                         stdout=subprocess.PIPE, text=True).stdout.strip()
-    return Path(out.splitlines()[-1]) if out else BIN_DIR
+    built("setup-cluster.sh")
+    return built("build-k8s.sh") or BIN_DIR
 
 
 def ensure_shim() -> tuple[Path, Path]:
     """containerd-shim-zeroproxy-v2 and the CRIU it runs (both built once, cached)."""
-    paths = []
-    for script in ("build-shim.sh", "build-criu.sh"):
-        out = subprocess.run(["bash", str(ROOT / "scripts" / script)], check=True,
-                             stdout=subprocess.PIPE, text=True).stdout.strip()
-        paths.append(Path(out.splitlines()[-1]))
-    return paths[0], paths[1]
+    shim, criu = built("build-shim.sh"), built("build-criu.sh")
+    if shim is None or criu is None:
+        raise ClusterError("scripts/build-shim.sh or scripts/build-criu.sh printed no path")
+    return shim, criu
 
 
 def ensure_images() -> Path:
     """The node, e2e and zeroproxy images as docker archives (built once, cached)."""
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "build-images.sh")], check=True,
-                         stdout=subprocess.PIPE, text=True).stdout.strip()
-    return Path(out.splitlines()[-1]) if out else IMAGES_DIR
+    return built("build-images.sh") or IMAGES_DIR
 
 
 # --- cgroup v1 ----------------------------------------------------------------------------------

@@ -284,7 +284,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         shutil.rmtree(tmp)
         for path in sorted(set(_tree(RUN_CONTAINERD)) - run_before, key=len, reverse=True):
             with contextlib.suppress(OSError):
-                os.rmdir(path) if os.path.isdir(path) else os.unlink(path)
+                if os.path.isdir(path):
+                    os.rmdir(path)
+                else:
+                    os.unlink(path)
         # The teardown checks itself: no process, mount, cgroup or file of this containerd is left.
         left = {"processes": _pids_mentioning(tmp), "mounts": _mounts_under(tmp),
                 "run": sorted(set(_tree(RUN_CONTAINERD)) - run_before),
