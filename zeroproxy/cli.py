@@ -283,10 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     pb.set_defaults(func=cmd_print_bpf)
 
     from zeroproxy.ct_cli import add_parser as add_ct_parser
+    from zeroproxy.node_cli import add_parser as add_node_parser
     from zeroproxy.scale_cli import add_parser as add_scale_parser
 
     add_scale_parser(sub)
     add_ct_parser(sub)
+    add_node_parser(sub)
     return p
 
 
