@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 
+from scaletozero import nodeinstall as ni
 from scaletozero.runtime import (
     ContainerNotFound,
     ContainerSpec,
@@ -487,6 +488,55 @@ def test_containerd_restart_while_checkpointed(containerd: Containerd, testbed: 
                "task STOPPED", timeout=10)
     cd.ctr("task", "delete", "survivor")
     cd.ctr("containers", "rm", "survivor")
+
+
+def test_node_install_says_when_containerd_must_restart_and_its_criu_checkpoints(
+        containerd: Containerd, testbed: TestBed, shim_binary: Path, criu: Path) -> None:
+    """`zeroproxy node install` against this running containerd's config, then a checkpoint and
+    restore with the CRIU it installed (its own loader and libraries, run by runc as `criu swrk`)."""
+    cd = containerd
+    paths = ni.Paths(host_root=Path("/"), prefix=str(cd.dir / "opt-zp"), containerd_config=str(cd.dir / "config.toml"),
+                     criu_config=str(cd.dir / "etc-criu" / "runc.conf"), socket_dir=str(cd.socket_dir))
+    assert cd.proc is not None
+    report = ni.install(paths, shim=shim_binary, criu=criu)
+    assert report.config_changed
+    # The containerd reading that very file is found (by inode, through its own root) and named.
+    assert report.restart.startswith(f"RESTART REQUIRED: containerd (pid {cd.proc.pid}, started "), report.restart
+    # Run again before the restart: nothing changes, and it still says so.
+    again = ni.install(paths, shim=shim_binary, criu=criu)
+    assert again.changes == [] and again.restart.startswith("RESTART REQUIRED"), again
+    cd.stop()
+    cd.start()
+    assert ni.install(paths, shim=shim_binary, criu=criu).lines() == ["nothing to change",
+                                                                      "containerd: no restart needed"]
+
+    # The shim's options and CRIU's config as installed, for a container of this containerd.
+    cd.options_file = Path(paths.shim_config)
+    cd.criu_conf = Path(paths.criu_config)
+    web = make_web(testbed, cd, "installed")
+    cd.ctr(*cd.run_args("installed", web.rootfs, web.pod))
+    wait_until(lambda: serving(web.node, web.pod, web.body), "httpd answering", timeout=30)
+    client = ShimClient(cd.socket_dir)
+    cp = client.checkpoint("installed")
+    assert cp.ok and not pids_in_netns(web.pod), cp
+    rs = client.restore("installed")
+    assert rs.ok and http_get(web.node, web.pod) == web.body, rs
+
+    # Uninstall refuses while the shim serves a container, and names it.
+    with pytest.raises(ni.NodeInstallError, match=r"1 container\(s\) still run under containerd-shim-zeroproxy-v2 "
+                                                  r"on this node: \?/\?/installed \(running\)"):
+        ni.uninstall(paths)
+    cd.ctr("task", "kill", "--signal", "SIGKILL", "installed")
+    wait_until(lambda: cd.task("installed") is not None and cd.task("installed")[1] == "STOPPED",  # type: ignore[index]
+               "task STOPPED", timeout=10)
+    cd.ctr("task", "delete", "installed")
+    cd.ctr("containers", "rm", "installed")
+    wait_until(lambda: not cd.shim_pids(), "the shim to exit after its last container", timeout=15)
+    report = ni.uninstall(paths)
+    assert report.restart.startswith(f"RESTART REQUIRED: containerd (pid {cd.proc.pid}, ") \
+        and report.restart.endswith("to be gone; running containers keep running"), report.restart
+    assert "zeroproxy" not in (cd.dir / "config.toml").read_text()
+    assert not any((cd.dir / "opt-zp").rglob("*")) and not (cd.dir / "etc-criu" / "runc.conf").exists()
 
 
 def test_a_dead_shim_leaves_no_images_or_socket(containerd: Containerd, testbed: TestBed) -> None:
