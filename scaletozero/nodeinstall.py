@@ -288,60 +288,131 @@ def _systemd_cgroup(cri: Any) -> bool:
 
 
 def runtime_table(paths: Paths) -> dict[str, Any]:
-    """The runtime entry containerd needs for the handler."""
+    """The runtime entry containerd needs for the handler.
+
+    ``runtime_type`` is the shim's absolute path, not the name ``io.containerd.zeroproxy.v2``:
+    containerd resolves a name to ``containerd-shim-zeroproxy-v2`` on its own PATH, and the
+    ``runtime_path`` key that should point elsewhere is parsed but dropped by containerd 1.6.20's
+    client (``WithRuntimePath`` sets a field ``NewTask`` never sends), so Debian bookworm's
+    containerd would not find the shim. An absolute ``runtime_type`` is taken as the binary by
+    every containerd since 1.6 (``resolveRuntimePath``), and the CRI plugin gives a type that is
+    not runc's the generic options (``ConfigPath``) either way.
+    """
     return {
-        "runtime_type": RUNTIME_TYPE,
-        "runtime_path": paths.shim,
+        "runtime_type": paths.shim,
         "pod_annotations": list(POD_ANNOTATIONS),
         "options": {"ConfigPath": paths.shim_config},
     }
 
 
+def _is_ours(kind: Any) -> bool:
+    """A runtime_type zeroproxy wrote: the shim's path (any prefix) or its runtime name."""
+    return isinstance(kind, str) and (kind == RUNTIME_TYPE or (kind.startswith("/") and kind.endswith("/" + SHIM_NAME)))
+
+
 def _check_ours(entry: Any, paths: Paths) -> None:
     kind = entry.get("runtime_type")
-    if kind != RUNTIME_TYPE:
+    if not _is_ours(kind):
         raise NodeInstallError(
             f"containerd config {paths.containerd_config}: runtime {paths.handler!r} already exists with "
-            f"runtime_type = {kind!r}, not zeroproxy's {RUNTIME_TYPE!r}; zeroproxy does not replace another "
+            f"runtime_type = {kind!r}, not zeroproxy's ({paths.shim!r}); zeroproxy does not replace another "
             "runtime: rename it, or install under another handler (--handler, and the RuntimeClass's handler)")
+
+
+# The runtime's block is appended to the operator's file between these lines, so that uninstall
+# takes out exactly what install put in and the file is again byte for byte what it was.
+BLOCK_BEGIN = "# >>> zeroproxy node install: RuntimeClass handler {handler} (`zeroproxy node uninstall` removes it)"
+BLOCK_END = "# <<< zeroproxy node install: {handler}"
+
+
+def _toml_key(keys: tuple[str, ...]) -> str:
+    return ".".join(tomlkit.key(k).as_string() for k in keys)
+
+
+def runtime_block(paths: Paths, cri_keys: tuple[str, ...]) -> str:
+    """The text install appends to containerd's config: the runtime table and its options."""
+    want = runtime_table(paths)
+    base = (*cri_keys, "runtimes", paths.handler)
+    lines = [BLOCK_BEGIN.format(handler=paths.handler), f"[{_toml_key(base)}]"]
+    lines += [f"{k} = {tomlkit.item(v).as_string()}" for k, v in want.items() if k != "options"]
+    lines.append(f"[{_toml_key((*base, 'options'))}]")
+    lines += [f"{k} = {tomlkit.item(v).as_string()}" for k, v in want["options"].items()]
+    lines.append(BLOCK_END.format(handler=paths.handler))
+    return "\n".join(lines) + "\n"
+
+
+def _without_block(text: str, handler: str) -> str | None:
+    """The text with install's block (and the blank line before it) cut out; None if it has none."""
+    begin = text.find("\n" + BLOCK_BEGIN.format(handler=handler) + "\n")
+    if begin < 0:
+        return None
+    end_line = BLOCK_END.format(handler=handler) + "\n"
+    end = text.find(end_line, begin)
+    if end < 0:
+        return None
+    return text[:begin] + text[end + len(end_line):]
+
+
+def _runtimes(doc: Any, cri_keys: tuple[str, ...], paths: Paths) -> Any:
+    return _table(doc, (*cri_keys, "runtimes"), paths, create=False)
 
 
 @dataclass
 class _ConfigPlan:
     path: Path
-    doc: Any
-    changed: bool
+    text: str | None  # the new config; None when it is already right
     systemd_cgroup: bool
 
     def apply(self, paths: Paths, report: Report) -> None:
-        if not self.changed:
+        if self.text is None:
             return
-        _write_atomically(self.path, tomlkit.dumps(self.doc).encode(), self.path.stat().st_mode & 0o777)
-        report.changes.append(f"added runtime {paths.handler!r} ({RUNTIME_TYPE}) to {paths.containerd_config}")
+        _write_atomically(self.path, self.text.encode(), self.path.stat().st_mode & 0o777)
+        report.changes.append(f"added runtime {paths.handler!r} ({paths.shim}) to {paths.containerd_config}")
         report.config_changed = True
 
 
 def _plan_containerd(paths: Paths) -> _ConfigPlan:
-    """The config with the runtime table added or updated, in memory: every check happens here,
-    before install writes anything."""
+    """The config with the runtime added or updated, in memory: every check happens here,
+    before install writes anything. The operator's text stays as it is; the runtime is a block
+    at the end (TOML tables may come in any order)."""
     path, doc, cri_keys = _load_config(paths)
     cri = _table(doc, cri_keys, paths, create=False)
     systemd = _systemd_cgroup(cri)
-    runtimes = _table(doc, (*cri_keys, "runtimes"), paths, create=True)
-    want = runtime_table(paths)
-    if paths.handler in runtimes:
+    runtimes = _runtimes(doc, cri_keys, paths)
+    text = path.read_text()
+    if runtimes is not None and paths.handler in runtimes:
         _check_ours(runtimes[paths.handler], paths)
-        if runtimes[paths.handler].unwrap() == want:
-            return _ConfigPlan(path, doc, False, systemd)
-    entry = tomlkit.table()
-    for key, value in want.items():
-        if key != "options":
-            entry[key] = value
-    options = tomlkit.table()
-    options.update(want["options"])
-    entry["options"] = options
-    runtimes[paths.handler] = entry
-    return _ConfigPlan(path, doc, True, systemd)
+        if runtimes[paths.handler].unwrap() == runtime_table(paths):
+            return _ConfigPlan(path, None, systemd)
+        text = _remove_runtime(paths, text, cri_keys)  # an older install: replaced
+    base = text if not text or text.endswith("\n") else text + "\n"
+    new = base + "\n" + runtime_block(paths, cri_keys)
+    # What containerd will read: the operator's settings, and the runtime exactly as meant.
+    try:
+        parsed = tomlkit.parse(new).unwrap()
+    except TOMLKitError as e:
+        raise NodeInstallError(f"containerd config {paths.containerd_config}: the runtime table cannot be added "
+                               f"({e}); is {_toml_key((*cri_keys, 'runtimes'))} an inline table?") from None
+    node: Any = parsed
+    for key in (*cri_keys, "runtimes", paths.handler):
+        node = node.get(key) if isinstance(node, dict) else None
+    if node != runtime_table(paths):
+        raise NodeInstallError(f"containerd config {paths.containerd_config}: the runtime table added at the end "
+                               f"does not read back as written ({node!r})")
+    return _ConfigPlan(path, new, systemd)
+
+
+def _remove_runtime(paths: Paths, text: str, cri_keys: tuple[str, ...]) -> str:
+    """The config text without the handler's runtime: install's block cut out as it was written,
+    or, where someone edited it since, the table removed with tomlkit."""
+    cut = _without_block(text, paths.handler)
+    if cut is not None:
+        return cut
+    doc = tomlkit.parse(text)
+    runtimes = _runtimes(doc, cri_keys, paths)
+    if runtimes is not None and paths.handler in runtimes:
+        del runtimes[paths.handler]
+    return tomlkit.dumps(doc)
 
 
 def _unconfigure_containerd(paths: Paths, report: Report) -> None:
@@ -351,13 +422,11 @@ def _unconfigure_containerd(paths: Paths, report: Report) -> None:
         if not paths.local(paths.containerd_config).exists():
             return
         raise
-    runtimes = _table(doc, (*cri_keys, "runtimes"), paths, create=False)
+    runtimes = _runtimes(doc, cri_keys, paths)
     if runtimes is None or paths.handler not in runtimes:
         return
     _check_ours(runtimes[paths.handler], paths)
-    del runtimes[paths.handler]
-    # The blank line install put before the table goes with it.
-    _write_atomically(path, (tomlkit.dumps(doc).rstrip("\n") + "\n").encode(), path.stat().st_mode & 0o777)
+    _write_atomically(path, _remove_runtime(paths, path.read_text(), cri_keys).encode(), path.stat().st_mode & 0o777)
     report.changes.append(f"removed runtime {paths.handler!r} from {paths.containerd_config}")
     report.config_changed = True
 

@@ -62,7 +62,8 @@ def test_install_then_again_then_uninstall(tmp_path: Path, builds: tuple[Path, P
         main(["node", "install", "--host-root", str(paths.host_root), "--shim", str(shim), "--criu", str(criu)])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    assert "added runtime 'zeroproxy' (io.containerd.zeroproxy.v2) to /etc/containerd/config.toml" in out
+    assert ("added runtime 'zeroproxy' (/opt/zeroproxy/bin/containerd-shim-zeroproxy-v2) to "
+            "/etc/containerd/config.toml") in out
     # No containerd reads this file: nothing to restart, and the output says why.
     assert out.splitlines()[-1].endswith("no running containerd reads /etc/containerd/config.toml; "
                                          "it loads the change when it starts"), out
@@ -70,9 +71,9 @@ def test_install_then_again_then_uninstall(tmp_path: Path, builds: tuple[Path, P
     text = paths.local(paths.containerd_config).read_text()
     assert text.startswith(OPERATORS_CONFIG), "the operator's text changed"
     cri = tomllib.loads(text)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    # The shim by its absolute path: containerd 1.6.20 drops runtime_path (nodeinstall.runtime_table).
     assert cri["runtimes"]["zeroproxy"] == {
-        "runtime_type": "io.containerd.zeroproxy.v2",
-        "runtime_path": "/opt/zeroproxy/bin/containerd-shim-zeroproxy-v2",
+        "runtime_type": "/opt/zeroproxy/bin/containerd-shim-zeroproxy-v2",
         "pod_annotations": ["org.criu.config"],
         "options": {"ConfigPath": "/opt/zeroproxy/shim.toml"}}
     assert cri["runtimes"]["runc"] == {"runtime_type": "io.containerd.runc.v2", "options": {"SystemdCgroup": True}}
@@ -116,7 +117,7 @@ def test_version_3_config_and_an_existing_criu_config(tmp_path: Path, builds: tu
     ni.install(paths, shim=shim, criu=criu)
     doc = tomllib.loads(paths.local(paths.containerd_config).read_text())
     assert doc["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["zeroproxy"]["runtime_type"] \
-        == "io.containerd.zeroproxy.v2"
+        == "/opt/zeroproxy/bin/containerd-shim-zeroproxy-v2"
     assert "SystemdCgroup" not in paths.local(paths.shim_config).read_text()
     assert criu_conf.read_text().splitlines()[0] == "tcp-established"
     ni.uninstall(paths)
@@ -164,3 +165,40 @@ def test_cli_names_a_bad_flag_and_a_missing_binary(tmp_path: Path, capsys: pytes
     assert done.value.code == 1
     assert f"the shim to install, {tmp_path / 'nope'}, is not an executable file in this image" \
         in capsys.readouterr().err
+
+
+def test_uninstall_restores_a_config_whose_runtimes_come_before_other_tables(tmp_path: Path,
+                                                                             builds: tuple[Path, Path]) -> None:
+    """The runtime goes in as one marked block at the end, whatever follows the runtimes in the
+    operator's file; uninstall cuts exactly that block. An install by an older zeroproxy (the
+    runtime's name as its type) is replaced, not refused."""
+    shim, criu = builds
+    config = OPERATORS_CONFIG + '  [plugins."io.containerd.grpc.v1.cri".cni]\n    bin_dir = "/usr/lib/cni"\n'
+    paths = _host(tmp_path, config)
+    ni.install(paths, shim=shim, criu=criu)
+    text = paths.local(paths.containerd_config).read_text()
+    assert text.startswith(config) and text.endswith("# <<< zeroproxy node install: zeroproxy\n"), text
+    assert tomllib.loads(text)["plugins"]["io.containerd.grpc.v1.cri"]["cni"] == {"bin_dir": "/usr/lib/cni"}
+    ni.uninstall(paths)
+    assert paths.local(paths.containerd_config).read_text() == config
+
+    older = config + ('[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.zeroproxy]\n'
+                      'runtime_type = "io.containerd.zeroproxy.v2"\n')
+    paths.local(paths.containerd_config).write_text(older)
+    report = ni.install(paths, shim=shim, criu=criu)
+    assert report.config_changed
+    doc = tomllib.loads(paths.local(paths.containerd_config).read_text())
+    assert doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["zeroproxy"] == ni.runtime_table(paths)
+    ni.uninstall(paths)
+    assert paths.local(paths.containerd_config).read_text() == config
+
+
+def test_cli_refuses_a_handler_that_is_no_runtimeclass_handler(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    paths = _host(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(["node", "install", "--host-root", str(paths.host_root), "--handler", "Zero.Proxy"])
+    assert done.value.code == 1
+    assert "zeroproxy node install: --handler 'Zero.Proxy': a RuntimeClass handler is a DNS label" \
+        in capsys.readouterr().err
+    assert _files(paths.host_root) == {"etc/containerd/config.toml"}

@@ -28,6 +28,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -128,14 +129,14 @@ class Containerd:
         return res
 
     def run_args(self, cid: str, rootfs: Path, pod: Pod, *, detach: bool = True,
-                 annotations: dict[str, str] | None = None) -> list[str]:
+                 annotations: dict[str, str] | None = None, runtime: str = RUNTIME) -> list[str]:
         """``ctr run`` arguments for busybox httpd in the pod's netns on our runtime.
 
         Output goes to a file (``--log-uri``): it outlives ctr and needs no FIFO, which the shim,
         in containerd's mount namespace, could not open in the host's /run/containerd.
         """
         return [
-            "run", *(["--detach"] if detach else []), "--rootfs", "--runtime", RUNTIME,
+            "run", *(["--detach"] if detach else []), "--rootfs", "--runtime", runtime,
             "--runtime-config-path", str(self.options_file),
             "--with-ns", f"network:{pod.netns_path}", "--cgroup", f"{self.cgroup_parent}/{cid}",
             "--annotation", f"org.criu.config={self.criu_conf}",
@@ -498,6 +499,7 @@ def test_node_install_says_when_containerd_must_restart_and_its_criu_checkpoints
     paths = ni.Paths(host_root=Path("/"), prefix=str(cd.dir / "opt-zp"), containerd_config=str(cd.dir / "config.toml"),
                      criu_config=str(cd.dir / "etc-criu" / "runc.conf"), socket_dir=str(cd.socket_dir))
     assert cd.proc is not None
+    original = (cd.dir / "config.toml").read_text()
     report = ni.install(paths, shim=shim_binary, criu=criu)
     assert report.config_changed
     # The containerd reading that very file is found (by inode, through its own root) and named.
@@ -510,11 +512,15 @@ def test_node_install_says_when_containerd_must_restart_and_its_criu_checkpoints
     assert ni.install(paths, shim=shim_binary, criu=criu).lines() == ["nothing to change",
                                                                       "containerd: no restart needed"]
 
-    # The shim's options and CRIU's config as installed, for a container of this containerd.
-    cd.options_file = Path(paths.shim_config)
+    # The runtime as installed (the shim by its absolute path, the way containerd 1.6 finds it;
+    # not the copy on this containerd's PATH), its options and CRIU's config.
+    entry = tomllib.loads((cd.dir / "config.toml").read_text())["plugins"]["io.containerd.grpc.v1.cri"][
+        "containerd"]["runtimes"]["zeroproxy"]
+    assert entry["runtime_type"] == paths.shim
+    cd.options_file = Path(entry["options"]["ConfigPath"])
     cd.criu_conf = Path(paths.criu_config)
     web = make_web(testbed, cd, "installed")
-    cd.ctr(*cd.run_args("installed", web.rootfs, web.pod))
+    cd.ctr(*cd.run_args("installed", web.rootfs, web.pod, runtime=entry["runtime_type"]))
     wait_until(lambda: serving(web.node, web.pod, web.body), "httpd answering", timeout=30)
     client = ShimClient(cd.socket_dir)
     cp = client.checkpoint("installed")
@@ -535,7 +541,7 @@ def test_node_install_says_when_containerd_must_restart_and_its_criu_checkpoints
     report = ni.uninstall(paths)
     assert report.restart.startswith(f"RESTART REQUIRED: containerd (pid {cd.proc.pid}, ") \
         and report.restart.endswith("to be gone; running containers keep running"), report.restart
-    assert "zeroproxy" not in (cd.dir / "config.toml").read_text()
+    assert (cd.dir / "config.toml").read_text() == original
     assert not any((cd.dir / "opt-zp").rglob("*")) and not (cd.dir / "etc-criu" / "runc.conf").exists()
 
 

@@ -13,6 +13,7 @@ zeroproxy cannot edit, a runtime of that name that is not zeroproxy's, pods stil
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ def _paths(args: argparse.Namespace) -> ni.Paths:
         if not getattr(args, name).startswith("/"):
             raise ni.NodeInstallError(f"--{name.replace('_', '-')} {getattr(args, name)!r}: must be an absolute "
                                       "path on the host")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", args.handler):
+        raise ni.NodeInstallError(f"--handler {args.handler!r}: a RuntimeClass handler is a DNS label "
+                                  "(lower-case letters, digits and '-', at most 63)")
     return ni.Paths(host_root=Path(args.host_root), prefix=args.prefix.rstrip("/") or "/",
                     containerd_config=args.containerd_config, criu_config=args.criu_config,
                     handler=args.handler, socket_dir=args.socket_dir)
