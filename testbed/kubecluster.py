@@ -87,9 +87,12 @@ NODE_PATHS = ("/etc/kubernetes", "/var/lib/kubelet", "/var/log/pods", "/var/log/
               # The etcd static pod's hostPath: Debian's etcd-server package may own a
               # non-empty one on the host, and kubeadm refuses to init over it.
               "/var/lib/etcd",
-              # zeroproxy's hostPaths (the agent's state, the shim's sockets and images) and
-              # CRIU's default config, which runc reads for every checkpoint (network-lock skip).
-              "/run/zeroproxy", "/var/lib/zeroproxy", "/etc/criu")
+              # zeroproxy's hostPaths: the agent's state, the shim's sockets and images, and what
+              # the DaemonSet's installer writes (the shim and CRIU in /opt/zeroproxy, the
+              # runtime entry in containerd's config, CRIU's default config for runc).
+              "/run/zeroproxy", "/var/lib/zeroproxy", "/etc/criu", "/etc/containerd", "/opt/zeroproxy")
+# containerd's config on a node, where `zeroproxy node install` finds and edits it.
+CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 # Where each node sees its own cgroup v2 subtree (the DaemonSet's `cgroup` hostPath in the bed).
 NODE_CGROUP2 = "/run/zeroproxy-node/cgroup2"
 CONTAINERD_SOCK = "/run/containerd/containerd.sock"
@@ -129,14 +132,6 @@ def ensure_binaries() -> Path:
     """The node runtime packages and the Kubernetes binaries (built once, cached); their dir."""
     built("setup-cluster.sh")
     return built("build-k8s.sh") or BIN_DIR
-
-
-def ensure_shim() -> tuple[Path, Path]:
-    """containerd-shim-zeroproxy-v2 and the CRIU it runs (both built once, cached)."""
-    shim, criu = built("build-shim.sh"), built("build-criu.sh")
-    if shim is None or criu is None:
-        raise ClusterError("scripts/build-shim.sh or scripts/build-criu.sh printed no path")
-    return shim, criu
 
 
 def ensure_images() -> Path:
@@ -387,12 +382,8 @@ class KubeNode:
             '    snapshotter = "overlayfs"',
             '    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]',
             '      runtime_type = "io.containerd.runc.v2"',
-            # RuntimeClass `zeroproxy` (manifests/50-runtimeclass.yaml): the shim, docs/shim.md.
-            f'    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{SHIM_HANDLER}]',
-            '      runtime_type = "io.containerd.zeroproxy.v2"',
-            '      pod_annotations = ["org.criu.config"]',
-            f'      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{SHIM_HANDLER}.options]',
-            f'        ConfigPath = "{self.dir / "shim.toml"}"',
+            # No `zeroproxy` runtime: the DaemonSet's init container adds it, as on any node
+            # (scaletozero/nodeinstall.py), and deploy_zeroproxy restarts containerd as it says.
             '  [plugins."io.containerd.grpc.v1.cri".cni]',
             f'    bin_dir = "{CNI_BIN_DIR}"',
             '    conf_dir = "/etc/cni/net.d"',
@@ -409,7 +400,7 @@ class KubeNode:
             except subprocess.TimeoutExpired:
                 self.containerd.kill()
                 self.containerd.wait(10)
-        self.containerd = self.spawn(["containerd", "--config", str(self.dir / "containerd.toml")],
+        self.containerd = self.spawn(["containerd", "--config", CONTAINERD_CONFIG],
                                      log_to=self.containerd_log, env={"PATH": self._containerd_path})
         self._wait_containerd()
 
@@ -422,16 +413,9 @@ class KubeNode:
              f"containerd on {self.name}", timeout=30,
              detail=lambda: _tail(self.containerd_log))
 
-    def start_containerd(self, images: Sequence[Path], shim: Path, criu: Path) -> None:
-        config = self.dir / "containerd.toml"
-        config.write_text(self.containerd_config())
-        # The shim's runc options: CRIU 4.2.1 (Debian's 3.17 cannot dump on this kernel); and
-        # CRIU's default config for runc, in the node's own /etc/criu: no network lock, which
-        # would be iptables rules (the pod's traffic is held by the activation proxy instead).
-        (self.dir / "shim.toml").write_text(f'CriuPath = "{criu}"\n')
-        (self._source("/etc/criu") / "runc.conf").write_text("network-lock skip\n")
-        self._containerd_path = f"{shim.parent}:{NODE_PATH}"
-        self.containerd = self.spawn(["containerd", "--config", str(config)], log_to=self.containerd_log,
+    def start_containerd(self, images: Sequence[Path]) -> None:
+        (self._source("/etc/containerd") / "config.toml").write_text(self.containerd_config())
+        self.containerd = self.spawn(["containerd", "--config", CONTAINERD_CONFIG], log_to=self.containerd_log,
                                      env={"PATH": self._containerd_path})
         self._wait_containerd()
         for image in images:
@@ -647,7 +631,6 @@ class KubeCluster:
         if bin_dir != BIN_DIR:
             raise ClusterError(f"scripts/build-k8s.sh put the binaries in {bin_dir}, expected {BIN_DIR}")
         images = self._image_archives(ensure_images())
-        shim, criu = ensure_shim()
         for path in [*NODE_PATHS, NODE_CGROUP2]:
             self._mountpoint(Path(path))
         underlay = self.bed.underlay4
@@ -664,7 +647,7 @@ class KubeCluster:
             _make_v1_cgroup(node.cgroup_root)
             node.start_namespaces()
             self._write_state()
-            node.start_containerd(images, shim, criu)
+            node.start_containerd(images)
             node.start_kubelet_loop()
         self._init(self.control_plane)
         for node in self.nodes[1:]:
@@ -1099,6 +1082,18 @@ def zeroproxy_overlay(cluster: KubeCluster, image_tag: str, directory: Path | No
     return directory
 
 
+def uninstall_overlay(cluster: KubeCluster, image_tag: str) -> Path:
+    """A kustomize overlay of ``manifests/uninstall`` that changes only the image tag."""
+    directory = cluster.dir / "uninstall-overlay"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "bases": [os.path.relpath(MANIFESTS / "uninstall", directory)],
+        "images": [{"name": ZEROPROXY_IMAGE, "newTag": image_tag}],
+    }, sort_keys=False))
+    return directory
+
+
 def image_tags(images_dir: Path = IMAGES_DIR) -> dict[str, Path]:
     """Every ``repo:tag`` in the image archives (their manifest.json RepoTags) -> its archive."""
     import tarfile
@@ -1134,12 +1129,38 @@ def deploy_zeroproxy(cluster: KubeCluster, image_tag: str, timeout: float = BRIN
     """``kubectl apply -k`` the overlay and wait until every node's zeroproxy pod is Ready."""
     overlay = zeroproxy_overlay(cluster, image_tag)
     cluster.kubectl("apply", "-k", str(overlay), timeout=120)
+    _wait_zeroproxy_rolled_out(cluster, timeout)
+    # What an operator does after the installer's first run on a node (docs/install.md): restart
+    # containerd where it says so, so that RuntimeClass zeroproxy works there.
+    restarted = []
+    for node, lines in install_logs(cluster).items():
+        if any(line.startswith("zeroproxy node install: RESTART REQUIRED") for line in lines):
+            cluster.node(node).restart_containerd()
+            restarted.append(node)
+    if restarted:
+        log.info("containerd restarted on %s, as zeroproxy's installer asked", ", ".join(restarted))
+        _wait_zeroproxy_rolled_out(cluster, timeout)
+    return overlay
+
+
+def _wait_zeroproxy_rolled_out(cluster: KubeCluster, timeout: float) -> None:
     poll(lambda: rollout_done(cluster, "zeroproxy", "daemonset/zeroproxy"),
          "the zeroproxy DaemonSet rolled out on every node", timeout=timeout, interval=1.0,
          detail=lambda: cluster.kubectl("-n", "zeroproxy", "get", "pods", "-o", "wide", check=False).stdout
-     + cluster.kubectl("-n", "zeroproxy", "logs", "daemonset/zeroproxy", "--tail=30",
-                       check=False).stdout)
-    return overlay
+         + cluster.kubectl("-n", "zeroproxy", "logs", "daemonset/zeroproxy", "--all-containers", "--tail=30",
+                           check=False).stdout)
+
+
+def install_logs(cluster: KubeCluster, container: str = "install",
+                 selector: str = "app.kubernetes.io/name=zeroproxy") -> dict[str, list[str]]:
+    """Node name -> the log lines of the zeroproxy pod's init container there (``kubectl logs``)."""
+    out = {}
+    for pod in get(cluster, "pods", "-l", selector, namespace="zeroproxy")["items"]:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        logs = cluster.kubectl("-n", "zeroproxy", "logs", pod["metadata"]["name"], "-c", container).stdout
+        out[pod["spec"]["nodeName"]] = logs.splitlines()
+    return out
 
 
 # --- helpers for tests and users ---------------------------------------------------------------

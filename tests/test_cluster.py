@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -163,6 +164,41 @@ def test_zeroproxy_ready_on_every_node_and_no_kube_proxy(kube: KubeCluster) -> N
                     if kc.Path(f"/proc/{pid}/comm").read_text().strip() == "kube-proxy"]
 
 
+
+INSTALL = "zeroproxy node install: "
+
+
+def _containerd_runtimes(kube: KubeCluster, node: str) -> dict[str, Any]:
+    config = tomllib.loads(kube.node(node).host_path(kc.CONTAINERD_CONFIG).read_text())
+    return config["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]
+
+
+def test_the_daemonsets_installer_put_the_shim_on_every_node_and_asked_for_a_containerd_restart(
+        kube: KubeCluster) -> None:
+    """The init container `install` of each node's zeroproxy pod (as `kubectl logs` shows it):
+    the shim, CRIU and the runtime entry installed, then RESTART REQUIRED naming containerd,
+    which deploy_zeroproxy did as the log says. The node's containerd config now has the runtime
+    next to runc, pointing at what is on the node; CRIU's config for runc has network-lock skip."""
+    logs = kc.install_logs(kube)
+    assert sorted(logs) == ["node1", "node2"]
+    for name, lines in logs.items():
+        node = kube.node(name)
+        assert f"{INSTALL}installed /opt/zeroproxy/bin/containerd-shim-zeroproxy-v2" in lines, (name, lines)
+        assert lines[-1].startswith(f"{INSTALL}RESTART REQUIRED: containerd (pid "), (name, lines)
+        runtimes = _containerd_runtimes(kube, name)
+        assert set(runtimes) == {"runc", kc.SHIM_HANDLER}, runtimes
+        entry = runtimes[kc.SHIM_HANDLER]
+        # The shim by its absolute path, which containerd 1.6.20 runs (it drops runtime_path).
+        assert entry["runtime_type"] == "/opt/zeroproxy/bin/containerd-shim-zeroproxy-v2"
+        for host_path in (entry["runtime_type"], entry["options"]["ConfigPath"]):
+            assert node.host_path(host_path).is_file(), (name, host_path)
+        criu = tomllib.loads(node.host_path(entry["options"]["ConfigPath"]).read_text())["CriuPath"]
+        # Run in the node (its /opt/zeroproxy), with the loader and libraries installed next to it.
+        version = node.run([criu, "--version"], check=False, timeout=30)
+        assert version.returncode == 0 and "Version: 4.2.1" in version.stdout, (criu, version)
+        assert "network-lock skip" in node.host_path("/etc/criu/runc.conf").read_text().splitlines()
+
+
 def test_pod_to_clusterip_reaches_backends_on_both_nodes(kube: KubeCluster, ns: str) -> None:
     kc.apply(kube, netexec("web", 2), service("web"), client_pod(), namespace=ns)
     backends = kc.wait_ready(kube, ns, "app=web", 2)
@@ -254,6 +290,10 @@ def test_daemonset_rolling_update_under_traffic_fails_no_request(kube: KubeClust
     agents = kc.ready_pods(kube, "zeroproxy", "app.kubernetes.io/name=zeroproxy")
     assert {p["metadata"]["uid"] for p in agents}.isdisjoint(old_agents)
     assert {p["spec"]["containers"][0]["image"] for p in agents} == {f"{kc.ZEROPROXY_IMAGE}:{new_tag}"}
+    # The new pods' installer found every node installed: nothing written, no restart asked.
+    logs = kc.install_logs(kube)
+    assert logs == {n.name: [f"{INSTALL}nothing to change", f"{INSTALL}containerd: no restart needed"]
+                    for n in kube.nodes}, logs
     n_before = len(_loop_lines(kube, ns))
     kc.poll(lambda: len(_loop_lines(kube, ns)) > n_before + 20, "traffic after the rollout", timeout=60)
     lines = _stop_loop(kube, ns)
@@ -520,7 +560,8 @@ def test_fifty_nodeport_clients_share_one_wake_then_five_cycles_and_the_log_goes
 
 def test_kubelet_and_containerd_restarts_while_checkpointed(kube: KubeCluster, ns: str) -> None:
     """While the pod is checkpointed its node's kubelet is killed (and comes back), then its
-    containerd is restarted: Kubernetes still sees it Running, never restarted, and it wakes."""
+    containerd is restarted: Kubernetes still sees it Running, never restarted, and it wakes.
+    Checkpointed once more, `kubectl delete pod` leaves nothing of it behind."""
     name, ip = _sleepy_up(kube, ns, service("sleepy"), client_pod(node="node2"))
     kc.wait_ready(kube, ns, "app=client", 1)
     node = kube.node("node1")
@@ -537,6 +578,12 @@ def test_kubelet_and_containerd_restarts_while_checkpointed(kube: KubeCluster, n
         lines = curl_loop(kube, ns, f"http://{ip}:{NETEXEC_PORT}/hostname", 1)
         assert lines == [f"OK:{name}"], (restart.__name__, lines)
     assert _restarts(kube, ns, name) == [0]
+    # Deleted while cleanly checkpointed (images on disk, no process): nothing of it is left.
+    wait_scale_state(kube, ns, name, ScaleState.CHECKPOINTED)
+    parked = app_container(kube, "node1", ns, name)
+    assert parked.state is ContainerState.CHECKPOINTED and parked.images is not None, parked
+    assert (node.host_path(parked.images) / "inventory.img").is_file()
+    _delete_leaves_nothing(kube, ns, name, parked)
 
 
 def test_a_failed_restore_resets_held_clients_then_delete_leaves_nothing(kube: KubeCluster, ns: str) -> None:
@@ -563,19 +610,24 @@ def test_a_failed_restore_resets_held_clients_then_delete_leaves_nothing(kube: K
     status = kc.get(kube, "pod", name, namespace=ns)["status"]
     assert status["phase"] == "Running" and [c["restartCount"] for c in status["containerStatuses"]] == [0]
 
-    pod = kc.get(kube, "pod", name, namespace=ns)
-    uid = pod["metadata"]["uid"]
+    _delete_leaves_nothing(kube, ns, name, parked)
+
+
+def _delete_leaves_nothing(kube: KubeCluster, ns: str, name: str, app: ShimState, node_name: str = "node1") -> None:
+    """`kubectl delete pod`, then: no control socket, images, shim process, cgroup or netns of it."""
+    node = kube.node(node_name)
+    uid = kc.get(kube, "pod", name, namespace=ns)["metadata"]["uid"]
     sandbox = next(cid for cid in node.shim().container_ids()
                    if node.shim().state(cid).annotations.get(CRI_POD_NAME) == name
                    and node.shim().state(cid).annotations.get(CRI_CONTAINER_TYPE) == "sandbox")
     kube.kubectl("-n", ns, "delete", "pod", name, "--wait=true", timeout=120)
-    kc.poll(lambda: not [c for c in node.shim().container_ids() if c in (parked.id, sandbox)],
+    kc.poll(lambda: not [c for c in node.shim().container_ids() if c in (app.id, sandbox)],
             "the pod's control sockets gone", timeout=60)
-    assert not node.host_path(f"/var/lib/zeroproxy/shim/k8s.io/{parked.id}").exists()
+    assert not node.host_path(f"/var/lib/zeroproxy/shim/k8s.io/{app.id}").exists()
     kc.poll(lambda: not shim_pids(sandbox), f"the shim of sandbox {sandbox} gone", timeout=60)
     kc.poll(lambda: not [d for m in kc.cgroup_v1_mounts() for d in m.glob(f"**/pod{uid}")],
             f"the pod's cgroups (pod{uid}) removed", timeout=60)
-    kc.poll(lambda: not kc.Path(parked.netns).exists(), "the pod's netns gone", timeout=60)
+    kc.poll(lambda: not kc.Path(app.netns).exists(), "the pod's netns gone", timeout=60)
 
 
 # Specs zeroproxy may not pass although kube-proxy does, each with its reason.
@@ -606,6 +658,67 @@ def test_e2e_services_zeroproxy_fails_nothing_kube_proxy_passes(kube: KubeCluste
     assert not regressions, json.dumps(regressions, indent=1)
     assert sum(st == "passed" for st in table["specs"].values()) >= sum(
         st == "passed" for st in anchor["specs"].values()) - len(E2E_EXCEPTIONS)
+
+
+
+UNINSTALL = "zeroproxy node uninstall: "
+
+
+def _uninstall_pods(kube: KubeCluster) -> dict[str, dict[str, Any]]:
+    items = kc.get(kube, "pods", "-l", "app.kubernetes.io/name=zeroproxy-uninstall",
+                   namespace="zeroproxy-uninstall")["items"]
+    return {p["spec"]["nodeName"]: p for p in items if not p["metadata"].get("deletionTimestamp")}
+
+
+def _uninstall_log(kube: KubeCluster, pod: dict[str, Any]) -> str:
+    return kube.kubectl("-n", "zeroproxy-uninstall", "logs", pod["metadata"]["name"], "-c", "uninstall",
+                        check=False).stdout
+
+
+def test_uninstall_refuses_while_a_pod_runs_on_the_shim_then_leaves_every_node_as_before(kube: KubeCluster,
+                                                                                           ns: str) -> None:
+    """Late in the module (it removes zeroproxy): `kubectl delete -k` of the deployment, then
+    `kubectl apply -k manifests/uninstall`. On the node where a RuntimeClass zeroproxy pod still
+    runs, the init container fails and its log names that pod; the other node is done. Once the
+    pod is deleted, that node is done too: containerd's config is byte for byte the bed's own
+    again, the shim and CRIU are gone, and the log asks for the containerd restart it needs."""
+    name, _ = _sleepy_up(kube, ns, idle="1h")
+    kube.kubectl("delete", "-k", str(kc.zeroproxy_overlay(kube, kube.image_tag)), "--wait=true", timeout=300)
+    overlay = kc.uninstall_overlay(kube, kube.image_tag)
+    kube.kubectl("apply", "-k", str(overlay), timeout=120)
+    try:
+        def refused() -> bool:
+            pod = _uninstall_pods(kube).get("node1")
+            return pod is not None and f"{ns}/{name}/" in _uninstall_log(kube, pod)
+
+        kc.poll(refused, "node1's uninstall refusing while sleepy runs", timeout=120, interval=1.0)
+        log = _uninstall_log(kube, _uninstall_pods(kube)["node1"])
+        assert "still run under containerd-shim-zeroproxy-v2" in log and "running" in log, log
+        assert kc.SHIM_HANDLER in _containerd_runtimes(kube, "node1"), "node1 must be left installed"
+        kc.poll(lambda: "node2" in {p["spec"]["nodeName"] for p in kc.ready_pods(
+            kube, "zeroproxy-uninstall", "app.kubernetes.io/name=zeroproxy-uninstall")}, "node2 uninstalled",
+            timeout=120)
+
+        kube.kubectl("-n", ns, "delete", "deployment", "sleepy", "--wait=true", timeout=120)
+        kc.poll(lambda: not kc.get(kube, "pods", "-l", "app=sleepy", namespace=ns)["items"], "sleepy gone",
+                timeout=120)
+        kc.poll(lambda: not kube.node("node1").shim().container_ids(), "no shim serving on node1", timeout=60)
+        # Past the init container's back-off: the DaemonSet makes a new pod at once.
+        kube.kubectl("-n", "zeroproxy-uninstall", "delete", "pod", _uninstall_pods(kube)["node1"]["metadata"]["name"],
+                     "--wait=false")
+        kc.poll(lambda: kc.rollout_done(kube, "zeroproxy-uninstall", "daemonset/zeroproxy-uninstall"),
+                "the uninstall DaemonSet done on every node", timeout=180, interval=1.0)
+        for node_name, pod in _uninstall_pods(kube).items():
+            node = kube.node(node_name)
+            lines = _uninstall_log(kube, pod).splitlines()
+            assert f"{UNINSTALL}removed /opt/zeroproxy/bin/containerd-shim-zeroproxy-v2" in lines, (node_name, lines)
+            assert lines[-1].startswith(f"{UNINSTALL}RESTART REQUIRED: containerd (pid "), (node_name, lines)
+            assert node.host_path(kc.CONTAINERD_CONFIG).read_text() == node.containerd_config(), node_name
+            assert not list(node.host_path("/opt/zeroproxy").iterdir()), node_name
+            assert not node.host_path("/etc/criu/runc.conf").exists(), node_name
+            node.restart_containerd()
+    finally:
+        kube.kubectl("delete", "-k", str(overlay), "--wait=false", check=False)
 
 
 # --- the continuous client loop of the rolling-update tests --------------------------------------

@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client, config
-from test_manifests import AGENT_NEEDS, by_kind, embedded_config, manifest_objects
+from test_manifests import AGENT_NEEDS, by_kind, embedded_config, manifest_objects, uninstall_objects
 
 from controlplane.kubesource import resources
 from dataplane.loader import cgroup2_mount, cleanup
@@ -265,7 +265,7 @@ def test_every_object_matches_the_api_servers_openapi_schema(cluster: DevCluster
     status, openapi = request(cluster, "GET", "/openapi/v2")
     assert status == 200
     defs = openapi["definitions"]
-    for obj in manifest_objects():
+    for obj in [*manifest_objects(), *uninstall_objects()]:
         schema = definition_for(openapi, obj["apiVersion"], obj["kind"])
         assert schema_problems(obj, schema, defs, f"{obj['kind']}/{obj['metadata']['name']}") == []
 

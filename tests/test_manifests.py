@@ -41,6 +41,13 @@ def manifest_objects() -> list[dict[str, Any]]:
     return [doc for path in manifest_files() for doc in load_docs(path)]
 
 
+def uninstall_objects() -> list[dict[str, Any]]:
+    """The objects of manifests/uninstall, in its kustomization's order."""
+    folder = MANIFESTS / "uninstall"
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    return [doc for name in kustomization["resources"] for doc in load_docs(folder / name)]
+
+
 def by_kind(kind: str) -> dict[str, Any]:
     found = [o for o in manifest_objects() if o["kind"] == kind]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
@@ -250,6 +257,60 @@ def test_daemonset_command_is_the_one_the_image_installs() -> None:
     # setup.sh's default venv is the repository's .venv, i.e. $WORKDIR/.venv in the image.
     assert 'venv=${ZP_VENV:-$here/.venv}' in (REPO / "scripts" / "setup.sh").read_text()
     assert containerfile_instructions("WORKDIR") == [IMAGE_ROOT]
+
+
+
+def _host_mounts(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+    """container mountPath -> host path, for a container's hostPath mounts."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]]["hostPath"]["path"] for m in container["volumeMounts"]
+            if "hostPath" in volumes[m["name"]]}
+
+
+def _assert_reaches_node_install_paths(pod: dict[str, Any], container: dict[str, Any], verb: str,
+                                       extra: tuple[str, ...] = ()) -> None:
+    """The container runs `zeroproxy node <verb> --host-root /host` and sees, under /host, every
+    host directory scaletozero/nodeinstall.py writes by default (and no other host path)."""
+    from scaletozero import nodeinstall as ni
+
+    assert container["command"] == [f"{IMAGE_ROOT}/.venv/bin/zeroproxy"]
+    assert container["args"] == ["node", verb, "--host-root", "/host"]
+    paths = ni.Paths()
+    wanted = {ni.DEFAULT_PREFIX, str(Path(paths.containerd_config).parent), str(Path(paths.criu_config).parent),
+              *extra}
+    assert _host_mounts(pod, container) == {f"/host{p}": p for p in wanted}
+    # It finds the containerd that reads the config through the host's /proc.
+    assert pod["hostPID"] is True
+    security = container["securityContext"]
+    assert security.get("privileged") is False
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE"]}
+
+
+def test_daemonset_installs_the_shim_before_the_agent_starts() -> None:
+    pod = by_kind("DaemonSet")["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    assert init["image"] == daemonset_container()["image"]
+    _assert_reaches_node_install_paths(pod, init, "install")
+
+
+def test_uninstall_manifests_undo_the_installer_on_every_node() -> None:
+    """manifests/uninstall: its own namespace, no API access, the same host paths as the
+    installer plus the shims' sockets (it refuses while a pod still runs on the shim)."""
+    from scaletozero import nodeinstall as ni
+
+    kustomization = yaml.safe_load((MANIFESTS / "uninstall" / "kustomization.yaml").read_text())
+    objects = uninstall_objects()
+    assert kustomization["images"] == yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())["images"]
+    [ns] = [o for o in objects if o["kind"] == "Namespace"]
+    [ds] = [o for o in objects if o["kind"] == "DaemonSet"]
+    assert ds["metadata"]["namespace"] == ns["metadata"]["name"] != by_kind("Namespace")["metadata"]["name"]
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    [init] = pod["initContainers"]
+    _assert_reaches_node_install_paths(pod, init, "uninstall", extra=(str(Path(ni.Paths().socket_dir).parent),))
+    [done] = pod["containers"]
+    assert "volumeMounts" not in done and done["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
 # --- kubeadm ------------------------------------------------------------------------------------
