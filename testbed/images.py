@@ -753,8 +753,27 @@ def e2e_images(k8s_bin: Path) -> list[Image]:
                   entrypoint=["/agnhost"], cmd=["pause"])]
 
 
+# busybox httpd, the app issue 12's wake goal names (bench.shim_s2z --app busybox): Debian's
+# static busybox (testbed/rootfs.py fetches it), nothing else; it serves /www.
+APP_REPOSITORY = f"{NODE_REPOSITORY}/apps"
+BUSYBOX_IMAGE = f"{APP_REPOSITORY}/busybox:1.35"
+BUSYBOX_INDEX = "busybox httpd under zeroproxy\n"
+
+
+def app_images() -> list[Image]:
+    from testbed.rootfs import busybox_binary
+
+    layer = base_layer()
+    layer.file("/usr/bin/busybox", source=busybox_binary(), mode=0o755)
+    for applet in ("sh", "httpd", "sleep", "cat", "ls", "wget"):
+        layer.symlink(f"/usr/bin/{applet}", "busybox")
+    layer.file("/www/index.html", data=BUSYBOX_INDEX, mode=0o644)
+    return [Image("busybox-1.35", [BUSYBOX_IMAGE], layer, entrypoint=["/usr/bin/busybox"],
+                  cmd=["httpd", "-f", "-p", "8080", "-h", "/www"])]
+
+
 def all_images(k8s_bin: Path = K8S_BIN) -> list[Image]:
-    return node_images(k8s_bin) + e2e_images(k8s_bin)
+    return node_images(k8s_bin) + e2e_images(k8s_bin) + app_images()
 
 
 def build_all(out_dir: Path = IMAGES_DIR, k8s_bin: Path = K8S_BIN, only: Sequence[str] = (),
@@ -802,6 +821,10 @@ def _quick_key(k8s_bin: Path, only: Sequence[str], hashes: HashCache) -> str:
     parts: dict[str, Any] = {"only": sorted(only), "k8s_bin": str(k8s_bin),
                              "code": hashes.sha256(Path(__file__).resolve()),
                              "dpkg": hashes.sha256(Path("/var/lib/dpkg/status"))}
+    if not only or "busybox" in only or "busybox-1.35" in only:
+        from testbed.rootfs import busybox_binary
+
+        parts["busybox"] = hashes.sha256(busybox_binary())  # downloaded, not installed: not in dpkg's status
     for name in K8S_BINARIES:
         path = k8s_bin / name
         parts[name] = hashes.sha256(path) if path.is_file() else None
@@ -954,7 +977,8 @@ def image_names() -> list[str]:
     return [f"{NODE_REPOSITORY}/pause:3.2", f"{E2E_REPOSITORY}/pause:3.2"] + \
         [f"{NODE_REPOSITORY}/{n}:{v}" for n in ("kube-apiserver", "kube-controller-manager", "kube-scheduler",
                                                   "kube-proxy")] + \
-        [f"{NODE_REPOSITORY}/etcd:3.4.13-0", f"{NODE_REPOSITORY}/coredns:1.7.0", f"{E2E_REPOSITORY}/agnhost:2.21"]
+        [f"{NODE_REPOSITORY}/etcd:3.4.13-0", f"{NODE_REPOSITORY}/coredns:1.7.0", f"{E2E_REPOSITORY}/agnhost:2.21",
+         BUSYBOX_IMAGE]
 
 
 if __name__ == "__main__":

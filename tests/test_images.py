@@ -133,7 +133,8 @@ def test_node_images_are_the_ones_kubeadm_lists(k8s_bin: Path) -> None:
                           f"v{images.K8S_VERSION}", "--image-repository", images.NODE_REPOSITORY],
                          capture_output=True, text=True, check=True, timeout=60)
     listed = set(out.stdout.split())
-    ours = {t for t in images.image_names() if not t.startswith(images.E2E_REPOSITORY + "/")}
+    ours = {t for t in images.image_names()
+            if not t.startswith((images.E2E_REPOSITORY + "/", images.APP_REPOSITORY + "/"))}
     assert listed == ours
 
 
@@ -333,6 +334,16 @@ def test_node_images_run_their_binaries(imported: Containerd) -> None:
     assert out.returncode == 0 and "pause.c" in out.stdout, out.stdout + out.stderr
     out = imported.run(f"{repo}/coredns:1.7.0")
     assert out.returncode == 1 and "placeholder" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+
+def test_busybox_image_serves_its_page_with_httpd(imported: Containerd) -> None:
+    """bench.shim_s2z's app: the image's default command serves /www on 8080 (here on another
+    port, in the container's own network namespace, fetched with busybox's own wget)."""
+    script = ("httpd -p 127.0.0.1:18080 -h /www && for i in 1 2 3 4 5 6 7 8 9 10; do "
+              "wget -q -O - http://127.0.0.1:18080/ && exit 0; sleep 0.2; done; exit 1")
+    out = imported.run(images.BUSYBOX_IMAGE, "/usr/bin/busybox", "sh", "-c", script)
+    assert out.returncode == 0 and out.stdout == images.BUSYBOX_INDEX, out.stdout + out.stderr
 
 
 def test_kube_proxy_image_has_what_kube_proxy_execs(imported: Containerd) -> None:
