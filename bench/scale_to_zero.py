@@ -63,7 +63,7 @@ def summary(values: list[float]) -> dict[str, float]:
 def print_summary(result: dict[str, Any]) -> None:
     for name, s in result["summary"].items():
         if s:
-            print(f"{name:<16} n={s['n']:<3} min {s['min_ms']:7.1f} ms  median {s['median_ms']:7.1f} ms  "
+            print(f"{name:<18} n={s['n']:<3} min {s['min_ms']:7.1f} ms  median {s['median_ms']:7.1f} ms  "
                   f"p90 {s['p90_ms']:7.1f} ms  max {s['max_ms']:7.1f} ms")
 
 
