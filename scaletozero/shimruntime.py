@@ -35,7 +35,7 @@ from scaletozero.runtime import (
     RuntimeDriverError,
 )
 from scaletozero.shimclient import OpResult, ShimClient, ShimError, ShimState, ShimUnreachable
-from scaletozero.sockets import clear_time_wait, process_listen_ports, process_tree
+from scaletozero.sockets import clear_time_wait, process_listen_ports, process_listeners, process_tree
 from scaletozero.state import ContainerState
 
 # The CRI plugin's annotations in every container's OCI spec (containerd pkg/cri/annotations).
@@ -157,16 +157,24 @@ class ShimRuntime(ContainerRuntime):
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return set()
 
+    def _reuseaddr_ports(self, container_id: str) -> set[int]:
+        """The ports whose listeners had SO_REUSEADDR at the dump (none if not recorded)."""
+        try:
+            return {int(p) for p in json.loads(self._ports_file(container_id).read_text()).get("reuseaddr_ports", [])}
+        except (FileNotFoundError, ValueError, TypeError, AttributeError):
+            return set()
+
     def checkpoint(self, container_id: str) -> Path:
         t0 = time.monotonic()
         st = self._state(container_id)
         if st.state != ContainerState.RUNNING or not st.pid:
             raise CheckpointError(f"cannot checkpoint {container_id!r}: it is {st.state}")
         # Remembered for restore (TIME_WAIT on these ports) and for an agent adopting a parked pod.
-        ports = sorted(process_listen_ports(process_tree(st.pid)))
+        listeners = process_listeners(process_tree(st.pid))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self._ports_file(container_id).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"listen_ports": ports}))
+        tmp.write_text(json.dumps({"listen_ports": sorted(listeners),
+                                   "reuseaddr_ports": sorted(p for p, ok in listeners.items() if ok)}))
         tmp.replace(self._ports_file(container_id))
         result = self._op(container_id, "checkpoint", t0, self.client.checkpoint, CheckpointError)
         if result.images is None:
@@ -178,8 +186,10 @@ class ShimRuntime(ContainerRuntime):
         st = self._state(container_id)
         if st.state not in (ContainerState.CHECKPOINTED, ContainerState.FAILED):
             raise RestoreError(f"cannot restore {container_id!r}: it is {st.state}")
-        if st.netns:
-            clear_time_wait(st.netns, sorted(self.listen_ports(container_id)), what=container_id)
+        # Only listeners without SO_REUSEADDR need the port's TIME_WAIT sockets gone to re-bind
+        # (most servers set it: Go's net, busybox, nginx); the others' wakes skip the check.
+        if st.netns and (ports := self.listen_ports(container_id) - self._reuseaddr_ports(container_id)):
+            clear_time_wait(st.netns, sorted(ports), what=container_id)
         self._op(container_id, "restore", t0, self.client.restore, RestoreError)
 
     def _op(self, cid: str, op: str, t0: float, call: Callable[[str], OpResult],

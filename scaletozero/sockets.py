@@ -13,6 +13,7 @@ for LISTEN every 2 ms (docs/architecture-decisions.md).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
@@ -105,15 +106,9 @@ class NetnsSockets:
         self.close()
 
 
-def process_listen_ports(pids: list[int]) -> set[int]:
-    """TCP ports these processes listen on (one netns: that of the first).
-
-    Matches the socket inodes in the processes' fd tables with the LISTEN sockets of their netns,
-    so other listeners in the same pod netns (the activation proxy's) are not counted.
-    """
-    if not pids:
-        return set()
-    inodes: set[int] = set()
+def _socket_fds(pids: list[int]) -> dict[int, tuple[int, int]]:
+    """Socket inode -> (pid, fd) of one process holding it, from the processes' fd tables."""
+    found: dict[int, tuple[int, int]] = {}
     for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -125,9 +120,60 @@ def process_listen_ports(pids: list[int]) -> set[int]:
             except OSError:
                 continue
             if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
+                found.setdefault(int(target[8:-1]), (pid, int(fd)))
+    return found
+
+
+def process_listen_ports(pids: list[int]) -> set[int]:
+    """TCP ports these processes listen on (one netns: that of the first).
+
+    Matches the socket inodes in the processes' fd tables with the LISTEN sockets of their netns,
+    so other listeners in the same pod netns (the activation proxy's) are not counted.
+    """
+    return set(process_listeners(pids, reuseaddr=False))
+
+
+_SYS_PIDFD_GETFD = 438  # x86_64 and the generic table alike
+
+
+def _reuseaddr(pid: int, fd: int) -> bool:
+    """Whether another process's socket has SO_REUSEADDR: a copy of it through pidfd_getfd (Linux
+    5.6; ptrace access to the process, which the agent has), asked and closed. False when it
+    cannot be read: then the caller takes the careful path."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        copy = ctypes.CDLL(None, use_errno=True).syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if copy < 0:
+            return False
+        try:
+            with socket.socket(fileno=os.dup(copy)) as s:
+                return bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR))
+        finally:
+            os.close(copy)
+    finally:
+        os.close(pidfd)
+
+
+def process_listeners(pids: list[int], *, reuseaddr: bool = True) -> dict[int, bool]:
+    """The TCP ports these processes listen on -> whether every listener there has SO_REUSEADDR
+    (always False with ``reuseaddr=False``, which does not ask).
+
+    A restore re-binds each listener with the options it had. One with SO_REUSEADDR binds next to
+    the port's TIME_WAIT sockets; one without needs them cleared first (:func:`clear_time_wait`).
+    """
+    if not pids:
+        return {}
+    holders = _socket_fds(pids)
+    out: dict[int, bool] = {}
     with NetnsSockets(Path(f"/proc/{pids[0]}/ns/net")) as sk:
-        return {s.local_port for s in sk.tcp(LISTEN) if s.inode in inodes}
+        listeners = [s for s in sk.tcp(LISTEN) if s.inode in holders]
+    for s in listeners:
+        ok = reuseaddr and _reuseaddr(*holders[s.inode])
+        out[s.local_port] = out.get(s.local_port, True) and ok
+    return out
 
 
 def process_tree(pid: int) -> list[int]:

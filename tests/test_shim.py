@@ -643,6 +643,10 @@ def test_shim_runtime_is_the_runtime_contract_over_the_shim(containerd: Containe
 
     images = rt.checkpoint("rt")
     assert (images / "inventory.img").is_file()
+    # busybox's listener has SO_REUSEADDR (read from the app's own socket): its wakes need no
+    # TIME_WAIT clearing.
+    assert json.loads((tmp_path / "state" / "rt.json").read_text()) == {"listen_ports": [PORT],
+                                                                      "reuseaddr_ports": [PORT]}
     assert rt.state("rt") is ContainerState.CHECKPOINTED and rt.pid("rt") is None
     assert not pids_in_netns(web.pod)
     # A new agent (a new driver, same state directory) adopting the parked container.
