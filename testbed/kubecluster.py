@@ -560,6 +560,9 @@ class KubeCluster:
         self.dns = dns
         self.dns_server: subprocess.Popen[Any] | None = None
         self.image_tag = ""  # the zeroproxy image this cluster's nodes hold
+        # The installer's log per node as deploy_zeroproxy last read it, before any restart it did
+        # (a pod the kubelet re-creates afterwards runs the installer again, with a new log).
+        self.install_logs_seen: dict[str, list[str]] = {}
         # The lock first: a cluster waiting for another must not have made anything yet (the
         # other one's teardown check would see it as its own leftover).
         self._lock = _one_cluster_lock(state_dir, f"(a new {prefix} cluster)")
@@ -1133,7 +1136,8 @@ def deploy_zeroproxy(cluster: KubeCluster, image_tag: str, timeout: float = BRIN
     # What an operator does after the installer's first run on a node (docs/install.md): restart
     # containerd where it says so, so that RuntimeClass zeroproxy works there.
     restarted = []
-    for node, lines in install_logs(cluster).items():
+    cluster.install_logs_seen = install_logs(cluster)
+    for node, lines in cluster.install_logs_seen.items():
         if any(line.startswith("zeroproxy node install: RESTART REQUIRED") for line in lines):
             cluster.node(node).restart_containerd()
             restarted.append(node)
