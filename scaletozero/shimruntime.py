@@ -148,21 +148,19 @@ class ShimRuntime(ContainerRuntime):
     def _ports_file(self, container_id: str) -> Path:
         return self.state_dir / f"{container_id}.json"
 
+    def _recorded(self, container_id: str) -> dict[str, set[int]]:
+        """What the last checkpoint recorded of the container's listeners ({} if nothing)."""
+        try:
+            doc = json.loads(self._ports_file(container_id).read_text())
+            return {key: {int(p) for p in doc.get(key, [])} for key in ("listen_ports", "reuseaddr_ports")}
+        except (FileNotFoundError, ValueError, TypeError, AttributeError):
+            return {}
+
     def listen_ports(self, container_id: str) -> set[int]:
         st = self._state(container_id)
         if st.state == ContainerState.RUNNING and st.pid:
             return process_listen_ports(process_tree(st.pid))
-        try:
-            return {int(p) for p in json.loads(self._ports_file(container_id).read_text())["listen_ports"]}
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return set()
-
-    def _reuseaddr_ports(self, container_id: str) -> set[int]:
-        """The ports whose listeners had SO_REUSEADDR at the dump (none if not recorded)."""
-        try:
-            return {int(p) for p in json.loads(self._ports_file(container_id).read_text()).get("reuseaddr_ports", [])}
-        except (FileNotFoundError, ValueError, TypeError, AttributeError):
-            return set()
+        return self._recorded(container_id).get("listen_ports", set())
 
     def checkpoint(self, container_id: str) -> Path:
         t0 = time.monotonic()
@@ -188,7 +186,8 @@ class ShimRuntime(ContainerRuntime):
             raise RestoreError(f"cannot restore {container_id!r}: it is {st.state}")
         # Only listeners without SO_REUSEADDR need the port's TIME_WAIT sockets gone to re-bind
         # (most servers set it: Go's net, busybox, nginx); the others' wakes skip the check.
-        if st.netns and (ports := self.listen_ports(container_id) - self._reuseaddr_ports(container_id)):
+        recorded = self._recorded(container_id)  # parked: the dump's record (no second state call)
+        if st.netns and (ports := recorded.get("listen_ports", set()) - recorded.get("reuseaddr_ports", set())):
             clear_time_wait(st.netns, sorted(ports), what=container_id)
         self._op(container_id, "restore", t0, self.client.restore, RestoreError)
 
