@@ -241,8 +241,9 @@ def _remove_network_lock_skip(paths: Paths, report: Report) -> None:
 # ---- containerd's config ------------------------------------------------------------------------
 
 
-def _load_config(paths: Paths) -> tuple[Path, Any, tuple[str, ...]]:
-    """The parsed config (a tomlkit document) and the key path of the CRI plugin's containerd table."""
+def _load_config(paths: Paths) -> tuple[Path, str, Any, tuple[str, ...]]:
+    """The config's text, parsed (a tomlkit document), and the key path of the CRI plugin's
+    containerd table."""
     path = paths.local(paths.containerd_config)
     try:
         text = path.read_text()
@@ -261,7 +262,7 @@ def _load_config(paths: Paths) -> tuple[Path, Any, tuple[str, ...]]:
             f"containerd config {paths.containerd_config}: version = {version} is not supported; zeroproxy "
             "edits version 2 (containerd 1.5-1.7) and 3 (containerd 2.x) configs: migrate it "
             "(`containerd config migrate`, or `containerd config default` as a new start)")
-    return path, doc, CRI_RUNTIMES[version]
+    return path, text, doc, CRI_RUNTIMES[version]
 
 
 def _table(doc: Any, keys: tuple[str, ...], paths: Paths, create: bool) -> Any:
@@ -375,11 +376,10 @@ def _plan_containerd(paths: Paths) -> _ConfigPlan:
     """The config with the runtime added or updated, in memory: every check happens here,
     before install writes anything. The operator's text stays as it is; the runtime is a block
     at the end (TOML tables may come in any order)."""
-    path, doc, cri_keys = _load_config(paths)
+    path, text, doc, cri_keys = _load_config(paths)
     cri = _table(doc, cri_keys, paths, create=False)
     systemd = _systemd_cgroup(cri)
     runtimes = _runtimes(doc, cri_keys, paths)
-    text = path.read_text()
     if runtimes is not None and paths.handler in runtimes:
         _check_ours(runtimes[paths.handler], paths)
         if runtimes[paths.handler].unwrap() == runtime_table(paths):
@@ -417,7 +417,7 @@ def _remove_runtime(paths: Paths, text: str, cri_keys: tuple[str, ...]) -> str:
 
 def _unconfigure_containerd(paths: Paths, report: Report) -> None:
     try:
-        path, doc, cri_keys = _load_config(paths)
+        path, text, doc, cri_keys = _load_config(paths)
     except NodeInstallError:
         if not paths.local(paths.containerd_config).exists():
             return
@@ -426,7 +426,7 @@ def _unconfigure_containerd(paths: Paths, report: Report) -> None:
     if runtimes is None or paths.handler not in runtimes:
         return
     _check_ours(runtimes[paths.handler], paths)
-    _write_atomically(path, _remove_runtime(paths, path.read_text(), cri_keys).encode(), path.stat().st_mode & 0o777)
+    _write_atomically(path, _remove_runtime(paths, text, cri_keys).encode(), path.stat().st_mode & 0o777)
     report.changes.append(f"removed runtime {paths.handler!r} from {paths.containerd_config}")
     report.config_changed = True
 
