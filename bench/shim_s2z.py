@@ -67,7 +67,7 @@ def _app(name: str, opted_in: bool, app: str) -> list[dict[str, Any]]:
     ]
 
 
-def run(cycles: int, steady: int, app: str = "agnhost") -> dict[str, Any]:
+def run(cycles: int, steady: int, app: str = "busybox") -> dict[str, Any]:
     with kc.cluster(1) as cluster:
         kc.deploy_zeroproxy(cluster, cluster.image_tag)
         ns = "bench"

@@ -821,10 +821,9 @@ def _quick_key(k8s_bin: Path, only: Sequence[str], hashes: HashCache) -> str:
     parts: dict[str, Any] = {"only": sorted(only), "k8s_bin": str(k8s_bin),
                              "code": hashes.sha256(Path(__file__).resolve()),
                              "dpkg": hashes.sha256(Path("/var/lib/dpkg/status"))}
-    if not only or "busybox" in only or "busybox-1.35" in only:
-        from testbed.rootfs import busybox_binary
+    from testbed.rootfs import busybox_binary
 
-        parts["busybox"] = hashes.sha256(busybox_binary())  # downloaded, not installed: not in dpkg's status
+    parts["busybox"] = hashes.sha256(busybox_binary())  # downloaded, not installed: not in dpkg's status
     for name in K8S_BINARIES:
         path = k8s_bin / name
         parts[name] = hashes.sha256(path) if path.is_file() else None

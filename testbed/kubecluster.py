@@ -1075,12 +1075,17 @@ def zeroproxy_overlay(cluster: KubeCluster, image_tag: str, directory: Path | No
         "metadata": {"name": "zeroproxy", "namespace": "zeroproxy"},
         "spec": {"template": {"spec": {"volumes": [{"name": "cgroup", "hostPath": {"path": NODE_CGROUP2}}]}}},
     }, sort_keys=False))
+    return _kustomization(directory, MANIFESTS, image_tag, patchesStrategicMerge=["configmap.yaml", "daemonset.yaml"])
+
+
+def _kustomization(directory: Path, base: Path, image_tag: str, **more: Any) -> Path:
+    """Write ``directory``'s kustomization.yaml: ``base`` with zeroproxy's image at ``image_tag``."""
     (directory / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
         # kubectl 1.20's kustomize takes a base outside the overlay by relative path.
-        "bases": [os.path.relpath(MANIFESTS, directory)],
+        "bases": [os.path.relpath(base, directory)],
         "images": [{"name": ZEROPROXY_IMAGE, "newTag": image_tag}],
-        "patchesStrategicMerge": ["configmap.yaml", "daemonset.yaml"],
+        **more,
     }, sort_keys=False))
     return directory
 
@@ -1089,12 +1094,7 @@ def uninstall_overlay(cluster: KubeCluster, image_tag: str) -> Path:
     """A kustomize overlay of ``manifests/uninstall`` that changes only the image tag."""
     directory = cluster.dir / "uninstall-overlay"
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "bases": [os.path.relpath(MANIFESTS / "uninstall", directory)],
-        "images": [{"name": ZEROPROXY_IMAGE, "newTag": image_tag}],
-    }, sort_keys=False))
-    return directory
+    return _kustomization(directory, MANIFESTS / "uninstall", image_tag)
 
 
 def image_tags(images_dir: Path = IMAGES_DIR) -> dict[str, Path]:
