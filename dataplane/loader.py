@@ -16,7 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
-from dataplane import bpfsys
+from dataplane import bpfsys, netns
 from dataplane.netns import cgroup2_mount  # noqa: F401  (re-exported: callers import it from here)
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,17 @@ class _Statfs(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+CGROUP2_SUPER_MAGIC = 0x63677270
+
+
+def _fs_type(p: Path) -> int:
+    buf = _Statfs()
+    if _libc.statfs(os.fsencode(p), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"statfs {p}: {os.strerror(err)}")
+    return buf.f_type & 0xFFFFFFFF
+
+
 def bpffs_mounted(path: Path) -> bool:
     """Whether ``path`` lies on a bpf filesystem; a path that does not exist yet (the agent
     creates its pin directory) is judged by the nearest directory above it that does.
@@ -92,11 +103,35 @@ def bpffs_mounted(path: Path) -> bool:
     p = Path(os.path.abspath(path))
     while not p.exists() and p != p.parent:
         p = p.parent
-    buf = _Statfs()
-    if _libc.statfs(os.fsencode(p), ctypes.byref(buf)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"statfs {p}: {os.strerror(err)}")
-    return buf.f_type & 0xFFFFFFFF == BPF_FS_MAGIC
+    return _fs_type(p) == BPF_FS_MAGIC
+
+
+class SetupError(RuntimeError):
+    """The machine is not as the agent needs it; the message says what to change."""
+
+
+def check_paths(cgroup: Path | None, pin_dir: Path) -> None:
+    """Fail before any compile when ``--bpffs`` is not on a bpffs or ``--cgroup`` is not a
+    cgroup v2 directory, saying why when `ip netns exec` hid them."""
+    problems = []
+    if not bpffs_mounted(pin_dir):
+        problems.append(f"--bpffs {pin_dir} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)")
+    if cgroup is not None:
+        if not Path(cgroup).is_dir():
+            problems.append(f"--cgroup {cgroup}: no such directory (a cgroup v2 directory is needed)")
+        elif _fs_type(Path(cgroup)) != CGROUP2_SUPER_MAGIC:
+            problems.append(f"--cgroup {cgroup} is not a cgroup v2 directory (cgroup2 is mounted at "
+                            f"{_cgroup2_or_none()})")
+    if problems:
+        hint = netns.hidden_mounts_hint()
+        raise SetupError("; ".join(problems) + (f".\n{hint}" if hint else ""))
+
+
+def _cgroup2_or_none() -> str:
+    try:
+        return str(netns.cgroup2_mount())
+    except RuntimeError:
+        return "no place in this mount namespace"
 
 
 def sock_source(pin_dir: Path) -> tuple[str, list[str]]:
@@ -119,8 +154,7 @@ class SockDatapath:
         """Compile the programs; creates the pinned maps or opens the existing ones."""
         import bcc  # deferred: importing bcc costs ~0.3 s and CLI helpers don't need it
 
-        if not bpffs_mounted(self.pin_dir):
-            raise RuntimeError(f"{self.pin_dir} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)")
+        check_paths(None, self.pin_dir)
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         (self.pin_dir / "progs").mkdir(exist_ok=True)
         text, cflags = sock_source(self.pin_dir)
@@ -132,8 +166,7 @@ class SockDatapath:
 
     def attach(self) -> None:
         """Attach every hook to the cgroup, replacing programs an earlier agent attached."""
-        if not self.cgroup.is_dir():
-            raise RuntimeError(f"cgroup directory {self.cgroup} does not exist")
+        check_paths(self.cgroup, self.pin_dir)
         cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for name, attach_type in SOCK_HOOKS:

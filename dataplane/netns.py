@@ -78,3 +78,53 @@ def cgroup2_mount(mountinfo: str | None = None) -> Path:
             # mountinfo escapes space, tab, newline and backslash as \ooo octal
             return Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mount_point))
     raise RuntimeError("no cgroup2 filesystem is mounted (see /proc/self/mountinfo)")
+
+
+def _mount_points(mountinfo: str) -> list[str]:
+    points = []
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 4:
+            points.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+    return points
+
+
+def own_netns_name(netns_dir: Path = NETNS_DIR) -> str | None:
+    """The /run/netns name of the namespace this process is in, if it has one."""
+    try:
+        own = os.stat("/proc/self/ns/net")
+        entries = sorted(netns_dir.iterdir())
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            st = os.stat(entry)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            return entry.name
+    return None
+
+
+def sys_remounted(mountinfo: str | None = None) -> bool:
+    """Whether /sys is a bare sysfs with nothing mounted beneath it, as `ip netns exec` leaves
+    it: it mounts a fresh sysfs (one for its netns) in a mount namespace of its own, so the
+    host's cgroup2 and bpffs under /sys are out of sight."""
+    if mountinfo is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    points = _mount_points(mountinfo)
+    return "/sys" in points and not any(p.startswith("/sys/") for p in points)
+
+
+def hidden_mounts_hint(mountinfo: str | None = None, netns_dir: Path = NETNS_DIR) -> str:
+    """What to tell a user whose bpffs or cgroup2 is missing because of `ip netns exec`
+    ("" when that is not the cause)."""
+    if not sys_remounted(mountinfo):
+        return ""
+    name = own_netns_name(netns_dir)
+    where = f"`ip netns exec {name}`" if name else "`ip netns exec` (or something like it)"
+    enter = f"nsenter --net={netns_dir / name}" if name else "nsenter --net=/run/netns/NAME"
+    return (f"this process runs under {where}: it remounts /sys in a mount namespace of its own, so "
+            f"the bpffs and cgroup2 mounted under /sys are out of sight. Enter only the network "
+            f"namespace instead (`{enter} zeroproxy ...`), or pass --bpffs and --cgroup on "
+            f"mounts outside /sys, which survive (a bpffs and a cgroup2 mounted under /run, say)")

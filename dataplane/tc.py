@@ -28,7 +28,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from dataplane import maps
-from dataplane.loader import BPF_DIR, bpffs_mounted, inline_includes
+from dataplane.loader import BPF_DIR, check_paths, inline_includes
 from dataplane.table import DEFAULT_NODE_PORT_RANGE, DEFAULT_SNAT_PORTS
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,7 @@ class NodeDatapath:
         """Compile; creates the pinned maps or adopts the existing ones, then writes the settings."""
         import bcc  # deferred, as in loader.py: importing bcc is slow
 
-        if not bpffs_mounted(self.pin_dir):
-            raise RuntimeError(f"{self.pin_dir} is not on a bpf filesystem")
+        check_paths(None, self.pin_dir)
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         text, cflags = nodeport_source(self.pin_dir, self.map_sizes)
         self.bpf = bcc.BPF(text=text.encode(), cflags=cflags)

@@ -30,7 +30,7 @@ from controlplane.health import HealthServer, ProxyHealth, ServiceHealth, Servic
 from controlplane.metrics import DatapathCollector, Metrics, pin_stats
 from controlplane.sync import SyncRunner
 from dataplane import tc
-from dataplane.loader import SockDatapath
+from dataplane.loader import SockDatapath, check_paths
 from dataplane.services import ServiceMaps
 from dataplane.table import FrontendKind
 
@@ -69,6 +69,8 @@ class Agent:
         self._source: Any = None
         self._kube_configuration: Any = None
         self._servers: list[Any] = []
+        self._wanted_servers: list[tuple[str, str]] = []  # (what, bind address) not listening yet
+        self._failed_servers: set[str] = set()  # logged once each
         self.scale: Any = None  # NodeScaler when scale to zero is enabled
         self.synced = asyncio.Event()
 
@@ -249,34 +251,41 @@ class Agent:
                               self.on_list, self.on_event, self.on_status)
         raise ValueError(f"source {source!r}: expected kubernetes or file:PATH")
 
-    async def _serve(self) -> None:
-        """Start the health and metrics servers, retrying a bind that fails (port still taken by
-        the previous agent, say) instead of dying: the dataplane matters more than the probes."""
-        wanted = []
+    def _start_servers(self) -> None:
+        """Listen for health and metrics before anything that can take time (the bcc compile,
+        the first list): like kube-proxy, /healthz and /livez answer from the first second,
+        saying "not synced yet" rather than refusing the connection. A bind that fails (the
+        port still taken by the previous agent, say) is retried by :meth:`_serve`."""
         if self.config.healthz_bind_address:
-            wanted.append(("healthz", self.config.healthz_bind_address))
+            self._wanted_servers.append(("healthz", self.config.healthz_bind_address))
         if self.config.metrics_bind_address:
             self.metrics.add_collector(DatapathCollector(pin_stats(self.config.bpffs), self._map_fill))
-            wanted.append(("metrics", self.config.metrics_bind_address))
-        failed_before: set[str] = set()
-        while wanted:
-            for item in list(wanted):
-                what, address = item
-                try:
-                    if what == "healthz":
-                        self._servers.append(HealthServer(address, self.health))
-                    else:
-                        self.metrics.serve(address)
-                        self._servers.append(self.metrics)
-                    wanted.remove(item)
-                except OSError as e:
-                    self.metrics.errors.labels("health" if what == "healthz" else "metrics").inc()
-                    if what not in failed_before:
-                        log.error("%s server: cannot listen on %s: %s; retrying every 5s", what, address,
-                                  e.strerror or e)
-                    failed_before.add(what)
-            if wanted:
-                await asyncio.sleep(5)
+            self._wanted_servers.append(("metrics", self.config.metrics_bind_address))
+        self._try_servers()
+
+    def _try_servers(self) -> None:
+        for item in list(self._wanted_servers):
+            what, address = item
+            try:
+                if what == "healthz":
+                    self._servers.append(HealthServer(address, self.health))
+                else:
+                    self.metrics.serve(address)
+                    self._servers.append(self.metrics)
+                self._wanted_servers.remove(item)
+            except OSError as e:
+                self.metrics.errors.labels("health" if what == "healthz" else "metrics").inc()
+                if what not in self._failed_servers:
+                    log.error("%s server: cannot listen on %s: %s; retrying every 5s", what, address,
+                              e.strerror or e)
+                self._failed_servers.add(what)
+
+    async def _serve(self) -> None:
+        """Retry the servers whose bind failed instead of dying: the dataplane matters more than
+        the probes."""
+        while self._wanted_servers:
+            await asyncio.sleep(5)
+            self._try_servers()
 
     async def _watch_pending(self) -> None:
         """Keep the pending-age gauge current between syncs (a scrape must see a stuck queue)."""
@@ -286,6 +295,8 @@ class Agent:
             await asyncio.sleep(0.5)
 
     async def run(self) -> None:
+        check_paths(self.config.cgroup, self.config.bpffs)  # in a second, not after a compile
+        self._start_servers()
         self._source = self._make_source()
         self.datapath.load()
         self.maps = ServiceMaps(self.datapath)

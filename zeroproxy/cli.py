@@ -100,6 +100,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     import uvloop
 
     from controlplane.config import ConfigError, dump
+    from dataplane.loader import SetupError
     from zeroproxy.agent import Agent
 
     try:
@@ -113,7 +114,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(dump(cfg), sort_keys=False), end="")
         return 0
     agent = Agent(cfg)
-    uvloop.run(agent.run())
+    try:
+        uvloop.run(agent.run())
+    except SetupError as e:
+        print(f"zeroproxy agent: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -135,7 +140,10 @@ def cmd_service_list(args: argparse.Namespace) -> int:
     from dataplane.inspect import service_list
 
     if not Path(args.bpffs).exists():
-        print(f"nothing programmed: {args.bpffs} does not exist", file=sys.stderr)
+        from dataplane.netns import hidden_mounts_hint
+
+        hint = hidden_mounts_hint()
+        print(f"nothing programmed: {args.bpffs} does not exist" + (f"\n{hint}" if hint else ""), file=sys.stderr)
         return 1
     services = service_list(Path(args.bpffs))
     if args.output == "json":
