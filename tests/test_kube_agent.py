@@ -350,6 +350,31 @@ def _counter(metrics: dict[str, float], name: str, **labels: str) -> float:
     return metrics.get(f"{name}{{{inner}}}" if inner else name, 0.0)
 
 
+def _api_failures(metrics: dict[str, float]) -> float:
+    """List and watch requests the agent saw fail (the source's error counter)."""
+    return sum(_counter(metrics, "zeroproxy_errors_total", kind=k) for k in ("list", "watch"))
+
+
+def _wait_api_failures(e: Env, more_than: float, timeout: float = 60.0) -> dict[str, float]:
+    """Wait for the condition itself (the agent saw the API fail), not for a log line about it.
+    The agent listens from its first second, but a just-started process may not yet: until the
+    deadline a refused connection is "not yet"."""
+    deadline = time.monotonic() + timeout
+    seen: Any = None
+    while time.monotonic() < deadline:
+        try:
+            m = e.metrics()
+        except OSError as exc:
+            seen = exc
+        else:
+            seen = _api_failures(m)
+            if seen > more_than:
+                return m
+        time.sleep(0.1)
+    raise AssertionError(f"no failed list/watch counted after {timeout}s (last: {seen!r})\n"
+                         f"{e.agent.log_text()[-3000:]}")
+
+
 def test_apiserver_restart_converges_without_rewriting_unchanged_services(agent_env: Env) -> None:
     e = agent_env
     ns = e.namespace()
@@ -362,9 +387,9 @@ def test_apiserver_restart_converges_without_rewriting_unchanged_services(agent_
         e.wait_programmed(f"{vip}:80/TCP", [web1, web2])
     before = e.metrics()
 
-    outages = e.agent.log_text().count("retrying with backoff")
+    failures = _api_failures(e.metrics())
     e.cluster.stop_apiserver(kill=True)  # mid-watch, no goodbye
-    e.agent.wait_log("retrying with backoff", count=outages + 1)
+    _wait_api_failures(e, failures)
     assert set(ok_names(e.traffic(vips[0], count=20))) <= {"web-1", "web-2"}  # dataplane keeps serving
     e.cluster.start_apiserver()
     e.put_slice(ns, "s4", [(web3, READY, "a")])  # the one change made after the outage
@@ -437,21 +462,23 @@ def test_agent_sigkill_restart_under_traffic_keeps_stale_until_resync(agent_env:
         e.delete_service(ns, "stale")  # ...and the world changes while no agent watches
         e.cluster.stop_apiserver()
         e.agent.start(wait_synced=False)
-        e.agent.wait_log("retrying with backoff", timeout=60)
         # The new agent adopted the maps and cannot list: the stale service must stay (it might
-        # still exist for all the agent knows) and the agent must say it is stuck.
-        # The first retry can be logged before the health server listens (the programs are
-        # still compiling): until the deadline, a refused connection is "not yet".
-        deadline = time.monotonic() + HEALTH_TIMEOUT + 60
+        # still exist for all the agent knows) and the agent must say it is stuck, once the
+        # initial list has waited longer than the health timeout. The health server listens
+        # before the programs compile: once the agent answers at all, every probe is answered
+        # (a refused connection would fail the test), 200 until the timeout, then 503.
+        _wait_api_failures(e, 0)
+        deadline = time.monotonic() + HEALTH_TIMEOUT + 30
         while True:
-            try:
-                status, body = e.get(e.agent.healthz_url + "/healthz")
-            except OSError as exc:
-                status, body = 0, str(exc)
+            status, body = e.get(e.agent.healthz_url + "/healthz")
             if status == 503 or time.monotonic() > deadline:
                 break
+            assert status == 200 and json.loads(body)["lastUpdated"] == "", body
             time.sleep(0.2)
         assert status == 503, body
+        started = e.agent.log_text()  # this run's log: the probes listened before the maps were adopted
+        assert -1 < started.find("health server listening") < started.find("adopted "), started[-3000:]
+        assert -1 < started.find("metrics server listening") < started.find("adopted "), started[-3000:]
         report = json.loads(body)
         assert set(report) == {"lastUpdated", "currentTime", "nodeEligible"} and report["lastUpdated"] == ""
         # ...but it is not wedged: a restart cannot bring the apiserver back, so liveness holds
@@ -476,6 +503,48 @@ def test_agent_sigkill_restart_under_traffic_keeps_stale_until_resync(agent_env:
     assert set(names) == {"web-1", "web-2"}
     log = e.agent.log_text()
     assert re.search(r"sync \(full\): [^\n]*frontends written, 1 deleted;", log), log[-3000:]
+
+
+def test_the_first_owner_keeps_a_contested_frontend_across_an_agent_restart(agent_env: Env) -> None:
+    """Through the real API: a Service created later that names a serving address in its
+    externalIPs (another's allocated ClusterIP, or an externalIP already in use) takes nothing,
+    however its name sorts; a restarted agent, which saw neither claim first, decides the same
+    way from the Services' creationTimestamps."""
+    import signal
+
+    e = agent_env
+    ns = e.namespace()
+    web1, web2, web3, _ = e.backends
+    vip = e.create_service(ns, "web")["spec"]["clusterIP"]
+    e.put_slice(ns, "web", [(web1, READY, "a")])
+    ext = "198.51.100.7"
+    first = e.create_service(ns, "z-first", externalIPs=[ext])
+    e.put_slice(ns, "z-first", [(web2, READY, "a")])
+    e.wait_programmed(f"{ext}:80/TCP", [web2])
+    # creationTimestamp has whole seconds: make "later" visible in it
+    created = first["metadata"]["creationTimestamp"]
+    while time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) <= created:
+        time.sleep(0.05)
+    late_vip = e.create_service(ns, "a-late", externalIPs=[ext, vip])["spec"]["clusterIP"]
+    e.put_slice(ns, "a-late", [(web3, READY, "a")])
+    e.wait_programmed(f"{late_vip}:80/TCP", [web3])  # a-late is programmed, bar what it may not have
+
+    def check() -> None:
+        have = e.programmed()
+        assert have[f"{ext}:80/TCP"] == [f"{web2.ip4}:{PORT}"] and have[f"{vip}:80/TCP"] == [f"{web1.ip4}:{PORT}"]
+        assert ok_names(e.traffic(ext, count=20)) == {"web-2": 20}
+        assert ok_names(e.traffic(vip, count=20)) == {"web-1": 20}
+        assert _counter(e.metrics(), "zeroproxy_frontend_conflicts") == 2
+
+    check()
+    log = e.agent.log_text()
+    assert (f"Service {ns}/a-late: frontend {ext}:80/TCP (ExternalIP) is not programmed: it was in use first "
+            f"by Service {ns}/z-first (ExternalIP)") in log, log[-3000:]
+    assert (f"Service {ns}/a-late: frontend {vip}:80/TCP (ExternalIP) is not programmed: the cluster "
+            f"allocated it to Service {ns}/web (ClusterIP)") in log, log[-3000:]
+    e.agent.kill(signal.SIGTERM)
+    e.agent.start()
+    check()
 
 
 def test_metrics_expose_the_listed_series(agent_env: Env) -> None:
@@ -635,9 +704,9 @@ def test_v1beta1_watch_survives_an_apiserver_restart(beta_agent_env: Env) -> Non
     vip = e.create_service(ns, "again")["spec"]["clusterIP"]
     e.put_slice(ns, "again", [(web1, READY, "a")])
     e.wait_programmed(f"{vip}:80/TCP", [web1])
-    outages = e.agent.log_text().count("retrying with backoff")
+    failures = _api_failures(e.metrics())
     e.cluster.stop_apiserver(kill=True)
-    e.agent.wait_log("retrying with backoff", count=outages + 1)
+    _wait_api_failures(e, failures)
     e.cluster.start_apiserver()
     e.put_slice(ns, "again", [(web2, READY, "a")])
     e.wait_programmed(f"{vip}:80/TCP", [web2], timeout=60)
