@@ -28,6 +28,7 @@ services of those slices as changed. Other Pod updates (status, conditions) chan
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -45,7 +46,7 @@ from controlplane.translate import (
     PodInfo,
     translate,
 )
-from dataplane.table import Frontend, IPAddress, Protocol, ServiceEntry, ServiceTable
+from dataplane.table import Frontend, FrontendKind, IPAddress, Protocol, ServiceEntry, ServiceTable
 
 log = logging.getLogger("zeroproxy.changes")
 
@@ -173,8 +174,11 @@ class ChangeTracker:
 
     def __init__(self, node_name: str, *, proxy_name: str = "",
                  required_kinds: Iterable[str] = ("Service", "EndpointSlice"),
-                 node_port_range: tuple[int, int] = DEFAULT_NODE_PORT_RANGE) -> None:
+                 node_port_range: tuple[int, int] = DEFAULT_NODE_PORT_RANGE,
+                 external_ip_cidrs: Iterable[str] | None = None) -> None:
         self.node_name = node_name
+        self.external_ip_cidrs = None if external_ip_cidrs is None else tuple(
+            ipaddress.ip_network(c, strict=False) for c in external_ip_cidrs)
         self.proxy_name = proxy_name
         self.node_port_range = node_port_range
         self.required_kinds = frozenset(required_kinds)
@@ -196,7 +200,10 @@ class ChangeTracker:
         self.pods: dict[ObjectKey, PodInfo] = {}
         self.node_deleting = False  # this node's Node has a deletionTimestamp
         self._claims: dict[Slot, dict[ServiceKey, Frontend]] = {}
+        self._claim_order: dict[Slot, dict[ServiceKey, int]] = {}  # when each claim was first seen
+        self._claim_seq = 0
         self._winner: dict[Slot, tuple[ServiceKey, Frontend]] = {}
+        self._losers: dict[Slot, set[ServiceKey]] = {}  # claims not programmed (logged once each)
         self._errors: dict[Any, set[str]] = {}  # what was logged per service/object, to log news once
         self._invalid_errors: set[str] = set()
 
@@ -439,6 +446,7 @@ class ChangeTracker:
                 self.state[key] = change.current
             else:
                 self.state.pop(key, None)
+        self._order_new_claims(touched)
         for slot in touched:
             self._resolve(slot)
         if plan.full:
@@ -461,23 +469,74 @@ class ChangeTracker:
         if not self.dirty:
             self.queued_since = None
 
+    def _created(self, key: ServiceKey) -> str:
+        """The Service's creationTimestamp (RFC 3339 UTC, so it sorts as text); "~" sorts last."""
+        stored = self.objects["Service"].get(key)
+        meta = stored.body.get("metadata") if stored is not None else None
+        value = meta.get("creationTimestamp") if isinstance(meta, Mapping) else None
+        return value if isinstance(value, str) and value else "~"
+
+    def _order_new_claims(self, slots: Iterable[Slot]) -> None:
+        """Number the claims that appeared in this batch, forget those that went; one batch (an
+        initial list, a file) is ordered by the Services' age, then name: the older one is first."""
+        new = []
+        for slot in slots:
+            holders = self._claims.get(slot, {})
+            order = self._claim_order.setdefault(slot, {})
+            for key in [k for k in order if k not in holders]:
+                del order[key]
+            for key in holders:
+                if key not in order:
+                    new.append((self._created(key), key, slot))
+            if not order and not holders:
+                del self._claim_order[slot]
+        for _, key, slot in sorted(new, key=lambda n: (n[0], n[1])):
+            self._claim_seq += 1
+            self._claim_order[slot][key] = self._claim_seq
+
     def _resolve(self, slot: Slot) -> None:
-        """Put the rightful owner of one datapath slot into the table and log the losers."""
+        """Put the rightful owner of one datapath slot into the table and log the losers.
+
+        The owner is the claimant that had the slot first (so a new Service naming an address
+        in use cannot take it over), except that an address the cluster allocated (a ClusterIP,
+        a NodePort, an LB ingress IP) always beats a user-set externalIP (CVE-2020-8554).
+        """
         old = self._winner.pop(slot, None)
         if old is not None:
             self.table.pop(old[1], None)
         holders = self._claims.get(slot)
         if not holders:
             self._claims.pop(slot, None)
+            self._losers.pop(slot, None)
             return
-        winner = min(holders)
+        order = self._claim_order.get(slot, {})
+
+        def rank(key: ServiceKey) -> tuple[int, int, ServiceKey]:
+            user_set = holders[key].kind is FrontendKind.EXTERNAL_IP
+            return (int(user_set), order.get(key, 0), key)
+
+        winner = min(holders, key=rank)
         fe = holders[winner]
         self.table[fe] = self.state[winner][fe]
         self._winner[slot] = (winner, fe)
-        for loser, lfe in holders.items():
-            if loser != winner:
-                log.error("invalid input: Service %s/%s: frontend %s (%s) is already used by Service %s/%s; "
-                          "frontend ignored", loser[0], loser[1], lfe, lfe.kind.value, winner[0], winner[1])
+        logged = self._losers.setdefault(slot, set())
+        logged &= set(holders)
+        logged.discard(winner)
+        for loser, lfe in sorted(holders.items()):
+            if loser == winner or loser in logged:
+                continue
+            logged.add(loser)
+            why = ("the cluster allocated it to" if fe.kind is not FrontendKind.EXTERNAL_IP
+                   and lfe.kind is FrontendKind.EXTERNAL_IP else "it was in use first by")
+            log.error("invalid input: Service %s/%s: frontend %s (%s) is not programmed: %s Service %s/%s (%s)",
+                      loser[0], loser[1], lfe, lfe.kind.value, why, winner[0], winner[1], fe.kind.value)
+        if not logged:
+            self._losers.pop(slot, None)
+
+    @property
+    def conflict_count(self) -> int:
+        """Frontends that a Service claims and another Service holds (not programmed for it)."""
+        return sum(len(v) for v in self._losers.values())
 
     def _translate_service(self, key: ServiceKey) -> dict[Frontend, ServiceEntry]:
         objects = []
@@ -492,7 +551,7 @@ class ChangeTracker:
             self._log_errors(key, [])
             return {}
         tr = translate(objects, self.node_name, proxy_name=self.proxy_name, scale_states=self.scale_states,
-                       node_port_range=self.node_port_range)
+                       node_port_range=self.node_port_range, external_ip_cidrs=self.external_ip_cidrs)
         self._log_errors(key, tr.errors)
         return tr.table
 

@@ -115,6 +115,8 @@ class Config:
     scale_to_zero: ScaleToZeroConfig = ScaleToZeroConfig()
     # source ports of SNATed NodePort flows; above Linux's ephemeral range (32768-60999) by default
     snat_port_range: tuple[int, int] = DEFAULT_SNAT_PORTS
+    # the only CIDRs spec.externalIPs may come from; None admits every address (kube-proxy's way)
+    allowed_external_ip_cidrs: tuple[str, ...] | None = None
 
     @property
     def effective_health_timeout(self) -> float:
@@ -350,6 +352,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "clusterCIDR": ("cluster_cidr", lambda v: _cidr_list(v, comma_string=True)),
     "nodePortAddresses": ("node_port_addresses", lambda v: _cidr_list(v, comma_string=False)),
     "nodePortRange": ("node_port_range", _port_range),
+    "allowedExternalIPCIDRs": ("allowed_external_ip_cidrs", lambda v: _cidr_list(v, comma_string=False)),
     "snatPortRange": ("snat_port_range", _port_range),
     "healthzBindAddress": ("healthz_bind_address", parse_bind_address),
     "metricsBindAddress": ("metrics_bind_address", parse_bind_address),
@@ -533,6 +536,7 @@ def load_file(path: str | os.PathLike[str], base: Config | None = None) -> Confi
 
 _FLAG_PARSERS: dict[str, Callable[[Any], Any]] = {
     "nodePortAddresses": lambda v: _cidr_list(v, comma_string=True),
+    "allowedExternalIPCIDRs": lambda v: _cidr_list(v, comma_string=True),  # "" admits none
 }
 
 

@@ -70,6 +70,9 @@ class Metrics:
                              "How long the oldest unprogrammed change has waited (0 = none)", registry=r)
         self.invalid_objects = Gauge(f"{PREFIX}_invalid_input_problems",
                                      "Problems currently found in the input objects", registry=r)
+        self.frontend_conflicts = Gauge(f"{PREFIX}_frontend_conflicts",
+                                        "Frontends a Service claims but another Service holds (not programmed "
+                                        "for it)", registry=r)
         for mode in ("partial", "full"):
             self.syncs.labels(mode)
         for what in ("frontends_written", "frontends_deleted", "backends_written", "backends_deleted"):

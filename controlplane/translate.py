@@ -157,6 +157,7 @@ def translate(
     node_port_range: tuple[int, int] = DEFAULT_NODE_PORT_RANGE,
     proxy_name: str = "",
     scale_states: Mapping[ObjectKey, str] | None = None,
+    external_ip_cidrs: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
 ) -> Translation:
     """Translate Kubernetes objects into a service table; never raises on any input.
 
@@ -166,11 +167,21 @@ def translate(
     ``scale_states`` maps pods (namespace, name) to their scale-to-zero state when the caller
     knows it without Pod objects in ``objects`` (the change tracker keeps them; the node's own
     scaler knows its pods before the label round trip); it wins over a Pod's label.
+    ``external_ip_cidrs``, when given, are the only ranges ``spec.externalIPs`` may come from
+    (any user who can create a Service can name any address there: CVE-2020-8554); ``None``
+    admits every address, as kube-proxy does.
     """
-    return _Translator(node_name, node_port_range, proxy_name, scale_states).run(objects)
+    return _Translator(node_name, node_port_range, proxy_name, scale_states, external_ip_cidrs).run(objects)
 
 
 # --- internal records ------------------------------------------------------------------------
+
+
+def _created(svc: Any) -> str:
+    """creationTimestamp as text (RFC 3339 UTC sorts as text); "~" sorts after every date."""
+    meta = svc.obj.body.get("metadata")
+    value = meta.get("creationTimestamp") if isinstance(meta, Mapping) else None
+    return value if isinstance(value, str) and value else "~"
 
 
 @dataclass
@@ -214,8 +225,10 @@ _EndpointMap = dict[tuple[str, Protocol, str], EndpointSet]
 
 class _Translator:
     def __init__(self, node_name: str, node_port_range: tuple[int, int], proxy_name: str,
-                 scale_states: Mapping[ObjectKey, str] | None = None) -> None:
+                 scale_states: Mapping[ObjectKey, str] | None = None,
+                 external_ip_cidrs: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None) -> None:
         self.node_name = node_name if isinstance(node_name, str) else ""
+        self.external_ip_cidrs = None if external_ip_cidrs is None else tuple(external_ip_cidrs)
         self.node_port_range = node_port_range
         self.proxy_name = proxy_name
         self.given_states = scale_states or {}
@@ -254,10 +267,16 @@ class _Translator:
         for obj in sorted(kinds.get("EndpointSlice", []), key=lambda o: (o.namespace, o.name)):
             self._guarded(obj.ref, self._slice, obj, services, endpoints)
 
+        # Who gets a contested address:port: what the cluster allocated before any user-set
+        # externalIP, then the older Service (the one that had it first), then the name.
         claimed: dict[tuple[IPAddress, int, Protocol], ServicePortName] = {}
-        for key, svc in services.items():
-            if svc is not None:
-                self._guarded(svc.obj.ref, self._program, svc, endpoints.get(key, {}), claimed)
+        ordered = sorted((key for key, svc in services.items() if svc is not None),
+                         key=lambda k: (_created(services[k]), k))  # type: ignore[arg-type]
+        for user_set in (False, True):
+            for key in ordered:
+                svc = services[key]
+                assert svc is not None
+                self._guarded(svc.obj.ref, self._program, svc, endpoints.get(key, {}), claimed, user_set)
         return self.out
 
     def _guarded(self, ref: ObjectRef, fn: Any, *args: Any) -> Any:
@@ -494,6 +513,13 @@ class _Translator:
             f,
             [(ip, f"spec.externalIPs[{i}]") for i, ip in enumerate(f.sequence(spec, "externalIPs", "spec"))],
         )
+        if self.external_ip_cidrs is not None:
+            allowed = self.external_ip_cidrs
+            for ip, path in [a for a in external_ips if not any(a[0] in net for net in allowed)]:
+                ranges = ", ".join(str(n) for n in allowed) or "none"
+                f.errors.append(ObjectError(f.ref, path, f"{ip} is outside the allowed externalIP CIDRs "
+                                                         f"({ranges}); address ignored"))
+                external_ips.remove((ip, path))
         lb_ips: list[tuple[IPAddress, str]] = []
         if svc_type == "LoadBalancer":
             status = f.mapping(obj.body, "status", "")
@@ -742,7 +768,10 @@ class _Translator:
         svc: _Service,
         endpoints: _EndpointMap,
         claimed: dict[tuple[IPAddress, int, Protocol], ServicePortName],
+        user_set: bool = False,
     ) -> None:
+        """The frontends of one Service: those the cluster allocated, or (``user_set``) its
+        externalIPs, which come second so that they can never take an allocated address."""
         obj = svc.obj
         for p in svc.ports:
             spn = ServicePortName(obj.namespace, obj.name, p.name)
@@ -760,6 +789,8 @@ class _Translator:
                 frontends.append((Frontend(ip, p.port, p.protocol, FrontendKind.LOAD_BALANCER), path))
 
             for fe, path in frontends:
+                if (fe.kind is FrontendKind.EXTERNAL_IP) is not user_set:
+                    continue
                 # The datapath keys by address:port/protocol, so two kinds on one address clash.
                 slot = (fe.address, fe.port, fe.protocol)
                 owner = claimed.get(slot)

@@ -116,6 +116,87 @@ def test_table_equals_whole_translation_including_conflicts() -> None:
     assert t.table == translate([o for o in objects if o is not objects[2]], "node-a").table
 
 
+def _owner(t: ChangeTracker, address: str) -> str:
+    [entry] = [e for fe, e in t.table.items() if str(fe.address) == address]
+    return entry.service.name
+
+
+def _created(obj: dict, when: str) -> dict:
+    obj["metadata"]["creationTimestamp"] = when
+    return obj
+
+
+def test_a_new_service_cannot_take_an_address_in_use(caplog: object) -> None:
+    """CVE-2020-8554's hijack through a name that sorts first: "z" holds the externalIP, "a"
+    arriving later names it too and gets nothing; the loser is logged once and counted."""
+    import logging
+
+    t = synced_tracker(svc("z", "10.96.0.9", externalIPs=["198.51.100.7"]), eps("z", ["10.0.0.9"]))
+    with caplog.at_level(logging.ERROR):  # type: ignore[attr-defined]
+        t.upsert("Service", svc("a", "10.96.0.1", externalIPs=["198.51.100.7"]))
+        t.upsert("EndpointSlice", eps("a", ["10.0.0.1"]))
+        t.apply(t.plan())
+        t.upsert("EndpointSlice", eps("a", ["10.0.0.2"]))  # a's own changes do not log it again
+        t.apply(t.plan())
+    assert _owner(t, "198.51.100.7") == "z" and backends(t, "198.51.100.7") == ["10.0.0.9:8080"]
+    assert backends(t, "10.96.0.1") == ["10.0.0.2:8080"]  # a keeps what is its own
+    lines = [r.getMessage() for r in caplog.records]  # type: ignore[attr-defined]
+    assert lines == ["invalid input: Service default/a: frontend 198.51.100.7:80/TCP (ExternalIP) is not "
+                     "programmed: it was in use first by Service default/z (ExternalIP)"], lines
+    assert t.conflict_count == 1
+    t.upsert("EndpointSlice", eps("z", ["10.0.0.8"]))  # z changing its backends keeps its claim
+    t.apply(t.plan())
+    assert _owner(t, "198.51.100.7") == "z"
+    t.delete("Service", svc("z", "10.96.0.9"))  # the first owner goes: the next in line takes it
+    t.apply(t.plan())
+    assert _owner(t, "198.51.100.7") == "a" and t.conflict_count == 0
+
+
+def test_an_allocated_address_beats_an_external_ip_that_was_there_first() -> None:
+    """A user-set externalIP naming another Service's ClusterIP (or one the apiserver allocates
+    later) never wins over the allocation, whoever came first."""
+    t = synced_tracker(svc("a", "10.96.0.1", externalIPs=["10.96.0.50"]), eps("a", ["10.0.0.1"]))
+    assert _owner(t, "10.96.0.50") == "a"
+    t.upsert("Service", svc("z", "10.96.0.50"))
+    t.upsert("EndpointSlice", eps("z", ["10.0.0.9"]))
+    t.apply(t.plan())
+    assert _owner(t, "10.96.0.50") == "z" and backends(t, "10.96.0.50") == ["10.0.0.9:8080"]
+    assert [fe.kind.value for fe in t.table if str(fe.address) == "10.96.0.50"] == ["ClusterIP"]
+    assert t.conflict_count == 1
+
+
+def test_in_one_list_the_older_service_owns_a_duplicate_address() -> None:
+    """No history in an initial list (or a file): the older Service counts as the first owner,
+    then the name; translate() on the same objects agrees."""
+    objects = [_created(svc("a", "10.96.0.9"), "2026-02-01T00:00:00Z"), eps("a", ["10.0.0.1"]),
+               _created(svc("z", "10.96.0.9"), "2026-01-01T00:00:00Z"), eps("z", ["10.0.0.9"]),
+               svc("b", "10.96.0.9"), eps("b", ["10.0.0.2"])]  # no timestamp (a file): after both
+    t = synced_tracker(*objects)
+    assert _owner(t, "10.96.0.9") == "z" and t.conflict_count == 2
+    assert t.table == translate(objects, "node-a").table
+    t.delete("Service", objects[2])
+    t.apply(t.plan())
+    assert _owner(t, "10.96.0.9") == "a"
+
+
+def test_external_ips_outside_the_allowed_cidrs_are_refused_by_field() -> None:
+    objects = [svc("a", "10.96.0.1", externalIPs=["192.0.2.10", "198.51.100.7"]), eps("a", ["10.0.0.1"])]
+    t = ChangeTracker("node-a", external_ip_cidrs=["198.51.100.0/24"])
+    t.replace("Service", objects[:1])
+    t.replace("EndpointSlice", objects[1:])
+    t.apply(t.plan(full=True))
+    assert sorted(str(fe.address) for fe in t.table) == ["10.96.0.1", "198.51.100.7"]
+    assert t.problem_count == 1
+    tr = translate(objects, "node-a", external_ip_cidrs=[ipaddress.ip_network("198.51.100.0/24")])
+    assert [str(e) for e in tr.errors] == [
+        "Service default/a spec.externalIPs[0]: 192.0.2.10 is outside the allowed externalIP CIDRs "
+        "(198.51.100.0/24); address ignored"]
+    none = translate(objects, "node-a", external_ip_cidrs=[])
+    assert sorted(str(fe.address) for fe in none.table) == ["10.96.0.1"] and len(none.errors) == 2
+    assert sorted(str(fe.address) for fe in translate(objects, "node-a").table) == [
+        "10.96.0.1", "192.0.2.10", "198.51.100.7"]  # without the option: every address, as kube-proxy
+
+
 def test_full_plan_retranslates_everything_but_changes_nothing_when_in_sync() -> None:
     t = synced_tracker(svc("a", "10.96.0.1"), eps("a", ["10.0.0.1"]))
     plan = t.plan(full=True)

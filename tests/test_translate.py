@@ -1106,6 +1106,22 @@ def test_two_services_on_one_frontend_first_by_name_keeps_it():
     ]
 
 
+def test_an_external_ip_never_takes_an_allocated_address_and_the_older_service_wins():
+    hijack = service("a", externalIPs=["10.96.0.9"], clusterIP="10.96.0.1")
+    owner = service("z", clusterIP="10.96.0.9")
+    t = translate([hijack, owner])
+    assert t.table[fe("10.96.0.9", 80)].service.name == "z"
+    assert fe("10.96.0.9", 80, TCP, EIP) not in t.table
+    assert errors(t) == [
+        "Service default/a spec.externalIPs[0]: frontend 10.96.0.9:80/TCP (ExternalIP) is already used by "
+        "Service default/z:http; frontend ignored"
+    ]
+    old, new = service("z", clusterIP="10.96.0.5"), service("a", clusterIP="10.96.0.5")
+    old["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    new["metadata"]["creationTimestamp"] = "2026-03-01T00:00:00Z"
+    assert translate([new, old]).table[fe("10.96.0.5", 80)].service.name == "z"  # first owner, not first name
+
+
 def test_two_services_on_one_node_port():
     np_spec = {"type": "NodePort", "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}
     t = translate([service("a", **np_spec), service("b", clusterIP="10.96.0.2", **np_spec)])

@@ -52,7 +52,8 @@ class Agent:
         required = ["Service", "EndpointSlice"] + (["Node"] if kube else []) + (
             ["Pod", SCALE_STATE_PODS] if kube and self.watch_pods else [])
         self.tracker = ChangeTracker(config.node_name, proxy_name=config.proxy_name, required_kinds=required,
-                                     node_port_range=config.node_port_range)
+                                     node_port_range=config.node_port_range,
+                                     external_ip_cidrs=config.allowed_external_ip_cidrs)
         self.runner = SyncRunner(
             self._sync,
             min_interval=config.min_sync_period,
@@ -212,6 +213,7 @@ class Agent:
         self.metrics.frontends.set(self.maps.frontend_count)
         self.metrics.backends.set(self.maps.backend_count)
         self.metrics.invalid_objects.set(self.tracker.problem_count)
+        self.metrics.frontend_conflicts.set(self.tracker.conflict_count)
 
     def _update_service_health(self, changed: Any = None) -> None:
         """healthCheckNodePort listeners for eTP=Local services, with this node's ready endpoints."""

@@ -81,6 +81,7 @@ def agent_config(args: argparse.Namespace) -> Config:
         "healthCheckNodePortAddress": ("--healthcheck-nodeport-address", args.healthcheck_nodeport_address),
         "clusterCIDR": ("--cluster-cidr", args.cluster_cidr),
         "nodePortAddresses": ("--nodeport-addresses", args.nodeport_addresses),
+        "allowedExternalIPCIDRs": ("--allowed-external-ip-cidrs", args.allowed_external_ip_cidrs),
         "nodePortRange": ("--nodeport-range", args.nodeport_range),
         "snatPortRange": ("--snat-port-range", args.snat_port_range),
         "syncPeriod": ("--sync-period", args.sync_period),
@@ -241,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--cluster-cidr", default=None, help="comma-separated pod CIDRs of the cluster")
     a.add_argument("--nodeport-addresses", default=None,
                    help="comma-separated CIDRs: NodePorts answer only on node addresses inside them")
+    a.add_argument("--allowed-external-ip-cidrs", default=None, metavar="CIDR,...",
+                   help="admit spec.externalIPs only inside these CIDRs (\"\" admits none); default: every "
+                        "address, as kube-proxy. Any user who may create a Service can name any address there "
+                        "(CVE-2020-8554)")
     a.add_argument("--nodeport-range", default=None,
                    help="the cluster's NodePort range, as kube-apiserver's --service-node-port-range "
                         f"(default {DEFAULT_NODE_PORT_RANGE[0]}-{DEFAULT_NODE_PORT_RANGE[1]}); nodePorts outside "
