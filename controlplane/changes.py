@@ -44,6 +44,7 @@ from controlplane.translate import (
     SERVICE_NAME_LABEL,
     NodeInfo,
     PodInfo,
+    node_zone,
     translate,
 )
 from dataplane.table import Frontend, FrontendKind, IPAddress, Protocol, ServiceEntry, ServiceTable
@@ -318,19 +319,32 @@ class ChangeTracker:
         elif kind == SCALE_STATE_PODS:
             self._refresh_state(key, received)
 
+    @property
+    def zone(self) -> str:
+        """This node's topology.kubernetes.io/zone ("" until its Node is known, or without one)."""
+        mine = self.nodes.get(self.node_name)
+        return node_zone(mine) if mine is not None else ""
+
     def _node_changed(self, name: str, new: _Stored | None) -> None:
+        zone = self.zone
         if new is None:
             self.nodes.pop(name, None)
             if name == self.node_name:
                 self.node_deleting = False
-            return
-        tr = translate([new.body], self.node_name, node_port_range=self.node_port_range)
-        self._log_errors(("Node", name), tr.errors)
-        if name in tr.nodes:
-            self.nodes[name] = tr.nodes[name]
-        meta = new.body.get("metadata")
-        if name == self.node_name:
-            self.node_deleting = isinstance(meta, Mapping) and meta.get("deletionTimestamp") is not None
+        else:
+            tr = translate([new.body], self.node_name, node_port_range=self.node_port_range)
+            self._log_errors(("Node", name), tr.errors)
+            if name in tr.nodes:
+                self.nodes[name] = tr.nodes[name]
+            meta = new.body.get("metadata")
+            if name == self.node_name:
+                self.node_deleting = isinstance(meta, Mapping) and meta.get("deletionTimestamp") is not None
+        if self.zone != zone:  # topology-aware services choose again (rare: zones seldom change)
+            when = time.time()
+            for svc in self.all_services():
+                self.dirty[svc] = min(self.dirty.get(svc, when), when)
+            if self.queued_since is None:
+                self.queued_since = time.monotonic()
 
     def _pod_changed(self, key: ObjectKey, new: _Stored | None) -> None:
         if new is None:
@@ -551,7 +565,8 @@ class ChangeTracker:
             self._log_errors(key, [])
             return {}
         tr = translate(objects, self.node_name, proxy_name=self.proxy_name, scale_states=self.scale_states,
-                       node_port_range=self.node_port_range, external_ip_cidrs=self.external_ip_cidrs)
+                       node_port_range=self.node_port_range, external_ip_cidrs=self.external_ip_cidrs,
+                       node_zone=self.zone)
         self._log_errors(key, tr.errors)
         return tr.table
 

@@ -90,6 +90,10 @@ API_VERSIONS: dict[str, tuple[str, ...]] = {  # kind -> the versions we read, pr
 }
 ENDPOINTSLICE_V1BETA1 = "discovery.k8s.io/v1beta1"
 HOSTNAME_TOPOLOGY_KEY = "kubernetes.io/hostname"  # v1beta1 endpoint.topology: the node's name
+ZONE_LABEL = "topology.kubernetes.io/zone"  # the Node label topology-aware routing compares hints with
+TOPOLOGY_MODE_ANNOTATION = "service.kubernetes.io/topology-mode"  # 1.27+
+TOPOLOGY_HINTS_ANNOTATION = "service.kubernetes.io/topology-aware-hints"  # 1.21-1.26, still honoured
+TRAFFIC_DISTRIBUTIONS = {"PreferClose": "zone", "PreferSameZone": "zone", "PreferSameNode": "node"}
 CLUSTER_SCOPED = {"Node"}
 MAX_LIST_DEPTH = 8  # kind: List inside kind: List is legal; a deeper nest is a mistake
 
@@ -158,6 +162,7 @@ def translate(
     proxy_name: str = "",
     scale_states: Mapping[ObjectKey, str] | None = None,
     external_ip_cidrs: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
+    node_zone: str | None = None,
 ) -> Translation:
     """Translate Kubernetes objects into a service table; never raises on any input.
 
@@ -170,8 +175,11 @@ def translate(
     ``external_ip_cidrs``, when given, are the only ranges ``spec.externalIPs`` may come from
     (any user who can create a Service can name any address there: CVE-2020-8554); ``None``
     admits every address, as kube-proxy does.
+    ``node_zone`` is this node's zone label for topology-aware routing ("" = none); ``None``
+    reads it from this node's Node among ``objects``.
     """
-    return _Translator(node_name, node_port_range, proxy_name, scale_states, external_ip_cidrs).run(objects)
+    return _Translator(node_name, node_port_range, proxy_name, scale_states, external_ip_cidrs,
+                       node_zone).run(objects)
 
 
 # --- internal records ------------------------------------------------------------------------
@@ -217,6 +225,7 @@ class _Service:
     publish_not_ready: bool
     affinity_timeout: int  # seconds, 0 = no ClientIP affinity
     health_check_node_port: int  # 0 = none, or not externalTrafficPolicy: Local
+    topology: str = ""  # "" = all endpoints; "zone" / "node": follow the slices' hints
 
 
 # (port name, protocol, family) -> that service port's endpoints of that family
@@ -226,8 +235,11 @@ _EndpointMap = dict[tuple[str, Protocol, str], EndpointSet]
 class _Translator:
     def __init__(self, node_name: str, node_port_range: tuple[int, int], proxy_name: str,
                  scale_states: Mapping[ObjectKey, str] | None = None,
-                 external_ip_cidrs: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None) -> None:
+                 external_ip_cidrs: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
+                 node_zone: str | None = None) -> None:
         self.node_name = node_name if isinstance(node_name, str) else ""
+        self.given_zone = node_zone
+        self.zone = ""
         self.external_ip_cidrs = None if external_ip_cidrs is None else tuple(external_ip_cidrs)
         self.node_port_range = node_port_range
         self.proxy_name = proxy_name
@@ -254,6 +266,10 @@ class _Translator:
             self._guarded(obj.ref, self._node, obj)
         for obj in kinds.get("Pod", []):
             self._guarded(obj.ref, self._pod, obj)
+        if self.given_zone is not None:
+            self.zone = self.given_zone
+        elif self.node_name in self.out.nodes:
+            self.zone = node_zone(self.out.nodes[self.node_name])
         self.states = {key: pod.scale_state for key, pod in self.out.pods.items() if pod.scale_state}
         self.states.update(self.given_states)
 
@@ -546,7 +562,32 @@ class _Translator:
             publish_not_ready=bool(publish),
             affinity_timeout=affinity_timeout,
             health_check_node_port=health_check_node_port,
+            topology=self._topology(f, meta, spec),
         )
+
+    @staticmethod
+    def _topology(f: Fields, meta: dict[str, Any], spec: dict[str, Any]) -> str:
+        """Whether the Service asked for topology-aware routing, and at which level: "" (no),
+        "zone", or "node". spec.trafficDistribution first, then the topology-mode annotation,
+        then the older topology-aware-hints one (kube-proxy reads the same two)."""
+        wanted = spec.get("trafficDistribution")
+        if wanted is not None:
+            if wanted in TRAFFIC_DISTRIBUTIONS:
+                return TRAFFIC_DISTRIBUTIONS[wanted]
+            f.warn("spec.trafficDistribution", f"must be one of {', '.join(TRAFFIC_DISTRIBUTIONS)}, got "
+                                               f"{describe(wanted)}; all endpoints are used")
+        notes = f.string_map(meta, "annotations", "metadata")
+        for key in (TOPOLOGY_MODE_ANNOTATION, TOPOLOGY_HINTS_ANNOTATION):
+            value = notes.get(key, "")
+            if not value:
+                continue
+            if value in ("Auto", "auto"):
+                return "zone"
+            if value not in ("Disabled", "disabled"):
+                f.warn(f"metadata.annotations[{key}]",
+                       f"must be Auto or Disabled, got {describe(value)}; all endpoints are used")
+            return ""
+        return ""
 
     def _cluster_ips(self, f: Fields, spec: dict[str, Any]) -> list[tuple[IPAddress, str]] | None:
         """The service's cluster IPs in order, [] when unset, None when headless or invalid."""
@@ -701,7 +742,7 @@ class _Translator:
                 continue  # a nil port means "all ports" for non-proxyable uses: nothing for us
             ports.append((name, protocol, number))
 
-        eps: list[tuple[IPAddress, str, bool, bool, bool, ObjectKey]] = []
+        eps: list[tuple[IPAddress, str, bool, bool, bool, ObjectKey, frozenset[str], frozenset[str]]] = []
         for i, raw in enumerate(f.sequence(obj.body, "endpoints", "")):
             path = f"endpoints[{i}]"
             if not isinstance(raw, Mapping):
@@ -733,13 +774,42 @@ class _Translator:
                 continue
             # API docs: nil ready and nil serving mean true, nil terminating means false.
             pod = self._target_pod(f, raw.get("targetRef"), obj.namespace, join(path, "targetRef"))
-            eps.append((ip, node, ready is not False, serving is not False, terminating is True, pod))
+            zones, nodes = self._hints(f, raw, path)
+            eps.append((ip, node, ready is not False, serving is not False, terminating is True, pod, zones, nodes))
 
         merged = endpoints.setdefault(key, {})
         for name, protocol, number in ports:
             bucket = merged.setdefault((name, protocol, family), {})
-            for ip, node, ready, serving, terminating, pod in eps:
-                merge(bucket, Endpoint(ip, number, node, ready, serving, terminating, pod))
+            for ip, node, ready, serving, terminating, pod, zones, nodes in eps:
+                merge(bucket, Endpoint(ip, number, node, ready, serving, terminating, pod, zones, nodes))
+
+    @staticmethod
+    def _hints(f: Fields, raw: Mapping[str, Any], path: str) -> tuple[frozenset[str], frozenset[str]]:
+        """hints.forZones and hints.forNodes names; a malformed hint is a warning and counts as
+        no hint (so the service falls back to all endpoints, as with a missing one)."""
+        hints = raw.get("hints")
+        if hints is None:
+            return frozenset(), frozenset()
+        hpath = join(path, "hints")
+        if not isinstance(hints, Mapping):
+            f.warn(hpath, f"must be a mapping, got {describe(hints)}; hints ignored")
+            return frozenset(), frozenset()
+        out = []
+        for key in ("forZones", "forNodes"):
+            names: set[str] = set()
+            items = hints.get(key)
+            if items is not None and not isinstance(items, list):
+                f.warn(join(hpath, key), f"must be a list, got {describe(items)}; hints ignored")
+                items = None
+            for i, item in enumerate(items or ()):
+                name = item.get("name") if isinstance(item, Mapping) else None
+                if not isinstance(name, str) or not name:
+                    f.warn(f"{hpath}.{key}[{i}]", "needs a name; hints ignored")
+                    names = set()
+                    break
+                names.add(name)
+            out.append(frozenset(names))
+        return out[0], out[1]
 
     @staticmethod
     def _target_pod(f: Fields, ref: Any, namespace: str, path: str) -> ObjectKey:
@@ -826,7 +896,13 @@ class _Translator:
         """The frontend kind picks the traffic policy; controlplane.endpoints does the rest."""
         policy = svc.external_policy if kind in EXTERNAL_KINDS else svc.internal_policy
         return choose(eps, local=policy == "Local", node_name=self.node_name,
-                      publish_not_ready=svc.publish_not_ready, states=self.states)
+                      publish_not_ready=svc.publish_not_ready, states=self.states,
+                      topology=svc.topology, zone=self.zone)
+
+
+def node_zone(node: NodeInfo) -> str:
+    """A Node's topology.kubernetes.io/zone label ("" without one)."""
+    return dict(node.labels).get(ZONE_LABEL, "")
 
 
 def _name_and_protocol(pf: Fields, raw: Mapping[str, Any], path: str) -> tuple[str, Protocol | None]:

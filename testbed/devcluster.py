@@ -125,9 +125,10 @@ def endpointslice_crd() -> dict[str, Any]:
             "deprecatedTopology": {"type": "object", "additionalProperties": string},
             "nodeName": string,
             "zone": string,
-            "hints": {"type": "object", "properties": {"forZones": {
+            "hints": {"type": "object", "properties": {hint: {
                 "type": "array",
-                "items": {"type": "object", "required": ["name"], "properties": {"name": string}}}}},
+                "items": {"type": "object", "required": ["name"], "properties": {"name": string}}}
+                for hint in ("forZones", "forNodes")}},
         },
     }
     port = {

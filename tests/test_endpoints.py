@@ -15,9 +15,12 @@ from controlplane.endpoints import Endpoint, EndpointSet, choose, merge
 
 
 def ep(addr: str, port: int = 8080, node: str = "node-a", *, ready: bool = True, serving: bool = True,
-       terminating: bool = False, pod: str = "") -> Endpoint:
+       terminating: bool = False, pod: str = "", zones: str = "", nodes: str = "") -> Endpoint:
     return Endpoint(ipaddress.ip_address(addr), port, node, ready, serving, terminating,
-                    ("default", pod) if pod else ("", ""))
+                    ("default", pod) if pod else ("", ""), frozenset(zones.split()), frozenset(nodes.split()))
+
+
+ZONED = dict(topology="zone", zone="z1", node_name="node-a")
 
 
 NOT_READY = {"ready": False, "serving": False}
@@ -77,6 +80,41 @@ CASES: dict[str, Case] = {
     "parked-choice-follows-readiness": Case(  # the running one is not ready: the parked ready one serves
         [ep("10.0.0.1", pod="a"), ep("10.0.0.2", pod="b", **NOT_READY)],
         ["10.0.0.1:8080"], {"states": {("default", "a"): "checkpointed"}}),
+    # topology-aware routing (kube-proxy's canUseTopology), rule 2b
+    "zone-hints-keep-this-zones": Case(
+        [ep("10.0.0.1", zones="z1"), ep("10.0.0.2", zones="z2"), ep("10.0.0.3", zones="z1 z2")],
+        ["10.0.0.1:8080", "10.0.0.3:8080"], ZONED),
+    "zone-hints-unused-unless-asked": Case(
+        [ep("10.0.0.1", zones="z1"), ep("10.0.0.2", zones="z2")],
+        ["10.0.0.1:8080", "10.0.0.2:8080"], {"zone": "z1"}),
+    "zone-any-endpoint-without-hints-means-all": Case(
+        [ep("10.0.0.1", zones="z1"), ep("10.0.0.2")],
+        ["10.0.0.1:8080", "10.0.0.2:8080"], ZONED),
+    "zone-not-ready-without-hints-does-not-count": Case(
+        [ep("10.0.0.1", zones="z1"), ep("10.0.0.2", zones="z2"), ep("10.0.0.3", **NOT_READY)],
+        ["10.0.0.1:8080"], ZONED),
+    "zone-none-for-this-zone-means-all": Case(
+        [ep("10.0.0.1", zones="z2"), ep("10.0.0.2", zones="z3")],
+        ["10.0.0.1:8080", "10.0.0.2:8080"], ZONED),
+    "zone-node-without-a-zone-means-all": Case(
+        [ep("10.0.0.1", zones="z1"), ep("10.0.0.2", zones="z2")],
+        ["10.0.0.1:8080", "10.0.0.2:8080"], {**ZONED, "zone": ""}),
+    "zone-local-policy-wins-over-hints": Case(
+        [ep("10.0.0.1", node="node-a", zones="z2"), ep("10.0.0.2", node="node-b", zones="z1")],
+        ["10.0.0.1:8080"], {**ZONED, "local": True}),
+    "zone-not-over-the-terminating-fallback": Case(
+        [ep("10.0.0.1", zones="z2", **DRAINING), ep("10.0.0.2", zones="z1", **DRAINING)],
+        ["10.0.0.1:8080", "10.0.0.2:8080"], ZONED),
+    "zone-publish-not-ready-counts-every-endpoint": Case(
+        [ep("10.0.0.1", zones="z1", **NOT_READY), ep("10.0.0.2", zones="z2")],
+        ["10.0.0.1:8080"], {**ZONED, "publish_not_ready": True}),
+    "same-node-hints-first": Case(
+        [ep("10.0.0.1", zones="z1", nodes="node-b"), ep("10.0.0.2", zones="z1", nodes="node-a"),
+         ep("10.0.0.3", zones="z2", nodes="node-c")],
+        ["10.0.0.2:8080"], {**ZONED, "topology": "node"}),
+    "same-node-none-for-this-node-falls-back-to-zone": Case(
+        [ep("10.0.0.1", zones="z1", nodes="node-b"), ep("10.0.0.2", zones="z2", nodes="node-c")],
+        ["10.0.0.1:8080"], {**ZONED, "topology": "node"}),
     "ordered-by-family-address-port": Case(
         [ep("fd00::2"), ep("10.0.0.10", 81), ep("10.0.0.9", 82), ep("10.0.0.10", 80), ep("fd00::1")],
         ["10.0.0.9:82", "10.0.0.10:80", "10.0.0.10:81", "[fd00::1]:8080", "[fd00::2]:8080"]),

@@ -94,8 +94,9 @@ class Env:
             auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True))
 
     def put_slice(self, ns: str, svc: str, endpoints: list[tuple[Pod, dict[str, bool], str]],
-                  name: str | None = None) -> None:
-        """Create or replace a slice whose endpoints are (pod, conditions, node name).
+                  name: str | None = None, zones: dict[str, str] | None = None) -> dict[str, Any]:
+        """Create or replace a slice whose endpoints are (pod, conditions, node name); returns
+        it as the apiserver stored it. ``zones`` hints pods (by name) for a zone.
 
         v1 says the node in ``nodeName``; v1beta1 as 1.20's controller writes it, in
         ``topology`` (its nodeName is an alpha field that the apiserver drops)."""
@@ -103,16 +104,18 @@ class Env:
         body["apiVersion"] = self.cluster.endpointslice_api_version
         beta = self.cluster.endpointslice_api == "v1beta1"
         body["endpoints"] = [{"addresses": [pod.ip4], "conditions": cond,
-                              **({"topology": {"kubernetes.io/hostname": node}} if beta else {"nodeName": node})}
+                              **({"topology": {"kubernetes.io/hostname": node}} if beta else {"nodeName": node}),
+                              **({"hints": {"forZones": [{"name": zones[pod.name]}]}}
+                                 if zones and pod.name in zones else {})}
                              for pod, cond, node in endpoints]
         try:
-            self._slices("POST", ns, body=body)
+            return self._slices("POST", ns, body=body)
         except client.ApiException as e:
             if e.status != 409:
                 raise
             old = self._slices("GET", ns, body["metadata"]["name"])
             body["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
-            self._slices("PUT", ns, body["metadata"]["name"], body)
+            return self._slices("PUT", ns, body["metadata"]["name"], body)
 
     def delete_slice(self, ns: str, name: str) -> None:
         self._slices("DELETE", ns, name)
@@ -545,6 +548,89 @@ def test_the_first_owner_keeps_a_contested_frontend_across_an_agent_restart(agen
     e.agent.kill(signal.SIGTERM)
     e.agent.start()
     check()
+
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+def _topology_service(e: Env, ns: str, name: str) -> dict[str, Any]:
+    """A Service asking for topology-aware routing both ways: the topology-mode annotation and
+    spec.trafficDistribution (1.30+); returns it as the apiserver stored it."""
+    body = {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "annotations": {"service.kubernetes.io/topology-mode": "Auto"}},
+            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": PORT}],
+                     "trafficDistribution": "PreferClose"}}
+    return _json(e.core.create_namespaced_service(ns, body, _preload_content=False))
+
+
+def _label_zone(e: Env, zone: str | None) -> None:
+    """Node "a" (the agent's) with this zone label, created the first time."""
+    labels = {ZONE_LABEL: zone}
+    try:
+        e.core.patch_node("a", {"metadata": {"labels": labels}})
+    except client.ApiException as exc:
+        if exc.status != 404:
+            raise
+        e.core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "a", "labels": labels}})
+
+
+def _delete_node(e: Env) -> None:
+    try:
+        e.core.delete_node("a")
+    except client.ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+def test_topology_hints_through_the_api_follow_this_nodes_zone(agent_env: Env) -> None:
+    """EndpointSlice v1 keeps hints.forZones: the agent uses the endpoint hinted for its Node's
+    zone, follows a relabelled Node, and uses all endpoints once the node has no zone."""
+    e = agent_env
+    ns = e.namespace()
+    web1, web2, _, _ = e.backends
+    try:
+        _label_zone(e, "z1")
+        svc = _topology_service(e, ns, "near")
+        vip = svc["spec"]["clusterIP"]
+        stored = e.put_slice(ns, "near", [(web1, READY, "a"), (web2, READY, "b")],
+                             zones={"web-1": "z1", "web-2": "z2"})
+        assert [ep["hints"] for ep in stored["endpoints"]] == [{"forZones": [{"name": "z1"}]},
+                                                               {"forZones": [{"name": "z2"}]}]
+        e.wait_programmed(f"{vip}:80/TCP", [web1])
+        assert ok_names(e.traffic(vip, count=20)) == {"web-1": 20}
+        _label_zone(e, "z2")
+        e.wait_programmed(f"{vip}:80/TCP", [web2])
+        assert ok_names(e.traffic(vip, count=20)) == {"web-2": 20}
+        e.core.patch_node("a", {"metadata": {"labels": {ZONE_LABEL: None}}})  # no zone: every endpoint
+        e.wait_programmed(f"{vip}:80/TCP", [web1, web2])
+        assert set(ok_names(e.traffic(vip, count=40))) == {"web-1", "web-2"}
+    finally:
+        _delete_node(e)
+
+
+def test_kube_apiserver_1_20_drops_hints_and_traffic_distribution(beta_agent_env: Env) -> None:
+    """What 1.20 keeps of topology-aware routing: the annotation and the Node's zone label, but
+    not spec.trafficDistribution (1.30) nor v1beta1's endpoints[].hints (1.21). Without hints
+    the agent falls back to every endpoint, as kube-proxy; the file source covers the rest
+    (tests/test_topology.py)."""
+    e = beta_agent_env
+    ns = e.namespace()
+    web1, web2, _, _ = e.backends
+    try:
+        _label_zone(e, "z1")
+        assert e.core.read_node("a").metadata.labels[ZONE_LABEL] == "z1"
+        svc = _topology_service(e, ns, "near")
+        assert svc["metadata"]["annotations"]["service.kubernetes.io/topology-mode"] == "Auto"
+        assert "trafficDistribution" not in svc["spec"], svc["spec"]
+        stored = e.put_slice(ns, "near", [(web1, READY, "a"), (web2, READY, "b")],
+                             zones={"web-1": "z1", "web-2": "z2"})
+        assert stored["apiVersion"] == "discovery.k8s.io/v1beta1"
+        assert [sorted(ep) for ep in stored["endpoints"]] == [["addresses", "conditions", "topology"]] * 2
+        vip = svc["spec"]["clusterIP"]
+        e.wait_programmed(f"{vip}:80/TCP", [web1, web2])
+        assert set(ok_names(e.traffic(vip, count=40))) == {"web-1", "web-2"}
+    finally:
+        _delete_node(e)
 
 
 def test_metrics_expose_the_listed_series(agent_env: Env) -> None:

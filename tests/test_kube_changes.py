@@ -234,3 +234,30 @@ def test_internal_traffic_policy_local_keeps_this_nodes_endpoints() -> None:
                        eps("a", ["10.0.0.2"], slice_name="there", node_name="node-b"))
     assert backends(t, "10.96.0.1") == ["10.0.0.1:8080"]
     assert all(fe.address == ipaddress.ip_address("10.96.0.1") for fe in t.table)
+
+
+def test_this_nodes_zone_label_decides_topology_aware_services_and_its_change_replans() -> None:
+    def zoned(zone: str | None) -> dict:
+        n = node("node-a", ["192.168.1.1"])
+        if zone is not None:
+            n["metadata"]["labels"] = {"topology.kubernetes.io/zone": zone}
+        return n
+
+    s = eps("a", ["10.0.0.1", "10.0.0.2"])
+    for e, zone in zip(s["endpoints"], ("z1", "z2"), strict=True):
+        e["hints"] = {"forZones": [{"name": zone}]}
+    t = ChangeTracker("node-a", required_kinds=("Service", "EndpointSlice", "Node"))
+    t.replace("Service", [svc("a", "10.96.0.1", trafficDistribution="PreferClose"), svc("b", "10.96.0.2")])
+    t.replace("EndpointSlice", [s, eps("b", ["10.0.0.3"])])
+    t.replace("Node", [zoned("z1")])
+    t.apply(t.plan(full=True))
+    assert backends(t, "10.96.0.1") == ["10.0.0.1:8080"]
+    assert t.upsert("Node", zoned("z2"))
+    plan = t.plan()
+    assert list(plan.changes) == [("default", "a")]  # b asked for nothing: planned, unchanged
+    t.apply(plan)
+    assert backends(t, "10.96.0.1") == ["10.0.0.2:8080"]
+    t.upsert("Node", zoned(None))  # no zone label: every endpoint, as kube-proxy
+    t.apply(t.plan())
+    assert backends(t, "10.96.0.1") == ["10.0.0.1:8080", "10.0.0.2:8080"]
+    assert t.zone == ""

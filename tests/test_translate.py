@@ -1331,3 +1331,84 @@ def test_deeply_nested_lists_are_bounded():
         "List <unnamed at #0.items[0].items[0].items[0].items[0].items[0].items[0].items[0].items[0]> "
         "items: Lists nested deeper than 8 levels are ignored"
     ]
+
+
+# --- topology-aware routing ------------------------------------------------------------------
+
+
+def _zoned(address: str, *zones: str, **extra: Any) -> dict[str, Any]:
+    out = ep(address)
+    out["hints"] = {"forZones": [{"name": z} for z in zones], **extra}
+    return out
+
+
+def _zone_node(zone: str | None) -> dict[str, Any]:
+    labels = {"topology.kubernetes.io/zone": zone} if zone is not None else {}
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "labels": labels}}
+
+
+@pytest.mark.parametrize("ask", [
+    {"metadata": {"annotations": {"service.kubernetes.io/topology-mode": "Auto"}}},
+    {"metadata": {"annotations": {"service.kubernetes.io/topology-aware-hints": "auto"}}},
+    {"spec": {"trafficDistribution": "PreferClose"}},
+    {"spec": {"trafficDistribution": "PreferSameZone"}},
+])
+def test_topology_hints_for_this_nodes_zone(ask: dict[str, Any]) -> None:
+    svc = service()
+    svc["metadata"].update(ask.get("metadata", {}))
+    svc["spec"].update(ask.get("spec", {}))
+    slc = eslice(endpoints=[_zoned("10.244.0.1", "z1"), _zoned("10.244.0.2", "z2")])
+    t = clean(translate([svc, slc, _zone_node("z1")], "node-a"))
+    assert backends(t, fe("10.96.0.1", 80)) == ["10.244.0.1:8080"]
+    # the zone can also be given (the change tracker knows the Node apart from the service)
+    assert backends(translate([svc, slc], "node-a", node_zone="z2"), fe("10.96.0.1", 80)) == ["10.244.0.2:8080"]
+    # fallbacks: the node has no zone label; no endpoint for its zone
+    for node, zone in ((_zone_node(None), None), (_zone_node("z3"), None), (_zone_node("z1"), "")):
+        t = translate([svc, slc, node], "node-a", node_zone=zone)
+        assert backends(t, fe("10.96.0.1", 80)) == ["10.244.0.1:8080", "10.244.0.2:8080"]
+
+
+def test_topology_is_used_only_when_asked_and_bad_values_say_so() -> None:
+    slc = eslice(endpoints=[_zoned("10.244.0.1", "z1"), _zoned("10.244.0.2", "z2")])
+    both = ["10.244.0.1:8080", "10.244.0.2:8080"]
+    plain = service()
+    assert backends(clean(translate([plain, slc, _zone_node("z1")], "node-a")), fe("10.96.0.1", 80)) == both
+    off = service()
+    off["metadata"]["annotations"] = {"service.kubernetes.io/topology-mode": "Disabled",
+                                      "service.kubernetes.io/topology-aware-hints": "Auto"}
+    assert backends(clean(translate([off, slc, _zone_node("z1")], "node-a")), fe("10.96.0.1", 80)) == both
+    odd = service(trafficDistribution="Nearby")
+    odd["metadata"]["annotations"] = {"service.kubernetes.io/topology-mode": "Sometimes"}
+    t = translate([odd, slc, _zone_node("z1")], "node-a")
+    assert backends(t, fe("10.96.0.1", 80)) == both
+    assert errors(t, Severity.WARNING) == [
+        "Service default/web spec.trafficDistribution: must be one of PreferClose, PreferSameZone, PreferSameNode, "
+        "got 'Nearby'; all endpoints are used",
+        "Service default/web metadata.annotations[service.kubernetes.io/topology-mode]: must be Auto or Disabled, "
+        "got 'Sometimes'; all endpoints are used",
+    ]
+
+
+def test_prefer_same_node_uses_node_hints_then_zone_hints() -> None:
+    svc = service(trafficDistribution="PreferSameNode")
+    slc = eslice(endpoints=[_zoned("10.244.0.1", "z1", forNodes=[{"name": "node-b"}]),
+                            _zoned("10.244.0.2", "z1", forNodes=[{"name": "node-a"}]),
+                            _zoned("10.244.0.3", "z2", forNodes=[{"name": "node-c"}])])
+    t = clean(translate([svc, slc, _zone_node("z1")], "node-a"))
+    assert backends(t, fe("10.96.0.1", 80)) == ["10.244.0.2:8080"]
+    t = clean(translate([svc, slc], "node-x", node_zone="z1"))  # no node hint for node-x: its zone's
+    assert backends(t, fe("10.96.0.1", 80)) == ["10.244.0.1:8080", "10.244.0.2:8080"]
+
+
+def test_malformed_hints_are_warnings_and_count_as_none() -> None:
+    svc = service(trafficDistribution="PreferClose")
+    bad = _zoned("10.244.0.2", "z2")
+    bad["hints"]["forZones"].append({"zone": "z1"})
+    slc = eslice(endpoints=[_zoned("10.244.0.1", "z1"), bad, {**ep("10.244.0.3"), "hints": "z1"}])
+    t = translate([svc, slc, _zone_node("z1")], "node-a")
+    assert backends(t, fe("10.96.0.1", 80)) == ["10.244.0.1:8080", "10.244.0.2:8080", "10.244.0.3:8080"]
+    assert errors(t, Severity.WARNING) == [
+        "EndpointSlice default/web-abc endpoints[1].hints.forZones[1]: needs a name; hints ignored",
+        "EndpointSlice default/web-abc endpoints[2].hints: must be a mapping, got 'z1'; hints ignored",
+    ]
+    assert errors(t) == []
