@@ -6,6 +6,37 @@
  * addresses on dual-stack sockets are translated through the IPv4 tables. */
 #define ZP_MAPS_LB 1 /* maps.h: service, backend, reverse-NAT and affinity maps, zp_stats */
 #include "lib/lb.h"
+#include <uapi/linux/if_ether.h>
+
+/* loadBalancerSourceRanges at the socket. At connect()/sendmsg() the source address is often
+ * not chosen yet, so the hook only marks the socket with the service port whose ranges apply,
+ * and zp_sock_egress checks the first packet's real source: allowed, the mark goes (a
+ * connected socket costs nothing more); refused, that packet and every later one is dropped.
+ * Per socket, not pinned: a socket marked by programs of an earlier agent is not checked. */
+struct sk_src_mark {
+	__u32 rev_nat_id; /* service port whose source ranges the next packet must match; 0 = none */
+};
+
+BPF_SK_STORAGE(zp_sk_src, struct sk_src_mark);
+
+/* Mark the socket for a source check (rev_nat_id) or clear an earlier mark (0): an unconnected
+ * UDP socket's datagrams each go their own way. */
+static __always_inline int __sock_src_mark(struct bpf_sock_addr *ctx, __u16 rev_nat_id)
+{
+	struct sk_src_mark *mark;
+
+	if (!rev_nat_id) {
+		mark = zp_sk_src.sk_storage_get(ctx->sk, 0, 0);
+		if (mark)
+			mark->rev_nat_id = 0;
+		return ZP_OK;
+	}
+	mark = zp_sk_src.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!mark)
+		return ZP_ESRCRANGE; /* cannot check it later: refuse now rather than let it through */
+	mark->rev_nat_id = rev_nat_id;
+	return ZP_OK;
+}
 
 /* Count an inner result and choose the hook's verdict; the only place that does either. */
 static __always_inline int __sock_account(int ret)
@@ -22,6 +53,9 @@ static __always_inline int __sock_account(int ret)
 	case ZP_ESTALE:
 		zp_count(ZP_REASON_STALE_BACKEND);
 		return SYS_REJECT;
+	case ZP_ESRCRANGE:
+		zp_count(ZP_REASON_SRC_RANGE);
+		return SYS_REJECT;
 	default:
 		zp_count(ZP_REASON_UNKNOWN); /* a code added without a case here: rejected, and visible */
 		return SYS_REJECT;
@@ -35,7 +69,7 @@ static __always_inline int __sock_verdict(int ret)
 	int verdict = __sock_account(ret);
 
 	if (verdict == SYS_REJECT)
-		bpf_set_retval(-ECONNREFUSED);
+		bpf_set_retval(ret == ZP_ESRCRANGE ? -EPERM : -ECONNREFUSED);
 	return verdict;
 }
 
@@ -49,9 +83,10 @@ static __always_inline __u8 __sock_proto(const struct bpf_sock_addr *ctx)
 
 /* ---- IPv4 ------------------------------------------------------------------------------ */
 
-/* Translate an IPv4 destination; *addr / *port are updated in place on success. */
+/* Translate an IPv4 destination; *addr / *port are updated in place on success, and *check
+ * is the service port whose source ranges the socket must pass (0 = none). */
 static __always_inline int
-__sock4_xlate_fwd(struct bpf_sock_addr *ctx, __be32 *addr, __be16 *port)
+__sock4_xlate_fwd(struct bpf_sock_addr *ctx, __be32 *addr, __be16 *port, __u16 *check)
 {
 	struct lb4_key key;
 	struct lb4_backend be;
@@ -64,6 +99,8 @@ __sock4_xlate_fwd(struct bpf_sock_addr *ctx, __be32 *addr, __be16 *port)
 	svc = lb4_lookup_service(*addr, *port, __sock_proto(ctx), &key);
 	if (!svc)
 		return ZP_ENOTSVC;
+	if (svc->flags & ZP_SVC_F_SRC_RANGE)
+		*check = svc->rev_nat_id;
 	ret = lb4_select_backend_sticky(&key, svc, &be, bpf_get_netns_cookie(ctx), &backend_id);
 	if (ret < 0)
 		return ret;
@@ -103,8 +140,11 @@ static __always_inline int __sock4_fwd(struct bpf_sock_addr *ctx)
 {
 	__be32 addr = ctx->user_ip4;
 	__be16 port = (__be16)ctx->user_port;
-	int ret = __sock4_xlate_fwd(ctx, &addr, &port);
+	__u16 check = 0;
+	int ret = __sock4_xlate_fwd(ctx, &addr, &port, &check);
 
+	if (ret == ZP_OK || ret == ZP_ENOTSVC)
+		ret = __sock_src_mark(ctx, check) ?: ret;
 	if (ret == ZP_OK) {
 		ctx->user_ip4 = addr;
 		ctx->user_port = port;
@@ -153,7 +193,7 @@ static __always_inline void __ctx_set_ip6(struct bpf_sock_addr *ctx, const __u32
 }
 
 static __always_inline int
-__sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 addr[4], __be16 *port)
+__sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 addr[4], __be16 *port, __u16 *check)
 {
 	struct lb6_key key;
 	struct lb6_backend be;
@@ -166,6 +206,8 @@ __sock6_xlate_fwd(struct bpf_sock_addr *ctx, __u32 addr[4], __be16 *port)
 	svc = lb6_lookup_service(addr, *port, __sock_proto(ctx), &key);
 	if (!svc)
 		return ZP_ENOTSVC;
+	if (svc->flags & ZP_SVC_F_SRC_RANGE)
+		*check = svc->rev_nat_id;
 	ret = lb6_select_backend_sticky(&key, svc, &be, bpf_get_netns_cookie(ctx), &backend_id);
 	if (ret < 0)
 		return ret;
@@ -204,17 +246,20 @@ static __always_inline int __sock6_fwd(struct bpf_sock_addr *ctx)
 {
 	__u32 addr[4];
 	__be16 port = (__be16)ctx->user_port;
+	__u16 check = 0;
 	int ret;
 
 	__ctx_get_ip6(ctx, addr);
 	if (__ip6_is_v4mapped(addr)) {
 		__be32 addr4 = addr[3];
 
-		ret = __sock4_xlate_fwd(ctx, &addr4, &port);
+		ret = __sock4_xlate_fwd(ctx, &addr4, &port, &check);
 		addr[3] = addr4;
 	} else {
-		ret = __sock6_xlate_fwd(ctx, addr, &port);
+		ret = __sock6_xlate_fwd(ctx, addr, &port, &check);
 	}
+	if (ret == ZP_OK || ret == ZP_ENOTSVC)
+		ret = __sock_src_mark(ctx, check) ?: ret;
 	if (ret == ZP_OK) {
 		__ctx_set_ip6(ctx, addr);
 		ctx->user_port = port;
@@ -245,3 +290,41 @@ int zp_sock6_connect(struct bpf_sock_addr *ctx) { return __sock6_fwd(ctx); }
 int zp_sock6_sendmsg(struct bpf_sock_addr *ctx) { return __sock6_fwd(ctx); }
 int zp_sock6_recvmsg(struct bpf_sock_addr *ctx) { return __sock6_rev(ctx); }
 int zp_sock6_getpeername(struct bpf_sock_addr *ctx) { return __sock6_rev(ctx); }
+
+/* ---- loadBalancerSourceRanges: the first packet of a marked socket (cgroup skb egress) ----- */
+
+int zp_sock_egress(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	struct sk_src_mark *mark;
+	__u8 saddr6[16];
+	__be32 saddr;
+	bool ok;
+
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return 1;
+	mark = zp_sk_src.sk_storage_get(sk, 0, 0);
+	if (!mark || !mark->rev_nat_id)
+		return 1;
+	/* cgroup skb programs see the packet from its network header on */
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, 12, &saddr, 4) < 0)
+			return 1;
+		ok = lb4_src_range_ok(mark->rev_nat_id, saddr);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		if (bpf_skb_load_bytes(skb, 8, saddr6, 16) < 0)
+			return 1;
+		ok = lb6_src_range_ok(mark->rev_nat_id, saddr6);
+	} else {
+		return 1;
+	}
+	if (ok) {
+		mark->rev_nat_id = 0;
+		return 1;
+	}
+	zp_count(ZP_REASON_SRC_RANGE);
+	return 0; /* dropped: TCP's SYN never leaves (the connect times out), UDP's send fails */
+}

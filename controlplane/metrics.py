@@ -33,7 +33,9 @@ PROGRAMMING_BUCKETS = (0.25, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 30, 45,
 
 # Datapath counters that are drops (a connection refused or a packet not translated), as
 # opposed to counters of things that went right: lower-case dataplane.maps.Reason names.
-DROP_REASONS = {"no_backend", "stale_backend", "unknown"}
+DROP_REASONS = {"no_backend", "stale_backend", "unknown", "src_range", "snat_exhausted", "backend_gone",
+                "ct_miss", "fib_fail", "rewrite_fail", "map_write"}
+TC_PREFIX = "tc_"  # events of the TC path (NodePort, ExternalIP, LB IPs) are named tc_<reason>
 
 
 class Metrics:
@@ -134,10 +136,14 @@ class DatapathCollector(Collector):
         except Exception as e:  # pins gone (cleanup ran): report nothing rather than fail the scrape
             log.debug("datapath stats unavailable: %s", e)
             counters = {}
+        dropped: dict[str, float] = {}
         for name, value in sorted(counters.items()):
             events.add_metric([name], value)
-            if name in DROP_REASONS:
-                drops.add_metric([name], value)
+            reason = name.removeprefix(TC_PREFIX)
+            if reason in DROP_REASONS:  # one series per reason, whichever path dropped
+                dropped[reason] = dropped.get(reason, 0) + value
+        for reason, value in sorted(dropped.items()):
+            drops.add_metric([reason], value)
         yield drops
         yield events
         ratio = GaugeMetricFamily(f"{PREFIX}_map_fill_ratio", "Entries / max_entries per BPF map", labels=["map"])
@@ -156,6 +162,11 @@ class DatapathCollector(Collector):
 
 def pin_stats(pin_dir: Path) -> Callable[[], dict[str, int]]:
     """Datapath counters read from the pins, the way ``zeroproxy status`` reads them."""
-    from dataplane.inspect import stats
+    from dataplane.inspect import np_stats, stats
 
-    return lambda: stats(pin_dir)
+    def read() -> dict[str, int]:
+        out = stats(pin_dir)
+        out.update({TC_PREFIX + k: v for k, v in np_stats(pin_dir).items()})
+        return out
+
+    return read

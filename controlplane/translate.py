@@ -184,6 +184,8 @@ def translate(
 
 # --- internal records ------------------------------------------------------------------------
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 def _created(svc: Any) -> str:
     """creationTimestamp as text (RFC 3339 UTC sorts as text); "~" sorts after every date."""
@@ -226,6 +228,7 @@ class _Service:
     affinity_timeout: int  # seconds, 0 = no ClientIP affinity
     health_check_node_port: int  # 0 = none, or not externalTrafficPolicy: Local
     topology: str = ""  # "" = all endpoints; "zone" / "node": follow the slices' hints
+    source_ranges: tuple[IPNetwork, ...] = ()  # for LB IPs only
 
 
 # (port name, protocol, family) -> that service port's endpoints of that family
@@ -563,7 +566,37 @@ class _Translator:
             affinity_timeout=affinity_timeout,
             health_check_node_port=health_check_node_port,
             topology=self._topology(f, meta, spec),
+            source_ranges=self._source_ranges(f, spec, lb_ips) if svc_type == "LoadBalancer" else (),
         )
+
+    @staticmethod
+    def _source_ranges(f: Fields, spec: dict[str, Any],
+                       lb_ips: list[tuple[IPAddress, str]]) -> tuple[IPNetwork, ...]:
+        """spec.loadBalancerSourceRanges, as kube-proxy reads them (surrounding spaces allowed).
+        A bad entry is an error and drops only itself; the others still restrict (never open)."""
+        out: list[IPNetwork] = []
+        raw = f.sequence(spec, "loadBalancerSourceRanges", "spec")
+        for i, item in enumerate(raw):
+            path = f"spec.loadBalancerSourceRanges[{i}]"
+            try:
+                if not isinstance(item, str):
+                    raise ValueError
+                net = ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                f.error(path, f"is not a CIDR (like 203.0.113.0/24): {describe(item)}; range ignored")
+                continue
+            if net not in out:
+                out.append(net)
+        if raw and not out:
+            # every entry was bad: still restricted (to nobody) rather than open to everyone
+            f.error("spec.loadBalancerSourceRanges", "no valid range: the LoadBalancer IPs refuse every source")
+            return (ipaddress.ip_network("0.0.0.0/32"), ipaddress.ip_network("::/128"))
+        families = {n.version for n in out}
+        for ip, path in lb_ips:
+            if out and ip.version not in families:
+                f.warn(path, f"no IPv{ip.version} range in spec.loadBalancerSourceRanges: every IPv{ip.version} "
+                             "source is refused")
+        return tuple(out)
 
     @staticmethod
     def _topology(f: Fields, meta: dict[str, Any], spec: dict[str, Any]) -> str:
@@ -890,6 +923,7 @@ class _Translator:
                     affinity_timeout=svc.affinity_timeout,
                     local_only=local_only,
                     health_check_node_port=svc.health_check_node_port,
+                    source_ranges=svc.source_ranges if fe.kind is FrontendKind.LOAD_BALANCER else (),
                 )
 
     def _choose(self, svc: _Service, kind: FrontendKind, eps: list[Endpoint]) -> tuple[Backend, ...]:

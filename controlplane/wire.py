@@ -22,8 +22,9 @@ import msgpack
 from dataplane.table import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 
 # 2: ServiceEntry.internal_backends; 3: typed affinity_timeout, local_only, health_check_node_port in
-# place of the string pairs of ServiceEntry.extra (a v2 peer is refused, not half-read)
-WIRE_VERSION = 3
+# place of the string pairs of ServiceEntry.extra (a v2 peer is refused, not half-read);
+# 4: ServiceEntry.source_ranges (loadBalancerSourceRanges)
+WIRE_VERSION = 4
 
 _KINDS = {k.value: k for k in FrontendKind}
 
@@ -67,11 +68,12 @@ def _entry(e: ServiceEntry) -> list[Any]:
         e.affinity_timeout,
         e.local_only,
         e.health_check_node_port,
+        [[n.network_address.packed, n.prefixlen] for n in e.source_ranges],
     ]
 
 
 def _unentry(v: list[Any]) -> ServiceEntry:
-    fe, svc, backends, internal, affinity, local_only, health_port = v
+    fe, svc, backends, internal, affinity, local_only, health_port, ranges = v
     if not isinstance(affinity, int) or not isinstance(local_only, bool) or not isinstance(health_port, int):
         raise TypeError(f"affinity/local/health fields of the wrong type: {affinity!r}, {local_only!r}, "
                         f"{health_port!r}")
@@ -83,6 +85,7 @@ def _unentry(v: list[Any]) -> ServiceEntry:
         affinity_timeout=affinity,
         local_only=local_only,
         health_check_node_port=health_port,
+        source_ranges=tuple(ipaddress.ip_network((_addr(a), plen)) for a, plen in ranges),
     )
 
 

@@ -26,6 +26,8 @@ class ProgrammedService:
     # "internal": what the socket hooks (and the TC path, for most frontends) use; "external": the
     # TC path's own view of an externalTrafficPolicy: Local frontend (its local backends)
     view: str = "internal"
+    flags: int = 0  # slot 0's maps.SvcFlag bits
+    source_ranges: list[str] = field(default_factory=list)  # loadBalancerSourceRanges (SRC_RANGE frontends)
 
 
 def _fmt(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, proto: int | None = None) -> str:
@@ -33,8 +35,23 @@ def _fmt(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, proto: 
     return f"{host}:{port}" + (f"/{PROTO_NAMES.get(proto, proto)}" if proto is not None else "")
 
 
+def source_ranges(pin_dir: Path) -> dict[int, list[str]]:
+    """loadBalancerSourceRanges by service-port id, from the two pinned tries."""
+    out: dict[int, list[str]] = {}
+    for name, key_t in (("zp_lb4_src", maps.Lb4SrcKey), ("zp_lb6_src", maps.Lb6SrcKey)):
+        path = Path(pin_dir) / maps.MAP_PINS[name]
+        if not path.exists():
+            continue
+        with bpfsys.PinnedMap(path, key_t, ctypes.c_uint8) as trie:
+            for k, _ in trie.items():
+                net = ipaddress.ip_network((bytes(k.address), k.prefixlen - maps.SRC_RANGE_PREFIX))
+                out.setdefault(k.rev_nat_id, []).append(str(net))
+    return {rev: sorted(nets) for rev, nets in out.items()}
+
+
 def service_list(pin_dir: Path) -> list[ProgrammedService]:
     out: list[ProgrammedService] = []
+    ranges = source_ranges(pin_dir)
     for version, svc_name, be_name, key_t, be_t in (
         (4, "zp_lb4_svc", "zp_lb4_be", maps.Lb4Key, maps.Lb4Backend),
         (6, "zp_lb6_svc", "zp_lb6_be", maps.Lb6Key, maps.Lb6Backend),
@@ -60,7 +77,10 @@ def service_list(pin_dir: Path) -> list[ProgrammedService]:
                 fe = (bytes(k.address), k.dport, k.proto, k.scope)
                 addr = maps.addr_from(k.address, version)
                 view = "external" if k.scope == maps.SCOPE_EXTERNAL else "internal"
-                ps = ProgrammedService(_fmt(addr, maps.ntohs(k.dport), k.proto), v.rev_nat_id, v.count, view=view)
+                ps = ProgrammedService(_fmt(addr, maps.ntohs(k.dport), k.proto), v.rev_nat_id, v.count, view=view,
+                                       flags=v.flags,
+                                       source_ranges=ranges.get(v.rev_nat_id, []) if v.flags & maps.SvcFlag.SRC_RANGE
+                                       else [])
                 for slot in range(1, v.count + 1):
                     bid = slots.get((fe, slot))
                     b = backends.get(bid) if bid is not None else None
@@ -78,6 +98,19 @@ def stats(pin_dir: Path) -> dict[str, int]:
     out: dict[str, int] = {}
     with bpfsys.PinnedMap(path, ctypes.c_uint32, ctypes.c_uint64, per_cpu=True) as m:
         for stat in maps.SOCK_REASONS:
+            vals = m.get(ctypes.c_uint32(stat))
+            out[stat.name.lower()] = sum(vals) if vals is not None else 0
+    return out
+
+
+def np_stats(pin_dir: Path) -> dict[str, int]:
+    """The TC path's counters (zp_np_stats), by lower-case reason name; {} without the TC path."""
+    path = Path(pin_dir) / maps.MAP_PINS["zp_np_stats"]
+    out: dict[str, int] = {}
+    if not path.exists():
+        return out
+    with bpfsys.PinnedMap(path, ctypes.c_uint32, ctypes.c_uint64, per_cpu=True) as m:
+        for stat in maps.NP_REASONS:
             vals = m.get(ctypes.c_uint32(stat))
             out[stat.name.lower()] = sum(vals) if vals is not None else 0
     return out

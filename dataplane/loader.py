@@ -33,7 +33,9 @@ CGROUP_UDP4_RECVMSG = 19
 CGROUP_UDP6_RECVMSG = 20
 CGROUP_INET4_GETPEERNAME = 29
 CGROUP_INET6_GETPEERNAME = 30
+CGROUP_INET_EGRESS = 1
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+BPF_PROG_TYPE_CGROUP_SKB = 8
 
 SOCK_HOOKS: tuple[tuple[str, int], ...] = (
     ("zp_sock4_connect", CGROUP_INET4_CONNECT),
@@ -44,6 +46,8 @@ SOCK_HOOKS: tuple[tuple[str, int], ...] = (
     ("zp_sock6_sendmsg", CGROUP_UDP6_SENDMSG),
     ("zp_sock6_recvmsg", CGROUP_UDP6_RECVMSG),
     ("zp_sock6_getpeername", CGROUP_INET6_GETPEERNAME),
+    # loadBalancerSourceRanges: the first packet of a socket the connect/sendmsg hooks marked
+    ("zp_sock_egress", CGROUP_INET_EGRESS),
 )
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
@@ -160,9 +164,12 @@ class SockDatapath:
         text, cflags = sock_source(self.pin_dir)
         self.bpf = bcc.BPF(text=text.encode(), cflags=cflags)
         for name, attach_type in SOCK_HOOKS:
-            self._fns[name] = self.bpf.load_func(
-                name.encode(), bcc.BPFProgType.CGROUP_SOCK_ADDR, attach_type=attach_type
-            )
+            if attach_type == CGROUP_INET_EGRESS:
+                self._fns[name] = self.bpf.load_func(name.encode(), bcc.BPFProgType.CGROUP_SKB)
+            else:
+                self._fns[name] = self.bpf.load_func(
+                    name.encode(), bcc.BPFProgType.CGROUP_SOCK_ADDR, attach_type=attach_type
+                )
 
     def attach(self) -> None:
         """Attach every hook to the cgroup, replacing programs an earlier agent attached."""

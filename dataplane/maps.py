@@ -25,7 +25,9 @@ MAP_PINS: dict[str, str] = {
     "zp_rnat4": "zp_rnat4_v1",
     "zp_rnat6": "zp_rnat6_v1",
     "zp_lb_affinity": "zp_lb_affinity_v1",
-    "zp_stats": "zp_stats_v1",
+    "zp_lb4_src": "zp_lb4_src_v1",
+    "zp_lb6_src": "zp_lb6_src_v1",
+    "zp_stats": "zp_stats_v2",  # v1 had 8 entries
 }
 
 
@@ -47,6 +49,7 @@ class Code(enum.IntEnum):
     EDIRECT = -errno.EAGAIN  # opted-in pod's port with redirect off
     ENOLISTENER = -errno.ENOTSOCK  # redirect on but no proxy listener
     EASSIGN = -errno.EINVAL  # bpf_sk_assign refused the listener
+    ESRCRANGE = -errno.EACCES  # the source is outside a LoadBalancer frontend's source ranges
 
 
 class Reason(enum.IntEnum):
@@ -77,13 +80,15 @@ class Reason(enum.IntEnum):
     S2Z_NO_LISTENER = 18
     S2Z_ASSIGN_FAIL = 19
     S2Z_FROM_NODE = 20
+    SRC_RANGE = 21
 
 
-STAT_MAX, NP_STAT_MAX = 8, 16  # entries of zp_stats / zp_np_stats (ZP_STAT_MAX, ZP_NP_STAT_MAX)
+STAT_MAX, NP_STAT_MAX = 32, 32  # entries of zp_stats / zp_np_stats (ZP_STAT_MAX, ZP_NP_STAT_MAX)
 # What each counter array counts, in index order.
-SOCK_REASONS: tuple[Reason, ...] = tuple(r for r in Reason if r <= Reason.UNKNOWN)
+SOCK_REASONS: tuple[Reason, ...] = (*(r for r in Reason if r <= Reason.UNKNOWN), Reason.SRC_RANGE)
 NP_REASONS: tuple[Reason, ...] = (Reason.NO_BACKEND, Reason.STALE_BACKEND, Reason.UNKNOWN,
-                                  *(r for r in Reason if Reason.NEW_FLOW <= r <= Reason.STALE_REPLY))
+                                  *(r for r in Reason if Reason.NEW_FLOW <= r <= Reason.STALE_REPLY),
+                                  Reason.SRC_RANGE)
 S2Z_REASONS: tuple[Reason, ...] = tuple(r for r in Reason if r.name.startswith("S2Z_"))
 
 
@@ -219,6 +224,31 @@ class AffinityValue(ctypes.Structure):
     )
 
 
+SRC_RANGE_PREFIX = 32  # ZP_SRC_RANGE_PREFIX: rev_nat_id and pad, matched in full before the CIDR
+
+
+class Lb4SrcKey(ctypes.Structure):
+    """struct lb4_src_key: (service port, IPv4 CIDR) of loadBalancerSourceRanges."""
+
+    _fields_ = (
+        ("prefixlen", ctypes.c_uint32),
+        ("rev_nat_id", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("address", ctypes.c_uint8 * 4),
+    )
+
+
+class Lb6SrcKey(ctypes.Structure):
+    """struct lb6_src_key: (service port, IPv6 CIDR) of loadBalancerSourceRanges."""
+
+    _fields_ = (
+        ("prefixlen", ctypes.c_uint32),
+        ("rev_nat_id", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("address", ctypes.c_uint8 * 16),
+    )
+
+
 # (map name) -> (key type, value type); the value of zp_stats is per CPU, checked separately.
 MAP_TYPES: dict[str, tuple[type[ctypes.Structure] | type, type[ctypes.Structure] | type]] = {
     "zp_lb4_svc": (Lb4Key, LbService),
@@ -228,6 +258,8 @@ MAP_TYPES: dict[str, tuple[type[ctypes.Structure] | type, type[ctypes.Structure]
     "zp_rnat4": (Rnat4Key, Rnat4Value),
     "zp_rnat6": (Rnat6Key, Rnat6Value),
     "zp_lb_affinity": (AffinityKey, AffinityValue),
+    "zp_lb4_src": (Lb4SrcKey, ctypes.c_uint8),
+    "zp_lb6_src": (Lb6SrcKey, ctypes.c_uint8),
 }
 
 
@@ -255,7 +287,7 @@ MAP_PINS.update({
     "zp_snat4": "zp_snat4_v1",
     "zp_np_cfg": "zp_np_cfg_v1",
     "zp_np_dev4": "zp_np_dev4_v1",
-    "zp_np_stats": "zp_np_stats_v2",  # v1 had indexes of its own
+    "zp_np_stats": "zp_np_stats_v3",  # v1 had indexes of its own, v2 16 entries
 })
 
 
@@ -267,6 +299,7 @@ class SvcFlag(enum.IntFlag):
     NODEPORT = 0x4  # the frontend address is a node address
     SCOPED = 0x8  # eTP=Local external frontend: this (internal) entry serves the socket hooks,
     # the TC programs use the frontend's SCOPE_EXTERNAL entry (local backends)
+    SRC_RANGE = 0x10  # LoadBalancer frontend with loadBalancerSourceRanges (zp_lb4_src / zp_lb6_src)
 
 
 SCOPE_INTERNAL, SCOPE_EXTERNAL = 0, 1  # lb4_key.scope / lb6_key.scope; ZP_SCOPE_* in bpf/lib/maps.h

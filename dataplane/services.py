@@ -47,6 +47,8 @@ AddrKey = tuple[bytes, int, int]
 # (packed address, port, protocol, scope): one view of a frontend in the service map. Every
 # frontend has a maps.SCOPE_INTERNAL view; eTP=Local external ones also a SCOPE_EXTERNAL view.
 FeKey = tuple[bytes, int, int, int]
+# (IP version, packed network address, prefix length): one loadBalancerSourceRanges CIDR.
+SrcRange = tuple[int, bytes, int]
 
 
 @dataclass
@@ -168,6 +170,7 @@ class ServiceMaps:
         self.v6 = _Family(6, datapath.table("zp_lb6_svc"), datapath.table("zp_lb6_be"))
         self.stats_table = datapath.table("zp_stats")
         self.affinity_table = datapath.table("zp_lb_affinity")
+        self.src_tables = {4: datapath.table("zp_lb4_src"), 6: datapath.table("zp_lb6_src")}
         self.rev_nat_ids: dict[ServicePortName, int] = {}
         self.node_port_addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
         self.adopt()
@@ -211,6 +214,14 @@ class ServiceMaps:
                 if st.rev_nat_id:
                     self._rev_pool.mark(st.rev_nat_id)
                 self._rev_refs[st.rev_nat_id] += 1
+        # loadBalancerSourceRanges per service port: rev id -> {(version, packed address, prefix)}
+        self.src_ranges: dict[int, set[SrcRange]] = {}
+        for version, table in self.src_tables.items():
+            KeyT = maps.Lb4SrcKey if version == 4 else maps.Lb6SrcKey
+            for k, _ in table.items():
+                k = KeyT.from_buffer_copy(bytes(k))
+                self.src_ranges.setdefault(k.rev_nat_id, set()).add(
+                    (version, bytes(k.address), k.prefixlen - maps.SRC_RANGE_PREFIX))
         # names are not in the kernel: rev_nat_ids is rebuilt from the frontends at the next sync
         self.rev_nat_ids = {}
         self._rev_names: dict[int, ServicePortName] = {}
@@ -272,12 +283,60 @@ class ServiceMaps:
                                 for a in self._frontend_addresses(f)
                                 for view in (maps.SCOPE_INTERNAL, maps.SCOPE_EXTERNAL))
         try:
+            ranges = self._add_src_ranges(desired)  # before any head that needs them is visible
             self._apply(desired, result, keys)
+            self._drop_src_ranges(ranges)  # after the heads that needed them are gone
         except Exception:
             log.exception("service map write failed; re-reading the kernel maps")
             self.adopt()
             raise
         return result
+
+    def _add_src_ranges(self, desired: dict[tuple[int, FeKey], tuple[ServiceEntry, list[AddrKey], int]]
+                        ) -> dict[int, set[SrcRange]]:
+        """Write the source ranges the desired LoadBalancer frontends need; returns what each
+        touched service port should hold, for :meth:`_drop_src_ranges` to finish with."""
+        want: dict[int, set[SrcRange]] = {}
+        for (version, fe), (entry, _, _) in desired.items():
+            if entry.source_ranges and entry.frontend.kind is FrontendKind.LOAD_BALANCER:
+                rev = self._rev_nat_id(entry, self._fam_of(version).frontends.get(fe))
+                want.setdefault(rev, set()).update(
+                    (n.version, n.network_address.packed, n.prefixlen) for n in entry.source_ranges)
+            elif entry.service in self.rev_nat_ids:
+                want.setdefault(self.rev_nat_ids[entry.service], set())
+        for rev, nets in want.items():
+            have = self.src_ranges.setdefault(rev, set())
+            for item in sorted(nets - have):
+                self.src_tables[item[0]][self._src_key(rev, item)] = ctypes.c_uint8(1)
+                have.add(item)
+        return want
+
+    def _drop_src_ranges(self, want: dict[int, set[SrcRange]]) -> None:
+        for rev in list(self.src_ranges):
+            keep = want.get(rev, set()) if rev in self._rev_refs else set()
+            if rev not in want and rev in self._rev_refs:
+                continue  # not touched by this (partial) sync
+            have = self.src_ranges[rev]
+            for item in sorted(have - keep):
+                try:
+                    del self.src_tables[item[0]][self._src_key(rev, item)]
+                except KeyError:
+                    pass
+                have.discard(item)
+            if not have:
+                del self.src_ranges[rev]
+
+    @staticmethod
+    def _src_key(rev: int, item: SrcRange):
+        version, packed, prefix = item
+        k = (maps.Lb4SrcKey if version == 4 else maps.Lb6SrcKey)()
+        k.prefixlen = maps.SRC_RANGE_PREFIX + prefix
+        k.rev_nat_id = rev
+        ctypes.memmove(k.address, packed, len(packed))
+        return k
+
+    def _fam_of(self, version: int) -> _Family:
+        return self.v4 if version == 4 else self.v6
 
     def _rev_nat_id(self, entry: ServiceEntry, current: FrontendState | None) -> int:
         name = entry.service
@@ -436,6 +495,8 @@ def _frontend_flags(entry: ServiceEntry) -> int:
         flags |= maps.SvcFlag.NODEPORT
     if entry.local_only:
         flags |= maps.SvcFlag.LOCAL
+    if entry.source_ranges and kind is FrontendKind.LOAD_BALANCER:
+        flags |= maps.SvcFlag.SRC_RANGE
     return int(flags)
 
 

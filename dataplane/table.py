@@ -117,6 +117,9 @@ class ServiceEntry:
     # The service's healthCheckNodePort when it is externalTrafficPolicy: Local, else 0. Not a map
     # field: the agent's health servers read it from the table; the map writer ignores it.
     health_check_node_port: int = 0
+    # LoadBalancer frontend of a Service with loadBalancerSourceRanges: the only sources that may
+    # use it (every family's; a source of a family with none listed is refused). () = anyone.
+    source_ranges: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def __post_init__(self) -> None:
         # A programming error on the sending side, not bad user input (translate validates that):
@@ -124,6 +127,8 @@ class ServiceEntry:
         if not 0 <= self.affinity_timeout <= MAX_AFFINITY_TIMEOUT:
             raise ValueError(f"{self.frontend}: affinity_timeout {self.affinity_timeout} is outside "
                              f"0..{MAX_AFFINITY_TIMEOUT}")
+        if self.source_ranges and self.frontend.kind is not FrontendKind.LOAD_BALANCER:
+            raise ValueError(f"{self.frontend}: source_ranges on a {self.frontend.kind.value} frontend")
         if not 0 <= self.health_check_node_port <= 65535:
             raise ValueError(f"{self.frontend}: health_check_node_port {self.health_check_node_port} "
                              "is not a port")

@@ -10,6 +10,7 @@ import collections
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from dataplane import conntrack, inspect, tc
+from dataplane.netns import in_netns
 from testbed import nettools
 from testbed.bed import TestBed
 from testbed.k8sobjects import endpoint_slice, node, service
@@ -127,6 +129,45 @@ def test_endpoint_changes_reach_the_tc_path(nodes: TwoNodes) -> None:
     finally:
         for agent in nodes.agents.values():
             agent.write(nodes.objects())
+
+
+def test_load_balancer_source_ranges_from_outside(nodes: TwoNodes) -> None:
+    """An outside host reaches a LoadBalancer IP only while its address is in the Service's
+    loadBalancerSourceRanges; a refused SYN is dropped and counted (src_range) on the TC path."""
+    lb_ip = "192.0.2.80"
+    nodes.bed.iproute(nodes.client.netns).route("add", dst=f"{lb_ip}/32", gateway=nodes.a.ip4)
+    agent = nodes.agents["a"]
+    target = nettools.format_target(lb_ip, 80)
+
+    def program(ranges: list[str]) -> None:
+        svc = service("lb", ["10.96.2.20"], [{"name": "http", "port": 80, "targetPort": WEB_PORT, "protocol": "TCP"}],
+                      type="LoadBalancer", loadBalancerSourceRanges=ranges)
+        svc["status"] = {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}
+        http = [{"name": "http", "port": WEB_PORT, "protocol": "TCP"}]
+        for a in nodes.agents.values():
+            a.write([*nodes.objects(), svc, endpoint_slice("lb", [nodes.a1.ip4], http, node_name="a")])
+        want = sorted(ranges)
+        deadline = time.monotonic() + 30
+        while {s.frontend: s.source_ranges for s in inspect.service_list(agent.pin_dir)}.get(f"{target}/TCP") != want:
+            assert time.monotonic() < deadline, agent.log_text()[-2000:]
+            time.sleep(0.05)
+
+    try:
+        program([f"{nodes.client.ip4}/32", "203.0.113.0/24"])
+        assert set(served_by(nodes.client.client(target, count=20))) == {"a1"}
+        program(["203.0.113.0/24"])
+        before = inspect.np_stats(agent.pin_dir)["src_range"]
+        records = nodes.client.client(target, count=3, timeout=1)
+        assert [r["error"] for r in records] == ["ETIMEDOUT"] * 3, records
+        assert inspect.np_stats(agent.pin_dir)["src_range"] - before >= 3
+        with in_netns(nodes.a.netns), urllib.request.urlopen(agent.metrics_url, timeout=10) as r:
+            metrics = r.read().decode()  # the agent listens on the node's loopback
+        drops = [float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith('zeroproxy_datapath_drops_total{reason="src_range"}')]
+        assert drops and drops[0] >= 3, metrics[-3000:]
+    finally:
+        for a in nodes.agents.values():
+            a.write(nodes.objects())
 
 
 def test_cleanup_command_removes_programs_from_devices(nodes: TwoNodes, tmp_path: Path) -> None:

@@ -148,3 +148,60 @@ def test_local_policy_frontend_has_two_views_written_and_removed_in_order(datapa
     restarted.sync([lb("Local", ["10.244.0.1"], ["10.244.1.1"])])
     restarted.sync([])
     assert views() == {} and len(datapath.table("zp_lb4_svc")) == 0 and len(datapath.table("zp_lb4_be")) == 0
+
+
+def test_source_ranges_are_written_with_their_flag_adopted_and_removed(datapath: SockDatapath) -> None:
+    """loadBalancerSourceRanges: a range set per service port in the two tries, the LB
+    frontends flagged (not the ClusterIP), ranges added before and removed after the heads,
+    a restarted writer adopts them, partial syncs touch only their service's, and nothing is
+    left once the service goes."""
+    from dataplane import maps as m
+
+    def lb(name: str, ip: str, ranges: list[str]) -> list[ServiceEntry]:
+        spn = ServicePortName("default", name)
+        be = (Backend(ipaddress.ip_address("10.244.0.1"), 80),)
+        return [ServiceEntry(Frontend(ipaddress.ip_address(ip), 80, Protocol.TCP, FrontendKind.LOAD_BALANCER),
+                             spn, be, source_ranges=tuple(ipaddress.ip_network(r) for r in ranges)),
+                ServiceEntry(Frontend(ipaddress.ip_address(f"10.96.0.{ip.rsplit('.', 1)[1]}"), 80, Protocol.TCP),
+                             spn, be)]
+
+    def tries() -> set[tuple[int, str]]:
+        out = set()
+        for version, name in ((4, "zp_lb4_src"), (6, "zp_lb6_src")):
+            key_t = m.Lb4SrcKey if version == 4 else m.Lb6SrcKey
+            for k, _ in datapath.table(name).items():
+                k = key_t.from_buffer_copy(bytes(k))
+                net = ipaddress.ip_network((bytes(k.address), k.prefixlen - m.SRC_RANGE_PREFIX))
+                out.add((k.rev_nat_id, str(net)))
+        return out
+
+    def flags() -> dict[str, int]:
+        table = datapath.table("zp_lb4_svc")
+        return {str(ipaddress.ip_address(bytes(k.address))): v.flags
+                for k, v in ((m.Lb4Key.from_buffer_copy(bytes(k)), v) for k, v in table.items()) if k.slot == 0}
+
+    sm = ServiceMaps(datapath)
+    sm.sync([*lb("a", "192.0.2.1", ["203.0.113.0/24", "fd00::/8"]), *lb("b", "192.0.2.2", [])])
+    rev_a = sm.rev_nat_ids[ServicePortName("default", "a")]
+    assert tries() == {(rev_a, "203.0.113.0/24"), (rev_a, "fd00::/8")}
+    assert flags() == {"192.0.2.1": m.SvcFlag.EXTERNAL | m.SvcFlag.SRC_RANGE, "10.96.0.1": 0,
+                       "192.0.2.2": m.SvcFlag.EXTERNAL, "10.96.0.2": 0}
+
+    restarted = ServiceMaps(datapath)
+    assert restarted.src_ranges == {rev_a: {(4, bytes([203, 0, 113, 0]), 24), (6, bytes([0xfd] + [0] * 15), 8)}}
+    assert not restarted.sync([*lb("a", "192.0.2.1", ["203.0.113.0/24", "fd00::/8"]),
+                               *lb("b", "192.0.2.2", [])]).changed
+    # a partial sync of b gives it ranges and leaves a's alone
+    b = lb("b", "192.0.2.2", ["198.51.100.7/32"])
+    restarted.sync(b, scope=[e.frontend for e in b])
+    rev_b = restarted.rev_nat_ids[ServicePortName("default", "b")]
+    assert tries() == {(rev_a, "203.0.113.0/24"), (rev_a, "fd00::/8"), (rev_b, "198.51.100.7/32")}
+    # a narrows its list, then drops it: the flag goes too
+    a = lb("a", "192.0.2.1", ["203.0.113.0/25"])
+    restarted.sync(a, scope=[e.frontend for e in a])
+    assert tries() == {(rev_a, "203.0.113.0/25"), (rev_b, "198.51.100.7/32")}
+    a = lb("a", "192.0.2.1", [])
+    restarted.sync(a, scope=[e.frontend for e in a])
+    assert tries() == {(rev_b, "198.51.100.7/32")} and flags()["192.0.2.1"] == m.SvcFlag.EXTERNAL
+    restarted.sync([])
+    assert tries() == set() and restarted.src_ranges == {}

@@ -401,7 +401,39 @@ def case_local_policy_two_views() -> list[Step]:
     ]
 
 
+LB_IP = "192.168.200.20"
+OTHER_CLIENT = "198.51.100.9"  # outside the ranges; routed like CLIENT (the default route)
+
+
+def _lb(ranges: list[str], backends: list[str]) -> list[ServiceEntry]:
+    """A LoadBalancer IP with loadBalancerSourceRanges (and its ClusterIP, which has none)."""
+    lb = ServiceEntry(Frontend(ipaddress.ip_address(LB_IP), 80, Protocol.TCP, FrontendKind.LOAD_BALANCER),
+                      ServicePortName("default", "lb"), tuple(Backend(ipaddress.ip_address(b), 8080) for b in backends),
+                      source_ranges=tuple(ipaddress.ip_network(r) for r in ranges))
+    return [*services([POD_B]), lb]
+
+
+def case_source_ranges() -> list[Step]:
+    """loadBalancerSourceRanges: a source inside passes, one outside is dropped and counted, a
+    narrowed list cuts an established flow, and without ranges everyone passes again."""
+    inside = [f"{CLIENT}/32", "203.0.113.0/24"]
+    return [
+        Step("in", Pkt(CLIENT, 44000, LB_IP, 80), TC_ACT_REDIRECT, src="NODE", dst=POD_B, dport=8080,
+             stats={maps.Reason.NEW_FLOW: 1}, sync=_lb(inside, [POD_B])),
+        Step("in", Pkt(OTHER_CLIENT, 44000, LB_IP, 80), TC_ACT_SHOT, stats={maps.Reason.SRC_RANGE: 1}),
+        Step("in", Pkt(CLIENT, 44000, LB_IP, 80, flags=ACK), TC_ACT_REDIRECT, dst=POD_B,
+             stats={maps.Reason.FWD: 1}),
+        Step("in", Pkt(CLIENT, 44000, LB_IP, 80, flags=ACK), TC_ACT_SHOT, stats={maps.Reason.SRC_RANGE: 1},
+             sync=_lb(["203.0.113.0/24"], [POD_B])),
+        Step("in", Pkt(OTHER_CLIENT, 44001, LB_IP, 80), TC_ACT_REDIRECT, dst=POD_B,
+             stats={maps.Reason.NEW_FLOW: 1}, sync=_lb([], [POD_B])),
+        Step("in", Pkt(CLIENT, 44002, LB_IP, 80), TC_ACT_SHOT, stats={maps.Reason.SRC_RANGE: 1},
+             sync=_lb(["fd00::/8"], [POD_B])),  # ranges of the other family only: every IPv4 source refused
+    ]
+
+
 CASES = {
+    "source-ranges": case_source_ranges,
     "remote-tcp": case_remote_tcp,
     "local-tcp": case_local_tcp,
     "udp": case_udp,

@@ -1412,3 +1412,44 @@ def test_malformed_hints_are_warnings_and_count_as_none() -> None:
         "EndpointSlice default/web-abc endpoints[2].hints: must be a mapping, got 'z1'; hints ignored",
     ]
     assert errors(t) == []
+
+
+# --- loadBalancerSourceRanges ------------------------------------------------------------------
+
+
+def _lb_service(**spec: Any) -> dict[str, Any]:
+    return service(type="LoadBalancer", status={"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}, {"ip": "2001:db8::1"}]}},
+                   clusterIPs=["10.96.0.1", "fd00:10:96::1"], ipFamilies=["IPv4", "IPv6"], **spec)
+
+
+def test_source_ranges_apply_to_load_balancer_ips_only() -> None:
+    t = translate([_lb_service(loadBalancerSourceRanges=[" 203.0.113.0/24 ", "2001:db8:1::/48", "203.0.113.7/24"]),
+                   eslice()])
+    nets = (ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("2001:db8:1::/48"))
+    lb = [e for e in t.table.values() if e.frontend.kind is LB]
+    assert len(lb) == 2 and all(e.source_ranges == nets for e in lb)
+    assert all(e.source_ranges == () for e in t.table.values() if e.frontend.kind is not LB)
+    assert errors(t, None) == []
+    # no field, or not a LoadBalancer: nothing restricted
+    assert all(not e.source_ranges for e in translate([_lb_service(), eslice()]).table.values())
+    assert all(not e.source_ranges for e in clean(translate(
+        [service(loadBalancerSourceRanges=["203.0.113.0/24"]), eslice()])).table.values())
+
+
+def test_bad_source_ranges_are_errors_that_never_open_the_service() -> None:
+    t = translate([_lb_service(loadBalancerSourceRanges=["203.0.113.0/24", "nonsense", 7]), eslice()])
+    assert errors(t) == [
+        "Service default/web spec.loadBalancerSourceRanges[1]: is not a CIDR (like 203.0.113.0/24): 'nonsense'; "
+        "range ignored",
+        "Service default/web spec.loadBalancerSourceRanges[2]: is not a CIDR (like 203.0.113.0/24): 7; range ignored",
+    ]
+    assert errors(t, Severity.WARNING) == [
+        "Service default/web status.loadBalancer.ingress[1].ip: no IPv6 range in spec.loadBalancerSourceRanges: "
+        "every IPv6 source is refused"]
+    assert {e.source_ranges for e in t.table.values() if e.frontend.kind is LB} == {
+        (ipaddress.ip_network("203.0.113.0/24"),)}
+    t = translate([_lb_service(loadBalancerSourceRanges=["nonsense"]), eslice()])
+    assert "Service default/web spec.loadBalancerSourceRanges: no valid range: the LoadBalancer IPs refuse every " \
+           "source" in errors(t)
+    closed = {e.source_ranges for e in t.table.values() if e.frontend.kind is LB}
+    assert closed == {(ipaddress.ip_network("0.0.0.0/32"), ipaddress.ip_network("::/128"))}

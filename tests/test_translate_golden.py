@@ -55,6 +55,8 @@ def entry(e: ServiceEntry) -> dict[str, Any]:
         out["internal_backends"] = [backend(b) for b in e.internal_backends]
     if e.health_check_node_port:
         out["health_check_node_port"] = e.health_check_node_port
+    if e.source_ranges:
+        out["source_ranges"] = [str(n) for n in e.source_ranges]
     return out
 
 

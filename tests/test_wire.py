@@ -33,6 +33,17 @@ def test_round_trip_of_a_real_translation_is_exact() -> None:
     scope = list(t)[:3]
     partial = decode_sync(encode_sync([t[f] for f in scope], scope=scope))
     assert partial.scope == tuple(scope)
+    # loadBalancerSourceRanges of both families travel too
+    import dataclasses
+    import ipaddress
+
+    from dataplane.table import FrontendKind
+
+    some = next(iter(t.values()))
+    lb = dataclasses.replace(some.frontend, address=ipaddress.ip_address("192.0.2.1"), kind=FrontendKind.LOAD_BALANCER)
+    ranged = dataclasses.replace(some, frontend=lb, source_ranges=(ipaddress.ip_network("203.0.113.0/24"),
+                                                                   ipaddress.ip_network("2001:db8::/32")))
+    assert decode_sync(encode_sync([ranged])).entries == (ranged,)
 
 
 def test_other_versions_and_garbage_are_refused() -> None:

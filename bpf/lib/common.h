@@ -31,6 +31,9 @@
 #ifndef ZP_RNAT_MAP_SIZE
 #define ZP_RNAT_MAP_SIZE 262144
 #endif
+#ifndef ZP_SRC_RANGE_MAP_SIZE
+#define ZP_SRC_RANGE_MAP_SIZE 16384 /* loadBalancerSourceRanges entries, all services together */
+#endif
 
 /* Map sizes of the TC path and of scale to zero (loader -D overrides, as above). */
 #ifndef ZP_CT_MAP_SIZE
@@ -72,6 +75,7 @@
 #define ZP_EDIRECT       (-EAGAIN)        /* an opted-in pod's port with redirect off: the app gets it */
 #define ZP_ENOLISTENER   (-ENOTSOCK)      /* redirect on, but no proxy listener in the sockmap */
 #define ZP_EASSIGN       (-EINVAL)        /* bpf_sk_assign refused the proxy's listener */
+#define ZP_ESRCRANGE     (-EACCES)        /* a LoadBalancer frontend's source ranges leave this source out */
 
 /* Verdicts of the cgroup sock_addr hooks (the kernel's values, under Cilium's names). */
 #define SYS_REJECT  0 /* fail the call, with the errno bpf_set_retval() set */
@@ -108,12 +112,14 @@ enum zp_reason {
 	ZP_REASON_S2Z_NO_LISTENER = 18, /* redirect on but no listener: passed on (the kernel answers RST) */
 	ZP_REASON_S2Z_ASSIGN_FAIL = 19, /* bpf_sk_assign failed: passed on */
 	ZP_REASON_S2Z_FROM_NODE = 20,  /* of the lookups, one from a node address (a kubelet probe) */
+	/* socket hooks and TC path */
+	ZP_REASON_SRC_RANGE = 21,      /* dropped: the source is outside loadBalancerSourceRanges */
 };
 
 /* Entries of the two counter arrays (pinned: a map keeps the size it was made with). */
-#define ZP_STAT_MAX 8     /* zp_stats: the socket hooks' reasons */
-#define ZP_NP_STAT_MAX 16 /* zp_np_stats: the TC path's reasons */
-_Static_assert(ZP_REASON_UNKNOWN < ZP_STAT_MAX, "the socket hooks' reasons must fit zp_stats");
-_Static_assert(ZP_REASON_STALE_REPLY < ZP_NP_STAT_MAX, "the TC path's reasons must fit zp_np_stats");
+#define ZP_STAT_MAX 32    /* zp_stats: the socket hooks' reasons (8 up to zp_stats_v1) */
+#define ZP_NP_STAT_MAX 32 /* zp_np_stats: the TC path's reasons (16 up to zp_np_stats_v2) */
+_Static_assert(ZP_REASON_SRC_RANGE < ZP_STAT_MAX, "the socket hooks' reasons must fit zp_stats");
+_Static_assert(ZP_REASON_SRC_RANGE < ZP_NP_STAT_MAX, "the TC path's reasons must fit zp_np_stats");
 
 #endif

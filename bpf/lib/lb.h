@@ -39,6 +39,27 @@ lb4_lookup_external(__be32 addr, __be16 port, __u8 proto, struct lb4_key *key)
 	return svc;
 }
 
+/* loadBalancerSourceRanges: whether a source may use a ZP_SVC_F_SRC_RANGE frontend. */
+static __always_inline bool lb4_src_range_ok(__u16 rev_nat_id, __be32 saddr)
+{
+	struct lb4_src_key key = {};
+
+	key.prefixlen = ZP_SRC_RANGE_PREFIX + 32;
+	key.rev_nat_id = rev_nat_id;
+	__builtin_memcpy(key.address, &saddr, 4);
+	return zp_lb4_src.lookup(&key) != NULL;
+}
+
+static __always_inline bool lb6_src_range_ok(__u16 rev_nat_id, const __u8 saddr[16])
+{
+	struct lb6_src_key key = {};
+
+	key.prefixlen = ZP_SRC_RANGE_PREFIX + 128;
+	key.rev_nat_id = rev_nat_id;
+	__builtin_memcpy(key.address, saddr, 16);
+	return zp_lb6_src.lookup(&key) != NULL;
+}
+
 /* The affinity id (lb_affinity_key.netns_cookie) of a client the TC path sees: its IPv4 address
  * in the union's TC half. */
 static __always_inline __u64 lb_affinity_tc_client(__be32 addr)

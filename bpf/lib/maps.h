@@ -47,6 +47,9 @@ struct lb6_key {
 			       * (externalTrafficPolicy Local): this ZP_SCOPE_INTERNAL entry is the
 			       * view of the socket hooks, the TC path uses the ZP_SCOPE_EXTERNAL one */
 
+#define ZP_SVC_F_SRC_RANGE 0x10 /* LoadBalancer frontend with loadBalancerSourceRanges: only sources
+				 * in zp_lb4_src / zp_lb6_src under its rev_nat_id may use it */
+
 /* lb4_key.scope / lb6_key.scope. Every frontend has an internal entry; only ZP_SVC_F_SCOPED ones
  * also have an external entry (its own slot 0 and backend slots). */
 #define ZP_SCOPE_INTERNAL 0
@@ -136,6 +139,24 @@ struct lb_affinity_value {
 	__u64 last_used_ns; /* bpf_ktime_get_ns() of the last connection that used it */
 	__u32 backend_id;   /* the backend this client sticks to */
 	__u32 pad;          /* explicit padding, always 0 */
+};
+
+/* loadBalancerSourceRanges: (service port, source CIDR), longest-prefix keys. The prefix length
+ * counts rev_nat_id and pad (32 bits, always matched in full) plus the CIDR's own length. */
+#define ZP_SRC_RANGE_PREFIX 32
+
+struct lb4_src_key {
+	__u32 prefixlen;   /* ZP_SRC_RANGE_PREFIX + the CIDR's prefix length */
+	__u16 rev_nat_id;  /* service-port id of the frontends the range applies to */
+	__u16 pad;         /* explicit padding, always 0 */
+	__u8 address[4];   /* CIDR address (a lookup: the source), network byte order */
+};
+
+struct lb6_src_key {
+	__u32 prefixlen;   /* ZP_SRC_RANGE_PREFIX + the CIDR's prefix length */
+	__u16 rev_nat_id;  /* service-port id of the frontends the range applies to */
+	__u16 pad;         /* explicit padding, always 0 */
+	__u8 address[16];  /* CIDR address (a lookup: the source), network byte order */
 };
 
 /* ---- TC path (lib/conntrack.h, lib/nat.h, lib/nodeport.h) ---------------------------------- */
@@ -271,8 +292,14 @@ BPF_TABLE_PINNED("lru_hash", struct rnat6_key, struct rnat6_value, zp_rnat6, ZP_
  * backend left the service. */
 BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_value, zp_lb_affinity,
 		 ZP_AFFINITY_MAP_SIZE, ZP_PIN_DIR "zp_lb_affinity_v1");
-/* Outcome and drop-reason counters of the socket hooks, indexed by enum zp_reason. */
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, zp_stats, ZP_STAT_MAX, ZP_PIN_DIR "zp_stats_v1");
+/* loadBalancerSourceRanges (a set): which sources may use a ZP_SVC_F_SRC_RANGE frontend. */
+BPF_TABLE_PINNED("lpm_trie", struct lb4_src_key, __u8, zp_lb4_src, ZP_SRC_RANGE_MAP_SIZE,
+		 ZP_PIN_DIR "zp_lb4_src_v1", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct lb6_src_key, __u8, zp_lb6_src, ZP_SRC_RANGE_MAP_SIZE,
+		 ZP_PIN_DIR "zp_lb6_src_v1", BPF_F_NO_PREALLOC);
+/* Outcome and drop-reason counters of the socket hooks, indexed by enum zp_reason. _v2: 32
+ * entries (v1 had 8, too few for ZP_REASON_SRC_RANGE). */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, zp_stats, ZP_STAT_MAX, ZP_PIN_DIR "zp_stats_v2");
 
 static __always_inline void zp_count(__u32 reason)
 {
@@ -296,9 +323,9 @@ BPF_TABLE_PINNED("lru_hash", struct tuple4, struct nat4_entry, zp_snat4, ZP_NAT_
 /* External devices by ifindex. */
 BPF_TABLE_PINNED("hash", __u32, struct np_dev4, zp_np_dev4, ZP_NP_DEV_MAP_SIZE,
 		 ZP_PIN_DIR "zp_np_dev4_v1");
-/* Outcome and drop-reason counters of the TC path, indexed by enum zp_reason. _v2: the
- * same shape as v1, whose indexes were those of its own enum zp_np_stat; they mean other reasons now. */
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, zp_np_stats, ZP_NP_STAT_MAX, ZP_PIN_DIR "zp_np_stats_v2");
+/* Outcome and drop-reason counters of the TC path, indexed by enum zp_reason. _v3: 32 entries
+ * (v2 had 16, too few for ZP_REASON_SRC_RANGE; v1's indexes were those of its own enum). */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, zp_np_stats, ZP_NP_STAT_MAX, ZP_PIN_DIR "zp_np_stats_v3");
 
 static __always_inline void np_count(__u32 reason)
 {

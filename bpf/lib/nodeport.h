@@ -119,6 +119,9 @@ static __always_inline int __np4_service(struct __sk_buff *skb, const struct pkt
 	svc = lb4_lookup_external(p->daddr, p->dport, p->proto, &key);
 	if (!svc || !(svc->flags & ZP_SVC_F_EXTERNAL))
 		return ZP_ENOTSVC;
+	/* every packet, not only a flow's first: narrowed ranges cut flows already under way */
+	if ((svc->flags & ZP_SVC_F_SRC_RANGE) && !lb4_src_range_ok(svc->rev_nat_id, p->saddr))
+		return ZP_ESRCRANGE;
 	fwd.saddr = p->saddr;
 	fwd.daddr = p->daddr;
 	fwd.sport = p->sport;
@@ -240,6 +243,9 @@ static __always_inline int __np_verdict(int ret)
 		return TC_ACT_OK;
 	case ZP_ESTALE:
 		np_count(ZP_REASON_STALE_BACKEND);
+		break;
+	case ZP_ESRCRANGE:
+		np_count(ZP_REASON_SRC_RANGE);
 		break;
 	default:
 		np_count(ZP_REASON_UNKNOWN); /* a code added without a case here: dropped, and visible */
