@@ -1418,7 +1418,8 @@ def test_malformed_hints_are_warnings_and_count_as_none() -> None:
 
 
 def _lb_service(**spec: Any) -> dict[str, Any]:
-    return service(type="LoadBalancer", status={"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}, {"ip": "2001:db8::1"}]}},
+    ingress = [{"ip": "192.0.2.1"}, {"ip": "2001:db8::1"}]
+    return service(type="LoadBalancer", status={"loadBalancer": {"ingress": ingress}},
                    clusterIPs=["10.96.0.1", "fd00:10:96::1"], ipFamilies=["IPv4", "IPv6"], **spec)
 
 
