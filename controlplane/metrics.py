@@ -72,6 +72,9 @@ class Metrics:
                              "How long the oldest unprogrammed change has waited (0 = none)", registry=r)
         self.invalid_objects = Gauge(f"{PREFIX}_invalid_input_problems",
                                      "Problems currently found in the input objects", registry=r)
+        self.udp_destroyed = Counter(f"{PREFIX}_udp_sockets_destroyed",
+                                     "Connected UDP sockets destroyed because their backend left the service",
+                                     registry=r)
         self.frontend_conflicts = Gauge(f"{PREFIX}_frontend_conflicts",
                                         "Frontends a Service claims but another Service holds (not programmed "
                                         "for it)", registry=r)

@@ -18,6 +18,7 @@ directly and, with the API source, every other agent through the Pod label it pu
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
 import time
@@ -32,7 +33,7 @@ from controlplane.sync import SyncRunner
 from dataplane import tc
 from dataplane.loader import SockDatapath, check_paths
 from dataplane.services import ServiceMaps
-from dataplane.table import FrontendKind
+from dataplane.table import FrontendKind, Protocol
 
 log = logging.getLogger("zeroproxy.agent")
 
@@ -73,6 +74,8 @@ class Agent:
         self._wanted_servers: list[tuple[str, str]] = []  # (what, bind address) not listening yet
         self._failed_servers: set[str] = set()  # logged once each
         self.scale: Any = None  # NodeScaler when scale to zero is enabled
+        # one thread for destroying stale connected UDP sockets: in order, off the event loop
+        self._udp_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stale-udp")
         self.synced = asyncio.Event()
 
     # ---- watch side: handlers only record -----------------------------------------------------
@@ -180,9 +183,42 @@ class Agent:
                     self.maps.backend_count, elapsed * 1000)
         if plan.changes:
             self._update_service_health(plan.changes.keys())
+            self._abort_stale_udp(plan.changes.values())
         if not self.synced.is_set():
             log.info("initial sync done")
             self.synced.set()
+
+    def _abort_stale_udp(self, changes: Any) -> None:
+        """Destroy connected UDP sockets whose backend just left their frontend (dataplane/udp.py),
+        in a worker thread after the maps are written: a new socket then finds a live backend."""
+        pairs = set()
+        for ch in changes:
+            for fe, old in ch.previous.items():
+                if fe.protocol is not Protocol.UDP or fe.kind is FrontendKind.NODE_PORT:
+                    continue
+                new = ch.current.get(fe)
+                keep = set() if new is None else {(b.address, b.port) for b in (*new.backends,
+                                                                               *(new.internal_backends or ()))}
+                for b in (*old.backends, *(old.internal_backends or ())):
+                    if (b.address, b.port) not in keep:
+                        pairs.add((fe.address, fe.port, b.address, b.port))
+        if not pairs:
+            return
+        from dataplane import udp
+
+        lookup = udp.rnat_lookup(self.datapath.table("zp_rnat4"), self.datapath.table("zp_rnat6"))
+
+        def work() -> None:
+            for d in udp.destroy_stale(self.config.cgroup, pairs, lookup):
+                self.metrics.udp_destroyed.inc()
+                log.info("destroyed a connected UDP socket %s -> %s: its backend left %s (pid %d's netns)",
+                         d.local, d.peer, d.frontend, d.pid)
+
+        def done(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.error("stale UDP sockets: %s", f.exception())
+
+        asyncio.get_running_loop().run_in_executor(self._udp_worker, work).add_done_callback(done)
 
     def _node_port_addresses(self) -> list[Any]:
         """This node's addresses that accept NodePorts (kube-proxy's nodePortAddresses rules)."""
@@ -358,6 +394,7 @@ class Agent:
                 if self.scale.publisher is not None:
                     await asyncio.to_thread(self.scale.publisher.stop)
             self.service_health.close()
+            self._udp_worker.shutdown(wait=True, cancel_futures=True)
             for server in self._servers:
                 server.close()
             self.datapath.close()
