@@ -117,6 +117,9 @@ class Config:
     snat_port_range: tuple[int, int] = DEFAULT_SNAT_PORTS
     # the only CIDRs spec.externalIPs may come from; None admits every address (kube-proxy's way)
     allowed_external_ip_cidrs: tuple[str, ...] | None = None
+    # how the TC path picks a new flow's backend: "random" or "maglev" (the same backend on every
+    # node, about 1/N of flows moved when one of N backends goes; Cilium's loadBalancer.algorithm)
+    lb_algorithm: str = "random"
 
     @property
     def effective_health_timeout(self) -> float:
@@ -245,6 +248,15 @@ def _source(value: Any) -> str:
     raise ValueError(f"must be \"kubernetes\" or \"file:PATH\", got {text!r}")
 
 
+LB_ALGORITHMS = ("random", "maglev")
+
+
+def _lb_algorithm(value: Any) -> str:
+    if value not in LB_ALGORITHMS:
+        raise ValueError(f"must be one of {', '.join(LB_ALGORITHMS)}, got {_describe(value)}")
+    return value
+
+
 def _port_range(value: Any) -> tuple[int, int]:
     """kube-apiserver's --service-node-port-range form: "30000-32767" (a single port is allowed)."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -354,6 +366,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "nodePortRange": ("node_port_range", _port_range),
     "allowedExternalIPCIDRs": ("allowed_external_ip_cidrs", lambda v: _cidr_list(v, comma_string=False)),
     "snatPortRange": ("snat_port_range", _port_range),
+    "lbAlgorithm": ("lb_algorithm", _lb_algorithm),
     "healthzBindAddress": ("healthz_bind_address", parse_bind_address),
     "metricsBindAddress": ("metrics_bind_address", parse_bind_address),
     "syncPeriod": ("sync_period", _positive_duration),

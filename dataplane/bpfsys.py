@@ -30,7 +30,13 @@ _libbpf.bpf_prog_query.argtypes = (
     ctypes.POINTER(ctypes.c_uint32),
 )
 
+_libbpf.bpf_map_create.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                                   ctypes.c_uint32, ctypes.c_void_p)
+_libbpf.bpf_map_update_batch.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p)
+
 BPF_F_ALLOW_MULTI = 1 << 1
+BPF_MAP_TYPE_ARRAY = 2
 
 
 class BpfError(OSError):
@@ -54,6 +60,22 @@ def obj_pin(fd: int, path: Path) -> None:
         pass
     _check(_libbpf.bpf_obj_pin(fd, str(tmp).encode()), f"pin {tmp}")
     os.rename(tmp, path)
+
+
+def u32_array(name: str, values: list[int]) -> int:
+    """A new BPF array of __u32 holding ``values`` (index i = values[i]), unpinned: for an inner
+    map, which lives as long as an outer map holds it. The caller closes the returned fd."""
+    n = len(values)
+    fd = _check(_libbpf.bpf_map_create(BPF_MAP_TYPE_ARRAY, name.encode()[:15], 4, 4, n, None), f"create map {name}")
+    try:
+        keys = (ctypes.c_uint32 * n)(*range(n))
+        vals = (ctypes.c_uint32 * n)(*values)
+        count = ctypes.c_uint32(n)
+        _check(_libbpf.bpf_map_update_batch(fd, keys, vals, ctypes.byref(count), None), f"fill map {name}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def obj_get(path: Path) -> int:

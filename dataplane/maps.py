@@ -288,7 +288,18 @@ MAP_PINS.update({
     "zp_np_cfg": "zp_np_cfg_v1",
     "zp_np_dev4": "zp_np_dev4_v1",
     "zp_np_stats": "zp_np_stats_v3",  # v1 had indexes of its own, v2 16 entries
+    "zp_maglev": "zp_maglev_v1",
 })
+
+
+class MaglevKey(ctypes.Structure):
+    """struct maglev_key: one Maglev table per service port and view."""
+
+    _fields_ = (
+        ("rev_nat_id", ctypes.c_uint16),
+        ("scope", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    )
 
 
 class SvcFlag(enum.IntFlag):
@@ -300,6 +311,7 @@ class SvcFlag(enum.IntFlag):
     SCOPED = 0x8  # eTP=Local external frontend: this (internal) entry serves the socket hooks,
     # the TC programs use the frontend's SCOPE_EXTERNAL entry (local backends)
     SRC_RANGE = 0x10  # LoadBalancer frontend with loadBalancerSourceRanges (zp_lb4_src / zp_lb6_src)
+    MAGLEV = 0x20  # external frontend whose new flows use the Maglev table of (rev_nat_id, scope)
 
 
 SCOPE_INTERNAL, SCOPE_EXTERNAL = 0, 1  # lb4_key.scope / lb6_key.scope; ZP_SCOPE_* in bpf/lib/maps.h

@@ -173,6 +173,7 @@ class ServiceMaps:
         self.src_tables = {4: datapath.table("zp_lb4_src"), 6: datapath.table("zp_lb6_src")}
         self.rev_nat_ids: dict[ServicePortName, int] = {}
         self.node_port_addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+        self.maglev = False  # mark external frontends for the TC path's Maglev tables (dataplane/maglev.py)
         self.adopt()
 
     def set_node_port_addresses(self, addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
@@ -257,7 +258,7 @@ class ServiceMaps:
         wanted = [e for e in entries if e.frontend.kind in ALL_KINDS]
         # ClusterIP first: when a ClusterIP and an external address collide, the ClusterIP wins.
         for e in sorted(wanted, key=lambda e: (ALL_KINDS.index(e.frontend.kind), e.frontend.sort_key)):
-            views = _views(e)
+            views = _views(e, self.maglev)
             for addr in self._frontend_addresses(e.frontend):
                 key = (addr.version, _fe_key(addr, e.frontend.port, e.frontend.protocol, maps.SCOPE_INTERNAL))
                 if key in desired:
@@ -465,6 +466,31 @@ class ServiceMaps:
                     if name is not None and self.rev_nat_ids.get(name) == rev:
                         del self.rev_nat_ids[name]
 
+    def maglev_tables(self, entries: Iterable[ServiceEntry]) -> dict[tuple[int, int], list[tuple[str, int]]]:
+        """What the Maglev tables of these (external, IPv4) entries must spread over, after a
+        sync wrote them: (rev-NAT id, scope) -> [(backend "address:port", backend id)]. The name
+        is what every node hashes alike; the id is this node's key of that backend."""
+        out: dict[tuple[int, int], list[tuple[str, int]]] = {}
+        for e in entries:
+            if e.frontend.kind not in EXTERNAL_KINDS or e.frontend.address.version != 4:
+                continue
+            rev = self.rev_nat_ids.get(e.service)
+            if rev is None:
+                continue  # not programmed (a conflict lost it)
+            for scope, backends, _ in _views(e, True):
+                picked = []
+                for b in backends:
+                    if b.address.version != 4:
+                        continue
+                    ident = self.v4.backends.get(_addr_key(b.address, b.port, e.frontend.protocol))
+                    if ident is not None:
+                        picked.append((f"{b.address}:{b.port}", ident))
+                out[(rev, scope)] = sorted(set(picked))
+        return out
+
+    def live_rev_nat_ids(self) -> set[int]:
+        return {r for r, n in self._rev_refs.items() if r and n > 0}
+
     def _forget_affinity(self, family: int, pairs: set[tuple[int, int]]) -> None:
         stale = []
         for k, v in self.affinity_table.items():
@@ -475,9 +501,9 @@ class ServiceMaps:
         _delete_batch(self.affinity_table, stale)
 
 
-def _views(entry: ServiceEntry) -> list[tuple[int, tuple[Backend, ...], int]]:
+def _views(entry: ServiceEntry, maglev: bool = False) -> list[tuple[int, tuple[Backend, ...], int]]:
     """(scope, backends, slot 0 flags) of each map view of an entry's frontend."""
-    flags = _frontend_flags(entry)
+    flags = _frontend_flags(entry, maglev)
     if entry.internal_backends is None or entry.frontend.kind not in EXTERNAL_KINDS:
         return [(maps.SCOPE_INTERNAL, entry.backends, flags)]
     internal = (flags & ~maps.SvcFlag.LOCAL) | maps.SvcFlag.SCOPED
@@ -485,12 +511,14 @@ def _views(entry: ServiceEntry) -> list[tuple[int, tuple[Backend, ...], int]]:
             (maps.SCOPE_EXTERNAL, entry.backends, flags)]
 
 
-def _frontend_flags(entry: ServiceEntry) -> int:
+def _frontend_flags(entry: ServiceEntry, maglev: bool = False) -> int:
     """slot 0's flags: which frontends the TC programs serve, and how."""
     kind = entry.frontend.kind
     if kind not in EXTERNAL_KINDS:
         return 0
     flags = maps.SvcFlag.EXTERNAL
+    if maglev:
+        flags |= maps.SvcFlag.MAGLEV
     if kind is FrontendKind.NODE_PORT:
         flags |= maps.SvcFlag.NODEPORT
     if entry.local_only:

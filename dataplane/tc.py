@@ -23,11 +23,12 @@ import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from dataplane import maps
+from dataplane import bpfsys, maps
 from dataplane.loader import BPF_DIR, check_paths, inline_includes
 from dataplane.table import DEFAULT_NODE_PORT_RANGE, DEFAULT_SNAT_PORTS
 
@@ -236,6 +237,9 @@ class NodeDatapath:
         self.map_sizes = dict(map_sizes or {})
         self.bpf = None  # bcc.BPF once loaded
         self._fns: dict[str, object] = {}
+        # (rev-NAT id, scope) -> the backends its Maglev table was built from; empty after a
+        # restart, so the first sync rebuilds every table (a few ms each)
+        self._maglev: dict[tuple[int, int], list[tuple[str, int]]] = {}
 
     def load(self) -> None:
         """Compile; creates the pinned maps or adopts the existing ones, then writes the settings."""
@@ -255,6 +259,46 @@ class NodeDatapath:
         self.table("zp_np_cfg")[ctypes.c_uint32(0)] = maps.NpConfig(
             snat_port_min=lo, snat_port_max=hi, syn_timeout=t.syn, est_timeout=t.established,
             close_timeout=t.closing, udp_timeout=t.udp)
+
+    def sync_maglev(self, tables: dict[tuple[int, int], list[tuple[str, int]]], live: set[int] | None = None) -> int:
+        """Make zp_maglev hold a Maglev table for each (rev-NAT id, scope) in ``tables`` (its
+        backends as (name, id)); with ``live``, drop the tables of service ports not in it. A
+        changed table is swapped in whole: a flow sees the old table or the new one. Returns
+        how many tables were written."""
+        from dataplane import maglev
+
+        outer = self.table("zp_maglev")
+        written = 0
+        for (rev, scope), backends in sorted(tables.items()):
+            key = outer.Key(rev, scope, 0)
+            if self._maglev.get((rev, scope)) == backends:
+                continue
+            if not backends:
+                self._maglev_delete(outer, key, (rev, scope))
+                continue
+            names = [n for n, _ in backends]
+            ids = [backends[i][1] for i in maglev.table(names)]
+            inner = bpfsys.u32_array("zp_maglev_t", ids)
+            try:
+                outer[key] = ctypes.c_int(inner)
+            finally:
+                os.close(inner)  # the outer map holds it now
+            self._maglev[(rev, scope)] = backends
+            written += 1
+        if live is not None:
+            for rev, scope in [k for k in self._maglev_keys(outer) if k[0] not in live]:
+                self._maglev_delete(outer, outer.Key(rev, scope, 0), (rev, scope))
+        return written
+
+    def _maglev_keys(self, outer: Any) -> list[tuple[int, int]]:
+        return [(k.rev_nat_id, k.scope) for k in outer.keys()]
+
+    def _maglev_delete(self, outer: Any, key: Any, shadow_key: tuple[int, int]) -> None:
+        try:
+            del outer[key]
+        except KeyError:
+            pass
+        self._maglev.pop(shadow_key, None)
 
     def prog_fd(self, name: str) -> int:
         return self._fns[name].fd

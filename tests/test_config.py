@@ -43,7 +43,9 @@ def test_every_field_parses() -> None:
         source="file:/tmp/x.yaml", cgroup="/sys/fs/cgroup/kubepods", bpffs="/sys/fs/bpf/zp",
         nodeName="node-1", devices=["eth0", "eth1"], apiServer="https://10.0.0.1:6443",
         proxyName="zeroproxy", healthTimeout="5s", healthCheckNodePortAddress="10.0.0.5", watchPods=True,
+        lbAlgorithm="maglev", allowedExternalIPCIDRs=["198.51.100.0/24"],
     ))
+    assert cfg.lb_algorithm == "maglev" and cfg.allowed_external_ip_cidrs == ("198.51.100.0/24",)
     assert cfg.cluster_cidr == ("10.244.0.0/16", "fd00:10:244::/56")
     assert cfg.node_port_addresses == ("192.168.0.0/16", "::1/128")
     assert cfg.metrics_bind_address == "[::1]:20249"
@@ -78,6 +80,8 @@ def test_every_field_parses() -> None:
     ({"nodeName": "a", "hostnameOverride": "b"}, "hostnameOverride: conflicts with nodeName"),
     ({"syncPeriod": "1s", "minSyncPeriod": "2s"}, "minSyncPeriod: 2.0s is longer than syncPeriod"),
     ({"apiVersion": "kubeproxy.config.k8s.io/v1alpha1"}, "apiVersion: must be zeroproxy.io/v1alpha1"),
+    ({"lbAlgorithm": "round-robin"}, "lbAlgorithm: must be one of random, maglev, got the string 'round-robin'"),
+    ({"allowedExternalIPCIDRs": ["10.0.0.0/40"]}, "allowedExternalIPCIDRs: [0] '10.0.0.0/40' is not a CIDR"),
 ])
 def test_bad_fields_are_named(fields: dict[str, object], named: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -7,6 +7,7 @@ conntrack settings) and removes it again."""
 from __future__ import annotations
 
 import collections
+import ctypes
 import subprocess
 import sys
 import time
@@ -168,6 +169,33 @@ def test_load_balancer_source_ranges_from_outside(nodes: TwoNodes) -> None:
     finally:
         for a in nodes.agents.values():
             a.write(nodes.objects())
+
+
+def test_lb_algorithm_maglev_wires_the_tables_into_the_tc_path(nodes: TwoNodes) -> None:
+    """--lb-algorithm maglev: the agent writes one Maglev table per external service port and
+    view into the pinned outer map, flags the frontends, and traffic from outside flows through
+    them (the per-flow agreement between nodes is measured in tests/test_maglev.py)."""
+    from dataplane import bpfsys, maps
+
+    agent = nodes.agents["a"]
+    agent.kill()
+    agent.extra_args += ["--lb-algorithm", "maglev"]
+    try:
+        agent.start()
+        frontend = f"{nodes.a.ip4}:{NODE_PORT}/TCP"
+        flags = {s.frontend: s.flags for s in inspect.service_list(agent.pin_dir)}
+        assert flags[frontend] & maps.SvcFlag.MAGLEV, flags
+        with bpfsys.PinnedMap(agent.pin_dir / maps.MAP_PINS["zp_maglev"], maps.MaglevKey, ctypes.c_uint32) as outer:
+            tables = outer.keys()
+        assert len(tables) == 1 and tables[0].scope == maps.SCOPE_INTERNAL, tables  # web's one port
+        records = nodes.client.client(nettools.format_target(nodes.a.ip4, NODE_PORT), count=100, concurrency=4)
+        assert set(served_by(records)) == {"a1", "b1"}  # 100 flows (other ports) over both backends
+    finally:
+        agent.kill()
+        agent.extra_args = agent.extra_args[:-2]
+        agent.start()
+    flags = {s.frontend: s.flags for s in inspect.service_list(agent.pin_dir)}
+    assert not flags[f"{nodes.a.ip4}:{NODE_PORT}/TCP"] & maps.SvcFlag.MAGLEV  # back to random
 
 
 def test_cleanup_command_removes_programs_from_devices(nodes: TwoNodes, tmp_path: Path) -> None:

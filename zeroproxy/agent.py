@@ -153,6 +153,9 @@ class Agent:
                 # a sync follows the change, not the size of the cluster.
                 scope = {fe for ch in plan.changes.values() for fe in (*ch.previous, *ch.current)}
                 result = self.maps.sync(self.tracker.entries_at(scope), scope=scope)
+            if self.nodeport is not None and self.maps.maglev and (full or plan.changes):
+                entries = self.tracker.table.values() if full else self.tracker.entries_at(scope)
+                self.nodeport.sync_maglev(self.maps.maglev_tables(entries), live=self.maps.live_rev_nat_ids())
         except Exception:
             self._need_full = True
             self.metrics.errors.labels("sync").inc()
@@ -338,6 +341,7 @@ class Agent:
         self._source = self._make_source()
         self.datapath.load()
         self.maps = ServiceMaps(self.datapath)
+        self.maps.maglev = self.config.lb_algorithm == "maglev"
         log.info(
             "adopted %d frontends, %d backends from %s",
             self.maps.frontend_count, self.maps.backend_count, self.config.bpffs,

@@ -84,6 +84,7 @@ def agent_config(args: argparse.Namespace) -> Config:
         "allowedExternalIPCIDRs": ("--allowed-external-ip-cidrs", args.allowed_external_ip_cidrs),
         "nodePortRange": ("--nodeport-range", args.nodeport_range),
         "snatPortRange": ("--snat-port-range", args.snat_port_range),
+        "lbAlgorithm": ("--lb-algorithm", args.lb_algorithm),
         "syncPeriod": ("--sync-period", args.sync_period),
         "minSyncPeriod": ("--min-sync-period", args.min_sync_period),
         "watchPods": ("--watch-pods", args.watch_pods),
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cluster's NodePort range, as kube-apiserver's --service-node-port-range "
                         f"(default {DEFAULT_NODE_PORT_RANGE[0]}-{DEFAULT_NODE_PORT_RANGE[1]}); nodePorts outside "
                         "it are rejected")
+    a.add_argument("--lb-algorithm", default=None, metavar="random|maglev",
+                   help="how NodePort/ExternalIP/LoadBalancer traffic from outside picks a new flow's backend: "
+                        "random (default) or maglev (the same backend on every node for the same flow)")
     a.add_argument("--snat-port-range", default=None,
                    help="source ports of NodePort flows SNATed to a remote backend (default 61000-65535); "
                         "must not overlap the NodePort range or the node's ip_local_port_range")

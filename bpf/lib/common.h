@@ -45,6 +45,13 @@
 #ifndef ZP_NP_DEV_MAP_SIZE
 #define ZP_NP_DEV_MAP_SIZE 256
 #endif
+/* Maglev (loadBalancer algorithm "maglev"): entries of each lookup table (a prime, Cilium's
+ * default) and how many tables (service ports x views) the outer map holds. Fixed, not -D:
+ * the pinned outer map accepts only inner maps of the size it was made with. */
+#define ZP_MAGLEV_M 16381
+#ifndef ZP_MAGLEV_MAX_TABLES
+#define ZP_MAGLEV_MAX_TABLES 4096
+#endif
 #ifndef ZP_S2Z_MAX_PODS
 #define ZP_S2Z_MAX_PODS 1024
 #endif

@@ -50,6 +50,9 @@ struct lb6_key {
 #define ZP_SVC_F_SRC_RANGE 0x10 /* LoadBalancer frontend with loadBalancerSourceRanges: only sources
 				 * in zp_lb4_src / zp_lb6_src under its rev_nat_id may use it */
 
+#define ZP_SVC_F_MAGLEV    0x20 /* external frontend whose new flows take their backend from the
+				 * Maglev table of (rev_nat_id, scope) in zp_maglev (TC path) */
+
 /* lb4_key.scope / lb6_key.scope. Every frontend has an internal entry; only ZP_SVC_F_SCOPED ones
  * also have an external entry (its own slot 0 and backend slots). */
 #define ZP_SCOPE_INTERNAL 0
@@ -225,6 +228,13 @@ struct np_dev4 {
 	__u32 flags;      /* reserved, 0 */
 };
 
+/* Key of zp_maglev: one Maglev table per service port and map view. */
+struct maglev_key {
+	__u16 rev_nat_id; /* service-port id */
+	__u8 scope;       /* ZP_SCOPE_*: the view whose backends the table spreads over */
+	__u8 pad;         /* explicit padding, always 0 */
+};
+
 /* ---- scale to zero (lib/activation.h) -------------------------------------------------------- */
 
 /* One (address, port) of an opted-in pod. */
@@ -326,6 +336,12 @@ BPF_TABLE_PINNED("hash", __u32, struct np_dev4, zp_np_dev4, ZP_NP_DEV_MAP_SIZE,
 /* Outcome and drop-reason counters of the TC path, indexed by enum zp_reason. _v3: 32 entries
  * (v2 had 16, too few for ZP_REASON_SRC_RANGE; v1's indexes were those of its own enum). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, zp_np_stats, ZP_NP_STAT_MAX, ZP_PIN_DIR "zp_np_stats_v3");
+
+/* Maglev: the template of every inner table (ZP_MAGLEV_M backend ids, index = flow hash % M;
+ * never used itself), and the pinned outer map userspace swaps whole tables into. */
+BPF_ARRAY(zp_maglev_inner, __u32, ZP_MAGLEV_M);
+BPF_TABLE_PINNED("hash_of_maps$zp_maglev_inner", struct maglev_key, int, zp_maglev, ZP_MAGLEV_MAX_TABLES,
+		 ZP_PIN_DIR "zp_maglev_v1");
 
 static __always_inline void np_count(__u32 reason)
 {

@@ -32,6 +32,56 @@ static __always_inline bool __np4_backend_alive(const struct ct4_entry *ct)
 	return be && be->address == ct->backend_addr && be->port == ct->backend_port;
 }
 
+/* A flow's hash, the same on every node (no per-boot seed): Bob Jenkins' final mix over the
+ * 5-tuple, as the kernel's jhash_3words. */
+static __always_inline __u32 __rol32(__u32 w, int s) { return (w << s) | (w >> (32 - s)); }
+
+static __always_inline __u32 np4_flow_hash(const struct pkt4 *p)
+{
+	__u32 a = bpf_ntohl(p->saddr), b = bpf_ntohl(p->daddr);
+	__u32 c = ((__u32)bpf_ntohs(p->sport) << 16 | bpf_ntohs(p->dport)) ^ p->proto;
+
+	a += 0xdeadbeef + 12; b += 0xdeadbeef + 12; c += 0xdeadbeef + 12;
+	c ^= b; c -= __rol32(b, 14);
+	a ^= c; a -= __rol32(c, 11);
+	b ^= a; b -= __rol32(a, 25);
+	c ^= b; c -= __rol32(b, 16);
+	a ^= c; a -= __rol32(c, 4);
+	b ^= a; b -= __rol32(a, 14);
+	c ^= b; c -= __rol32(b, 24);
+	return c;
+}
+
+/* Maglev: the backend the service port's table gives this flow. ZP_ENOTSVC when there is no
+ * table (not written yet) or its entry names a backend that is gone: the caller then picks at
+ * random, as before the table existed. */
+static __always_inline int np4_select_maglev(const struct lb4_key *key, const struct lb_service *svc,
+					     const struct pkt4 *p, struct lb4_backend *be, __u32 *chosen_id)
+{
+	struct maglev_key mkey = {};
+	struct lb4_backend *found;
+	__u32 index = np4_flow_hash(p) % ZP_MAGLEV_M;
+	__u32 *id;
+	void *table;
+
+	if (svc->count == 0)
+		return ZP_ENOBACKEND;
+	mkey.rev_nat_id = svc->rev_nat_id;
+	mkey.scope = key->scope;
+	table = zp_maglev.lookup(&mkey);
+	if (!table)
+		return ZP_ENOTSVC;
+	id = bpf_map_lookup_elem(table, &index);
+	if (!id || !*id)
+		return ZP_ENOTSVC;
+	found = zp_lb4_be.lookup(id);
+	if (!found)
+		return ZP_ENOTSVC;
+	*be = *found;
+	*chosen_id = *id;
+	return ZP_OK;
+}
+
 /* Create the flow of a first packet: pick a backend, decide on SNAT, write both entries. */
 static __always_inline int __np4_new_flow(struct __sk_buff *skb, const struct pkt4 *p,
 					  const struct np_config *cfg, const struct tuple4 *fwd,
@@ -50,8 +100,13 @@ static __always_inline int __np4_new_flow(struct __sk_buff *skb, const struct pk
 
 	if (p->proto == IPPROTO_TCP && !__tcp_new_syn(p))
 		return ZP_ECTMISS;
-	/* ClientIP affinity by the client's address (what kube-proxy's "recent" match keys on) */
-	ret = lb4_select_backend_sticky(key, svc, &be, lb_affinity_tc_client(p->saddr), &backend_id);
+	/* ClientIP affinity by the client's address (what kube-proxy's "recent" match keys on);
+	 * else Maglev when asked for (the same backend on every node); else at random */
+	ret = ZP_ENOTSVC;
+	if ((svc_flags & ZP_SVC_F_MAGLEV) && !svc->affinity_timeout)
+		ret = np4_select_maglev(key, svc, p, &be, &backend_id);
+	if (ret == ZP_ENOTSVC)
+		ret = lb4_select_backend_sticky(key, svc, &be, lb_affinity_tc_client(p->saddr), &backend_id);
 	if (ret == ZP_ENOBACKEND && (svc_flags & ZP_SVC_F_NODEPORT))
 		return ZP_EREFUSE;
 	if (ret < 0)
