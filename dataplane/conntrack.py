@@ -80,14 +80,25 @@ def iter_pinned(path: Path, key_type: type[ctypes.Structure],
 
 
 def _ep(raw: ctypes.Array, port_be: int) -> str:
-    return f"{ipaddress.IPv4Address(bytes(raw))}:{socket.ntohs(port_be)}"
+    data = bytes(raw)
+    if len(data) == 16:
+        return f"[{ipaddress.IPv6Address(data)}]:{socket.ntohs(port_be)}"
+    return f"{ipaddress.IPv4Address(data)}:{socket.ntohs(port_be)}"
+
+
+def _pins(pin_dir: Path, v4: str, v6: str, types4: tuple, types6: tuple) -> Iterator[tuple]:
+    """Entries of the IPv4 map and then of its IPv6 twin (absent when an older agent made the pins)."""
+    yield from iter_pinned(Path(pin_dir) / maps.MAP_PINS[v4], *types4)
+    path6 = Path(pin_dir) / maps.MAP_PINS[v6]
+    if path6.exists():
+        yield from iter_pinned(path6, *types6)
 
 
 def read_flows(pin_dir: Path, now_ns: int | None = None) -> list[Flow]:
     """The conntrack entries under pin_dir, oldest expiry first."""
     now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
     flows = []
-    for k, v in iter_pinned(Path(pin_dir) / maps.MAP_PINS["zp_ct4"], maps.Tuple4, maps.Ct4Entry):
+    for k, v in _pins(pin_dir, "zp_ct4", "zp_ct6", (maps.Tuple4, maps.Ct4Entry), (maps.Tuple6, maps.Ct6Entry)):
         snat = _ep(v.snat_addr, v.snat_port) if v.flags & maps.CtFlag.SNAT else None
         try:
             state = maps.CtState(v.state).name
@@ -110,7 +121,7 @@ def read_flows(pin_dir: Path, now_ns: int | None = None) -> list[Flow]:
 def read_reverse(pin_dir: Path) -> list[ReverseEntry]:
     """The SNAT / reverse-NAT entries under pin_dir."""
     out = []
-    for k, v in iter_pinned(Path(pin_dir) / maps.MAP_PINS["zp_snat4"], maps.Tuple4, maps.Nat4Entry):
+    for k, v in _pins(pin_dir, "zp_snat4", "zp_snat6", (maps.Tuple4, maps.Nat4Entry), (maps.Tuple6, maps.Nat6Entry)):
         out.append(ReverseEntry(
             proto=PROTO_NAMES.get(k.proto, str(k.proto)),
             reply_from=_ep(k.saddr, k.sport),

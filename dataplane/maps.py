@@ -392,7 +392,60 @@ class NpDev4(ctypes.Structure):
     )
 
 
+class Tuple6(ctypes.Structure):
+    _fields_ = (
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("sport", ctypes.c_uint16),  # network byte order
+        ("dport", ctypes.c_uint16),  # network byte order
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    )
+
+
+class Ct6Entry(ctypes.Structure):
+    _fields_ = (
+        ("expires", ctypes.c_uint64),
+        ("backend_addr", ctypes.c_uint8 * 16),
+        ("snat_addr", ctypes.c_uint8 * 16),
+        ("backend_id", ctypes.c_uint32),
+        ("backend_port", ctypes.c_uint16),
+        ("snat_port", ctypes.c_uint16),
+        ("rev_nat_id", ctypes.c_uint16),
+        ("state", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint32),
+    )
+
+
+class Nat6Entry(ctypes.Structure):
+    _fields_ = (
+        ("client_addr", ctypes.c_uint8 * 16),
+        ("frontend_addr", ctypes.c_uint8 * 16),
+        ("client_port", ctypes.c_uint16),
+        ("frontend_port", ctypes.c_uint16),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    )
+
+
+class NpDev6(ctypes.Structure):
+    _fields_ = (
+        ("addr", ctypes.c_uint8 * 16),
+        ("flags", ctypes.c_uint32),
+    )
+
+
+MAP_PINS.update({
+    "zp_ct6": "zp_ct6_v1",
+    "zp_snat6": "zp_snat6_v1",
+    "zp_np_dev6": "zp_np_dev6_v1",
+})
+
 MAP_TYPES.update({
+    "zp_ct6": (Tuple6, Ct6Entry),
+    "zp_snat6": (Tuple6, Nat6Entry),
+    "zp_np_dev6": (ctypes.c_uint32, NpDev6),
     "zp_ct4": (Tuple4, Ct4Entry),
     "zp_snat4": (Tuple4, Nat4Entry),
     "zp_np_cfg": (ctypes.c_uint32, NpConfig),

@@ -39,6 +39,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 PROG_PREFIX = "zp_np"
 INGRESS_PROG = "zp_np4_ingress"
 EGRESS_PROG = "zp_np4_egress"
+# The IPv6 path's programs, tail-called from the two above (bpf/lib/nodeport6.h), by index in
+# zp_np6_progs.
+IPV6_PROGS = ("zp_np6_ingress", "zp_np6_service", "zp_np6_egress")
 CLSACT_INGRESS = "ffff:fff2"  # clsact's ingress and egress hooks, as pyroute2 wants the parents
 CLSACT_EGRESS = "ffff:fff3"
 FILTER_PRIO = 1  # one filter per hook; replacing it at this priority/handle is atomic
@@ -249,8 +252,11 @@ class NodeDatapath:
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         text, cflags = nodeport_source(self.pin_dir, self.map_sizes)
         self.bpf = bcc.BPF(text=text.encode(), cflags=cflags)
-        for name in (INGRESS_PROG, EGRESS_PROG):
+        for name in (INGRESS_PROG, EGRESS_PROG, *IPV6_PROGS):
             self._fns[name] = self.bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS)
+        progs = self.table("zp_np6_progs")
+        for index, name in enumerate(IPV6_PROGS):
+            progs[ctypes.c_int(index)] = ctypes.c_int(self._fns[name].fd)  # type: ignore[attr-defined]
         self.write_config()
 
     def write_config(self) -> None:
@@ -310,6 +316,7 @@ class NodeDatapath:
     def attach(self) -> None:
         """Register the devices and put both programs on each, replacing earlier filters."""
         devs = self.table("zp_np_dev4")
+        devs6 = self.table("zp_np_dev6")
         with _iproute(self.netns) as ipr:
             wanted = set()
             for ifname in self.devices:
@@ -318,6 +325,9 @@ class NodeDatapath:
                 if addr is None:
                     raise RuntimeError(f"device {ifname} has no IPv4 address to SNAT to")
                 devs[ctypes.c_uint32(index)] = maps.NpDev4(addr=(ctypes.c_uint8 * 4)(*addr.packed))
+                addr6 = _first_global_ipv6(ipr, index)
+                if addr6 is not None:  # without one, IPv6 flows to remote backends are not SNATed
+                    devs6[ctypes.c_uint32(index)] = maps.NpDev6(addr=(ctypes.c_uint8 * 16)(*addr6.packed))
                 wanted.add(index)
                 try:
                     ipr.tc("add", "clsact", index)
@@ -334,9 +344,10 @@ class NodeDatapath:
                     fn = self._fns[name]
                     ipr.tc("replace-filter", "bpf", index, FILTER_HANDLE, fd=fn.fd, name=fn.name,
                            parent=parent, prio=FILTER_PRIO, classid=1, direct_action=True)
-            for key in list(devs.keys()):
-                if key.value not in wanted:
-                    del devs[key]
+            for table in (devs, devs6):
+                for key in list(table.keys()):
+                    if key.value not in wanted:
+                        del table[key]
         log.info("attached NodePort programs to %s", ", ".join(self.devices))
 
     def detach(self) -> list[str]:
@@ -430,6 +441,14 @@ def _ifindex(ipr: IPRoute, ifname: str) -> int:
     if not found:
         raise RuntimeError(f"no device {ifname!r}")
     return int(found[0])
+
+
+def _first_global_ipv6(ipr: IPRoute, index: int) -> ipaddress.IPv6Address | None:
+    for a in ipr.get_addr(index=index, family=socket.AF_INET6):
+        addr = ipaddress.IPv6Address(a.get_attr("IFA_ADDRESS"))
+        if not addr.is_link_local:
+            return addr
+    return None
 
 
 def _first_ipv4(ipr: IPRoute, index: int) -> ipaddress.IPv4Address | None:

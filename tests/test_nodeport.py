@@ -31,6 +31,7 @@ from testbed.k8sobjects import endpoint_slice, node, service
 WEB_PORT, DNS_PORT, ECHO_PORT, WEB6_PORT = 8080, 5353, 9000, 8086
 NP_WEB, NP_DNS, NP_LOCAL, NP_ECHO, NP_SELF, NP_WEB6 = 30080, 30053, 30081, 30090, 30085, 30086
 EXT_IP, LB_IP = "192.168.200.10", "192.168.200.20"
+EXT_IP6, LB_IP6 = "fd00:200::10", "fd00:200::20"
 SELF_VIP = "10.96.1.30"
 
 
@@ -61,6 +62,8 @@ class Cluster:
         self.client: External = bed.add_external("client")
         for ip in (EXT_IP, LB_IP):  # the "load balancer" / upstream router sends these to node A
             self.client.add_route(f"{ip}/32", via=self.a.ip4)
+        for ip in (EXT_IP6, LB_IP6):
+            self.client.add_route(f"{ip}/128", via=self.a.ip6)
         for pod in (self.a1, self.b1):
             pod.serve(pod.name, tcp=[WEB_PORT], udp=[DNS_PORT], family="4")
             pod.serve(pod.name, tcp=[WEB6_PORT], family="6")
@@ -108,9 +111,10 @@ class Cluster:
             service("self", [SELF_VIP], [{"name": "http", "port": 80, "targetPort": WEB_PORT,
                                           "protocol": "TCP", "nodePort": NP_SELF}], type="NodePort"),
             endpoint_slice("self", [self.a1.ip4], http, node_name="a"),
-            service("web6", ["fd00:10:96::1:60"], [{"name": "http", "port": 80, "targetPort": WEB6_PORT,
-                                                   "protocol": "TCP", "nodePort": NP_WEB6}],
-                    type="NodePort", ipFamilies=["IPv6"]),
+            {**service("web6", ["fd00:10:96::1:60"], [{"name": "http", "port": 80, "targetPort": WEB6_PORT,
+                                                      "protocol": "TCP", "nodePort": NP_WEB6}],
+                       type="LoadBalancer", ipFamilies=["IPv6"], externalIPs=[EXT_IP6]),
+             "status": {"loadBalancer": {"ingress": [{"ip": LB_IP6}]}}},
             *[endpoint_slice("web6", [p.ip6], [{"name": "http", "port": WEB6_PORT, "protocol": "TCP"}],
                              name=f"web6-{p.node.name}", address_type="IPv6", node_name=p.node.name)
               for p in (self.a1, self.b1)],
@@ -240,9 +244,26 @@ def test_nodeport_from_the_node_itself(cluster: Cluster, target: str) -> None:
     assert _failures(udp) == []
 
 
+def test_ipv6_node_port_from_outside_local_and_remote(cluster: Cluster) -> None:
+    """[nodeIPv6]:<nodePort> from an outside host, on the TC path: the local backend sees the
+    client's own address, the remote one node A's (SNAT to its IPv6), both answer; either node."""
+    c = cluster
+    for n in (c.a, c.b):
+        results = c.client.client(f"[{n.ip6}]:{NP_WEB6}", count=200, concurrency=4)
+        assert _failures(results) == [], (n.name, _failures(results)[:3])
+        seen: dict[str, set[str]] = collections.defaultdict(set)
+        for r in results:
+            seen[r["server_name"]].add(r["peer_seen_by_server"][0])
+        local, remote = (c.a1, c.b1) if n is c.a else (c.b1, c.a1)
+        assert seen == {local.name: {c.client.ip6}, remote.name: {n.ip6}}, (n.name, dict(seen))
+    for ip in (EXT_IP6, LB_IP6):  # routed to node A by the client's "router"
+        results = c.client.client(f"[{ip}]:80", count=100, concurrency=4)
+        assert _failures(results) == [] and set(_served(results)) == {"a1", "b1"}, ip
+
+
 def test_ipv6_node_port_from_the_node_and_its_pods(cluster: Cluster) -> None:
     """[nodeIPv6]:<nodePort> from node A and from a pod on it reaches both IPv6 backends through the
-    socket hooks (the TC path is IPv4-only: docs/nodeport.md)."""
+    socket hooks."""
     c = cluster
     for who in (c.a, c.a1):
         results = who.client(f"[{c.a.ip6}]:{NP_WEB6}", count=40, concurrency=2)

@@ -555,13 +555,13 @@ def test_client_ip_affinity_on_the_tc_path(rig: Rig) -> None:
 
 def test_map_mirrors_match_bcc(rig: Rig) -> None:
     """Each ctypes mirror of a TC map key/value has the size bcc generated from the C struct."""
-    for name in ("zp_ct4", "zp_snat4", "zp_np_cfg", "zp_np_dev4"):
+    for name in ("zp_ct4", "zp_snat4", "zp_np_cfg", "zp_np_dev4", "zp_ct6", "zp_snat6", "zp_np_dev6"):
         table = rig.datapath.table(name)
         key_t, value_t = maps.MAP_TYPES[name]
         assert ctypes.sizeof(key_t) == ctypes.sizeof(table.Key), name
         assert ctypes.sizeof(value_t) == ctypes.sizeof(table.Leaf), name
     assert max(maps.NP_REASONS) < maps.NP_STAT_MAX == rig.datapath.table("zp_np_stats").max_entries
-    for name in ("zp_ct4", "zp_snat4", "zp_np_cfg", "zp_np_dev4", "zp_np_stats"):
+    for name in ("zp_ct4", "zp_snat4", "zp_np_cfg", "zp_np_dev4", "zp_np_stats", "zp_ct6", "zp_snat6", "zp_np_dev6"):
         assert (rig.pin_dir / maps.MAP_PINS[name]).exists(), name
 
 
@@ -615,3 +615,106 @@ def test_node_port_addresses(spec: list[str], expected: list[str]) -> None:
     primary = [ipaddress.ip_address("192.168.100.11")]
     got = node_port_addresses(spec, local, primary)
     assert got == [ipaddress.ip_address(a) for a in expected]
+
+
+# ---- IPv6 -----------------------------------------------------------------------------------------
+
+CLIENT6 = "fd00:192::65"  # on the underlay prefix, like CLIENT
+
+
+def _pkt6(src: str, sport: int, dst: str, dport: int, proto: int = TCP, flags: int = SYN) -> bytes:
+    """An Ethernet/IPv6/TCP-or-UDP frame with a correct L4 checksum."""
+    s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    if proto == TCP:
+        l4 = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0) + b"hello"
+        off = 16
+    else:
+        l4 = struct.pack("!HHHH", sport, dport, 8 + 5, 0) + b"hello"
+        off = 6
+    pseudo = s + d + struct.pack("!IxxxB", len(l4), proto)
+    l4 = l4[:off] + struct.pack("!H", _csum(pseudo + l4) or 0xFFFF) + l4[off + 2:]
+    ip = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, s, d)
+    return _mac("02:00:00:00:00:02") + _mac("02:00:00:00:00:01") + b"\x86\xdd" + ip + l4
+
+
+def _parse6(frame: bytes) -> tuple[str, int, str, int, bool]:
+    """(src, sport, dst, dport, L4 checksum ok) of an IPv6 frame."""
+    ip = frame[14:54]
+    proto, plen = ip[6], struct.unpack("!H", ip[4:6])[0]
+    l4 = frame[54:54 + plen]
+    src, dst = socket.inet_ntop(socket.AF_INET6, ip[8:24]), socket.inet_ntop(socket.AF_INET6, ip[24:40])
+    sport, dport = struct.unpack("!HH", l4[:4])
+    ok = _csum(ip[8:40] + struct.pack("!IxxxB", len(l4), proto) + l4) == 0
+    return src, sport, dst, dport, ok
+
+
+def _run6(rig: Rig, direction: str, frame: bytes) -> tuple[int, bytes]:
+    prog = "zp_np4_ingress" if direction == "in" else "zp_np4_egress"  # both dispatch IPv6 onward
+    with in_netns(rig.netns):
+        return prog_test_run(rig.datapath.prog_fd(prog), frame, ifindex=rig.eth0)
+
+
+def test_ipv6_nodeport_remote_local_and_udp(rig: Rig) -> None:
+    """The IPv6 path: a remote backend is DNATed and SNATed to the device's IPv6 address and its
+    reply un-NATed back to the client; a local one keeps the client's address and its reply is
+    fixed at egress; UDP likewise; a packet to no frontend passes untouched; the counters are
+    the IPv4 path's."""
+    node_a, node_b = rig.bed.nodes["a"], rig.bed.nodes["b"]
+    pod_a6 = rig.bed.pods["a1"].ip6
+    pod_b6 = str(node_b.pod_cidr6.network_address + 0x10)
+    ipr = rig.bed.iproute(rig.netns)
+    for dst, mac, index in ((CLIENT6, MAC_CLIENT, rig.eth0), (node_b.ip6, MAC_NODE_B, rig.eth0),
+                            (pod_a6, MAC_POD_A, rig.lxc)):
+        ipr.neigh("replace", dst=dst, lladdr=mac, ifindex=index, state=0x80, family=socket.AF_INET6)
+    rig.reset()
+    for name in ("zp_ct6", "zp_snat6"):
+        table = rig.datapath.table(name)
+        for k in list(table.keys()):
+            del table[k]
+    rig.services.set_node_port_addresses([ipaddress.ip_address(rig.node_ip), ipaddress.ip_address(node_a.ip6)])
+
+    def entry(port: int, proto: Protocol, backend: str, name: str) -> ServiceEntry:
+        return ServiceEntry(Frontend(ipaddress.ip_address("::"), port, proto, FrontendKind.NODE_PORT),
+                            ServicePortName("default", name), (Backend(ipaddress.ip_address(backend), 8080),))
+
+    rig.services.sync([entry(30080, Protocol.TCP, pod_b6, "remote"), entry(30081, Protocol.TCP, pod_a6, "local"),
+                       entry(30053, Protocol.UDP, pod_b6, "dns")])
+    before = rig.stats()
+
+    verdict, out = _run6(rig, "in", _pkt6(CLIENT6, 40000, node_a.ip6, 30080))
+    assert verdict == TC_ACT_REDIRECT, verdict
+    src, sport, dst, dport, ok = _parse6(out)
+    assert (src, dst, dport, ok) == (node_a.ip6, pod_b6, 8080, True) and SNAT_PORTS[0] <= sport <= SNAT_PORTS[1]
+    assert out[0:6].hex(":") == MAC_NODE_B  # towards node b, the remote backend's node
+    verdict, out = _run6(rig, "in", _pkt6(pod_b6, 8080, node_a.ip6, sport, flags=SYN | ACK))
+    assert verdict == TC_ACT_REDIRECT
+    assert _parse6(out) == (node_a.ip6, 30080, CLIENT6, 40000, True)
+
+    verdict, out = _run6(rig, "in", _pkt6(CLIENT6, 40001, node_a.ip6, 30081))
+    assert verdict == TC_ACT_REDIRECT
+    assert _parse6(out) == (CLIENT6, 40001, pod_a6, 8080, True)
+    verdict, out = _run6(rig, "out", _pkt6(pod_a6, 8080, CLIENT6, 40001, flags=SYN | ACK))
+    assert verdict == TC_ACT_OK
+    assert _parse6(out) == (node_a.ip6, 30081, CLIENT6, 40001, True)
+
+    verdict, out = _run6(rig, "in", _pkt6(CLIENT6, 5353, node_a.ip6, 30053, proto=UDP))
+    assert verdict == TC_ACT_REDIRECT
+    src, usport, dst, dport, ok = _parse6(out)
+    assert (src, dst, dport, ok) == (node_a.ip6, pod_b6, 8080, True)
+    verdict, out = _run6(rig, "in", _pkt6(pod_b6, 8080, node_a.ip6, usport, proto=UDP))
+    assert verdict == TC_ACT_REDIRECT and _parse6(out) == (node_a.ip6, 30053, CLIENT6, 5353, True)
+
+    frame = _pkt6(CLIENT6, 40002, node_a.ip6, 22)
+    assert _run6(rig, "in", frame) == (TC_ACT_OK, frame)  # not a frontend: untouched
+    verdict, _ = _run6(rig, "in", _pkt6(CLIENT6, 40003, node_a.ip6, 30080, flags=ACK))
+    assert verdict == TC_ACT_SHOT  # mid-stream without a flow
+    after = rig.stats()
+    moved = {r: after[r] - before[r] for r in maps.NP_REASONS if after[r] != before[r]}
+    assert moved == {maps.Reason.NEW_FLOW: 3, maps.Reason.REPLY: 3, maps.Reason.CT_MISS: 1}, moved
+    from dataplane.conntrack import read_flows as flows_of
+
+    v6 = [f for f in flows_of(rig.pin_dir) if f.client.startswith("[")]
+    assert sorted((f.proto, f.client, f.backend) for f in v6) == [
+        ("TCP", f"[{CLIENT6}]:40000", f"[{pod_b6}]:8080"), ("TCP", f"[{CLIENT6}]:40001", f"[{pod_a6}]:8080"),
+        ("UDP", f"[{CLIENT6}]:5353", f"[{pod_b6}]:8080")]
+    rig.services.set_node_port_addresses([ipaddress.ip_address(rig.node_ip)])  # as the other cases expect

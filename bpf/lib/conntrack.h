@@ -13,34 +13,31 @@
 
 #define ZP_NSEC_PER_SEC 1000000000ULL
 
+static __always_inline bool __tcp_syn(__u8 proto, __u8 tcp_flags)
+{
+	return proto == IPPROTO_TCP && (tcp_flags & (ZP_TCP_SYN | ZP_TCP_ACK)) == ZP_TCP_SYN;
+}
+
 static __always_inline bool __tcp_new_syn(const struct pkt4 *p)
 {
-	return p->proto == IPPROTO_TCP && (p->tcp_flags & (ZP_TCP_SYN | ZP_TCP_ACK)) == ZP_TCP_SYN;
+	return __tcp_syn(p->proto, p->tcp_flags);
 }
 
-/* Whether a looked-up entry still stands for this packet's flow. A new SYN on a closing entry
- * is a new connection that reuses the client port (TIME_WAIT reuse): it gets a new backend. */
-static __always_inline bool ct4_live(const struct ct4_entry *ct, const struct pkt4 *p, __u64 now)
+/* Advance a flow's state by one packet and return its new lifetime in seconds; the one state
+ * machine of both families (ct4_update, ct6_update). */
+static __always_inline __u32 __ct_advance(__u8 *state_p, __u8 *flags_p, const struct np_config *cfg,
+					  __u8 proto, __u8 tcp_flags, bool reply)
 {
-	if (ct->expires <= now)
-		return false;
-	return !(ct->state == ZP_CT_CLOSING && __tcp_new_syn(p));
-}
-
-/* Advance the state by one packet (reply = sent by the backend) and extend the lifetime. */
-static __always_inline void ct4_update(struct ct4_entry *ct, const struct np_config *cfg,
-				       const struct pkt4 *p, bool reply, __u64 now)
-{
-	__u8 state = ct->state;
-	__u8 flags = ct->flags;
+	__u8 state = *state_p;
+	__u8 flags = *flags_p;
 	__u32 secs;
 
-	if (p->proto != IPPROTO_TCP) {
+	if (proto != IPPROTO_TCP) {
 		state = ZP_CT_UDP;
-	} else if (p->tcp_flags & ZP_TCP_RST) {
+	} else if (tcp_flags & ZP_TCP_RST) {
 		state = ZP_CT_CLOSING;
 	} else {
-		if (p->tcp_flags & ZP_TCP_FIN)
+		if (tcp_flags & ZP_TCP_FIN)
 			flags |= reply ? ZP_CT_F_FIN_REV : ZP_CT_F_FIN_FWD;
 		if ((flags & (ZP_CT_F_FIN_FWD | ZP_CT_F_FIN_REV)) == (ZP_CT_F_FIN_FWD | ZP_CT_F_FIN_REV))
 			state = ZP_CT_CLOSING;
@@ -63,8 +60,26 @@ static __always_inline void ct4_update(struct ct4_entry *ct, const struct np_con
 		secs = cfg->udp_timeout;
 		break;
 	}
-	ct->state = state;
-	ct->flags = flags;
+	*state_p = state;
+	*flags_p = flags;
+	return secs;
+}
+
+/* Whether a looked-up entry still stands for this packet's flow. A new SYN on a closing entry
+ * is a new connection that reuses the client port (TIME_WAIT reuse): it gets a new backend. */
+static __always_inline bool ct4_live(const struct ct4_entry *ct, const struct pkt4 *p, __u64 now)
+{
+	if (ct->expires <= now)
+		return false;
+	return !(ct->state == ZP_CT_CLOSING && __tcp_new_syn(p));
+}
+
+/* Advance the state by one packet (reply = sent by the backend) and extend the lifetime. */
+static __always_inline void ct4_update(struct ct4_entry *ct, const struct np_config *cfg,
+				       const struct pkt4 *p, bool reply, __u64 now)
+{
+	__u32 secs = __ct_advance(&ct->state, &ct->flags, cfg, p->proto, p->tcp_flags, reply);
+
 	ct->expires = now + (__u64)secs * ZP_NSEC_PER_SEC;
 }
 

@@ -235,6 +235,44 @@ struct maglev_key {
 	__u8 pad;         /* explicit padding, always 0 */
 };
 
+/* IPv6 twins of the TC path's tuple, conntrack, reverse-NAT and device structs (lib/nodeport6.h);
+ * the same fields with 16-byte addresses. */
+struct tuple6 {
+	__u8 saddr[16];   /* source IPv6 address, network byte order */
+	__u8 daddr[16];   /* destination IPv6 address, network byte order */
+	__be16 sport;     /* source port, network byte order */
+	__be16 dport;     /* destination port, network byte order */
+	__u8 proto;       /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 pad[3];      /* explicit padding, always 0 */
+};
+
+struct ct6_entry {
+	__u64 expires;       /* bpf_ktime_get_ns() after which the entry is dead */
+	__u8 backend_addr[16]; /* chosen backend IPv6, network byte order */
+	__u8 snat_addr[16];  /* source towards the backend; all 0 = not SNATed */
+	__u32 backend_id;    /* key in zp_lb6_be when chosen */
+	__be16 backend_port; /* backend port, network byte order */
+	__be16 snat_port;    /* source port towards the backend, network byte order; 0 = not SNATed */
+	__u16 rev_nat_id;    /* service-port id of the frontend */
+	__u8 state;          /* enum zp_ct_state */
+	__u8 flags;          /* ZP_CT_F_* */
+	__u32 pad;           /* explicit padding, always 0 */
+};
+
+struct nat6_entry {
+	__u8 client_addr[16];   /* the client's IPv6 (the reply's new destination) */
+	__u8 frontend_addr[16]; /* the frontend IPv6 the client used (the reply's new source) */
+	__be16 client_port;     /* the client's port, network byte order */
+	__be16 frontend_port;   /* the frontend port, network byte order */
+	__u8 flags;             /* ZP_NAT_F_* */
+	__u8 pad[3];            /* explicit padding, always 0 */
+};
+
+struct np_dev6 {
+	__u8 addr[16];    /* the node's IPv6 address on this device (remote backends are SNATed to it) */
+	__u32 flags;      /* reserved, 0 */
+};
+
 /* ---- scale to zero (lib/activation.h) -------------------------------------------------------- */
 
 /* One (address, port) of an opted-in pod. */
@@ -336,6 +374,12 @@ BPF_TABLE_PINNED("hash", __u32, struct np_dev4, zp_np_dev4, ZP_NP_DEV_MAP_SIZE,
 /* Outcome and drop-reason counters of the TC path, indexed by enum zp_reason. _v3: 32 entries
  * (v2 had 16, too few for ZP_REASON_SRC_RANGE; v1's indexes were those of its own enum). */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, zp_np_stats, ZP_NP_STAT_MAX, ZP_PIN_DIR "zp_np_stats_v3");
+
+/* The IPv6 twins of zp_ct4, zp_snat4 and zp_np_dev4 (lib/nodeport6.h). */
+BPF_TABLE_PINNED("lru_hash", struct tuple6, struct ct6_entry, zp_ct6, ZP_CT_MAP_SIZE, ZP_PIN_DIR "zp_ct6_v1");
+BPF_TABLE_PINNED("lru_hash", struct tuple6, struct nat6_entry, zp_snat6, ZP_NAT_MAP_SIZE,
+		 ZP_PIN_DIR "zp_snat6_v1");
+BPF_TABLE_PINNED("hash", __u32, struct np_dev6, zp_np_dev6, ZP_NP_DEV_MAP_SIZE, ZP_PIN_DIR "zp_np_dev6_v1");
 
 /* Maglev: the template of every inner table (ZP_MAGLEV_M backend ids, index = flow hash % M;
  * never used itself), and the pinned outer map userspace swaps whole tables into. */
