@@ -389,6 +389,66 @@ def test_nodeport_from_an_external_host_on_either_node(kube: KubeCluster, ns: st
         assert {ln.removeprefix("OK:").rsplit(":", 1)[0] for ln in lines} == {ext.ip4}, lines
 
 
+# A DNS-style client: one connected UDP socket (bash's /dev/udp), asked every 0.2 s; a timeout
+# is retried on the same socket, any other error printed (with its strerror) and a new socket opened.
+UDP_CLIENT = r"""
+while :; do
+  if exec 3<>/dev/udp/$VIP/53; then
+    echo OPEN
+    while :; do
+      echo hostname >&3 2>/tmp/err || { echo "ERR:$(cat /tmp/err)"; break; }
+      if read -t 1 -r line <&3 2>/tmp/err; then echo "OK:$line"; else
+        rc=$?; [ $rc -gt 128 ] && continue; echo "ERR:$(cat /tmp/err)"; break; fi
+      sleep 0.2
+    done
+    exec 3<&-
+  else
+    echo "ERR:open"
+  fi
+  sleep 0.5
+done
+"""
+
+
+def test_a_connected_udp_client_is_aborted_when_its_backend_restarts(kube: KubeCluster, ns: str) -> None:
+    """Through the DaemonSet on a real node: the agent finds the kubelet pod's connected UDP
+    socket in the pod's netns and destroys it once its backend pod is replaced, so the client
+    sees ECONNABORTED ("Software caused connection abort") instead of a black hole, and its next
+    socket reaches the new pod."""
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "dns"},
+           "spec": {"selector": {"app": "dns"}, "ports": [{"name": "dns", "port": 53, "targetPort": 8081,
+                                                           "protocol": "UDP"}]}}
+    kc.apply(kube, netexec("dns", 1, node="node2", spread=False), svc, namespace=ns)
+    [first] = kc.wait_ready(kube, ns, "app=dns", 1)
+    vip = svc_ip(kube, ns, "dns")
+    client = client_pod("udp-client", node="node1")
+    container = client["spec"]["containers"][0]
+    container.update({"command": ["bash", "-c", UDP_CLIENT], "args": [], "env": [{"name": "VIP", "value": vip}]})
+    kc.apply(kube, client, namespace=ns)
+    kc.wait_ready(kube, ns, "app=udp-client", 1)
+
+    def log() -> list[str]:
+        return kube.kubectl("-n", ns, "logs", "udp-client").stdout.splitlines()
+
+    old = first["metadata"]["name"]
+    kc.poll(lambda: f"OK:{old}" in log(), f"{old} answering the connected socket", timeout=60)
+    kube.kubectl("-n", ns, "delete", "pod", old, "--wait=false")
+    [second] = kc.wait_ready(kube, ns, "app=dns", 1)
+    new = second["metadata"]["name"]
+    assert new != old
+    kc.poll(lambda: f"OK:{new}" in log(), f"{new} answering a new socket", timeout=90)
+    lines = log()
+    last_old = max(i for i, ln in enumerate(lines) if ln == f"OK:{old}")
+    first_new = lines.index(f"OK:{new}")
+    between = lines[last_old + 1:first_new]
+    assert any("Software caused connection abort" in ln for ln in between), between
+    assert not any("No route to host" in ln for ln in between), between
+    agent = kc.ready_pods(kube, "zeroproxy", "app.kubernetes.io/name=zeroproxy")
+    on_node1 = next(p["metadata"]["name"] for p in agent if p["spec"]["nodeName"] == "node1")
+    agent_log = kube.kubectl("-n", "zeroproxy", "logs", on_node1, "-c", "agent").stdout
+    assert f"its backend left {vip}:53" in agent_log, agent_log[-3000:]
+
+
 def test_no_netfilter_rule_in_any_namespace(kube: KubeCluster, ns: str) -> None:
     """Every namespace of the cluster (host, bed, nodes, every pod the kubelet made) holds the
     same rules with zeroproxy deployed and serving as before any proxy: none in the bed."""

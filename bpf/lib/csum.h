@@ -88,11 +88,12 @@ __csum4_set_addr(struct __sk_buff *skb, const struct pkt4 *p, __u32 off, __be32 
 	return ZP_OK;
 }
 
+/* A port rewrite: the same for both families (ports are not in the pseudo-header). */
 static __always_inline int
-__csum4_set_port(struct __sk_buff *skb, const struct pkt4 *p, __u32 off, __be16 from, __be16 to)
+__csum_set_port(struct __sk_buff *skb, __u32 l4_off, __u8 proto, __u32 off, __be16 from, __be16 to)
 {
-	__u32 csum_off = p->l4_off + (p->proto == IPPROTO_TCP ? ZP_TCP_CSUM : ZP_UDP_CSUM);
-	__u64 l4_flags = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	__u32 csum_off = l4_off + (proto == IPPROTO_TCP ? ZP_TCP_CSUM : ZP_UDP_CSUM);
+	__u64 l4_flags = proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 
 	if (from == to)
 		return ZP_OK;
@@ -109,8 +110,8 @@ static __always_inline int pkt4_rewrite(struct __sk_buff *skb, const struct pkt4
 {
 	if (__csum4_set_addr(skb, p, ZP_IP4_SADDR_OFF, p->saddr, saddr) < 0 ||
 	    __csum4_set_addr(skb, p, ZP_IP4_DADDR_OFF, p->daddr, daddr) < 0 ||
-	    __csum4_set_port(skb, p, p->l4_off, p->sport, sport) < 0 ||
-	    __csum4_set_port(skb, p, p->l4_off + 2, p->dport, dport) < 0)
+	    __csum_set_port(skb, p->l4_off, p->proto, p->l4_off, p->sport, sport) < 0 ||
+	    __csum_set_port(skb, p->l4_off, p->proto, p->l4_off + 2, p->dport, dport) < 0)
 		return ZP_EREWRITE;
 	return ZP_OK;
 }

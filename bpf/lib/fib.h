@@ -25,10 +25,10 @@ static __always_inline int fib4_lookup(struct __sk_buff *skb, const struct pkt4 
 	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 }
 
-/* Send the packet where fib4_lookup said. With a resolved neighbour the MACs are written here
- * (so tests can see them); otherwise the kernel resolves the next hop (bpf_redirect_neigh).
- * Returns a TC verdict, or ZP_EFIB / ZP_EREWRITE. */
-static __always_inline int fib4_redirect(struct __sk_buff *skb, struct bpf_fib_lookup *fib, int rc)
+/* Send the packet where fib4_lookup / fib6_lookup said (fib->family tells which). With a
+ * resolved neighbour the MACs are written here (so tests can see them); otherwise the kernel
+ * resolves the next hop (bpf_redirect_neigh). Returns a TC verdict, or ZP_EFIB / ZP_EREWRITE. */
+static __always_inline int fib_redirect(struct __sk_buff *skb, struct bpf_fib_lookup *fib, int rc)
 {
 	struct bpf_redir_neigh nh = {};
 
@@ -39,8 +39,12 @@ static __always_inline int fib4_redirect(struct __sk_buff *skb, struct bpf_fib_l
 		return bpf_redirect(fib->ifindex, 0);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		nh.nh_family = ZP_AF_INET;
-		nh.ipv4_nh = fib->ipv4_dst; /* the gateway, or the destination when directly attached */
+		/* the gateway, or the destination when directly attached */
+		nh.nh_family = fib->family;
+		if (fib->family == ZP_AF_INET6)
+			__builtin_memcpy(nh.ipv6_nh, fib->ipv6_dst, 16);
+		else
+			nh.ipv4_nh = fib->ipv4_dst;
 		return zp_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 	}
 	return ZP_EFIB;

@@ -43,16 +43,20 @@ static __always_inline bool __snat4_stale(const struct tuple4 *rkey, __u64 now)
 	return !ct || ct->expires <= now || ct->snat_addr != rkey->daddr || ct->snat_port != rkey->dport;
 }
 
-static __always_inline __u32 __snat4_hash(const struct tuple4 *fwd)
+/* A 32-bit finaliser (lowbias32): spreads a folded tuple over the SNAT port range. */
+static __always_inline __u32 __mix32(__u32 h)
 {
-	__u32 h = fwd->saddr ^ fwd->daddr ^ ((__u32)fwd->sport << 16 | fwd->dport) ^ fwd->proto;
-
 	h ^= h >> 16;
 	h *= 0x7feb352d;
 	h ^= h >> 15;
 	h *= 0x846ca68b;
 	h ^= h >> 16;
 	return h;
+}
+
+static __always_inline __u32 __snat4_hash(const struct tuple4 *fwd)
+{
+	return __mix32(fwd->saddr ^ fwd->daddr ^ ((__u32)fwd->sport << 16 | fwd->dport) ^ fwd->proto);
 }
 
 /* Reserve a source port on rkey->daddr towards rkey->saddr:sport for the flow fwd; on success

@@ -216,7 +216,7 @@ static __always_inline int __np4_service(struct __sk_buff *skb, const struct pkt
 		return ret;
 	if (fib_rc < 0)
 		fib_rc = fib4_lookup(skb, p, saddr, ct.backend_addr, &fib);
-	return fib4_redirect(skb, &fib, fib_rc);
+	return fib_redirect(skb, &fib, fib_rc);
 }
 
 /* A reply of a translated flow: give it the frontend as source and the client as destination.
@@ -258,7 +258,7 @@ static __always_inline int __np4_reply(struct __sk_buff *skb, const struct pkt4 
 	if (!ingress)
 		return TC_ACT_OK;
 	ret = fib4_lookup(skb, p, nat.frontend_addr, nat.client_addr, &fib);
-	return fib4_redirect(skb, &fib, ret);
+	return fib_redirect(skb, &fib, ret);
 }
 
 /* The one place that turns an inner result into a TC verdict and counts failures. */

@@ -90,28 +90,13 @@ static __always_inline int __csum6_set_addr(struct __sk_buff *skb, const struct 
 	return ZP_OK;
 }
 
-static __always_inline int __csum6_set_port(struct __sk_buff *skb, const struct pkt6 *p, __u32 off,
-					    __be16 from, __be16 to)
-{
-	__u32 csum_off = p->l4_off + (p->proto == IPPROTO_TCP ? ZP_TCP_CSUM : ZP_UDP_CSUM);
-	__u64 l4_flags = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
-
-	if (from == to)
-		return ZP_OK;
-	if (bpf_l4_csum_replace(skb, csum_off, from, to, l4_flags | sizeof(to)) < 0)
-		return ZP_EREWRITE;
-	if (bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0) < 0)
-		return ZP_EREWRITE;
-	return ZP_OK;
-}
-
 static __always_inline int pkt6_rewrite(struct __sk_buff *skb, const struct pkt6 *p, const __u8 saddr[16],
 					__be16 sport, const __u8 daddr[16], __be16 dport)
 {
 	if (__csum6_set_addr(skb, p, ZP_IP6_SADDR_OFF, p->saddr, saddr) < 0 ||
 	    __csum6_set_addr(skb, p, ZP_IP6_DADDR_OFF, p->daddr, daddr) < 0 ||
-	    __csum6_set_port(skb, p, p->l4_off, p->sport, sport) < 0 ||
-	    __csum6_set_port(skb, p, p->l4_off + 2, p->dport, dport) < 0)
+	    __csum_set_port(skb, p->l4_off, p->proto, p->l4_off, p->sport, sport) < 0 ||
+	    __csum_set_port(skb, p->l4_off, p->proto, p->l4_off + 2, p->dport, dport) < 0)
 		return ZP_EREWRITE;
 	return ZP_OK;
 }
@@ -126,24 +111,6 @@ static __always_inline int fib6_lookup(struct __sk_buff *skb, const struct pkt6 
 	__builtin_memcpy(fib->ipv6_src, saddr, 16);
 	__builtin_memcpy(fib->ipv6_dst, daddr, 16);
 	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
-}
-
-static __always_inline int fib6_redirect(struct __sk_buff *skb, struct bpf_fib_lookup *fib, int rc)
-{
-	struct bpf_redir_neigh nh = {};
-
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) < 0 ||
-		    bpf_skb_store_bytes(skb, ETH_ALEN, fib->smac, ETH_ALEN, 0) < 0)
-			return ZP_EREWRITE;
-		return bpf_redirect(fib->ifindex, 0);
-	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		nh.nh_family = ZP_AF_INET6;
-		__builtin_memcpy(nh.ipv6_nh, fib->ipv6_dst, 16);
-		return zp_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
-	}
-	return ZP_EFIB;
 }
 
 static __always_inline struct lb_service *
@@ -207,12 +174,7 @@ static __always_inline __u32 __snat6_hash(const struct tuple6 *fwd)
 	__u32 h = s[0] ^ s[1] ^ s[2] ^ s[3] ^ d[0] ^ d[1] ^ d[2] ^ d[3] ^
 		  ((__u32)fwd->sport << 16 | fwd->dport) ^ fwd->proto;
 
-	h ^= h >> 16;
-	h *= 0x7feb352d;
-	h ^= h >> 15;
-	h *= 0x846ca68b;
-	h ^= h >> 16;
-	return h;
+	return __mix32(h);
 }
 
 static __always_inline int snat6_alloc(const struct np_config *cfg, const struct tuple6 *fwd,
@@ -381,7 +343,7 @@ static __always_inline int __np6_service(struct __sk_buff *skb, const struct pkt
 		return ret;
 	if (fib_rc < 0)
 		fib_rc = fib6_lookup(skb, p, saddr, ct.backend_addr, &fib);
-	return fib6_redirect(skb, &fib, fib_rc);
+	return fib_redirect(skb, &fib, fib_rc);
 }
 
 static __always_inline int __np6_reply(struct __sk_buff *skb, const struct pkt6 *p, const struct np_config *cfg,
@@ -420,7 +382,7 @@ static __always_inline int __np6_reply(struct __sk_buff *skb, const struct pkt6 
 	if (!ingress)
 		return TC_ACT_OK;
 	ret = fib6_lookup(skb, p, nat.frontend_addr, nat.client_addr, &fib);
-	return fib6_redirect(skb, &fib, ret);
+	return fib_redirect(skb, &fib, ret);
 }
 
 /* The IPv6 path runs as programs of its own, tail-called from the TC entry points (bcc 0.26
