@@ -443,11 +443,14 @@ def _containerd_config_arg(cmdline: list[str]) -> str:
     return DEFAULT_CONTAINERD_CONFIG
 
 
-def _boot_time(proc: Path) -> float:
-    for line in (proc / "stat").read_text().splitlines():
-        if line.startswith("btime "):
-            return float(line.split()[1])
-    raise NodeInstallError(f"{proc}/stat has no btime")
+def _boot_time() -> float:
+    """The wall-clock time of boot to the clock tick: now minus CLOCK_BOOTTIME, the clock that
+    /proc/<pid>/stat's starttime counts on. (/proc/stat's btime is whole seconds: a config
+    written within a second of containerd's start could not be told from one it had read.)"""
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+RESTART_SLACK = 0.05  # seconds: how much later than containerd's start a config change must be to count
 
 
 def running_containerd(paths: Paths, proc: Path = Path("/proc")) -> tuple[int, float] | None:
@@ -473,7 +476,7 @@ def running_containerd(paths: Paths, proc: Path = Path("/proc")) -> tuple[int, f
             if (theirs.st_dev, theirs.st_ino) != (mine.st_dev, mine.st_ino):
                 continue
             stat = (entry / "stat").read_text()
-            started = _boot_time(proc) + int(stat.rsplit(")", 1)[1].split()[19]) / ticks
+            started = _boot_time() + int(stat.rsplit(")", 1)[1].split()[19]) / ticks
         except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
             continue
         return int(entry.name), started
@@ -492,8 +495,9 @@ def restart_needed(paths: Paths, report: Report, proc: Path = Path("/proc"), *,
         return
     pid, started = found
     changed = config.stat().st_mtime
-    # /proc/stat's btime is whole seconds: only a change more than 1 s after the start counts.
-    if changed > started + 1.0 or report.config_changed:
+    # The start time is known to a clock tick (10 ms) and mtimes to the kernel's coarse clock:
+    # a change more than 50 ms after the start counts.
+    if changed > started + RESTART_SLACK or report.config_changed:
         report.restart = (
             f"RESTART REQUIRED: containerd (pid {pid}, started {time.strftime('%H:%M:%S', time.gmtime(started))} "
             f"UTC) runs on an older {paths.containerd_config} (changed "

@@ -168,8 +168,28 @@ def _remove_netns(name: str) -> None:
         pr_netns.remove(name)
 
 
+BPFFS = Path("/sys/fs/bpf")
+
+
+def pin_root(bed_id: str) -> Path:
+    """Where tests of a bed pin their programs and maps (/sys/fs/bpf/zp-test-<bed id>): removed
+    with the bed, so pins left by a run that crashed before its own cleanup go with it."""
+    return BPFFS / f"zp-test-{bed_id}"
+
+
+def _remove_pins(root: Path) -> None:
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        else:
+            path.unlink()
+    root.rmdir()
+
+
 def _remove_leftovers(bed_id: str, cgroup_dir: Path, netns_names: Sequence[str]) -> list[str]:
-    """Tear down one bed's namespaces and cgroups; returns the errors instead of stopping at one."""
+    """Tear down one bed's namespaces, cgroups and pins; returns the errors instead of stopping at one."""
     errors: list[str] = []
 
     def attempt(what: str, fn: Any, *args: Any) -> None:
@@ -184,6 +204,7 @@ def _remove_leftovers(bed_id: str, cgroup_dir: Path, netns_names: Sequence[str])
     for name in netns_names:
         attempt(f"removing netns {name}", _remove_netns, name)
     attempt(f"removing cgroup {cgroup_dir}", _remove_cgroup_tree, cgroup_dir)
+    attempt(f"removing pins {pin_root(bed_id)}", _remove_pins, pin_root(bed_id))
     return errors
 
 
@@ -211,6 +232,11 @@ def cleanup_stale(prefix: str = "zp", *, state_dir: Path = STATE_DIR) -> list[st
             bed_ids.add(m.group(1))
     if state_dir.is_dir():
         bed_ids.update(p.stem for p in state_dir.glob("*.json") if id_re.match(p.stem))
+    if BPFFS.is_dir():
+        for entry in BPFFS.glob("zp-test-*"):
+            m = id_re.match(entry.name.removeprefix("zp-test-"))
+            if m and entry.name == f"zp-test-{m.group(1)}":
+                bed_ids.add(m.group(1))
 
     removed = []
     for bed_id in sorted(bed_ids):
@@ -439,6 +465,11 @@ class TestBed:
 
     def __repr__(self) -> str:
         return f"<TestBed {self.id} nodes={list(self.nodes)} pods={list(self.pods)}>"
+
+    @property
+    def pin_root(self) -> Path:
+        """The bed's directory for tests' pins (removed with the bed): see :func:`pin_root`."""
+        return pin_root(self.id)
 
     # -- building --------------------------------------------------------------------------------
 

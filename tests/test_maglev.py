@@ -22,7 +22,7 @@ from dataplane.netns import in_netns
 from dataplane.services import ServiceMaps
 from dataplane.table import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 from dataplane.tc import NodeDatapath, prog_test_run
-from testbed.bed import TestBed
+from testbed.bed import TestBed, pin_root
 
 LB_IP = "192.0.2.90"
 FLOWS = 2000
@@ -112,16 +112,16 @@ class _Node:
 def two_nodes(stale_beds_removed: list[str]) -> Iterator[tuple[_Node, _Node, list[str]]]:
     bed = TestBed(prefix="zp")
     nodes: list[_Node] = []
-    pin_root = Path(f"/sys/fs/bpf/zp-test-{bed.id}")
+    pins = pin_root(bed.id)
     try:
         c = bed.add_node("c")
         backends = [str(c.pod_cidr4.network_address + 10 + i) for i in range(N)]
-        nodes = [_Node(bed, name, c, pin_root / name, backends) for name in ("a", "b")]
+        nodes = [_Node(bed, name, c, pins / name, backends) for name in ("a", "b")]
         yield nodes[0], nodes[1], backends
     finally:
         for n in nodes:
             n.close()
-        loader.cleanup(None, pin_root)
+        loader.cleanup(None, pins)
         bed.close()
 
 

@@ -25,7 +25,7 @@ from dataplane.inspect import service_list
 from dataplane.loader import SockDatapath
 from dataplane.services import ServiceMaps
 from dataplane.table import ServicePortName
-from testbed.bed import External, Node, Pod, TestBed
+from testbed.bed import External, Node, Pod, TestBed, pin_root
 from testbed.k8sobjects import endpoint_slice, node, service
 
 WEB_PORT, DNS_PORT, ECHO_PORT, WEB6_PORT = 8080, 5353, 9000, 8086
@@ -71,7 +71,7 @@ class Cluster:
         self.agents: dict[str, NodeAgent] = {}
 
     def start_agent(self, n: Node) -> NodeAgent:
-        pin_dir = Path(f"/sys/fs/bpf/zp-test-{self.bed.id}/{n.name}")
+        pin_dir = pin_root(self.bed.id) / n.name
         sock = SockDatapath(n.cgroup_path, pin_dir)
         self.agents[n.name] = None  # type: ignore[assignment]  # cleanup knows the pin dir from here
         sock.load()
@@ -127,8 +127,8 @@ class Cluster:
                 agent.tc.detach()
                 agent.tc.close()
                 agent.sock.close()
-            loader.cleanup(n.cgroup_path, Path(f"/sys/fs/bpf/zp-test-{self.bed.id}/{name}"))
-        loader.cleanup(None, Path(f"/sys/fs/bpf/zp-test-{self.bed.id}"))
+            loader.cleanup(n.cgroup_path, pin_root(self.bed.id) / name)
+        loader.cleanup(None, pin_root(self.bed.id))
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from dataplane.netns import in_netns
 from dataplane.services import ServiceMaps
 from dataplane.table import Backend, Frontend, FrontendKind, Protocol, ServiceEntry, ServicePortName
 from dataplane.tc import CtTimeouts, NodeDatapath, node_port_addresses, prog_test_run
-from testbed.bed import TestBed
+from testbed.bed import TestBed, pin_root
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
@@ -172,7 +172,7 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig(stale_beds_removed: list[str]) -> Iterator[Rig]:
     bed = TestBed(prefix="zp")
-    pin_dir = Path(f"/sys/fs/bpf/zp-test-{bed.id}/a")
+    pin_dir = pin_root(bed.id) / "a"
     datapath = None
     try:
         node = bed.add_node("a")

@@ -25,6 +25,7 @@ from testbed.bed import (
     TestBed,
     cleanup_stale,
     find_cgroup2_mount,
+    pin_root,
 )
 
 PROTOS = ["tcp", "udp-connected", "udp-unconnected"]
@@ -61,7 +62,7 @@ def _leftovers(bed_id: str) -> list[str]:
     netns = [n for n in pr_netns.listnetns() if n.startswith(f"{bed_id}-")]
     cgroup = find_cgroup2_mount() / f"{CGROUP_DIR_PREFIX}{bed_id}"
     state = STATE_DIR / f"{bed_id}.json"
-    return netns + [str(p) for p in (cgroup, state) if p.exists()]
+    return netns + [str(p) for p in (cgroup, state, pin_root(bed_id)) if p.exists()]
 
 
 def _assert_reply(result: dict, proto: str, server: Host, client_ip: str, version: int) -> None:
@@ -341,6 +342,8 @@ from testbed.bed import TestBed
 bed = TestBed(prefix="zpcrash")
 pod = bed.add_pod(bed.add_node("n1"), "pod")
 proc = pod.run(["sleep", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+pins = bed.pin_root / "a"  # what a test pins for the bed (its own cleanup never ran)
+pins.mkdir(parents=True)
 print(bed.id, proc.pid, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: what a crashed run leaves
 """
@@ -351,7 +354,7 @@ def test_cleanup_stale_removes_crashed_runs_only(testbed: TestBed) -> None:
                          timeout=60)
     assert run.returncode == -signal.SIGKILL, run.stderr
     bed_id, pid = run.stdout.split()
-    assert len(_leftovers(bed_id)) == 5  # underlay, node and pod namespaces + cgroup + state file
+    assert len(_leftovers(bed_id)) == 6  # underlay, node and pod namespaces + cgroup + state file + pins
     assert _alive(int(pid))
 
     live = TestBed(prefix="zpcrash")  # a run in progress with the same prefix must survive
