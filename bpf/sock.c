@@ -26,6 +26,8 @@ static __always_inline int __sock_src_mark(struct bpf_sock_addr *ctx, __u16 rev_
 	struct sk_src_mark *mark;
 
 	if (!rev_nat_id) {
+		if (ctx->type != SOCK_DGRAM)
+			return ZP_OK; /* a stream socket connects once: there is no earlier mark */
 		mark = zp_sk_src.sk_storage_get(ctx->sk, 0, 0);
 		if (mark)
 			mark->rev_nat_id = 0;

@@ -44,6 +44,7 @@ from controlplane.translate import (
     SERVICE_NAME_LABEL,
     NodeInfo,
     PodInfo,
+    created,
     node_zone,
     translate,
 )
@@ -484,11 +485,8 @@ class ChangeTracker:
             self.queued_since = None
 
     def _created(self, key: ServiceKey) -> str:
-        """The Service's creationTimestamp (RFC 3339 UTC, so it sorts as text); "~" sorts last."""
         stored = self.objects["Service"].get(key)
-        meta = stored.body.get("metadata") if stored is not None else None
-        value = meta.get("creationTimestamp") if isinstance(meta, Mapping) else None
-        return value if isinstance(value, str) and value else "~"
+        return created(stored.body) if stored is not None else "~"
 
     def _order_new_claims(self, slots: Iterable[Slot]) -> None:
         """Number the claims that appeared in this batch, forget those that went; one batch (an

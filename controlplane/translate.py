@@ -187,9 +187,10 @@ def translate(
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def _created(svc: Any) -> str:
-    """creationTimestamp as text (RFC 3339 UTC sorts as text); "~" sorts after every date."""
-    meta = svc.obj.body.get("metadata")
+def created(body: Mapping[str, Any]) -> str:
+    """An object's creationTimestamp as text (RFC 3339 UTC sorts as text); "~" sorts after every
+    date (a file's objects have none). Who was first to claim a frontend (here and changes.py)."""
+    meta = body.get("metadata")
     value = meta.get("creationTimestamp") if isinstance(meta, Mapping) else None
     return value if isinstance(value, str) and value else "~"
 
@@ -290,7 +291,7 @@ class _Translator:
         # externalIP, then the older Service (the one that had it first), then the name.
         claimed: dict[tuple[IPAddress, int, Protocol], ServicePortName] = {}
         ordered = sorted((key for key, svc in services.items() if svc is not None),
-                         key=lambda k: (_created(services[k]), k))  # type: ignore[arg-type]
+                         key=lambda k: (created(services[k].obj.body), k))  # type: ignore[union-attr]
         for user_set in (False, True):
             for key in ordered:
                 svc = services[key]

@@ -314,9 +314,12 @@ class ServiceMaps:
 
     def _drop_src_ranges(self, want: dict[int, set[SrcRange]]) -> None:
         for rev in list(self.src_ranges):
-            keep = want.get(rev, set()) if rev in self._rev_refs else set()
-            if rev not in want and rev in self._rev_refs:
-                continue  # not touched by this (partial) sync
+            if rev in self._rev_refs:  # a live service port: only what this sync touched
+                if rev not in want:
+                    continue
+                keep = want[rev]
+            else:
+                keep = set()  # its last frontend went
             have = self.src_ranges[rev]
             for item in sorted(have - keep):
                 try:

@@ -149,18 +149,10 @@ def rnat_lookup(v4_table, v6_table) -> RnatLookup:
     """A lookup in the socket hooks' reverse-NAT maps (bcc tables of zp_rnat4 / zp_rnat6)."""
 
     def lookup(cookie: int, backend: IPAddress, port: int) -> tuple[IPAddress, int] | None:
-        if backend.version == 4:
-            k4 = maps.Rnat4Key()
-            k4.cookie = cookie
-            ctypes.memmove(k4.address, backend.packed, 4)
-            k4.port = maps.htons(port)
-            table, key, value_t = v4_table, k4, maps.Rnat4Value
-        else:
-            k6 = maps.Rnat6Key()
-            k6.cookie = cookie
-            ctypes.memmove(k6.address, backend.packed, 16)
-            k6.port = maps.htons(port)
-            table, key, value_t = v6_table, k6, maps.Rnat6Value
+        key_t, value_t, table = ((maps.Rnat4Key, maps.Rnat4Value, v4_table) if backend.version == 4
+                                 else (maps.Rnat6Key, maps.Rnat6Value, v6_table))
+        key = key_t(cookie=cookie, port=maps.htons(port))
+        ctypes.memmove(key.address, backend.packed, len(backend.packed))
         try:
             raw = table[table.Key.from_buffer_copy(bytes(key))]
         except KeyError:

@@ -144,17 +144,19 @@ class Agent:
             plan = self.tracker.plan(full=full)
             self.tracker.apply(plan)
             result = None
+            entries: Any = None
             if full:
                 # The whole table: the map side diffs it against its shadow of the kernel and
                 # also removes whatever a failure or an earlier agent left that is not wanted.
-                result = self.maps.sync(self.tracker.table.values())
+                entries = self.tracker.table.values()
+                result = self.maps.sync(entries)
             elif plan.changes:
                 # Only the frontends of the changed services are read and written: the cost of
                 # a sync follows the change, not the size of the cluster.
                 scope = {fe for ch in plan.changes.values() for fe in (*ch.previous, *ch.current)}
-                result = self.maps.sync(self.tracker.entries_at(scope), scope=scope)
-            if self.nodeport is not None and self.maps.maglev and (full or plan.changes):
-                entries = self.tracker.table.values() if full else self.tracker.entries_at(scope)
+                entries = self.tracker.entries_at(scope)
+                result = self.maps.sync(entries, scope=scope)
+            if self.nodeport is not None and self.maps.maglev and entries is not None:
                 self.nodeport.sync_maglev(self.maps.maglev_tables(entries), live=self.maps.live_rev_nat_ids())
         except Exception:
             self._need_full = True
