@@ -572,6 +572,7 @@ def uninstall(paths: Paths, *, force: bool = False, proc: Path = Path("/proc")) 
         if p.is_dir() and not any(p.iterdir()):
             p.rmdir()
     _remove_network_lock_skip(paths, report)
-    if report.config_changed:
-        restart_needed(paths, report, proc, effect="to be gone")
+    # Asked on every run, not only the one that edited the file: a second run (a retried init
+    # container) must still say so while containerd runs on the config with the runtime in it.
+    restart_needed(paths, report, proc, effect="to be gone")
     return report

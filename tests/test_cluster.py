@@ -782,7 +782,14 @@ def test_uninstall_refuses_while_a_pod_runs_on_the_shim_then_leaves_every_node_a
         for node_name, pod in _uninstall_pods(kube).items():
             node = kube.node(node_name)
             lines = _uninstall_log(kube, pod).splitlines()
-            assert f"{UNINSTALL}removed /opt/zeroproxy/bin/containerd-shim-zeroproxy-v2" in lines, (node_name, lines)
+            removed = f"{UNINSTALL}removed /opt/zeroproxy/bin/containerd-shim-zeroproxy-v2" in lines
+            if node_name == "node1" and not removed:
+                # node1's init container, in back-off, may retry and succeed before the pod
+                # above is deleted: the DaemonSet's next pod then finds nothing left to remove.
+                assert lines[:-1] == [f"{UNINSTALL}nothing to change"], (node_name, lines)
+            else:
+                assert removed, (node_name, lines)
+            # Either way containerd still runs with the runtime loaded, and the log says so.
             assert lines[-1].startswith(f"{UNINSTALL}RESTART REQUIRED: containerd (pid "), (node_name, lines)
             assert node.host_path(kc.CONTAINERD_CONFIG).read_text() == node.containerd_config(), node_name
             assert not list(node.host_path("/opt/zeroproxy").iterdir()), node_name

@@ -543,6 +543,14 @@ def test_node_install_says_when_containerd_must_restart_and_its_criu_checkpoints
         and report.restart.endswith("to be gone; running containers keep running"), report.restart
     assert (cd.dir / "config.toml").read_text() == original
     assert not any((cd.dir / "opt-zp").rglob("*")) and not (cd.dir / "etc-criu" / "runc.conf").exists()
+    # Run again before the restart (a retried init container): nothing to remove, and the
+    # running containerd still has the runtime loaded, so it still says so.
+    again = ni.uninstall(paths)
+    assert again.changes == [] and again.restart.startswith(f"RESTART REQUIRED: containerd (pid {cd.proc.pid}, "), \
+        again
+    cd.stop()
+    cd.start()
+    assert ni.uninstall(paths).lines() == ["nothing to change", "containerd: no restart needed"]
 
 
 def test_a_dead_shim_leaves_no_images_or_socket(containerd: Containerd, testbed: TestBed) -> None:
