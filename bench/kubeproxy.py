@@ -63,6 +63,8 @@ SYNC_PERIOD = "1h"
 MIN_SYNC_PERIOD = "1s"  # kube-proxy 1.20's default, written down so the results say it
 SETTLE_S = 2.5  # quiet for longer than minSyncPeriod: no sync is pending
 TABLES = ("nat", "filter", "mangle")
+LAST_SYNC = "kubeproxy_sync_proxy_rules_last_timestamp_seconds"  # the end of the last successful sync
+LAST_QUEUED = "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds"  # the last change that asked for one
 _SVC_RULE = re.compile(r"^-A KUBE-SERVICES -d (\d+\.\d+\.\d+\.\d+)/32 .* -j KUBE-SVC-")
 
 
@@ -274,6 +276,11 @@ class KubeProxy:
             return {}
         return parse_metrics(body)
 
+    def sync_marks(self) -> tuple[float, float]:
+        """kube-proxy's sync count and the end of its last sync (its own metrics); (0, 0) if down."""
+        m = self.metrics()
+        return m.get("kubeproxy_sync_proxy_rules_duration_seconds_count", 0.0), m.get(LAST_SYNC, 0.0)
+
     def save(self, table: str = "nat") -> str:
         return self.bed.run_in_netns(self.node.netns, ["iptables-save", "-t", table], timeout=600).stdout
 
@@ -301,7 +308,7 @@ class KubeProxy:
             if self.proc is None or self.proc.poll() is not None:
                 raise RuntimeError(f"kube-proxy exited ({self.proc and self.proc.returncode}): {self.log_tail()}")
             m = self.metrics()
-            ts = m.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", 0.0)
+            ts = m.get(LAST_SYNC, 0.0)
             if ts > checked:
                 checked = ts
                 polls += 1
@@ -311,7 +318,7 @@ class KubeProxy:
                     seen = time.time() - since_wall
                     # The sync that wrote them has ended by now: its end is the last sync
                     # timestamp (kube-proxy's clock is this machine's).
-                    ts_end = self.metrics().get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", ts)
+                    ts_end = self.metrics().get(LAST_SYNC, ts)
                     # Events still queued (the list's adds, as the informers deliver them) can
                     # bring one more sync a minSyncPeriod later, with KUBE-SERVICES in a new Go map
                     # order: the order the client runs rely on is the one of the rules in force
@@ -329,16 +336,23 @@ class KubeProxy:
         raise RuntimeError(f"kube-proxy did not program {want} services within {timeout:.0f} s: {self.log_tail()}")
 
     def _settled(self, nat: str, deadline: float) -> tuple[str, dict[str, float]]:
-        """The nat table and metrics once no sync has ended for SETTLE_S (re-read after each one)."""
+        """The nat table and metrics once kube-proxy is quiet: no sync queued since the last one
+        ended, and none ended for SETTLE_S (the table is re-read after each one).
+
+        The quiet time alone is not enough: an informer event delivered during a long sync
+        (1 000 services: seconds) queues the next one, which ends long after SETTLE_S of quiet.
+        kube-proxy stamps every queued sync (sync_proxy_rules_last_queued_timestamp_seconds),
+        so a queue stamp later than the last sync's end means one is pending or running.
+        """
         m = self.metrics()
-        last = m.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", 0.0)
+        last = m.get(LAST_SYNC, 0.0)
         quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < SETTLE_S:
+        while time.monotonic() - quiet_since < SETTLE_S or m.get(LAST_QUEUED, 0.0) > last:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"kube-proxy never stopped syncing: {self.log_tail()}")
             time.sleep(0.1)
             m = self.metrics()
-            ts = m.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", last)
+            ts = m.get(LAST_SYNC, last)
             if ts != last:
                 last, quiet_since = ts, time.monotonic()
                 nat = self.save()

@@ -395,6 +395,7 @@ def _run_count(cfg: Config, topo: Topology, binary: Path, count: int, results: d
     if kp_row is not None:
         # kube-proxy rewrites KUBE-SERVICES in a new order on every sync: say whether none came
         kp_row["order_unchanged"] = topo.kube_proxy_order_now(services) == topo.kube_proxy_order
+        kp_row["during_runs"] = topo.kube_proxy_syncs_since_load()
     if cfg.bpf_stats and ZEROPROXY in cfg.modes:
         bar.note(f"N={count}: bpf_stats")
         results["bpf_stats"].extend(measure_bpf_stats(cfg, topo, binary, services))

@@ -115,6 +115,7 @@ class Topology:
         self.ipt_loaded = False
         self.kube_proxy: Any = None  # bench.kubeproxy.KubeProxy once started
         self.kube_proxy_order: list[int] = []  # service indices in kube-proxy's KUBE-SERVICES order
+        self.kube_proxy_marks: tuple[float, float] = (0.0, 0.0)  # its sync count and last sync then
         self.kube_proxy_cleanup: dict[str, Any] = {}
 
     @property
@@ -281,6 +282,7 @@ class Topology:
         """Post the services kube-proxy does not have yet, then time its restart (bench.kubeproxy)."""
         info = self.kube_proxy.program(services)
         self.kube_proxy_order = info.pop("order")
+        self.kube_proxy_marks = self.kube_proxy.sync_marks()
         return {**info, "first_service": self.kube_proxy_order[0], "last_service": self.kube_proxy_order[-1]}
 
     def kube_proxy_service(self, services: Sequence[Service], position: str) -> Service:
@@ -290,6 +292,12 @@ class Topology:
 
     def kube_proxy_order_now(self, services: Sequence[Service]) -> list[int]:
         return self.kube_proxy.rule_order(services)
+
+    def kube_proxy_syncs_since_load(self) -> dict[str, Any]:
+        """The syncs kube-proxy ran since load_kube_proxy read its order (its own metrics)."""
+        count, last = self.kube_proxy.sync_marks()
+        count0, last0 = self.kube_proxy_marks
+        return {"syncs": count - count0, "last_sync_after_s": last - last0 if last > last0 else None}
 
     def stop_kube_proxy(self) -> None:
         if self.kube_proxy is not None:
