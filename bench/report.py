@@ -92,7 +92,7 @@ def markdown(results: dict[str, Any]) -> str:
                                                        for p in pairs)]
     for scenario in [x for x in cfg["scenarios"] if x in SCENARIO_TITLES]:
         lines += [f"## {SCENARIO_TITLES.get(scenario, scenario)}", ""]
-        rows_lat, rows_rate = [], []
+        rows_lat, rows_rate, rows_p99 = [], [], []
         for count in counts:
             d = by.get((count, scenario, DIRECT, None), {})
             for pos in _positions(results, count):
@@ -103,8 +103,13 @@ def markdown(results: dict[str, Any]) -> str:
                                  *(_x(r.get(f"{p}_p50")) for p in pairs)])
                 rows_rate.append([f"{count:,}", pos, _f(d.get("rate")), *(_f(c.get("rate")) for c in cells),
                                   *(_x(r.get(f"{p}_rate")) for p in pairs)])
+                rows_p99.append([f"{count:,}", pos, _f(d.get("p99_us")), *(_f(c.get("p99_us")) for c in cells),
+                                 *(_x(r.get(f"{p}_p99")) for p in pairs)])
         lines += ["Latency in µs (p50 / p99; direct: p50):", ""]
         lines += _table(header, rows_lat)
+        if any(f"{p}_p99" in r for r in rat.values() for p in pairs):  # older results have no p99 ratios
+            lines += ["", "p99 latency in µs; each ratio is the median of the per-round p99 ratios:", ""]
+            lines += _table(header, rows_p99)
         lines += ["", "Requests per second:", ""]
         lines += _table(header, rows_rate)
         if kp:

@@ -592,9 +592,9 @@ PAIRS = {**BASE_PAIRS, "kube_proxy_vs_zeroproxy": (KUBE_PROXY, ZEROPROXY),
 def ratios(runs: list[dict[str, Any]], *, direct_by_position: bool = False,
            pairs: dict[str, tuple[str, str]] = PAIRS) -> list[dict[str, Any]]:
     """zeroproxy/direct, iptables/zeroproxy, nftables/zeroproxy, kube-proxy/zeroproxy and
-    kube-proxy/iptables (the real program against its shape) for p50 and rate.
+    kube-proxy/iptables (the real program against its shape) for p50, p99 and rate.
 
-    Each ratio is the median over rounds of the ratio *within* a round: the cases of one round
+    Each ratio, p99 too, is the median over rounds of the ratio *within* a round: the cases of one round
     run back to back, so pairing them cancels most of a shared machine's drift. With
     ``direct_by_position`` (NodePort: remote / local) direct has a case per position too.
     """
@@ -607,7 +607,7 @@ def ratios(runs: list[dict[str, Any]], *, direct_by_position: bool = False,
     for count, scenario, position in keys:
         row: dict[str, Any] = {"services": count, "scenario": scenario, "position": position}
         for name, (a, b) in pairs.items():
-            for metric, field_name in (("p50", "p50"), ("rate", "rate")):
+            for metric in ("p50", "p99", "rate"):
                 values = []
                 for rnd in rounds:
                     pa = position if a != DIRECT or direct_by_position else None
@@ -615,10 +615,10 @@ def ratios(runs: list[dict[str, Any]], *, direct_by_position: bool = False,
                     ra = by.get((count, scenario, a, pa, rnd))
                     rb = by.get((count, scenario, b, pb, rnd))
                     if ra and rb:
-                        va = ra["latency_us"].get("p50") if metric == "p50" else ra["rate"]
-                        vb = rb["latency_us"].get("p50") if metric == "p50" else rb["rate"]
+                        va = ra["rate"] if metric == "rate" else ra["latency_us"].get(metric)
+                        vb = rb["rate"] if metric == "rate" else rb["latency_us"].get(metric)
                         if (q := _ratio(va, vb)) is not None:
                             values.append(q)
-                row[f"{name}_{field_name}"] = _median(values)
+                row[f"{name}_{metric}"] = _median(values)
         out.append(row)
     return out

@@ -46,6 +46,26 @@ def test_services_are_deterministic_and_ordered() -> None:
         make_services(0, ENDPOINTS)
 
 
+def test_p99_ratios_are_medians_of_per_round_ratios() -> None:
+    """A shared machine drifts between rounds: each round's pair is divided first, then the
+    median taken, for p99 as for p50 (the ratio of the two medians would say 2.0 here)."""
+    from bench.runner import ratios
+
+    def run(mode: str, position: str | None, rnd: int, p50: float, p99: float) -> dict:
+        return {"services": 5, "scenario": "short", "mode": mode, "position": position, "round": rnd,
+                "rate": 100.0, "latency_us": {"p50": p50, "p99": p99}}
+
+    zp_p99, direct_p99 = (100, 400, 900), (90, 300, 200)  # per round: 1.11, 1.33, 4.5
+    runs = [run("direct", None, i, 10, d) for i, d in enumerate(direct_p99)]
+    runs += [run("zeroproxy", "first", i, 11, z) for i, z in enumerate(zp_p99)]
+    row = ratios(runs)[0]
+    assert row["zeroproxy_vs_direct_p99"] == pytest.approx(400 / 300)
+    assert row["zeroproxy_vs_direct_p50"] == pytest.approx(1.1)
+    runs[4]["latency_us"]["p99"] = 700  # round 1 now 2.33, still the middle one
+    assert ratios(runs)[0]["zeroproxy_vs_direct_p99"] == pytest.approx(700 / 300)
+    assert ratios(runs)[0]["iptables_vs_zeroproxy_p99"] is None  # no iptables case ran
+
+
 def test_iptables_text_has_kube_proxy_shape() -> None:
     svcs = make_services(2, ENDPOINTS)
     text = rules.iptables_restore(svcs, CLUSTER_CIDR)
